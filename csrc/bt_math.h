@@ -1,0 +1,51 @@
+// Scalar math shared by the CPU and CUDA kernels: numerically stable softplus/sigmoid and the
+// per-pair Bradley-Terry loss with its gradient. No PyTorch headers: compiles under nvcc -c.
+#pragma once
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define PK_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define PK_HOST_DEVICE inline
+#endif
+
+namespace prefkernels {
+
+// How the pooled token of each row is found.
+enum PoolMode : int { kPoolMask = 0, kPoolLastIndex = 1, kPoolCuSeqlens = 2 };
+
+// softplus(x) = log(1 + e^x), stable for |x| up to float max; NaN propagates.
+PK_HOST_DEVICE float stable_softplus(float x) {
+  return (x > 0.f ? x : 0.f) + log1pf(expf(-fabsf(x)));
+}
+
+// sigmoid(x) without overflow; NaN propagates.
+PK_HOST_DEVICE float stable_sigmoid(float x) {
+  if (x >= 0.f) return 1.f / (1.f + expf(-x));
+  const float e = expf(x);
+  return e / (1.f + e);
+}
+
+struct PairLossResult {
+  float loss;
+  float grad_chosen;    // d loss / d r_chosen
+  float grad_rejected;  // d loss / d r_rejected
+};
+
+// l = (1-eps)*softplus(-d) + eps*softplus(d) + c*(rc+rr)^2 with d = rc - rr - margin.
+PK_HOST_DEVICE PairLossResult bt_pair_loss(float r_chosen, float r_rejected, float margin,
+                                           float label_smoothing, float center_coef) {
+  const float gap = r_chosen - r_rejected - margin;
+  const float sum = r_chosen + r_rejected;
+  PairLossResult out;
+  out.loss = (1.f - label_smoothing) * stable_softplus(-gap) + label_smoothing * stable_softplus(gap)
+             + center_coef * sum * sum;
+  const float d_gap = -(1.f - label_smoothing) * stable_sigmoid(-gap) + label_smoothing * stable_sigmoid(gap);
+  const float d_center = 2.f * center_coef * sum;
+  out.grad_chosen = d_gap + d_center;
+  out.grad_rejected = -d_gap + d_center;
+  return out;
+}
+
+}  // namespace prefkernels

@@ -1,0 +1,256 @@
+// CPU kernels for the fused last-token pooling + reward head + Bradley-Terry op.
+//
+// Forward: one parallel pass over the N pooled rows (find the pooled token, K dot products in
+// fp32), then the per-pair loss and gradient coefficients over the [P, K] rewards.
+// Backward: one zero-filled grad buffer, one parallel scatter of the N pooled rows, and the
+// weight gradient reduced over rows per D-slice (deterministic: no atomics, fixed order).
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include <limits>
+
+#include "../bt_math.h"
+#include "../op_args.h"
+
+namespace prefkernels {
+namespace {
+
+template <typename mask_t>
+int64_t last_set_position(const mask_t* row, int64_t positions) {
+  for (int64_t t = positions - 1; t >= 0; --t) {
+    if (row[t] != 0) return t;
+  }
+  return -1;
+}
+
+// Pooled position of row n, or -1 when the spec gives none in range.
+int64_t pooled_position(const PoolSpec& spec, const HiddenLayout& l, int64_t n) {
+  int64_t pos;
+  if (spec.mode == kPoolMask) {
+    const int64_t offset = n * l.positions;
+    switch (spec.mask_kind) {
+      case kMaskBool: pos = last_set_position(static_cast<const bool*>(spec.mask) + offset, l.positions); break;
+      case kMaskInt32: pos = last_set_position(static_cast<const int32_t*>(spec.mask) + offset, l.positions); break;
+      default: pos = last_set_position(static_cast<const int64_t*>(spec.mask) + offset, l.positions); break;
+    }
+  } else if (spec.mode == kPoolLastIndex) {
+    pos = spec.index[n];
+  } else {
+    pos = spec.index[n + 1] - 1;
+  }
+  return (pos >= 0 && pos < l.positions) ? pos : -1;
+}
+
+// rewards[n, k] = <hidden[n, pos_n, :], weight[k, :]> + bias[k] in fp32; NaN for invalid rows.
+template <typename hidden_t, typename weight_t>
+void score_rows(const hidden_t* hidden, const weight_t* weight, const weight_t* bias, const HiddenLayout& l,
+                const PoolSpec& spec, int64_t heads, float* rewards, int64_t* pooled_pos) {
+  at::parallel_for(0, l.rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const int64_t pos = pooled_position(spec, l, n);
+      pooled_pos[n] = pos;
+      if (pos < 0) {
+        for (int64_t k = 0; k < heads; ++k) rewards[n * heads + k] = std::numeric_limits<float>::quiet_NaN();
+        continue;
+      }
+      const hidden_t* row = hidden + n * l.stride_n + pos * l.stride_t;
+      for (int64_t k = 0; k < heads; ++k) {
+        const weight_t* w = weight + k * l.dim;
+        float acc = 0.f;
+        for (int64_t d = 0; d < l.dim; ++d) acc += static_cast<float>(row[d]) * static_cast<float>(w[d]);
+        rewards[n * heads + k] = acc + (bias ? static_cast<float>(bias[k]) : 0.f);
+      }
+    }
+  });
+}
+
+void pair_losses(const float* rewards, int64_t rows, int64_t heads, int64_t pairs, const int64_t* chosen,
+                 const int64_t* rejected, const float* margin, float label_smoothing, float center_coef,
+                 float* loss, float* pair_grad) {
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  for (int64_t p = 0; p < pairs; ++p) {
+    const int64_t c = chosen ? chosen[p] : p;
+    const int64_t r = rejected ? rejected[p] : p + pairs;
+    const bool valid = c >= 0 && c < rows && r >= 0 && r < rows;
+    const float m = margin ? margin[p] : 0.f;
+    for (int64_t k = 0; k < heads; ++k) {
+      const int64_t i = p * heads + k;
+      if (!valid) {
+        loss[i] = nan;
+        pair_grad[i] = pair_grad[pairs * heads + i] = 0.f;
+        continue;
+      }
+      const PairLossResult res = bt_pair_loss(rewards[c * heads + k], rewards[r * heads + k], m, label_smoothing, center_coef);
+      loss[i] = res.loss;
+      pair_grad[i] = res.grad_chosen;
+      pair_grad[pairs * heads + i] = res.grad_rejected;
+    }
+  }
+}
+
+template <typename T>
+const T* optional_ptr(const c10::optional<at::Tensor>& t) {
+  return t.has_value() ? t->data_ptr<T>() : nullptr;
+}
+
+template <typename F>
+void dispatch_hidden_weight(const at::Tensor& hidden, const at::Tensor& weight, F&& fn) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, hidden.scalar_type(), "prefkernels_cpu", [&] {
+    using hidden_t = scalar_t;
+    if (weight.scalar_type() == at::kFloat) {
+      fn(hidden_t{}, float{});
+    } else {
+      fn(hidden_t{}, hidden_t{});
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> pool_forward_cpu(const at::Tensor& hidden, const at::Tensor& weight,
+                                                    const c10::optional<at::Tensor>& bias,
+                                                    const c10::optional<at::Tensor>& attention_mask,
+                                                    const c10::optional<at::Tensor>& last_index,
+                                                    const c10::optional<at::Tensor>& cu_seqlens) {
+  const HiddenLayout l = hidden_layout(hidden, cu_seqlens);
+  const PoolSpec spec = pool_spec(l, attention_mask, last_index, cu_seqlens);
+  check_head(hidden, weight, bias, l.dim);
+  const int64_t heads = weight.size(0);
+  auto rewards = at::empty({l.rows, heads}, hidden.options().dtype(at::kFloat));
+  auto pooled_pos = at::empty({l.rows}, hidden.options().dtype(at::kLong));
+  dispatch_hidden_weight(hidden, weight, [&](auto h, auto w) {
+    using hidden_t = decltype(h);
+    using weight_t = decltype(w);
+    score_rows<hidden_t, weight_t>(hidden.data_ptr<hidden_t>(), weight.data_ptr<weight_t>(), optional_ptr<weight_t>(bias),
+                                   l, spec, heads, rewards.data_ptr<float>(), pooled_pos.data_ptr<int64_t>());
+  });
+  return {rewards, pooled_pos};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bt_forward_cpu(
+    const at::Tensor& hidden, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+    const c10::optional<at::Tensor>& attention_mask, const c10::optional<at::Tensor>& last_index,
+    const c10::optional<at::Tensor>& cu_seqlens, const c10::optional<at::Tensor>& chosen_index,
+    const c10::optional<at::Tensor>& rejected_index, const c10::optional<at::Tensor>& margin,
+    double label_smoothing, double center_coef) {
+  auto [rewards, pooled_pos] = pool_forward_cpu(hidden, weight, bias, attention_mask, last_index, cu_seqlens);
+  const int64_t rows = rewards.size(0), heads = rewards.size(1);
+  const int64_t pairs = num_pairs(rows, chosen_index, rejected_index);
+  if (margin.has_value()) {
+    TORCH_CHECK(margin->scalar_type() == at::kFloat && margin->is_contiguous() && margin->numel() == pairs,
+                "margin: expected contiguous float32 [P]");
+  }
+  auto loss = at::empty({pairs, heads}, rewards.options());
+  auto pair_grad = at::empty({2, pairs, heads}, rewards.options());
+  pair_losses(rewards.data_ptr<float>(), rows, heads, pairs, optional_ptr<int64_t>(chosen_index),
+              optional_ptr<int64_t>(rejected_index), optional_ptr<float>(margin), static_cast<float>(label_smoothing),
+              static_cast<float>(center_coef), loss.data_ptr<float>(), pair_grad.data_ptr<float>());
+  return {loss, rewards, pair_grad, pooled_pos};
+}
+
+// coef[n, k] = grad_coef[n, k], or the sum of grad_coef[row_entry[j], k] over the row's CSR segment.
+void row_coefficients(const float* grad_coef, const int64_t* row_ptr, const int64_t* row_entry, int64_t rows,
+                      int64_t heads, float* coef) {
+  at::parallel_for(0, rows, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      for (int64_t k = 0; k < heads; ++k) {
+        float acc = 0.f;
+        if (row_ptr == nullptr) {
+          acc = grad_coef[n * heads + k];
+        } else {
+          for (int64_t j = row_ptr[n]; j < row_ptr[n + 1]; ++j) acc += grad_coef[row_entry[j] * heads + k];
+        }
+        coef[n * heads + k] = acc;
+      }
+    }
+  });
+}
+
+template <typename hidden_t, typename weight_t>
+void scatter_rows(const float* coef, const weight_t* weight, const int64_t* pooled_pos, const HiddenLayout& l,
+                  int64_t heads, int64_t grad_stride_n, hidden_t* grad_hidden) {
+  at::parallel_for(0, l.rows, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> acc(l.dim);
+    for (int64_t n = begin; n < end; ++n) {
+      const int64_t pos = pooled_pos[n];
+      if (pos < 0) continue;
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t k = 0; k < heads; ++k) {
+        const float c = coef[n * heads + k];
+        const weight_t* w = weight + k * l.dim;
+        for (int64_t d = 0; d < l.dim; ++d) acc[d] += c * static_cast<float>(w[d]);
+      }
+      hidden_t* out = grad_hidden + n * grad_stride_n + pos * l.dim;
+      for (int64_t d = 0; d < l.dim; ++d) out[d] = static_cast<hidden_t>(acc[d]);
+    }
+  });
+}
+
+// grad_weight[k, d] = sum_n coef[n, k] * hidden[n, pos_n, d]; each thread owns a D-slice.
+template <typename hidden_t, typename weight_t>
+void weight_gradient(const float* coef, const hidden_t* hidden, const int64_t* pooled_pos, const HiddenLayout& l,
+                     int64_t heads, weight_t* grad_weight) {
+  at::parallel_for(0, l.dim, 256, [&](int64_t d0, int64_t d1) {
+    std::vector<float> acc((d1 - d0) * heads, 0.f);
+    for (int64_t n = 0; n < l.rows; ++n) {
+      const int64_t pos = pooled_pos[n];
+      if (pos < 0) continue;
+      const hidden_t* row = hidden + n * l.stride_n + pos * l.stride_t;
+      for (int64_t k = 0; k < heads; ++k) {
+        const float c = coef[n * heads + k];
+        float* a = acc.data() + k * (d1 - d0);
+        for (int64_t d = d0; d < d1; ++d) a[d - d0] += c * static_cast<float>(row[d]);
+      }
+    }
+    for (int64_t k = 0; k < heads; ++k) {
+      for (int64_t d = d0; d < d1; ++d) grad_weight[k * l.dim + d] = static_cast<weight_t>(acc[k * (d1 - d0) + d - d0]);
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> pool_backward_cpu(const at::Tensor& grad_coef, const c10::optional<at::Tensor>& row_ptr,
+                                                     const c10::optional<at::Tensor>& row_entry, const at::Tensor& hidden,
+                                                     const at::Tensor& weight, const at::Tensor& pooled_pos,
+                                                     bool need_grad_hidden) {
+  TORCH_CHECK(hidden.stride(-1) == 1, "hidden: last dimension must be contiguous");
+  HiddenLayout l;
+  l.dim = hidden.size(-1);
+  l.rows = pooled_pos.size(0);
+  l.positions = hidden.dim() == 3 ? hidden.size(1) : hidden.size(0);
+  l.stride_n = hidden.dim() == 3 ? hidden.stride(0) : 0;
+  l.stride_t = hidden.dim() == 3 ? hidden.stride(1) : hidden.stride(0);
+  const int64_t heads = weight.size(0);
+  TORCH_CHECK(grad_coef.scalar_type() == at::kFloat && grad_coef.is_contiguous() && grad_coef.dim() == 2 &&
+                  grad_coef.size(1) == heads,
+              "grad_coef: expected contiguous float32 [M, K]");
+  TORCH_CHECK(row_ptr.has_value() == row_entry.has_value(), "row_ptr and row_entry go together");
+  TORCH_CHECK(row_ptr.has_value() || grad_coef.size(0) == l.rows, "grad_coef: expected [N, K] without row_ptr");
+  TORCH_CHECK(pooled_pos.scalar_type() == at::kLong && pooled_pos.is_contiguous(), "pooled_pos: expected int64");
+  check_head(hidden, weight, c10::nullopt, l.dim);
+
+  const int64_t grad_stride_n = hidden.dim() == 3 ? l.positions * l.dim : 0;  // grad_hidden is contiguous
+  auto coef = at::empty({l.rows, heads}, grad_coef.options());
+  row_coefficients(grad_coef.data_ptr<float>(), optional_ptr<int64_t>(row_ptr), optional_ptr<int64_t>(row_entry), l.rows,
+                   heads, coef.data_ptr<float>());
+  auto grad_hidden = need_grad_hidden ? at::zeros(hidden.sizes(), hidden.options()) : at::empty({0}, hidden.options());
+  auto grad_weight = at::empty_like(weight);
+  dispatch_hidden_weight(hidden, weight, [&](auto h, auto w) {
+    using hidden_t = decltype(h);
+    using weight_t = decltype(w);
+    if (need_grad_hidden) {
+      scatter_rows<hidden_t, weight_t>(coef.data_ptr<float>(), weight.data_ptr<weight_t>(), pooled_pos.data_ptr<int64_t>(), l,
+                                       heads, grad_stride_n, grad_hidden.data_ptr<hidden_t>());
+    }
+    weight_gradient<hidden_t, weight_t>(coef.data_ptr<float>(), hidden.data_ptr<hidden_t>(), pooled_pos.data_ptr<int64_t>(), l,
+                                        heads, grad_weight.data_ptr<weight_t>());
+  });
+  return {grad_hidden, grad_weight};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(prefkernels, CPU, m) {
+  m.impl("bt_forward", &bt_forward_cpu);
+  m.impl("pool_forward", &pool_forward_cpu);
+  m.impl("pool_backward", &pool_backward_cpu);
+}
+
+}  // namespace prefkernels

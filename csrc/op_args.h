@@ -1,0 +1,101 @@
+// Host-side helpers shared by the CPU and CUDA glue: turn op arguments (tensors) into the raw
+// layout the kernels take. The Python layer has already validated everything with clear
+// messages; the TORCH_CHECKs here only guard direct calls of torch.ops.prefkernels.*.
+#pragma once
+#include <torch/extension.h>
+
+#include "bt_math.h"
+
+namespace prefkernels {
+
+enum MaskKind : int { kMaskBool = 0, kMaskInt32 = 1, kMaskInt64 = 2 };
+
+// Hidden viewed as rows of D elements: row (n, pos) starts at n*stride_n + pos*stride_t.
+// Packed [total, D] hidden is one sequence of `total` positions with stride_n = 0.
+struct HiddenLayout {
+  int64_t rows;      // N, pooled rows
+  int64_t positions; // T (padded) or total (packed)
+  int64_t dim;       // D
+  int64_t stride_n;
+  int64_t stride_t;
+};
+
+struct PoolSpec {
+  int mode;                 // PoolMode
+  const void* mask;         // [N, T] contiguous, for kPoolMask
+  int mask_kind;            // MaskKind
+  const int64_t* index;     // last_index [N] or cu_seqlens [N+1], int64 contiguous
+};
+
+inline HiddenLayout hidden_layout(const at::Tensor& hidden, const c10::optional<at::Tensor>& cu_seqlens) {
+  TORCH_CHECK(hidden.stride(-1) == 1, "hidden: last dimension must be contiguous");
+  HiddenLayout l;
+  if (hidden.dim() == 2) {
+    TORCH_CHECK(cu_seqlens.has_value(), "hidden: a 2-D (packed) hidden needs cu_seqlens");
+    l.rows = cu_seqlens->size(0) - 1;
+    l.positions = hidden.size(0);
+    l.dim = hidden.size(1);
+    l.stride_n = 0;
+    l.stride_t = hidden.stride(0);
+  } else {
+    TORCH_CHECK(hidden.dim() == 3, "hidden: expected [N, T, D] or packed [total, D]");
+    l.rows = hidden.size(0);
+    l.positions = hidden.size(1);
+    l.dim = hidden.size(2);
+    l.stride_n = hidden.stride(0);
+    l.stride_t = hidden.stride(1);
+  }
+  return l;
+}
+
+inline PoolSpec pool_spec(const HiddenLayout& l, const c10::optional<at::Tensor>& attention_mask,
+                          const c10::optional<at::Tensor>& last_index,
+                          const c10::optional<at::Tensor>& cu_seqlens) {
+  PoolSpec p{};
+  const int given = int(attention_mask.has_value()) + int(last_index.has_value()) + int(cu_seqlens.has_value());
+  TORCH_CHECK(given == 1, "pass exactly one of attention_mask, last_index, cu_seqlens");
+  if (attention_mask.has_value()) {
+    const auto& m = *attention_mask;
+    TORCH_CHECK(m.dim() == 2 && m.size(0) == l.rows && m.size(1) == l.positions && m.is_contiguous(),
+                "attention_mask: expected contiguous [N, T]");
+    p.mode = kPoolMask;
+    p.mask = m.data_ptr();
+    if (m.scalar_type() == at::kBool) p.mask_kind = kMaskBool;
+    else if (m.scalar_type() == at::kInt) p.mask_kind = kMaskInt32;
+    else if (m.scalar_type() == at::kLong) p.mask_kind = kMaskInt64;
+    else TORCH_CHECK(false, "attention_mask: expected bool, int32 or int64");
+  } else {
+    const auto& idx = last_index.has_value() ? *last_index : *cu_seqlens;
+    TORCH_CHECK(idx.scalar_type() == at::kLong && idx.is_contiguous() && idx.dim() == 1,
+                "pooling index: expected contiguous int64");
+    TORCH_CHECK(idx.size(0) == l.rows + (cu_seqlens.has_value() ? 1 : 0), "pooling index: wrong length");
+    p.mode = last_index.has_value() ? kPoolLastIndex : kPoolCuSeqlens;
+    p.index = idx.data_ptr<int64_t>();
+  }
+  return p;
+}
+
+inline void check_head(const at::Tensor& hidden, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                       int64_t dim) {
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == dim && weight.is_contiguous(), "weight: expected contiguous [K, D]");
+  TORCH_CHECK(weight.scalar_type() == at::kFloat || weight.scalar_type() == hidden.scalar_type(),
+              "weight: expected float32 or hidden's dtype");
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0) && bias->is_contiguous() &&
+                    bias->scalar_type() == weight.scalar_type(),
+                "bias: expected contiguous [K] in weight's dtype");
+  }
+}
+
+// Pairs: explicit int64 index tensors, or the default halves when both are absent.
+inline int64_t num_pairs(int64_t rows, const c10::optional<at::Tensor>& chosen, const c10::optional<at::Tensor>& rejected) {
+  TORCH_CHECK(chosen.has_value() == rejected.has_value(), "pass both chosen_index and rejected_index or neither");
+  if (!chosen.has_value()) return rows / 2;
+  TORCH_CHECK(chosen->scalar_type() == at::kLong && rejected->scalar_type() == at::kLong &&
+                  chosen->is_contiguous() && rejected->is_contiguous() && chosen->dim() == 1 &&
+                  chosen->sizes() == rejected->sizes(),
+              "chosen_index/rejected_index: expected contiguous int64 [P]");
+  return chosen->size(0);
+}
+
+}  // namespace prefkernels

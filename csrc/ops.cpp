@@ -1,0 +1,27 @@
+// Op schemas (defined once, for every backend) and the pybind11 module prefkernels._C.
+#include <torch/extension.h>
+
+TORCH_LIBRARY(prefkernels, m) {
+  // (loss [P,K] f32, rewards [N,K] f32, pair_grad [2,P,K] f32, pooled_pos [N] i64)
+  m.def(
+      "bt_forward(Tensor hidden, Tensor weight, Tensor? bias, Tensor? attention_mask, "
+      "Tensor? last_index, Tensor? cu_seqlens, Tensor? chosen_index, Tensor? rejected_index, "
+      "Tensor? margin, float label_smoothing, float center_coef) -> (Tensor, Tensor, Tensor, Tensor)");
+  // (rewards [N,K] f32, pooled_pos [N] i64)
+  m.def(
+      "pool_forward(Tensor hidden, Tensor weight, Tensor? bias, Tensor? attention_mask, "
+      "Tensor? last_index, Tensor? cu_seqlens) -> (Tensor, Tensor)");
+  // (grad_hidden like hidden (contiguous) or [0] when not needed, grad_weight like weight)
+  m.def(
+      "pool_backward(Tensor grad_coef, Tensor? row_ptr, Tensor? row_entry, Tensor hidden, "
+      "Tensor weight, Tensor pooled_pos, bool need_grad_hidden) -> (Tensor, Tensor)");
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "prefkernels compiled kernels; the ops live in torch.ops.prefkernels";
+#ifdef PREFKERNELS_WITH_CUDA
+  m.attr("with_cuda") = true;
+#else
+  m.attr("with_cuda") = false;
+#endif
+}

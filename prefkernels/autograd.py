@@ -1,0 +1,108 @@
+"""Fake (meta) kernels and autograd for a backend's ops, registered once per OpSet.
+
+The forward ops return the per-pair gradient coefficients, so backward never recomputes
+the forward: it scales them by the incoming gradient and calls the backend's single
+``pool_backward`` (grad buffer + one scatter pass + weight gradient).
+"""
+from __future__ import annotations
+
+import torch
+
+from prefkernels.backends import OpSet
+
+_F32, _I64 = torch.float32, torch.int64
+
+
+def _rows(hidden, cu_seqlens):
+    return cu_seqlens.shape[0] - 1 if cu_seqlens is not None else hidden.shape[0]
+
+
+def _pool_forward_fake(hidden, weight, bias, attention_mask, last_index, cu_seqlens):
+    n = _rows(hidden, cu_seqlens)
+    return hidden.new_empty((n, weight.shape[0]), dtype=_F32), hidden.new_empty((n,), dtype=_I64)
+
+
+def _bt_forward_fake(hidden, weight, bias, attention_mask, last_index, cu_seqlens, chosen_index,
+                     rejected_index, margin, label_smoothing, center_coef):
+    rewards, pooled_pos = _pool_forward_fake(hidden, weight, bias, attention_mask, last_index, cu_seqlens)
+    pairs = chosen_index.shape[0] if chosen_index is not None else rewards.shape[0] // 2
+    heads = weight.shape[0]
+    loss = hidden.new_empty((pairs, heads), dtype=_F32)
+    pair_grad = hidden.new_empty((2, pairs, heads), dtype=_F32)
+    return loss, rewards, pair_grad, pooled_pos
+
+
+def _pool_backward_fake(grad_coef, row_ptr, row_entry, hidden, weight, pooled_pos, need_grad_hidden):
+    grad_hidden = hidden.new_empty(hidden.shape) if need_grad_hidden else hidden.new_empty((0,))
+    return grad_hidden, torch.empty_like(weight)
+
+
+def rows_csr(chosen_index, rejected_index, rows):
+    """CSR of pair entries per row: entries of ``cat(chosen, rejected)`` grouped by row.
+
+    Returns (row_ptr [N+1], row_entry [2P]) int64, built with a stable sort so the backward's
+    per-row sums run in a fixed order (deterministic, no atomics).
+    """
+    entries_row = torch.cat([chosen_index, rejected_index])
+    sorted_rows, row_entry = torch.sort(entries_row, stable=True)
+    boundaries = torch.arange(rows + 1, device=entries_row.device, dtype=sorted_rows.dtype)
+    row_ptr = torch.searchsorted(sorted_rows, boundaries)
+    return row_ptr, row_entry
+
+
+def register(ops: OpSet) -> None:
+    """Register fake kernels and autograd for ``ops`` (idempotent per OpSet)."""
+    if getattr(register, "done", set()).__contains__(ops.name):
+        return
+    register.done = getattr(register, "done", set()) | {ops.name}
+
+    qualname = ops.qualname
+    torch.library.register_fake(qualname("bt_forward"))(_bt_forward_fake)
+    torch.library.register_fake(qualname("pool_forward"))(_pool_forward_fake)
+    torch.library.register_fake(qualname("pool_backward"))(_pool_backward_fake)
+
+    def backward_into_inputs(ctx, coef, row_ptr, row_entry):
+        hidden, weight, pooled_pos = ctx.saved_tensors[:3]
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        grad_hidden = grad_weight = grad_bias = None
+        if need_hidden or need_weight:
+            grad_hidden, grad_weight = ops.pool_backward(coef, row_ptr, row_entry, hidden, weight, pooled_pos,
+                                                         bool(need_hidden))
+            grad_hidden = grad_hidden if need_hidden else None
+            grad_weight = grad_weight if need_weight else None
+        if need_bias:
+            grad_bias = coef.sum(dim=0).to(ctx.bias_dtype)
+        return grad_hidden, grad_weight, grad_bias
+
+    def pool_setup(ctx, inputs, output):
+        hidden, weight, bias = inputs[:3]
+        rewards, pooled_pos = output
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.save_for_backward(hidden, weight, pooled_pos)
+        ctx.mark_non_differentiable(pooled_pos)
+
+    def pool_backward(ctx, grad_rewards, _grad_pos):
+        grads = backward_into_inputs(ctx, grad_rewards.float().contiguous(), None, None)
+        return (*grads, None, None, None)
+
+    def bt_setup(ctx, inputs, output):
+        hidden, weight, bias = inputs[:3]
+        chosen_index, rejected_index = inputs[6], inputs[7]
+        loss, rewards, pair_grad, pooled_pos = output
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.rows = rewards.shape[0]
+        ctx.save_for_backward(hidden, weight, pooled_pos, pair_grad, chosen_index, rejected_index)
+        ctx.mark_non_differentiable(rewards, pair_grad, pooled_pos)
+
+    def bt_backward(ctx, grad_loss, _grad_rewards, _grad_pair, _grad_pos):
+        pair_grad, chosen_index, rejected_index = ctx.saved_tensors[3:6]
+        heads = pair_grad.shape[-1]
+        coef = (pair_grad * grad_loss.float()).reshape(-1, heads)
+        row_ptr = row_entry = None
+        if chosen_index is not None:
+            row_ptr, row_entry = rows_csr(chosen_index, rejected_index, ctx.rows)
+        grads = backward_into_inputs(ctx, coef, row_ptr, row_entry)
+        return (*grads, None, None, None, None, None, None, None, None)
+
+    torch.library.register_autograd(qualname("pool_forward"), pool_backward, setup_context=pool_setup)
+    torch.library.register_autograd(qualname("bt_forward"), bt_backward, setup_context=bt_setup)

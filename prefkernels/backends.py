@@ -1,0 +1,152 @@
+"""The one place a backend is chosen.
+
+Order of precedence: the ``backend=`` argument, then env ``PREFKERNELS_BACKEND``, then
+``auto`` (CPU tensors: native, then reference; CUDA tensors: native CUDA, then Triton, then
+reference). A backend that is asked for but missing (``_C`` not built, no Triton, no CUDA
+kernels in the build) degrades to the next one with a single warning saying why.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Callable
+
+import torch
+
+BACKENDS = ("auto", "native", "triton", "reference")
+ENV_VAR = "PREFKERNELS_BACKEND"
+
+
+@dataclass(frozen=True)
+class OpSet:
+    """The three ops a kernel backend implements, ``prefkernels::{prefix}{op}``, all with the
+    schemas defined in csrc/ops.cpp (native: no prefix; Triton: ``triton_``)."""
+
+    name: str
+    prefix: str
+
+    def qualname(self, op: str) -> str:
+        return f"prefkernels::{self.prefix}{op}"
+
+    def op(self, op: str) -> Callable:
+        return getattr(torch.ops.prefkernels, self.prefix + op).default
+
+    @property
+    def bt_forward(self) -> Callable:
+        return self.op("bt_forward")
+
+    @property
+    def pool_forward(self) -> Callable:
+        return self.op("pool_forward")
+
+    @property
+    def pool_backward(self) -> Callable:
+        return self.op("pool_backward")
+
+
+_warned: set[str] = set()
+
+
+def warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+@lru_cache(maxsize=None)
+def native_ops() -> OpSet | None:
+    """The compiled ``prefkernels._C`` ops, or None when the extension is not built."""
+    try:
+        from prefkernels import _C  # noqa: F401  (loading registers torch.ops.prefkernels.*)
+    except ImportError as err:
+        warn_once(f"prefkernels: compiled extension prefkernels._C is not available ({err}); "
+                  "using the pure-PyTorch reference backend. Build it with "
+                  "`pip install -e . --no-build-isolation`.")
+        return None
+    from prefkernels import autograd
+    ops = OpSet("native", "")
+    autograd.register(ops)
+    return ops
+
+
+@lru_cache(maxsize=None)
+def native_has_cuda() -> bool:
+    if native_ops() is None:
+        return False
+    from prefkernels import _C
+    return bool(getattr(_C, "with_cuda", False))
+
+
+@lru_cache(maxsize=None)
+def triton_ops() -> OpSet | None:
+    """The Triton ops, or None when Triton is not installed."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return None
+    from prefkernels import autograd, triton_bt
+    autograd.register(triton_bt.OPS)
+    return triton_bt.OPS
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def requested(backend: str | None) -> str:
+    name = backend if backend is not None else os.environ.get(ENV_VAR, "auto")
+    if name not in BACKENDS:
+        source = "backend" if backend is not None else f"env {ENV_VAR}"
+        raise ValueError(f"{source}: expected one of {BACKENDS}, got {name!r}")
+    return name
+
+
+def _native_for(device: torch.device) -> OpSet | None:
+    ops = native_ops()
+    if ops is None:
+        return None
+    if device.type == "cuda" and not native_has_cuda():
+        return None
+    if device.type not in ("cpu", "cuda"):
+        return None
+    return ops
+
+
+def _triton_for(device: torch.device) -> OpSet | None:
+    if device.type == "cuda" or (device.type == "cpu" and triton_interpreted()):
+        return triton_ops()
+    return None
+
+
+def select(backend: str | None, device: torch.device) -> OpSet | None:
+    """OpSet for ``device``, or None for the reference backend."""
+    name = requested(backend)
+    if name == "reference":
+        return None
+    if name == "auto":
+        chain = ("native", "triton") if device.type == "cuda" else ("native",)
+    else:
+        chain = (name, "native") if name == "triton" else (name,)
+    finders = {"native": _native_for, "triton": _triton_for}
+    for candidate in chain:
+        ops = finders[candidate](device)
+        if ops is not None:
+            if name not in ("auto", ops.name):
+                warn_once(f"prefkernels: backend {name!r} is unavailable for {device.type} tensors; using {ops.name!r}")
+            return ops
+    if name != "auto":
+        warn_once(f"prefkernels: backend {name!r} is unavailable for {device.type} tensors "
+                  f"({_why_unavailable(name, device)}); using 'reference'")
+    return None
+
+
+def _why_unavailable(name: str, device: torch.device) -> str:
+    if name == "native":
+        if native_ops() is None:
+            return "prefkernels._C is not built"
+        return "this build of prefkernels._C has no CUDA kernels" if device.type == "cuda" else "unsupported device"
+    if triton_ops() is None:
+        return "triton is not installed"
+    return "Triton needs CUDA tensors, or TRITON_INTERPRET=1 for CPU tensors"

@@ -1,0 +1,103 @@
+"""Pure-PyTorch definition of the prefkernels ops, and the two ways people compute them today.
+
+``fused_bt_loss`` and ``pool_score`` here define the contract every backend is tested
+against (same signatures as the public functions, without ``backend``). ``eager`` and
+``hf_style`` are the baselines the benchmarks compare with.
+
+Shapes: hidden [N, T, D] (or [total, D] packed with ``cu_seqlens``), weight [K, D],
+bias [K], rewards [N, K] float32, loss float32 (scalar, or [P, K] for reduction="none").
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def pooled_positions(hidden, attention_mask=None, last_index=None, cu_seqlens=None):
+    """Index [N] int64 of the pooled token: a position in T (padded) or a row of the packed batch."""
+    if attention_mask is not None:
+        T = attention_mask.shape[1]
+        positions = torch.arange(T, device=attention_mask.device)
+        return torch.where(attention_mask != 0, positions, -1).amax(dim=1)
+    if last_index is not None:
+        return last_index.long()
+    return cu_seqlens[1:].long() - 1
+
+
+def gather_pooled(hidden, attention_mask=None, last_index=None, cu_seqlens=None):
+    """Pooled hidden rows [N, D] in hidden's dtype (differentiable)."""
+    pos = pooled_positions(hidden, attention_mask, last_index, cu_seqlens)
+    if hidden.dim() == 2:
+        return hidden[pos]
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), pos]
+
+
+def head(pooled, weight, bias=None):
+    """Rewards [N, K] float32 = pooled @ weight.T + bias, computed in fp32."""
+    rewards = pooled.float() @ weight.float().t()
+    if bias is not None:
+        rewards = rewards + bias.float()
+    return rewards
+
+
+def default_pairs(n_rows, device):
+    """TRL's concatenation: rows [0, N/2) chosen, [N/2, N) rejected."""
+    half = n_rows // 2
+    chosen = torch.arange(half, device=device)
+    return chosen, chosen + half
+
+
+def pair_loss(rewards, chosen_index, rejected_index, margin=None, label_smoothing=0.0,
+              center_coef=0.0, reduction="mean"):
+    """Bradley-Terry loss over pairs from rewards [N, K] float32."""
+    r_chosen = rewards[chosen_index]
+    r_rejected = rewards[rejected_index]
+    gap = r_chosen - r_rejected
+    if margin is not None:
+        gap = gap - margin.to(gap.dtype).unsqueeze(1)
+    loss = (1.0 - label_smoothing) * F.softplus(-gap) + label_smoothing * F.softplus(gap)
+    if center_coef:
+        loss = loss + center_coef * (r_chosen + r_rejected) ** 2
+    if reduction == "mean":
+        return loss.mean()
+    if reduction == "sum":
+        return loss.sum()
+    return loss
+
+
+def pool_score(hidden, weight, bias=None, *, attention_mask=None, last_index=None, cu_seqlens=None):
+    """Rewards [N, K] float32 of the pooled rows (differentiable w.r.t. hidden, weight, bias)."""
+    pooled = gather_pooled(hidden, attention_mask, last_index, cu_seqlens)
+    return head(pooled, weight, bias)
+
+
+def fused_bt_loss(hidden, weight, bias=None, *, attention_mask=None, last_index=None,
+                  cu_seqlens=None, chosen_index=None, rejected_index=None, margin=None,
+                  label_smoothing=0.0, center_coef=0.0, reduction="mean"):
+    """(loss, rewards): Bradley-Terry loss of the pooled rewards; rewards are detached."""
+    rewards = pool_score(hidden, weight, bias, attention_mask=attention_mask,
+                         last_index=last_index, cu_seqlens=cu_seqlens)
+    if chosen_index is None:
+        chosen_index, rejected_index = default_pairs(rewards.shape[0], rewards.device)
+    loss = pair_loss(rewards, chosen_index, rejected_index, margin, label_smoothing,
+                     center_coef, reduction)
+    return loss, rewards.detach()
+
+
+def eager(hidden, weight, bias=None, *, attention_mask=None, margin=None, reduction="mean"):
+    """Baseline: gather the last non-pad token, then the head, then the loss (default pairs)."""
+    return fused_bt_loss(hidden, weight, bias, attention_mask=attention_mask, margin=margin,
+                         reduction=reduction)
+
+
+def hf_style(hidden, weight, bias=None, *, attention_mask=None, margin=None, reduction="mean"):
+    """Baseline as ``*ForSequenceClassification`` does it: head over every token, then gather.
+
+    The head output [N, T, K] is in hidden's dtype, as an ``nn.Linear`` score head would give.
+    """
+    logits = F.linear(hidden, weight.to(hidden.dtype), None if bias is None else bias.to(hidden.dtype))
+    pos = pooled_positions(hidden, attention_mask=attention_mask)
+    rewards = logits[torch.arange(hidden.shape[0], device=hidden.device), pos].float()
+    chosen, rejected = default_pairs(rewards.shape[0], rewards.device)
+    loss = pair_loss(rewards, chosen, rejected, margin, reduction=reduction)
+    return loss, rewards.detach()

@@ -1,0 +1,48 @@
+"""Builds prefkernels._C: the C++ CPU kernels, and the CUDA kernels when torch has CUDA and
+nvcc is found (PREFKERNELS_BUILD_CUDA=0/1/auto; arch list from TORCH_CUDA_ARCH_LIST, default
+8.0;9.0).
+
+Build against the torch you run with: ``pip install -e ".[test]" --no-build-isolation``.
+An isolated build would compile against a different torch wheel (and may download a multi-GB
+CUDA build), and the extension's ABI must match the installed torch exactly.
+"""
+import glob
+import os
+
+from setuptools import setup
+
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+import torch
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def want_cuda() -> bool:
+    choice = os.environ.get("PREFKERNELS_BUILD_CUDA", "auto").lower()
+    available = torch.version.cuda is not None and CUDA_HOME is not None
+    if choice in ("0", "false", "no"):
+        return False
+    if choice in ("1", "true", "yes"):
+        if not available:
+            raise RuntimeError("PREFKERNELS_BUILD_CUDA=1 but torch has no CUDA or nvcc was not found")
+        return True
+    return available
+
+
+def extension():
+    cpp_sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
+    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
+    if not want_cuda():
+        return CppExtension("prefkernels._C", cpp_sources, extra_compile_args={"cxx": cxx_flags},
+                            extra_link_args=["-fopenmp"])
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    sources = cpp_sources + sorted(glob.glob("csrc/cuda/*.cpp")) + sorted(glob.glob("csrc/cuda/*.cu"))
+    return CUDAExtension(
+        "prefkernels._C", sources,
+        define_macros=[("PREFKERNELS_WITH_CUDA", None)],
+        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]},
+        extra_link_args=["-fopenmp"])
+
+
+setup(ext_modules=[extension()], cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)})
