@@ -1,0 +1,87 @@
+"""Reward-model checkpoints: one directory, written atomically.
+
+Layout of a checkpoint directory::
+
+    prefkernels.json      format tag, library version, pooling, num_heads, max_length,
+                          reward_mean/std (set after training), hidden_size, extra fields
+    backbone/             the transformers backbone via save_pretrained (safetensors)
+    head.safetensors      RewardHead: weight [K, D], bias [K] (float32)
+    tokenizer/            tokenizer.save_pretrained (when a tokenizer is given)
+    training_state.pt     optional: optimizer, scheduler, RNG and data position (resume)
+
+``atomic_directory`` writes into a temporary sibling and renames it into place, so a reader
+never sees a half-written checkpoint and a killed writer leaves the previous one intact.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+CONFIG_NAME = "prefkernels.json"
+HEAD_NAME = "head.safetensors"
+BACKBONE_DIR = "backbone"
+TOKENIZER_DIR = "tokenizer"
+TRAINING_STATE_NAME = "training_state.pt"
+FORMAT = "prefkernels-reward-model"
+
+
+@contextlib.contextmanager
+def atomic_directory(target: str | os.PathLike):
+    """Yield a fresh temporary directory; on success it replaces ``target`` in one rename."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+        if target.exists():
+            old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _fsync_tree(root: Path) -> None:
+    for path in root.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a file via a temporary sibling and rename."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def is_checkpoint(path: str | os.PathLike) -> bool:
+    return (Path(path) / CONFIG_NAME).is_file()
+
+
+def read_config(path: str | os.PathLike) -> dict:
+    """The checkpoint's prefkernels.json, with a clear error when files are missing."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint: {path} is not a directory")
+    missing = [name for name in (CONFIG_NAME, HEAD_NAME, BACKBONE_DIR) if not (path / name).exists()]
+    if missing:
+        raise FileNotFoundError(f"checkpoint: {path} is missing {', '.join(missing)} (not a prefkernels checkpoint)")
+    config = json.loads((path / CONFIG_NAME).read_text())
+    if config.get("format") != FORMAT:
+        raise ValueError(f"checkpoint: {path / CONFIG_NAME} has format {config.get('format')!r}, expected {FORMAT!r}")
+    return config

@@ -1,0 +1,121 @@
+"""``RewardModel``: a transformers ``AutoModel`` backbone + the fused ``RewardHead``.
+
+The backbone's own LM or classification head is never computed: scores come from the last
+hidden state, pooled at the last non-pad token (attention mask) by the fused kernels.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from prefkernels import __version__, checkpoint
+from prefkernels.head import RewardHead
+
+
+class RewardModel(nn.Module):
+    """Backbone [N, T] tokens -> last hidden state [N, T, D] -> rewards [N, K] float32."""
+
+    def __init__(self, backbone: nn.Module, num_heads: int = 1, max_length: int | None = None):
+        super().__init__()
+        self.backbone = backbone
+        self.head = RewardHead(backbone.config.hidden_size, num_heads)
+        self.max_length = max_length
+        self.reward_mean: list[float] | None = None
+        self.reward_std: list[float] | None = None
+
+    @property
+    def num_heads(self) -> int:
+        return self.head.num_heads
+
+    @classmethod
+    def from_backbone(cls, name_or_path: str, num_heads: int = 1, max_length: int | None = None, **kwargs):
+        """Load a local transformers backbone (no head) with ``AutoModel.from_pretrained``."""
+        from transformers import AutoModel
+
+        if not Path(name_or_path).exists():
+            raise FileNotFoundError(f"backbone: {name_or_path} does not exist (prefkernels loads local paths only)")
+        return cls(AutoModel.from_pretrained(name_or_path, **kwargs), num_heads=num_heads, max_length=max_length)
+
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Last hidden state [N, T, D] of the backbone."""
+        return self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, backend: str | None = None):
+        """Rewards [N, K] float32 at each row's last non-pad token."""
+        hidden = self.hidden_states(input_ids, attention_mask)
+        return self.head.score(hidden, attention_mask=attention_mask, backend=backend)
+
+    def loss(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **loss_kwargs):
+        """(loss, rewards) of the fused Bradley-Terry op; kwargs as ``prefkernels.fused_bt_loss``."""
+        hidden = self.hidden_states(input_ids, attention_mask)
+        return self.head.loss(hidden, attention_mask=attention_mask, **loss_kwargs)
+
+    def normalize(self, rewards: torch.Tensor) -> torch.Tensor:
+        """(rewards - mean) / std with the statistics stored after training (identity before)."""
+        if self.reward_mean is None or self.reward_std is None:
+            return rewards
+        mean = torch.tensor(self.reward_mean, device=rewards.device)
+        std = torch.tensor(self.reward_std, device=rewards.device).clamp_min(1e-6)
+        return (rewards - mean) / std
+
+    def save_pretrained(self, path: str, tokenizer=None, extra: dict | None = None,
+                        training_state: dict | None = None) -> None:
+        """Write the checkpoint directory atomically (see ``prefkernels.checkpoint``)."""
+        from safetensors.torch import save_file
+
+        config = {
+            "format": checkpoint.FORMAT,
+            "library_version": __version__,
+            "pooling": "last_token",
+            "num_heads": self.num_heads,
+            "hidden_size": self.head.hidden_size,
+            "max_length": self.max_length,
+            "reward_mean": self.reward_mean,
+            "reward_std": self.reward_std,
+            "backbone_model_type": getattr(self.backbone.config, "model_type", None),
+            **(extra or {}),
+        }
+        with checkpoint.atomic_directory(path) as tmp:
+            self.backbone.save_pretrained(tmp / checkpoint.BACKBONE_DIR, safe_serialization=True)
+            head = {"weight": self.head.weight.detach().float().cpu().contiguous()}
+            if self.head.bias is not None:
+                head["bias"] = self.head.bias.detach().float().cpu().contiguous()
+            save_file(head, str(tmp / checkpoint.HEAD_NAME))
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp / checkpoint.TOKENIZER_DIR)
+            if training_state is not None:
+                torch.save(training_state, tmp / checkpoint.TRAINING_STATE_NAME)
+            (tmp / checkpoint.CONFIG_NAME).write_text(json.dumps(config, indent=2))
+
+    @classmethod
+    def from_pretrained(cls, path: str, **backbone_kwargs) -> "RewardModel":
+        """Load a checkpoint written by ``save_pretrained``."""
+        from safetensors.torch import load_file
+        from transformers import AutoModel
+
+        config = checkpoint.read_config(path)
+        backbone = AutoModel.from_pretrained(Path(path) / checkpoint.BACKBONE_DIR, **backbone_kwargs)
+        model = cls(backbone, num_heads=config["num_heads"], max_length=config.get("max_length"))
+        head = load_file(str(Path(path) / checkpoint.HEAD_NAME))
+        if head["weight"].shape != model.head.weight.shape:
+            raise ValueError(f"checkpoint: head weight has shape {list(head['weight'].shape)}, "
+                             f"expected {list(model.head.weight.shape)}")
+        with torch.no_grad():
+            model.head.weight.copy_(head["weight"])
+            if model.head.bias is not None and "bias" in head:
+                model.head.bias.copy_(head["bias"])
+        model.reward_mean, model.reward_std = config.get("reward_mean"), config.get("reward_std")
+        model.config = config
+        return model
+
+
+def load_tokenizer(path: str):
+    """The tokenizer stored in a checkpoint (``tokenizer/``) or at a backbone path."""
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    tok_dir = path / checkpoint.TOKENIZER_DIR if (path / checkpoint.TOKENIZER_DIR).is_dir() else path
+    return AutoTokenizer.from_pretrained(tok_dir)
