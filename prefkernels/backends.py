@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import warnings
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Callable
 
 import torch
@@ -47,6 +46,7 @@ class OpSet:
 
 
 _warned: set[str] = set()
+_loaded: dict[str, OpSet | None] = {}
 
 
 def warn_once(message: str) -> None:
@@ -55,9 +55,14 @@ def warn_once(message: str) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
-@lru_cache(maxsize=None)
 def native_ops() -> OpSet | None:
     """The compiled ``prefkernels._C`` ops, or None when the extension is not built."""
+    if "native" not in _loaded:
+        _loaded["native"] = _load_native()
+    return _loaded["native"]
+
+
+def _load_native() -> OpSet | None:
     try:
         from prefkernels import _C  # noqa: F401  (loading registers torch.ops.prefkernels.*)
     except ImportError as err:
@@ -71,7 +76,6 @@ def native_ops() -> OpSet | None:
     return ops
 
 
-@lru_cache(maxsize=None)
 def native_has_cuda() -> bool:
     if native_ops() is None:
         return False
@@ -79,9 +83,14 @@ def native_has_cuda() -> bool:
     return bool(getattr(_C, "with_cuda", False))
 
 
-@lru_cache(maxsize=None)
 def triton_ops() -> OpSet | None:
     """The Triton ops, or None when Triton is not installed."""
+    if "triton" not in _loaded:
+        _loaded["triton"] = _load_triton()
+    return _loaded["triton"]
+
+
+def _load_triton() -> OpSet | None:
     try:
         import triton  # noqa: F401
     except ImportError:

@@ -33,10 +33,11 @@ def gather_pooled(hidden, attention_mask=None, last_index=None, cu_seqlens=None)
 
 
 def head(pooled, weight, bias=None):
-    """Rewards [N, K] float32 = pooled @ weight.T + bias, computed in fp32."""
-    rewards = pooled.float() @ weight.float().t()
+    """Rewards [N, K] = pooled @ weight.T + bias in float32 (float64 for float64 inputs, for gradcheck)."""
+    dtype = torch.promote_types(torch.promote_types(pooled.dtype, weight.dtype), torch.float32)
+    rewards = pooled.to(dtype) @ weight.to(dtype).t()
     if bias is not None:
-        rewards = rewards + bias.float()
+        rewards = rewards + bias.to(dtype)
     return rewards
 
 

@@ -1,0 +1,38 @@
+# make demo / make test work from a fresh clone: they create .venv when no virtualenv is
+# active, install the CPU build of torch 2.13.0 when no torch is importable (a plain `torch`
+# requirement would pull a multi-GB CUDA build), then build prefkernels against that torch.
+ifdef VIRTUAL_ENV
+PYTHON := python
+else
+PYTHON := .venv/bin/python
+endif
+STAMP := $(dir $(PYTHON)).prefkernels-installed
+SOURCES := pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cuda/*)
+PYTEST_ARGS ?=
+
+.PHONY: install demo quickstart test bench clean
+
+$(PYTHON):
+	python3 -m venv .venv
+
+$(STAMP): $(PYTHON) $(SOURCES)
+	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install "torch==2.13.0"
+	$(PYTHON) -m pip install -e ".[test]" --no-build-isolation
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PYTHON) -m prefkernels demo
+
+quickstart: $(STAMP)
+	$(PYTHON) python/quickstart.py
+
+test: $(STAMP)
+	$(PYTHON) -m pytest -q $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(PYTHON) benchmarks/bench_op.py
+
+clean:
+	rm -rf build *.egg-info prefkernels/*.so

@@ -1,0 +1,65 @@
+"""CPU benchmark of the fused op: fwd+bwd of native vs eager, hf_style, torch.compile(eager)
+and the floor (torch.zeros_like(hidden), the grad buffer any backward must create).
+
+Methods run interleaved in one process, medians over repeats, grads reset before every
+backward. Prints a table, writes benchmarks/results/bench_op_cpu.json and a PNG.
+
+    python benchmarks/bench_op.py [--repeats 15] [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+SHAPES = [(8, 512, 768, "fp32"), (8, 1024, 2048, "fp32"), (8, 1024, 2048, "bf16"),
+          (64, 128, 768, "fp32"), (32, 256, 4096, "bf16")]
+QUICK_SHAPES = [(4, 128, 256, "fp32"), (4, 128, 256, "bf16")]
+
+
+def run(shapes, repeats: int, warmup: int) -> list[dict]:
+    steps = common.methods(["native"])
+    rows = []
+    for pairs, positions, dim, dtype in shapes:
+        batch = common.make_batch(pairs, positions, dim, dtype, "cpu")
+        times = common.time_interleaved(steps, batch, repeats, warmup, common.cpu_timer)
+        row = {"shape": f"P={pairs} T={positions} D={dim} {dtype}", "pairs": pairs, "T": positions, "D": dim,
+               "dtype": dtype, "grad_buffer_MB": batch["hidden"].numel() * batch["hidden"].element_size() / 2**20}
+        for name, seconds in times.items():
+            row[f"{name} ms"] = seconds * 1e3
+            row[f"{name}/floor"] = seconds / times["floor"]
+        row["hf_style/native"] = times["hf_style"] / times["native"]
+        for name, step in steps.items():
+            row[f"{name} peak MB"] = common.cpu_peak_extra_bytes(step, batch) / 2**20
+        rows.append(row)
+        print(f"done {row['shape']}", flush=True)
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="tiny shapes, for a smoke run")
+    parser.add_argument("--out", type=Path, default=None, help="results folder (default: $OUT or benchmarks/results)")
+    args = parser.parse_args(argv)
+    rows = run(QUICK_SHAPES if args.quick else SHAPES, args.repeats, args.warmup)
+    columns = ["shape", "floor ms", "native ms", "eager ms", "compile(eager) ms", "hf_style ms",
+               "native/floor", "eager/floor", "compile(eager)/floor", "hf_style/floor", "hf_style/native",
+               "floor peak MB", "native peak MB", "eager peak MB", "hf_style peak MB"]
+    common.print_table(rows, columns)
+    name = "bench_op_cpu_quick" if args.quick else "bench_op_cpu"
+    path = common.write_results(name, {"environment": common.environment("cpu"), "repeats": args.repeats,
+                                       "rows": rows}, args.out)
+    common.plot_ratios(rows, ["native", "eager", "compile(eager)", "hf_style"],
+                       f"fused BT op, CPU ({torch.get_num_threads()} threads)", path.with_suffix(".png"))
+    print(f"wrote {path} and {path.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()

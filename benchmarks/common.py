@@ -1,0 +1,154 @@
+"""Shared pieces of the op benchmarks: inputs, the methods compared, interleaved timing,
+peak memory, and the table/JSON/PNG outputs."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import prefkernels
+from prefkernels import reference
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def make_batch(pairs: int, positions: int, dim: int, dtype: str, device: str, seed: int = 0) -> dict:
+    """A padded batch of 2*pairs rows (chosen then rejected), right padding, random lengths."""
+    g = torch.Generator().manual_seed(seed)
+    rows = 2 * pairs
+    hidden = torch.randn(rows, positions, dim, generator=g).to(device=device, dtype=DTYPES[dtype])
+    lengths = torch.randint(positions // 2, positions + 1, (rows,), generator=g)
+    mask = (torch.arange(positions) < lengths.unsqueeze(1)).long().to(device)
+    weight = (torch.randn(1, dim, generator=g) / dim ** 0.5).to(device)
+    bias = torch.zeros(1, device=device)
+    return {"hidden": hidden.requires_grad_(), "weight": weight.requires_grad_(),
+            "bias": bias.requires_grad_(), "attention_mask": mask}
+
+
+def fwd_bwd(loss_fn):
+    """A step: reset grads (never accumulate), loss, backward."""
+    def step(batch):
+        for name in ("hidden", "weight", "bias"):
+            batch[name].grad = None
+        loss, _ = loss_fn(batch["hidden"], batch["weight"], batch["bias"], attention_mask=batch["attention_mask"])
+        loss.backward()
+    return step
+
+
+def floor_step(batch):
+    """The unavoidable cost: the zeroed grad buffer the backward must create."""
+    batch["floor"] = torch.zeros_like(batch["hidden"])
+    del batch["floor"]
+
+
+def methods(kernel_backends: list[str]) -> dict:
+    """Name -> step. Kernel backends first, then the baselines and the floor."""
+    out = {}
+    for backend in kernel_backends:
+        out[backend] = fwd_bwd(lambda h, w, b, backend=backend, **kw: prefkernels.fused_bt_loss(h, w, b, backend=backend, **kw))
+    out["eager"] = fwd_bwd(reference.eager)
+    out["hf_style"] = fwd_bwd(reference.hf_style)
+    out["compile(eager)"] = fwd_bwd(torch.compile(reference.eager, dynamic=False))
+    out["floor"] = floor_step
+    return out
+
+
+def time_interleaved(steps: dict, batch: dict, repeats: int, warmup: int, timer) -> dict:
+    """Median seconds per step, methods interleaved within each repeat (noise hits all alike)."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step(batch)
+    samples = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            samples[name].append(timer(step, batch))
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def cpu_timer(step, batch) -> float:
+    start = time.perf_counter()
+    step(batch)
+    return time.perf_counter() - start
+
+
+def cpu_peak_extra_bytes(step, batch) -> int:
+    """Peak resident memory added by one step (Linux VmHWM, reset through clear_refs)."""
+    def status(field):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field):
+                return int(line.split()[1]) * 1024
+        raise RuntimeError(field)
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return -1
+    before = status("VmRSS:")
+    step(batch)
+    return status("VmHWM:") - before
+
+
+def environment(device: str) -> dict:
+    env = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
+           "threads": torch.get_num_threads(), "prefkernels": prefkernels.__version__,
+           "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE", "")}
+    if device == "cuda":
+        env["device"] = torch.cuda.get_device_name()
+        env["cuda"] = torch.version.cuda
+        try:
+            import triton
+            env["triton"] = triton.__version__
+        except ImportError:
+            pass
+    else:
+        env["device"] = platform.processor() or "cpu"
+        env["cpus"] = os.cpu_count()
+    return env
+
+
+def print_table(rows: list[dict], columns: list[str]) -> None:
+    widths = {c: max(len(c), *(len(fmt(r.get(c))) for r in rows)) for c in columns}
+    print("  ".join(c.rjust(widths[c]) for c in columns))
+    for r in rows:
+        print("  ".join(fmt(r.get(c)).rjust(widths[c]) for c in columns))
+
+
+def fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.3f}" if abs(value) < 1000 else f"{value:.0f}"
+    return "" if value is None else str(value)
+
+
+def write_results(name: str, payload: dict, out_dir: Path | None = None) -> Path:
+    out_dir = Path(out_dir or os.environ.get("OUT") or RESULTS_DIR)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}.json"
+    path.write_text(json.dumps(payload, indent=2))
+    return path
+
+
+def plot_ratios(rows: list[dict], methods_shown: list[str], title: str, path: Path) -> None:
+    """Grouped bars: time / floor per method and shape."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(rows)), 4))
+    width = 0.8 / len(methods_shown)
+    for i, method in enumerate(methods_shown):
+        values = [r[f"{method}/floor"] for r in rows]
+        ax.bar([x + i * width for x in range(len(rows))], values, width, label=method)
+    ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
+    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(rows))])
+    ax.set_xticklabels([r["shape"] for r in rows], rotation=15, fontsize=8)
+    ax.set_ylabel("fwd+bwd time / floor (zeros_like)")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

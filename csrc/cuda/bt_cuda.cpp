@@ -1,0 +1,209 @@
+// CUDA implementations of the prefkernels ops (schemas in csrc/ops.cpp): argument checks
+// (shared with the CPU glue through csrc/op_args.h), output allocation, and the launches of
+// csrc/cuda/bt_kernels.cu on the current stream. Semantics are those of csrc/cpu/bt_cpu.cpp.
+// Compiled only in CUDA builds (setup.py adds csrc/cuda/*.cpp in its CUDA branch only).
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/extension.h>
+
+#include "../bt_math.h"
+#include "../op_args.h"
+#include "bt_kernels.cuh"
+
+namespace prefkernels {
+namespace {
+
+static_assert(int(kMaskBool) == int(gpu::kGpuMaskBool) && int(kMaskInt32) == int(gpu::kGpuMaskInt32) &&
+                  int(kMaskInt64) == int(gpu::kGpuMaskInt64),
+              "gpu::GpuMaskKind must mirror MaskKind");
+
+void check_device(const char* name, const at::Tensor& t, const at::Tensor& hidden) {
+  TORCH_CHECK(t.is_cuda() && t.device() == hidden.device(), name, ": expected a CUDA tensor on ", hidden.device(),
+              ", got one on ", t.device());
+}
+
+void check_device(const char* name, const c10::optional<at::Tensor>& t, const at::Tensor& hidden) {
+  if (t.has_value()) check_device(name, *t, hidden);
+}
+
+template <typename T>
+const T* optional_ptr(const c10::optional<at::Tensor>& t) {
+  return t.has_value() ? t->data_ptr<T>() : nullptr;
+}
+
+gpu::HiddenArgs hidden_args(const at::Tensor& hidden, const HiddenLayout& l) {
+  gpu::HiddenArgs h;
+  h.data = hidden.data_ptr();
+  switch (hidden.scalar_type()) {
+    case at::kFloat: h.dtype = gpu::DType::kFloat32; break;
+    case at::kBFloat16: h.dtype = gpu::DType::kBFloat16; break;
+    case at::kHalf: h.dtype = gpu::DType::kFloat16; break;
+    default: TORCH_CHECK(false, "hidden: the CUDA kernels take float32, bfloat16 or float16, got ", hidden.scalar_type());
+  }
+  h.rows = l.rows;
+  h.positions = l.positions;
+  h.dim = l.dim;
+  h.stride_n = l.stride_n;
+  h.stride_t = l.stride_t;
+  return h;
+}
+
+// weight/bias already checked by check_head (contiguous, float32 or hidden's dtype).
+gpu::HeadArgs head_args(const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+  gpu::HeadArgs w;
+  w.weight = weight.data_ptr();
+  w.bias = bias.has_value() ? bias->data_ptr() : nullptr;
+  w.weight_f32 = weight.scalar_type() == at::kFloat;
+  w.heads = weight.size(0);
+  return w;
+}
+
+gpu::PoolArgs pool_args(const PoolSpec& spec) {
+  gpu::PoolArgs p;
+  p.mode = spec.mode;
+  p.mask = spec.mask;
+  p.mask_kind = spec.mask_kind;
+  p.index = spec.index;
+  return p;
+}
+
+// Device checks (hidden is on CUDA), then the layout/pooling/head checks shared with the CPU glue.
+struct Forward {
+  HiddenLayout layout;
+  PoolSpec spec;
+};
+
+Forward check_forward(const at::Tensor& hidden, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                      const c10::optional<at::Tensor>& attention_mask, const c10::optional<at::Tensor>& last_index,
+                      const c10::optional<at::Tensor>& cu_seqlens) {
+  check_device("weight", weight, hidden);
+  check_device("bias", bias, hidden);
+  check_device("attention_mask", attention_mask, hidden);
+  check_device("last_index", last_index, hidden);
+  check_device("cu_seqlens", cu_seqlens, hidden);
+  Forward f;
+  f.layout = hidden_layout(hidden, cu_seqlens);
+  f.spec = pool_spec(f.layout, attention_mask, last_index, cu_seqlens);
+  check_head(hidden, weight, bias, f.layout.dim);
+  return f;
+}
+
+std::tuple<at::Tensor, at::Tensor> pool_forward_cuda(const at::Tensor& hidden, const at::Tensor& weight,
+                                                     const c10::optional<at::Tensor>& bias,
+                                                     const c10::optional<at::Tensor>& attention_mask,
+                                                     const c10::optional<at::Tensor>& last_index,
+                                                     const c10::optional<at::Tensor>& cu_seqlens) {
+  TORCH_CHECK(hidden.is_cuda(), "hidden: expected a CUDA tensor");
+  const c10::cuda::CUDAGuard guard(hidden.device());
+  const Forward f = check_forward(hidden, weight, bias, attention_mask, last_index, cu_seqlens);
+  const int64_t heads = weight.size(0);
+  auto rewards = at::empty({f.layout.rows, heads}, hidden.options().dtype(at::kFloat));
+  auto pooled_pos = at::empty({f.layout.rows}, hidden.options().dtype(at::kLong));
+  C10_CUDA_CHECK(gpu::launch_pool_forward(hidden_args(hidden, f.layout), head_args(weight, bias), pool_args(f.spec),
+                                          rewards.data_ptr<float>(), pooled_pos.data_ptr<int64_t>(),
+                                          c10::cuda::getCurrentCUDAStream().stream()));
+  return {rewards, pooled_pos};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bt_forward_cuda(
+    const at::Tensor& hidden, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+    const c10::optional<at::Tensor>& attention_mask, const c10::optional<at::Tensor>& last_index,
+    const c10::optional<at::Tensor>& cu_seqlens, const c10::optional<at::Tensor>& chosen_index,
+    const c10::optional<at::Tensor>& rejected_index, const c10::optional<at::Tensor>& margin,
+    double label_smoothing, double center_coef) {
+  TORCH_CHECK(hidden.is_cuda(), "hidden: expected a CUDA tensor");
+  const c10::cuda::CUDAGuard guard(hidden.device());
+  const Forward f = check_forward(hidden, weight, bias, attention_mask, last_index, cu_seqlens);
+  check_device("chosen_index", chosen_index, hidden);
+  check_device("rejected_index", rejected_index, hidden);
+  check_device("margin", margin, hidden);
+  const int64_t rows = f.layout.rows, heads = weight.size(0);
+  const int64_t pairs = num_pairs(rows, chosen_index, rejected_index);
+  if (margin.has_value()) {
+    TORCH_CHECK(margin->scalar_type() == at::kFloat && margin->is_contiguous() && margin->numel() == pairs,
+                "margin: expected contiguous float32 [P]");
+  }
+  const auto f32 = hidden.options().dtype(at::kFloat);
+  auto rewards = at::empty({rows, heads}, f32);
+  auto pooled_pos = at::empty({rows}, hidden.options().dtype(at::kLong));
+  auto loss = at::empty({pairs, heads}, f32);
+  auto pair_grad = at::empty({2, pairs, heads}, f32);
+  // Default pairs (no index tensors): one launch for the whole forward.
+  C10_CUDA_CHECK(gpu::launch_bt_forward(
+      hidden_args(hidden, f.layout), head_args(weight, bias), pool_args(f.spec), optional_ptr<int64_t>(chosen_index),
+      optional_ptr<int64_t>(rejected_index), optional_ptr<float>(margin), pairs, static_cast<float>(label_smoothing),
+      static_cast<float>(center_coef), rewards.data_ptr<float>(), pooled_pos.data_ptr<int64_t>(), loss.data_ptr<float>(),
+      pair_grad.data_ptr<float>(), c10::cuda::getCurrentCUDAStream().stream()));
+  return {loss, rewards, pair_grad, pooled_pos};
+}
+
+std::tuple<at::Tensor, at::Tensor> pool_backward_cuda(const at::Tensor& grad_coef,
+                                                      const c10::optional<at::Tensor>& row_ptr,
+                                                      const c10::optional<at::Tensor>& row_entry,
+                                                      const at::Tensor& hidden, const at::Tensor& weight,
+                                                      const at::Tensor& pooled_pos, bool need_grad_hidden) {
+  TORCH_CHECK(hidden.is_cuda(), "hidden: expected a CUDA tensor");
+  check_device("grad_coef", grad_coef, hidden);
+  check_device("row_ptr", row_ptr, hidden);
+  check_device("row_entry", row_entry, hidden);
+  check_device("weight", weight, hidden);
+  check_device("pooled_pos", pooled_pos, hidden);
+  const c10::cuda::CUDAGuard guard(hidden.device());
+
+  // Same layout and checks as pool_backward_cpu.
+  TORCH_CHECK(hidden.dim() == 2 || hidden.dim() == 3, "hidden: expected [N, T, D] or packed [total, D]");
+  TORCH_CHECK(hidden.stride(-1) == 1, "hidden: last dimension must be contiguous");
+  HiddenLayout l;
+  l.dim = hidden.size(-1);
+  l.rows = pooled_pos.size(0);
+  l.positions = hidden.dim() == 3 ? hidden.size(1) : hidden.size(0);
+  l.stride_n = hidden.dim() == 3 ? hidden.stride(0) : 0;
+  l.stride_t = hidden.dim() == 3 ? hidden.stride(1) : hidden.stride(0);
+  TORCH_CHECK(hidden.dim() == 2 || hidden.size(0) == l.rows, "pooled_pos: expected one position per row of hidden");
+  const int64_t heads = weight.size(0);
+  TORCH_CHECK(grad_coef.scalar_type() == at::kFloat && grad_coef.is_contiguous() && grad_coef.dim() == 2 &&
+                  grad_coef.size(1) == heads,
+              "grad_coef: expected contiguous float32 [M, K]");
+  TORCH_CHECK(row_ptr.has_value() == row_entry.has_value(), "row_ptr and row_entry go together");
+  TORCH_CHECK(row_ptr.has_value() || grad_coef.size(0) == l.rows, "grad_coef: expected [N, K] without row_ptr");
+  if (row_ptr.has_value()) {
+    TORCH_CHECK(row_ptr->scalar_type() == at::kLong && row_ptr->is_contiguous() && row_ptr->dim() == 1 &&
+                    row_ptr->size(0) == l.rows + 1,
+                "row_ptr: expected contiguous int64 [N + 1]");
+    TORCH_CHECK(row_entry->scalar_type() == at::kLong && row_entry->is_contiguous() && row_entry->dim() == 1,
+                "row_entry: expected contiguous int64 [M]");
+  }
+  TORCH_CHECK(pooled_pos.scalar_type() == at::kLong && pooled_pos.is_contiguous() && pooled_pos.dim() == 1,
+              "pooled_pos: expected contiguous int64 [N]");
+  check_head(hidden, weight, c10::nullopt, l.dim);
+
+  // The one big buffer: zeros, then the kernel writes only the N pooled rows.
+  auto grad_hidden = need_grad_hidden ? at::zeros(hidden.sizes(), hidden.options()) : at::empty({0}, hidden.options());
+  auto grad_weight = at::empty_like(weight);  // contiguous: check_head requires a contiguous weight
+  auto scratch = at::empty({gpu::pool_backward_scratch_floats(l.rows, heads, l.dim)}, hidden.options().dtype(at::kFloat));
+
+  gpu::CoefArgs coef;
+  coef.grad_coef = grad_coef.data_ptr<float>();
+  coef.coef_rows = grad_coef.size(0);
+  coef.row_ptr = optional_ptr<int64_t>(row_ptr);
+  coef.row_entry = optional_ptr<int64_t>(row_entry);
+  coef.entries = row_entry.has_value() ? row_entry->size(0) : 0;
+  const int64_t grad_stride_n = hidden.dim() == 3 ? l.positions * l.dim : 0;  // grad_hidden is contiguous
+  C10_CUDA_CHECK(gpu::launch_pool_backward(coef, hidden_args(hidden, l), head_args(weight, c10::nullopt),
+                                           pooled_pos.data_ptr<int64_t>(),
+                                           need_grad_hidden ? grad_hidden.data_ptr() : nullptr, grad_stride_n,
+                                           scratch.data_ptr<float>(), grad_weight.data_ptr(),
+                                           c10::cuda::getCurrentCUDAStream().stream()));
+  return {grad_hidden, grad_weight};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(prefkernels, CUDA, m) {
+  m.impl("bt_forward", &bt_forward_cuda);
+  m.impl("pool_forward", &pool_forward_cuda);
+  m.impl("pool_backward", &pool_backward_cuda);
+}
+
+}  // namespace prefkernels

@@ -1,0 +1,86 @@
+// CUDA kernels of the fused last-token pooling + reward head + Bradley-Terry op: launchers over
+// raw device pointers, sizes and strides. No PyTorch headers: the glue (bt_cuda.cpp) turns
+// tensors into these structs, and `nvcc -c bt_kernels.cu` compiles on any machine.
+//
+// Semantics are those of csrc/cpu/bt_cpu.cpp (the reference): an invalid pooled row gets
+// pooled_pos = -1 and NaN rewards, an out-of-range pair NaN loss and zero pair_grad, and the
+// backward skips rows with pooled_pos < 0. Every launcher returns cudaGetLastError().
+#pragma once
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+namespace prefkernels {
+namespace gpu {
+
+enum class DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+
+// Same values as prefkernels::MaskKind (csrc/op_args.h); the glue static_asserts it.
+enum GpuMaskKind : int { kGpuMaskBool = 0, kGpuMaskInt32 = 1, kGpuMaskInt64 = 2 };
+
+// Hidden viewed as rows of `dim` elements: row (n, pos) starts at n*stride_n + pos*stride_t
+// (in elements; last dimension contiguous). Packed [total, D]: positions = total, stride_n = 0.
+struct HiddenArgs {
+  const void* data;
+  DType dtype;  // float32, bfloat16 or float16
+  int64_t rows;       // N, pooled rows
+  int64_t positions;  // T (padded) or total (packed)
+  int64_t dim;        // D
+  int64_t stride_n;
+  int64_t stride_t;
+};
+
+// Reward head: weight [K, D] contiguous, bias [K] or null; both float32 or hidden's dtype.
+struct HeadArgs {
+  const void* weight;
+  const void* bias;
+  bool weight_f32;  // false: weight/bias have hidden's dtype
+  int64_t heads;    // K
+};
+
+// Pooled token of each row (mode: prefkernels::PoolMode from csrc/bt_math.h).
+struct PoolArgs {
+  int mode;              // kPoolMask, kPoolLastIndex or kPoolCuSeqlens
+  const void* mask;      // [N, T] contiguous, kPoolMask
+  int mask_kind;         // GpuMaskKind
+  const int64_t* index;  // last_index [N] or cu_seqlens [N+1]
+};
+
+// Rewards [N, K] f32 and pooled_pos [N] i64: one block per row.
+cudaError_t launch_pool_forward(const HiddenArgs& hidden, const HeadArgs& head, const PoolArgs& pool,
+                                float* rewards, int64_t* pooled_pos, cudaStream_t stream);
+
+// bt_forward: rewards, pooled_pos, loss [P, K] and pair_grad [2, P, K] (all f32 but pooled_pos).
+// chosen == rejected == null: default pairs (p, p + P), P = N / 2, ONE launch with one block
+// per pair. Explicit int64 [P] pairs: the pooling launch, then one small launch over P*K.
+// margin: f32 [P] or null.
+cudaError_t launch_bt_forward(const HiddenArgs& hidden, const HeadArgs& head, const PoolArgs& pool,
+                              const int64_t* chosen, const int64_t* rejected, const float* margin, int64_t pairs,
+                              float label_smoothing, float center_coef, float* rewards, int64_t* pooled_pos,
+                              float* loss, float* pair_grad, cudaStream_t stream);
+
+// Coefficients of the backward: coef[n, k] = grad_coef[n, k] (row_ptr null, grad_coef [N, K]),
+// or sum of grad_coef[row_entry[j], k] for j in [row_ptr[n], row_ptr[n+1]) in that order.
+struct CoefArgs {
+  const float* grad_coef;    // [M, K] contiguous f32
+  int64_t coef_rows;         // M
+  const int64_t* row_ptr;    // [N + 1] or null
+  const int64_t* row_entry;  // [entries] rows of grad_coef, or null
+  int64_t entries;           // length of row_entry (segments are clamped to it)
+};
+
+// Floats of scratch launch_pool_backward needs (weight-gradient partials [row_blocks, K, D]).
+int64_t pool_backward_scratch_floats(int64_t rows, int64_t heads, int64_t dim);
+
+// pool_backward: grad_hidden (contiguous like hidden, ALREADY ZEROED by the caller, or null
+// when not needed) gets row (n, pooled_pos[n]), at element n*grad_stride_n + pos*D (T*D for
+// padded, 0 for packed), = sum_k coef[n, k] * weight[k, :]; grad_weight
+// [K, D] (weight's dtype) = sum_n coef[n, k] * hidden[n, pooled_pos[n], :]. Two launches:
+// scatter + per-row-block partial weight gradients, then a fixed-order reduction over row
+// blocks (deterministic, no floating-point atomics). scratch: pool_backward_scratch_floats().
+cudaError_t launch_pool_backward(const CoefArgs& coef, const HiddenArgs& hidden, const HeadArgs& head,
+                                 const int64_t* pooled_pos, void* grad_hidden, int64_t grad_stride_n, float* scratch,
+                                 void* grad_weight, cudaStream_t stream);
+
+}  // namespace gpu
+}  // namespace prefkernels

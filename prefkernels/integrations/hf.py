@@ -1,0 +1,158 @@
+"""Score head at the pooled position only, for Hugging Face ``*ForSequenceClassification`` models.
+
+Decoder classifiers (Llama, Qwen2, Mistral, GPT-2, ...) run their ``score`` Linear over every
+token, [N, T, K] logits, and then gather one position per row (the last non-pad token, found from
+``input_ids`` and ``pad_token_id`` by the installed transformers' own code). Fusion keeps that code
+and changes only what the head computes: during the forward ``score`` hands back its input
+(captured) and the token positions, so the model's own gather yields the pooled position of each
+row, and the head then runs on those N rows. Pooling is therefore exactly the installed
+version's, for right or left padding and when pad == eos.
+
+BERT-family classifiers (BERT, RoBERTa, XLM-RoBERTa, DistilBERT) are natively pooled: their
+classifier already runs on the [CLS] (position 0) vector only, so fusion leaves them unchanged.
+"""
+from __future__ import annotations
+
+import types
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+UNFUSED_FORWARD = "_prefkernels_unfused_forward"  # the forward fusion wraps (bound method)
+INSTANCE_FORWARD = "_prefkernels_instance_forward"  # the instance's own ``forward`` before fusion, or None
+
+SCORE_HEAD_CLASSES = frozenset({
+    "LlamaForSequenceClassification",
+    "Qwen2ForSequenceClassification",
+    "MistralForSequenceClassification",
+    "GPT2ForSequenceClassification",
+})
+NATIVELY_POOLED_CLASSES = frozenset({
+    "BertForSequenceClassification",
+    "RobertaForSequenceClassification",
+    "XLMRobertaForSequenceClassification",
+    "DistilBertForSequenceClassification",
+})
+
+
+def _generic_classifier_class():
+    """transformers' shared decoder classifier (>= 4.54), or None in older versions."""
+    try:
+        from transformers.modeling_layers import GenericForSequenceClassification
+    except ImportError:
+        return None
+    return GenericForSequenceClassification
+
+
+def has_score_head(model) -> bool:
+    """True for a decoder classifier that applies a ``score`` Linear per token and then gathers one
+    position per row: the verified classes, and any class that inherits transformers'
+    ``GenericForSequenceClassification.forward`` unchanged."""
+    if not isinstance(getattr(model, "score", None), nn.Linear):
+        return False
+    if type(model).__name__ in SCORE_HEAD_CLASSES:
+        return True
+    generic = _generic_classifier_class()
+    return generic is not None and isinstance(model, generic) and type(model).forward is generic.forward
+
+
+def is_natively_pooled(model) -> bool:
+    """True for classifiers whose head already runs on the [CLS] vector only (BERT family)."""
+    return type(model).__name__ in NATIVELY_POOLED_CLASSES
+
+
+def is_fused(model) -> bool:
+    return UNFUSED_FORWARD in model.__dict__
+
+
+class HeadInputCapture:
+    """Stands in for a score head's forward: keeps its input ``hidden`` [N, T, D] and returns each
+    token's position [N, T, 1] (int64), so the model's gather returns the pooled positions."""
+
+    def __init__(self, model_name: str):
+        self.model_name = model_name
+        self.hidden = None
+
+    def __call__(self, hidden):
+        if self.hidden is not None or hidden.dim() != 3:
+            raise RuntimeError(f"{self.model_name}: expected its score head to run once on [N, T, D] hidden "
+                               "states; this model's forward does not follow that pattern and cannot be fused")
+        self.hidden = hidden
+        n_rows, n_tokens = hidden.shape[:2]
+        return torch.arange(n_tokens, device=hidden.device).expand(n_rows, n_tokens).unsqueeze(-1)
+
+    def pooled_positions(self, gathered) -> torch.Tensor:
+        """Positions [N] int64 from what the model gathered out of the positions we returned."""
+        if self.hidden is None or gathered.dtype != torch.int64 or gathered.numel() != self.hidden.shape[0]:
+            raise RuntimeError(f"{self.model_name}: expected its forward to gather one position per row from "
+                               "the score head output; this model cannot be fused")
+        return gathered.reshape(-1)
+
+
+@contextmanager
+def capture_head_input(model):
+    """Within the block, ``model.score`` returns token positions and records its input (see
+    ``HeadInputCapture``); yields the capture."""
+    head = model.score
+    capture = HeadInputCapture(type(model).__name__)
+    previous = head.__dict__.get("forward")
+    head.forward = capture
+    try:
+        yield capture
+    finally:
+        if previous is None:
+            del head.forward
+        else:
+            head.forward = previous
+
+
+def _fused_forward(self, *args, labels=None, return_dict=None, **kwargs):
+    """``forward`` of a fused decoder classifier: same outputs, head on the pooled rows only."""
+    with capture_head_input(self) as capture:
+        outputs = self.__dict__[UNFUSED_FORWARD](*args, return_dict=True, **kwargs)
+    positions = capture.pooled_positions(outputs.logits)
+    hidden = capture.hidden
+    logits = self.score(hidden[torch.arange(hidden.shape[0], device=hidden.device), positions])
+    loss = None
+    if labels is not None:
+        from transformers.loss.loss_utils import ForSequenceClassificationLoss
+        loss = ForSequenceClassificationLoss(labels=labels, pooled_logits=logits, config=self.config)
+    rest = {key: value for key, value in outputs.items() if key not in ("loss", "logits")}
+    outputs = type(outputs)(loss=loss, logits=logits, **rest)
+    if return_dict is None:
+        return_dict = getattr(self.config, "return_dict", True)
+    return outputs if return_dict else outputs.to_tuple()
+
+
+def fuse_sequence_classification(model):
+    """Make ``model`` compute its score head only at the pooled position; returns ``model``.
+
+    Same ``logits`` (and ``loss`` when ``labels`` are given) as before, gradients included.
+    Fusion patches this instance's ``forward`` only (parameters and state dict are unchanged);
+    ``unfuse`` restores it. Natively pooled classifiers (BERT family) are returned unchanged.
+    Raises TypeError for any other model.
+    """
+    if is_fused(model) or is_natively_pooled(model):
+        return model
+    if not has_score_head(model):
+        supported = sorted(SCORE_HEAD_CLASSES | NATIVELY_POOLED_CLASSES)
+        raise TypeError(f"model: {type(model).__name__} is not supported; expected one of {supported} or a "
+                        "subclass of transformers' GenericForSequenceClassification")
+    model.__dict__[UNFUSED_FORWARD] = model.forward
+    model.__dict__[INSTANCE_FORWARD] = model.__dict__.get("forward")
+    model.forward = types.MethodType(_fused_forward, model)
+    return model
+
+
+def unfuse(model):
+    """Undo ``fuse_sequence_classification``; returns ``model`` (a no-op if it is not fused)."""
+    if not is_fused(model):
+        return model
+    previous = model.__dict__.pop(INSTANCE_FORWARD)
+    del model.__dict__[UNFUSED_FORWARD]
+    if previous is None:
+        del model.forward
+    else:
+        model.forward = previous
+    return model

@@ -1,0 +1,98 @@
+"""``FusedRewardTrainer``: TRL's ``RewardTrainer`` with its loss computed by ``prefkernels.fused_bt_loss``.
+
+Importing this module imports trl; ``prefkernels`` and ``prefkernels.integrations`` do not.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+from accelerate.utils import is_peft_model
+from trl import RewardTrainer
+
+from prefkernels.integrations.hf import capture_head_input, has_score_head, is_fused
+from prefkernels.ops import fused_bt_loss
+
+
+class FusedRewardTrainer(RewardTrainer):
+    """Drop-in ``trl.RewardTrainer``: same constructor, batches, options and logged metrics.
+
+    The model still runs through its own forward (so wrappers such as DDP see it), but its ``score``
+    head only records the backbone's last hidden states [N, T, D] and the positions the model pools
+    (its own last-non-pad logic); ``fused_bt_loss`` then pools, applies the head in fp32 and computes
+    the Bradley-Terry loss, with ``margin`` from the batch and ``center_rewards_coefficient`` from the
+    config. No [N, T, 1] logits are formed. Rewards (logged, and returned as ``logits`` for evaluation)
+    are float32.
+
+    Models without a supported score head (see ``prefkernels.integrations.hf.has_score_head``), PEFT
+    heads, FSDP / DeepSpeed ZeRO-3 (sharded head weight) and batches not in TRL's concatenated
+    chosen+rejected format use the stock loss, with a one-time warning. A model already fused with
+    ``fuse_sequence_classification`` uses the stock loss silently: its head already runs on pooled rows.
+    """
+
+    _warned_fallback = False
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        classifier = self._fusable_classifier(model, inputs)
+        if classifier is None:
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+        mode = "train" if self.model.training else "eval"
+        model_inputs = {key: value for key, value in inputs.items() if key != "margin"}
+        model_inputs["use_cache"] = False
+        with capture_head_input(classifier) as capture:
+            outputs = model(**model_inputs)
+        positions = capture.pooled_positions(outputs.logits)
+        head = classifier.score
+        loss, rewards = fused_bt_loss(
+            capture.hidden, head.weight, head.bias, last_index=positions, margin=inputs.get("margin"),
+            center_coef=float(self.args.center_rewards_coefficient or 0.0))
+        self._record_metrics(mode, inputs, rewards)
+        outputs["logits"] = rewards
+        return (loss, outputs) if return_outputs else loss
+
+    def _fusable_classifier(self, model, inputs):
+        """The classifier whose score head the fused loss takes over, or None for the stock loss."""
+        classifier = self.accelerator.unwrap_model(model)
+        if is_peft_model(classifier):
+            classifier = classifier.get_base_model()
+        if is_fused(classifier):
+            return None
+        reason = None
+        if not has_score_head(classifier):
+            reason = f"model {type(classifier).__name__} has no supported score head"
+        elif getattr(self, "is_fsdp_enabled", False):
+            reason = "FSDP shards the score head's weight"
+        elif getattr(self, "is_deepspeed_enabled", False) and \
+                getattr(self.accelerator.state.deepspeed_plugin, "zero_stage", 0) == 3:
+            reason = "DeepSpeed ZeRO-3 partitions the score head's weight"
+        elif "input_ids" not in inputs or "attention_mask" not in inputs:
+            reason = f"batch keys {sorted(inputs)} are not TRL's concatenated chosen+rejected format"
+        if reason is None:
+            return classifier
+        if not self._warned_fallback:
+            self._warned_fallback = True
+            warnings.warn(f"FusedRewardTrainer: {reason}; using the stock RewardTrainer loss", RuntimeWarning,
+                          stacklevel=3)
+        return None
+
+    def _record_metrics(self, mode, inputs, rewards):
+        """The metrics ``RewardTrainer.compute_loss`` records, from the fused op's rewards [N, 1]."""
+        if mode == "train":
+            num_tokens_in_batch = self.accelerator.gather_for_metrics(inputs["attention_mask"].sum()).sum().item()
+            self._total_train_tokens += num_tokens_in_batch // getattr(self, "_tp_size", 1)
+        self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+
+        rewards_chosen, rewards_rejected = torch.chunk(rewards.squeeze(-1), chunks=2)
+        all_rewards = self.accelerator.gather(rewards)
+        self._metrics[mode]["min_reward"].append(all_rewards.min().item())
+        self._metrics[mode]["mean_reward"].append(all_rewards.mean().item())
+        self._metrics[mode]["max_reward"].append(all_rewards.max().item())
+
+        mean_accuracy = (rewards_chosen > rewards_rejected).float().mean()
+        mean_accuracy = self.accelerator.gather_for_metrics(mean_accuracy).mean().item()
+        self._metrics[mode]["accuracy"].append(mean_accuracy)
+
+        mean_margin = (rewards_chosen - rewards_rejected).mean()
+        mean_margin = self.accelerator.gather_for_metrics(mean_margin).mean()
+        self._metrics[mode]["margin"].append(mean_margin.item())

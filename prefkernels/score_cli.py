@@ -1,0 +1,279 @@
+"""``prefkernels score``: score a JSONL file with a reward model, streaming.
+
+Each input line is a JSON object with one of:
+
+- ``text``: a text;
+- ``prompt`` + ``response``: strings (concatenated) or message lists (chat template);
+- ``messages``: a conversation (chat template);
+- ``chosen`` + ``rejected`` (optional ``prompt``): both are scored and the file's pairwise accuracy
+  (chosen_score > rejected_score) is printed at the end.
+
+One output row per input row, in input order, keeping the id fields (``id`` and keys ending in ``_id``)::
+
+    {"id": ..., "score": s, "truncated": false}
+    {"id": ..., "chosen_score": c, "rejected_score": r, "truncated": false}
+
+With a K-head ensemble the score is the head mean, with ``*_std`` (population std over heads) and
+``*_heads`` (the K scores) next to it. The file is read in chunks of ``--chunk-rows`` rows, each
+scored in length-sorted batches and written in input order to a temporary file that replaces
+``--output`` at the end: a failed run leaves no half-written output. A malformed line stops the
+run with its line number, or with ``--skip-invalid`` becomes ``{"line": n, "error": ...}`` (plus
+its ids when parseable) and is counted.
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import itertools
+import json
+import os
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from prefkernels.scorer import DEFAULT_TOKEN_BUDGET, Scorer, is_conversation
+
+DEFAULT_CHUNK_ROWS = 2048
+MAX_ERRORS_SHOWN = 5
+
+
+class InvalidRow(ValueError):
+    """A line that cannot be scored; ``ids`` holds its id fields when it parsed as an object."""
+
+    def __init__(self, message: str, ids: dict | None = None):
+        super().__init__(message)
+        self.ids = ids or {}
+
+
+@dataclass
+class ParsedRow:
+    """One valid input row: its id fields, its inputs (1 item, or chosen and rejected) and the
+    input field each item came from."""
+
+    ids: dict
+    items: list
+    fields: list[str]
+
+    @property
+    def is_pair(self) -> bool:
+        return self.fields == ["chosen", "rejected"]
+
+    def output_prefix(self, index: int) -> str:
+        """Key prefix of item ``index``'s scores: "" (``score``), or "chosen_"/"rejected_"."""
+        return f"{self.fields[index]}_" if self.is_pair else ""
+
+
+@dataclass
+class RunSummary:
+    rows: int = 0
+    invalid: int = 0
+    truncated_texts: int = 0
+    pairs: int = 0
+    pairs_correct: int = 0
+    errors: list[str] = field(default_factory=list)  # the first MAX_ERRORS_SHOWN invalid lines
+
+    @property
+    def accuracy(self) -> float | None:
+        return self.pairs_correct / self.pairs if self.pairs else None
+
+
+def id_fields(row: dict) -> dict:
+    """The row's ``id`` and ``*_id`` fields, in their order."""
+    return {key: value for key, value in row.items() if key == "id" or key.endswith("_id")}
+
+
+def parse_line(line: str) -> ParsedRow:
+    """One JSONL line -> ParsedRow; raises InvalidRow naming what is wrong."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise InvalidRow(f"invalid JSON: {err.msg} (column {err.colno})") from None
+    if not isinstance(row, dict):
+        raise InvalidRow(f"expected a JSON object, got {type(row).__name__}")
+    ids = id_fields(row)
+    if "chosen" in row or "rejected" in row:
+        if not ("chosen" in row and "rejected" in row):
+            raise InvalidRow("a pair row needs both 'chosen' and 'rejected'", ids)
+        prompt = row.get("prompt")
+        items = [row["chosen"], row["rejected"]] if prompt is None else [(prompt, row["chosen"]),
+                                                                         (prompt, row["rejected"])]
+        return ParsedRow(ids, items, ["chosen", "rejected"])
+    if "messages" in row:
+        if not is_conversation(row["messages"]):
+            raise InvalidRow("'messages': expected a list of {'role', 'content'} objects", ids)
+        return ParsedRow(ids, [row["messages"]], ["messages"])
+    if "prompt" in row or "response" in row:
+        if not ("prompt" in row and "response" in row):
+            raise InvalidRow("a prompt row needs both 'prompt' and 'response'", ids)
+        return ParsedRow(ids, [(row["prompt"], row["response"])], ["prompt/response"])
+    if "text" in row:
+        if not isinstance(row["text"], str):
+            raise InvalidRow(f"'text': expected a string, got {type(row['text']).__name__}", ids)
+        return ParsedRow(ids, [row["text"]], ["text"])
+    raise InvalidRow(f"expected a 'text', 'prompt'+'response', 'messages' or 'chosen'+'rejected' field, "
+                     f"got keys {sorted(row)}", ids)
+
+
+def _open_text(path: Path, mode: str):
+    return gzip.open(path, mode + "t", encoding="utf-8") if path.suffix == ".gz" else open(path, mode,
+                                                                                          encoding="utf-8")
+
+
+def _count_lines(path: Path) -> int:
+    with _open_text(path, "r") as f:
+        return sum(1 for _ in f)
+
+
+def _score_fields(prefix: str, rewards) -> dict:
+    """Output fields for one item's rewards [K]."""
+    if rewards.numel() == 1:
+        return {f"{prefix}score": float(rewards[0])}
+    return {f"{prefix}score": float(rewards.mean()), f"{prefix}score_std": float(rewards.std(correction=0)),
+            f"{prefix}score_heads": [float(r) for r in rewards]}
+
+
+def score_chunk(scorer: Scorer, lines: list[tuple[int, str]], skip_invalid: bool, summary: RunSummary) -> list[dict]:
+    """Output rows for (line number, line) pairs, in order. Raises InvalidRow (message with the
+    line number) on the first bad line unless ``skip_invalid``."""
+    parsed: list[ParsedRow | InvalidRow] = []
+    rendered, owners = [], []
+    for number, line in lines:
+        row, row_rendered = None, []
+        try:
+            row = parse_line(line)
+            row_rendered = [scorer.render(item, where=f"'{name}'") for item, name in zip(row.items, row.fields)]
+        except InvalidRow as err:
+            row = err
+        except (TypeError, ValueError) as err:
+            row = InvalidRow(str(err), row.ids)
+        if isinstance(row, InvalidRow):
+            if not skip_invalid:
+                raise InvalidRow(f"line {number}: {row}")
+        parsed.append(row)
+        rendered.extend(row_rendered)
+        owners.extend([len(parsed) - 1] * len(row_rendered))
+    token_ids, truncated = scorer.encode(rendered)
+    for item_index, ids in enumerate(token_ids):
+        owner = owners[item_index]
+        if not ids and not isinstance(parsed[owner], InvalidRow):
+            error = InvalidRow("no tokens after tokenization", parsed[owner].ids)
+            if not skip_invalid:
+                raise InvalidRow(f"line {lines[owner][0]}: {error}")
+            parsed[owner] = error
+    keep = [i for i, owner in enumerate(owners) if not isinstance(parsed[owner], InvalidRow)]
+    rewards = scorer.score_token_ids([token_ids[i] for i in keep]) if keep else None
+    reward_of = {item_index: rewards[position] for position, item_index in enumerate(keep)}
+    items_of: dict[int, list[int]] = {}
+    for item_index, owner in enumerate(owners):
+        items_of.setdefault(owner, []).append(item_index)
+
+    out = []
+    for row_index, ((number, _), row) in enumerate(zip(lines, parsed)):
+        summary.rows += 1
+        if isinstance(row, InvalidRow):
+            summary.invalid += 1
+            if len(summary.errors) < MAX_ERRORS_SHOWN:
+                summary.errors.append(f"line {number}: {row}")
+            out.append({**row.ids, "line": number, "error": str(row)})
+            continue
+        record = dict(row.ids)
+        item_indices = items_of[row_index]
+        for position, item_index in enumerate(item_indices):
+            record.update(_score_fields(row.output_prefix(position), reward_of[item_index]))
+        row_truncated = any(truncated[i] for i in item_indices)
+        summary.truncated_texts += sum(truncated[i] for i in item_indices)
+        record["truncated"] = row_truncated
+        if row.is_pair:
+            summary.pairs += 1
+            summary.pairs_correct += int(record["chosen_score"] > record["rejected_score"])
+        out.append(record)
+    return out
+
+
+def run_score(args: argparse.Namespace) -> int:
+    """Handler of ``prefkernels score``; returns the exit status."""
+    from tqdm.auto import tqdm
+
+    input_path, output_path = Path(args.input), Path(args.output)
+    if not input_path.is_file():
+        print(f"error: --input: {input_path} does not exist", file=sys.stderr)
+        return 2
+    for option, value in (("--chunk-rows", args.chunk_rows), ("--batch-tokens", args.batch_tokens)):
+        if value < 1:
+            print(f"error: {option}: expected >= 1, got {value}", file=sys.stderr)
+            return 2
+    try:
+        scorer = Scorer.from_pretrained(args.model, device=args.device, max_length=args.max_length,
+                                        token_budget=args.batch_tokens, normalize=args.normalize, bf16=args.bf16)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: --model {args.model}: {err}", file=sys.stderr)
+        return 2
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp_path = output_path.with_name(f".{output_path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    summary = RunSummary()
+    start = time.perf_counter()
+    try:
+        with _open_text(input_path, "r") as source, _open_text(tmp_path, "w") as sink, \
+                tqdm(total=_count_lines(input_path), unit="line", desc="score", disable=args.quiet) as bar:
+            numbered = ((number, line) for number, line in enumerate(source, start=1) if line.strip())
+            while chunk := list(itertools.islice(numbered, args.chunk_rows)):
+                for record in score_chunk(scorer, chunk, args.skip_invalid, summary):
+                    sink.write(json.dumps(record, ensure_ascii=False) + "\n")
+                bar.update(chunk[-1][0] - bar.n)
+            sink.flush()
+        os.replace(tmp_path, output_path)
+    except InvalidRow as err:
+        print(f"error: {input_path}: {err} (use --skip-invalid to write it as an error row and go on)",
+              file=sys.stderr)
+        return 1
+    finally:
+        tmp_path.unlink(missing_ok=True)
+    seconds = time.perf_counter() - start
+    print(f"scored {summary.rows} rows in {seconds:.1f} s -> {output_path} "
+          f"({summary.invalid} invalid, {summary.truncated_texts} texts truncated to {scorer.max_length} tokens)")
+    for error in summary.errors:
+        print(f"  skipped {error}")
+    if summary.accuracy is not None:
+        print(f"pairwise accuracy: {summary.accuracy:.4f} ({summary.pairs_correct}/{summary.pairs} pairs "
+              "with chosen_score > rejected_score)")
+    return 0
+
+
+def add_score_parser(subparsers) -> argparse.ArgumentParser:
+    """Add the ``score`` subcommand to an ``argparse`` subparsers object; its handler is
+    ``args.handler`` (``run_score``, returns the exit status)."""
+    parser = subparsers.add_parser("score", help="score a JSONL file with a reward model",
+                                   description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="prefkernels or HF *ForSequenceClassification checkpoint")
+    parser.add_argument("--input", required=True, help="input .jsonl (or .jsonl.gz)")
+    parser.add_argument("--output", required=True, help="output .jsonl (or .jsonl.gz), one row per input row")
+    parser.add_argument("--skip-invalid", action="store_true",
+                        help="write malformed lines as {'line', 'error'} rows instead of stopping")
+    parser.add_argument("--batch-tokens", type=int, default=DEFAULT_TOKEN_BUDGET,
+                        help="padded tokens per batch (default %(default)s)")
+    parser.add_argument("--bf16", action="store_true", help="run the backbone under bf16 autocast")
+    parser.add_argument("--normalize", action="store_true",
+                        help="normalize scores with the checkpoint's stored reward mean/std")
+    parser.add_argument("--max-length", type=int, default=None,
+                        help="truncate texts to their last N tokens (default: the checkpoint's)")
+    parser.add_argument("--chunk-rows", type=int, default=DEFAULT_CHUNK_ROWS,
+                        help="rows read, sorted and scored at a time (default %(default)s)")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.set_defaults(handler=run_score)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m prefkernels.score_cli --model ... --input ... --output ...``"""
+    parser = argparse.ArgumentParser(prog="prefkernels")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    add_score_parser(subparsers)
+    args = parser.parse_args(["score", *(sys.argv[1:] if argv is None else argv)])
+    return args.handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,515 @@
+"""Triton backend: last-token pooling + K-head reward + Bradley-Terry loss, fused.
+
+Read top-down: scalar math and per-row helpers (``@triton.jit`` functions), kernels, Python
+launchers, then the three ops ``prefkernels::triton_{bt_forward,pool_forward,pool_backward}``
+with the schemas of csrc/ops.cpp and the semantics of csrc/cpu/bt_cpu.cpp (the reference).
+
+- Forward, default pairs: ONE launch, one program per pair: it pools the chosen row p and the
+  rejected row p + P, computes the K rewards of both and the pair's loss and gradient
+  coefficients. Explicit pairs: one program per row (rewards, pooled_pos), then one small
+  per-pair kernel. ``pool_forward``: one program per row.
+- Backward: a zero-filled grad buffer (``torch.zeros``), then ONE launch over (row block,
+  D tile) that scatters the pooled rows' gradient and writes each row block's partial weight
+  gradient (fp32) to a scratch buffer, then a fixed-order second-stage sum of the partials into
+  grad_weight in weight's dtype. No float atomics anywhere: two runs are bitwise equal.
+- Hidden is addressed as ``n * stride_n + pos * stride_t + d`` with int64 offsets; packed
+  [total, D] hidden (``cu_seqlens``) pools row ``cu[n+1] - 1`` with ``stride_n = 0``.
+
+The ops are registered with ``torch.library.custom_op`` rather than ``triton_op``/``wrap_triton``
+because custom_op behaves the same on torch 2.6 through 2.13, keeps each op opaque to
+torch.compile (Inductor never re-traces our Python launchers and their block-size heuristics),
+runs unchanged on CPU tensors under TRITON_INTERPRET=1, and lets the backend share the fake and
+autograd registrations of ``prefkernels.autograd`` with the native ops.
+
+Fake kernels and autograd are registered by ``prefkernels.backends.triton_ops()``, not here.
+"""
+import contextlib
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from prefkernels.backends import OpSet
+
+POOL_MASK, POOL_LAST_INDEX, POOL_CU_SEQLENS = 0, 1, 2  # PoolMode of csrc/bt_math.h
+
+
+# ---------------------------------------------------------------------------------------------
+# Scalar math (csrc/bt_math.h): stable softplus/sigmoid that propagate NaN, per-pair BT loss.
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _log1p(x):
+    # log(1 + x) accurate for small x without libdevice: log(u) * x / (u - 1) with u = 1 + x.
+    u = 1.0 + x
+    den = tl.where(u == 1.0, 1.0, u - 1.0)
+    return tl.where(u == 1.0, x, tl.log(u) * (x / den))
+
+
+@triton.jit
+def _softplus(x):
+    return tl.where(x > 0.0, x, 0.0) + _log1p(tl.exp(-tl.abs(x)))
+
+
+@triton.jit
+def _sigmoid(x):
+    e = tl.exp(-tl.abs(x))
+    return tl.where(x >= 0.0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+
+@triton.jit
+def _bt_pair(r_chosen, r_rejected, margin, label_smoothing, center_coef):
+    """(loss, d loss/d r_chosen, d loss/d r_rejected), as bt_pair_loss in csrc/bt_math.h."""
+    gap = r_chosen - r_rejected - margin
+    total = r_chosen + r_rejected
+    loss = ((1.0 - label_smoothing) * _softplus(-gap) + label_smoothing * _softplus(gap)
+            + center_coef * total * total)
+    d_gap = -(1.0 - label_smoothing) * _sigmoid(-gap) + label_smoothing * _sigmoid(gap)
+    d_center = 2.0 * center_coef * total
+    return loss, d_gap + d_center, -d_gap + d_center
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-row helpers: the pooled position and the K rewards of one row.
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _pooled_position(n, mask_ptr, index_ptr, positions, POOL_MODE: tl.constexpr, BLOCK_T: tl.constexpr):
+    """(pos int64, valid) of row n: pos = -1 when the spec gives no position in [0, positions)."""
+    if POOL_MODE == 0:
+        # Last nonzero of the mask row: max over the positions where mask != 0, in BLOCK_T tiles.
+        offs_t = tl.arange(0, BLOCK_T)
+        best = tl.full([BLOCK_T], -1, tl.int32)
+        row = mask_ptr + n * positions
+        for t0 in range(0, positions, BLOCK_T):
+            t = t0 + offs_t
+            m = tl.load(row + t, mask=t < positions, other=0)
+            best = tl.maximum(best, tl.where(m != 0, t, -1))
+        pos = tl.max(best, axis=0).to(tl.int64)
+    elif POOL_MODE == 1:
+        pos = tl.load(index_ptr + n).to(tl.int64)
+    else:
+        pos = tl.load(index_ptr + n + 1).to(tl.int64) - 1
+    valid = (pos >= 0) & (pos < positions)
+    pos = tl.where(valid, pos, -1)
+    return pos, valid
+
+
+@triton.jit
+def _row_rewards(n, pos, valid, hidden_ptr, weight_ptr, bias_ptr, stride_n, stride_t, D, K,
+                 HAS_BIAS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    """rewards[k] = <hidden[n, pos, :], weight[k, :]> + bias[k] in fp32 ([BLOCK_K]); NaN if invalid."""
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_d = tl.arange(0, BLOCK_D)
+    k_mask = offs_k < K
+    row = hidden_ptr + n * stride_n + tl.maximum(pos, 0) * stride_t
+    acc = tl.zeros([BLOCK_K], dtype=tl.float32)
+    # Masks are built by comparing a block with a scalar bound (an invalid row reads nothing):
+    # combining a block mask with a scalar bool breaks the Triton interpreter.
+    d_limit = tl.where(valid, D, 0)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + offs_d
+        d_mask = d < D
+        h = tl.load(row + d, mask=d < d_limit, other=0.0).to(tl.float32)
+        w = tl.load(weight_ptr + offs_k[:, None] * D + d[None, :], mask=k_mask[:, None] & d_mask[None, :],
+                    other=0.0).to(tl.float32)
+        acc += tl.sum(w * h[None, :], axis=1)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
+    return tl.where(valid, acc, float("nan"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward kernels.
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _bt_default_pairs_kernel(
+    hidden_ptr, weight_ptr, bias_ptr, mask_ptr, index_ptr, margin_ptr,
+    loss_ptr, rewards_ptr, pair_grad_ptr, pooled_pos_ptr,
+    P, positions, D, K, stride_n, stride_t, label_smoothing, center_coef,
+    POOL_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MARGIN: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """One program per pair p: rows p (chosen) and p + P (rejected), rewards, loss, pair_grad."""
+    p = tl.program_id(0).to(tl.int64)
+    offs_k = tl.arange(0, BLOCK_K)
+    k_mask = offs_k < K
+    c = p
+    r = p + P
+    pos_c, valid_c = _pooled_position(c, mask_ptr, index_ptr, positions, POOL_MODE, BLOCK_T)
+    pos_r, valid_r = _pooled_position(r, mask_ptr, index_ptr, positions, POOL_MODE, BLOCK_T)
+    r_c = _row_rewards(c, pos_c, valid_c, hidden_ptr, weight_ptr, bias_ptr, stride_n, stride_t, D, K,
+                       HAS_BIAS, BLOCK_K, BLOCK_D)
+    r_r = _row_rewards(r, pos_r, valid_r, hidden_ptr, weight_ptr, bias_ptr, stride_n, stride_t, D, K,
+                       HAS_BIAS, BLOCK_K, BLOCK_D)
+    tl.store(rewards_ptr + c * K + offs_k, r_c, mask=k_mask)
+    tl.store(rewards_ptr + r * K + offs_k, r_r, mask=k_mask)
+    tl.store(pooled_pos_ptr + c, pos_c)
+    tl.store(pooled_pos_ptr + r, pos_r)
+    if HAS_MARGIN:
+        margin = tl.load(margin_ptr + p)
+    else:
+        margin = 0.0
+    loss, g_c, g_r = _bt_pair(r_c, r_r, margin, label_smoothing, center_coef)
+    out = p * K + offs_k
+    tl.store(loss_ptr + out, loss, mask=k_mask)
+    tl.store(pair_grad_ptr + out, g_c, mask=k_mask)
+    tl.store(pair_grad_ptr + P * K + out, g_r, mask=k_mask)
+
+
+@triton.jit
+def _pool_rows_kernel(
+    hidden_ptr, weight_ptr, bias_ptr, mask_ptr, index_ptr, rewards_ptr, pooled_pos_ptr,
+    positions, D, K, stride_n, stride_t,
+    POOL_MODE: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """One program per row n: rewards[n, :] and pooled_pos[n]."""
+    n = tl.program_id(0).to(tl.int64)
+    offs_k = tl.arange(0, BLOCK_K)
+    pos, valid = _pooled_position(n, mask_ptr, index_ptr, positions, POOL_MODE, BLOCK_T)
+    rewards = _row_rewards(n, pos, valid, hidden_ptr, weight_ptr, bias_ptr, stride_n, stride_t, D, K,
+                           HAS_BIAS, BLOCK_K, BLOCK_D)
+    tl.store(rewards_ptr + n * K + offs_k, rewards, mask=offs_k < K)
+    tl.store(pooled_pos_ptr + n, pos)
+
+
+@triton.jit
+def _bt_pairs_kernel(
+    rewards_ptr, chosen_ptr, rejected_ptr, margin_ptr, loss_ptr, pair_grad_ptr,
+    P, N, K, label_smoothing, center_coef,
+    DEFAULT_PAIRS: tl.constexpr, HAS_MARGIN: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """BLOCK_P pairs per program from rewards [N, K]: loss, pair_grad; NaN/0 for bad indices."""
+    offs_p = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_k = tl.arange(0, BLOCK_K)
+    p_mask = offs_p < P
+    k_mask = offs_k < K
+    if DEFAULT_PAIRS:
+        c = offs_p
+        r = offs_p + P
+    else:
+        c = tl.load(chosen_ptr + offs_p, mask=p_mask, other=0)
+        r = tl.load(rejected_ptr + offs_p, mask=p_mask, other=0)
+    valid = (c >= 0) & (c < N) & (r >= 0) & (r < N)
+    if HAS_MARGIN:
+        margin = tl.load(margin_ptr + offs_p, mask=p_mask, other=0.0)
+    else:
+        margin = tl.zeros([BLOCK_P], dtype=tl.float32)
+    load_mask = (p_mask & valid)[:, None] & k_mask[None, :]
+    r_c = tl.load(rewards_ptr + c[:, None] * K + offs_k[None, :], mask=load_mask, other=0.0)
+    r_r = tl.load(rewards_ptr + r[:, None] * K + offs_k[None, :], mask=load_mask, other=0.0)
+    loss, g_c, g_r = _bt_pair(r_c, r_r, margin[:, None], label_smoothing, center_coef)
+    ok = valid[:, None]
+    loss = tl.where(ok, loss, float("nan"))
+    g_c = tl.where(ok, g_c, 0.0)
+    g_r = tl.where(ok, g_r, 0.0)
+    out = offs_p[:, None] * K + offs_k[None, :]
+    store_mask = p_mask[:, None] & k_mask[None, :]
+    tl.store(loss_ptr + out, loss, mask=store_mask)
+    tl.store(pair_grad_ptr + out, g_c, mask=store_mask)
+    tl.store(pair_grad_ptr + P * K + out, g_r, mask=store_mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward kernels.
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _pool_backward_kernel(
+    grad_coef_ptr, row_ptr_ptr, row_entry_ptr, hidden_ptr, weight_ptr, pooled_pos_ptr,
+    grad_hidden_ptr, partial_ptr,
+    N, D, K, stride_n, stride_t, grad_stride_n, rows_per_program,
+    HAS_CSR: tl.constexpr, NEED_GRAD_HIDDEN: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Program (b, j): rows [b*R, (b+1)*R) x D tile j.
+
+    coef[n, :] = grad_coef[n, :] or the CSR sum over the row's entries (fixed order);
+    grad_hidden[n, pos_n, d] = sum_k coef[n, k] * weight[k, d] (rows with pos_n < 0 skipped);
+    partial[b, k, d] = sum over the block's valid rows, in order, of coef[n, k] * hidden[n, pos_n, d].
+    partial_ptr is grad_weight itself (cast to its dtype) when there is a single row block.
+    """
+    pid_b = tl.program_id(0).to(tl.int64)
+    pid_d = tl.program_id(1)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    k_mask = offs_k < K
+    d_mask = offs_d < D
+    kd_mask = k_mask[:, None] & d_mask[None, :]
+    kd_offs = offs_k[:, None] * D + offs_d[None, :]
+    if NEED_GRAD_HIDDEN:
+        w = tl.load(weight_ptr + kd_offs, mask=kd_mask, other=0.0).to(tl.float32)
+    acc = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)
+    for i in range(0, rows_per_program):
+        n = pid_b * rows_per_program + i
+        in_range = n < N
+        pos = tl.load(pooled_pos_ptr + n, mask=in_range, other=-1)
+        valid = in_range & (pos >= 0)
+        if HAS_CSR:
+            start = tl.load(row_ptr_ptr + n, mask=in_range, other=0)
+            end = tl.load(row_ptr_ptr + n + 1, mask=in_range, other=0)
+            coef = tl.zeros([BLOCK_K], dtype=tl.float32)
+            for j in range(start, end):
+                entry = tl.load(row_entry_ptr + j)
+                coef += tl.load(grad_coef_ptr + entry * K + offs_k, mask=k_mask, other=0.0)
+        else:
+            coef = tl.load(grad_coef_ptr + n * K + offs_k, mask=offs_k < tl.where(in_range, K, 0), other=0.0)
+        safe_pos = tl.maximum(pos, 0)
+        # Block-vs-scalar masks (see _row_rewards): nothing is read or written for a skipped row.
+        row_mask = offs_d < tl.where(valid, D, 0)
+        h = tl.load(hidden_ptr + n * stride_n + safe_pos * stride_t + offs_d, mask=row_mask,
+                    other=0.0).to(tl.float32)
+        acc += tl.where(valid, coef[:, None] * h[None, :], 0.0)
+        if NEED_GRAD_HIDDEN:
+            g = tl.sum(coef[:, None] * w, axis=0)
+            tl.store(grad_hidden_ptr + n * grad_stride_n + safe_pos * D + offs_d,
+                     g.to(grad_hidden_ptr.dtype.element_ty), mask=row_mask)
+    tl.store(partial_ptr + pid_b * K * D + kd_offs, acc.to(partial_ptr.dtype.element_ty), mask=kd_mask)
+
+
+@triton.jit
+def _sum_partials_kernel(partial_ptr, out_ptr, num_blocks, numel, BLOCK: tl.constexpr):
+    """out[i] = sum over b = 0, 1, ... of partial[b, i] (fixed order), cast to out's dtype."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < numel
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for b in range(0, num_blocks):
+        acc += tl.load(partial_ptr + b * numel + offs, mask=m, other=0.0)
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=m)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers.
+# ---------------------------------------------------------------------------------------------
+_MAX_BLOCK_D = 1024        # 8 elements (16 B of bf16) per thread at 4 warps
+_MAX_TILE = 4096           # BLOCK_K * BLOCK_D register tile budget
+_MAX_BLOCK_T = 1024
+_TARGET_PROGRAMS = 1024    # backward: row blocks x D tiles to aim for before grouping rows
+
+
+def _new(shape, like: Tensor, dtype: torch.dtype) -> Tensor:
+    """Uninitialized output/scratch buffer on ``like``'s device (tests patch it to poison outputs)."""
+    return torch.empty(shape, device=like.device, dtype=dtype)
+
+
+def _device(t: Tensor):
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def _block_kd(K: int, D: int) -> Tuple[int, int]:
+    block_k = triton.next_power_of_2(K)
+    block_d = min(triton.next_power_of_2(D), _MAX_BLOCK_D, max(16, _MAX_TILE // block_k))
+    return block_k, block_d
+
+
+def _layout(hidden: Tensor, cu_seqlens: Optional[Tensor]):
+    """(rows, positions, D, stride_n, stride_t) as HiddenLayout in csrc/op_args.h."""
+    if hidden.stride(-1) != 1:
+        raise RuntimeError("hidden: last dimension must be contiguous")
+    if hidden.dim() == 2:
+        if cu_seqlens is None:
+            raise RuntimeError("hidden: a 2-D (packed) hidden needs cu_seqlens")
+        return cu_seqlens.shape[0] - 1, hidden.shape[0], hidden.shape[1], 0, hidden.stride(0)
+    if hidden.dim() != 3:
+        raise RuntimeError("hidden: expected [N, T, D] or packed [total, D]")
+    return hidden.shape[0], hidden.shape[1], hidden.shape[2], hidden.stride(0), hidden.stride(1)
+
+
+def _pool_args(hidden, weight, bias, attention_mask, last_index, cu_seqlens):
+    """Kernel arguments shared by the forward kernels (pointers, mode, sizes, block sizes)."""
+    rows, positions, D, stride_n, stride_t = _layout(hidden, cu_seqlens)
+    given = [t for t in (attention_mask, last_index, cu_seqlens) if t is not None]
+    if len(given) != 1:
+        raise RuntimeError("pass exactly one of attention_mask, last_index, cu_seqlens")
+    if weight.dim() != 2 or weight.shape[1] != D or not weight.is_contiguous():
+        raise RuntimeError("weight: expected contiguous [K, D]")
+    if weight.dtype not in (torch.float32, hidden.dtype):
+        raise RuntimeError("weight: expected float32 or hidden's dtype")
+    K = weight.shape[0]
+    if bias is not None and (bias.shape != (K,) or not bias.is_contiguous() or bias.dtype != weight.dtype):
+        raise RuntimeError("bias: expected contiguous [K] in weight's dtype")
+    mask_ptr = index_ptr = hidden  # placeholders, never read for the other modes
+    if attention_mask is not None:
+        if attention_mask.shape != (rows, positions) or not attention_mask.is_contiguous():
+            raise RuntimeError("attention_mask: expected contiguous [N, T]")
+        if attention_mask.dtype not in (torch.bool, torch.int32, torch.int64):
+            raise RuntimeError("attention_mask: expected bool, int32 or int64")
+        mode = POOL_MASK
+        mask_ptr = attention_mask.view(torch.uint8) if attention_mask.dtype == torch.bool else attention_mask
+    else:
+        idx = last_index if last_index is not None else cu_seqlens
+        if idx.dtype != torch.int64 or not idx.is_contiguous() or idx.dim() != 1:
+            raise RuntimeError("pooling index: expected contiguous int64")
+        if idx.shape[0] != rows + (1 if cu_seqlens is not None else 0):
+            raise RuntimeError("pooling index: wrong length")
+        mode = POOL_LAST_INDEX if last_index is not None else POOL_CU_SEQLENS
+        index_ptr = idx
+    block_k, block_d = _block_kd(K, D)
+    block_t = min(triton.next_power_of_2(positions), _MAX_BLOCK_T) if mode == POOL_MASK else 1
+    return dict(rows=rows, positions=positions, D=D, K=K, stride_n=stride_n, stride_t=stride_t, mode=mode,
+                mask_ptr=mask_ptr, index_ptr=index_ptr, bias_ptr=bias if bias is not None else weight,
+                has_bias=bias is not None, block_t=block_t, block_k=block_k, block_d=block_d)
+
+
+def _launch_pool_rows(hidden, weight, a, rewards, pooled_pos):
+    if a["rows"] == 0:
+        return
+    _pool_rows_kernel[(a["rows"],)](
+        hidden, weight, a["bias_ptr"], a["mask_ptr"], a["index_ptr"], rewards, pooled_pos,
+        a["positions"], a["D"], a["K"], a["stride_n"], a["stride_t"],
+        POOL_MODE=a["mode"], HAS_BIAS=a["has_bias"],
+        BLOCK_T=a["block_t"], BLOCK_K=a["block_k"], BLOCK_D=a["block_d"], num_warps=4,
+    )
+
+
+def bt_forward(hidden, weight, bias, attention_mask, last_index, cu_seqlens, chosen_index, rejected_index,
+               margin, label_smoothing, center_coef):
+    a = _pool_args(hidden, weight, bias, attention_mask, last_index, cu_seqlens)
+    rows, K = a["rows"], a["K"]
+    if (chosen_index is None) != (rejected_index is None):
+        raise RuntimeError("pass both chosen_index and rejected_index or neither")
+    explicit = chosen_index is not None
+    if explicit:
+        if (chosen_index.dtype != torch.int64 or rejected_index.dtype != torch.int64 or chosen_index.dim() != 1
+                or chosen_index.shape != rejected_index.shape or not chosen_index.is_contiguous()
+                or not rejected_index.is_contiguous()):
+            raise RuntimeError("chosen_index/rejected_index: expected contiguous int64 [P]")
+        P = chosen_index.shape[0]
+    else:
+        P = rows // 2
+    if margin is not None and (margin.dtype != torch.float32 or not margin.is_contiguous() or margin.numel() != P):
+        raise RuntimeError("margin: expected contiguous float32 [P]")
+    loss = _new((P, K), hidden, torch.float32)
+    rewards = _new((rows, K), hidden, torch.float32)
+    pair_grad = _new((2, P, K), hidden, torch.float32)
+    pooled_pos = _new((rows,), hidden, torch.int64)
+    margin_ptr = margin if margin is not None else rewards
+    with _device(hidden):
+        if not explicit and rows % 2 == 0:
+            if P > 0:
+                _bt_default_pairs_kernel[(P,)](
+                    hidden, weight, a["bias_ptr"], a["mask_ptr"], a["index_ptr"], margin_ptr,
+                    loss, rewards, pair_grad, pooled_pos,
+                    P, a["positions"], a["D"], K, a["stride_n"], a["stride_t"],
+                    float(label_smoothing), float(center_coef),
+                    POOL_MODE=a["mode"], HAS_BIAS=a["has_bias"], HAS_MARGIN=margin is not None,
+                    BLOCK_T=a["block_t"], BLOCK_K=a["block_k"], BLOCK_D=a["block_d"], num_warps=4,
+                )
+            return loss, rewards, pair_grad, pooled_pos
+        _launch_pool_rows(hidden, weight, a, rewards, pooled_pos)
+        if P > 0:
+            block_k = a["block_k"]
+            block_p = max(1, min(triton.next_power_of_2(P), 1024 // block_k))
+            _bt_pairs_kernel[(triton.cdiv(P, block_p),)](
+                rewards, chosen_index if explicit else rewards, rejected_index if explicit else rewards,
+                margin_ptr, loss, pair_grad,
+                P, rows, K, float(label_smoothing), float(center_coef),
+                DEFAULT_PAIRS=not explicit, HAS_MARGIN=margin is not None,
+                BLOCK_P=block_p, BLOCK_K=block_k, num_warps=4,
+            )
+    return loss, rewards, pair_grad, pooled_pos
+
+
+def pool_forward(hidden, weight, bias, attention_mask, last_index, cu_seqlens):
+    a = _pool_args(hidden, weight, bias, attention_mask, last_index, cu_seqlens)
+    rewards = _new((a["rows"], a["K"]), hidden, torch.float32)
+    pooled_pos = _new((a["rows"],), hidden, torch.int64)
+    with _device(hidden):
+        _launch_pool_rows(hidden, weight, a, rewards, pooled_pos)
+    return rewards, pooled_pos
+
+
+def _rows_per_program(rows: int, d_tiles: int) -> int:
+    """Rows per backward program: 1 until rows x D tiles exceeds _TARGET_PROGRAMS."""
+    return max(1, (rows * d_tiles) // _TARGET_PROGRAMS)
+
+
+def pool_backward(grad_coef, row_ptr, row_entry, hidden, weight, pooled_pos, need_grad_hidden):
+    if hidden.stride(-1) != 1:
+        raise RuntimeError("hidden: last dimension must be contiguous")
+    if hidden.dim() not in (2, 3):
+        raise RuntimeError("hidden: expected [N, T, D] or packed [total, D]")
+    D = hidden.shape[-1]
+    rows = pooled_pos.shape[0]
+    positions = hidden.shape[1] if hidden.dim() == 3 else hidden.shape[0]
+    stride_n = hidden.stride(0) if hidden.dim() == 3 else 0
+    stride_t = hidden.stride(1) if hidden.dim() == 3 else hidden.stride(0)
+    if weight.dim() != 2 or weight.shape[1] != D or not weight.is_contiguous():
+        raise RuntimeError("weight: expected contiguous [K, D]")
+    if weight.dtype not in (torch.float32, hidden.dtype):
+        raise RuntimeError("weight: expected float32 or hidden's dtype")
+    K = weight.shape[0]
+    if (grad_coef.dtype != torch.float32 or not grad_coef.is_contiguous() or grad_coef.dim() != 2
+            or grad_coef.shape[1] != K):
+        raise RuntimeError("grad_coef: expected contiguous float32 [M, K]")
+    if (row_ptr is None) != (row_entry is None):
+        raise RuntimeError("row_ptr and row_entry go together")
+    if row_ptr is None and grad_coef.shape[0] != rows:
+        raise RuntimeError("grad_coef: expected [N, K] without row_ptr")
+    if row_ptr is not None:
+        if (row_ptr.dtype != torch.int64 or row_entry.dtype != torch.int64 or not row_ptr.is_contiguous()
+                or not row_entry.is_contiguous() or row_ptr.shape != (rows + 1,)):
+            raise RuntimeError("row_ptr/row_entry: expected contiguous int64 [N+1] and [M]")
+    if pooled_pos.dtype != torch.int64 or not pooled_pos.is_contiguous():
+        raise RuntimeError("pooled_pos: expected int64")
+
+    grad_hidden = (torch.zeros(hidden.shape, device=hidden.device, dtype=hidden.dtype) if need_grad_hidden
+                   else hidden.new_empty((0,)))
+    grad_weight = _new(weight.shape, weight, weight.dtype)  # weight is contiguous
+    if K == 0 or D == 0:
+        return grad_hidden, grad_weight
+    if rows == 0:
+        grad_weight.zero_()
+        return grad_hidden, grad_weight
+    block_k, block_d = _block_kd(K, D)
+    d_tiles = triton.cdiv(D, block_d)
+    rows_per_program = _rows_per_program(rows, d_tiles)
+    row_blocks = triton.cdiv(rows, rows_per_program)
+    # One row block: the kernel writes grad_weight directly; else fp32 partials + fixed-order sum.
+    partial = grad_weight if row_blocks == 1 else _new((row_blocks, K, D), hidden, torch.float32)
+    with _device(hidden):
+        _pool_backward_kernel[(row_blocks, d_tiles)](
+            grad_coef, row_ptr if row_ptr is not None else grad_coef,
+            row_entry if row_entry is not None else grad_coef,
+            hidden, weight, pooled_pos, grad_hidden if need_grad_hidden else grad_coef, partial,
+            rows, D, K, stride_n, stride_t, positions * D if hidden.dim() == 3 else 0, rows_per_program,
+            HAS_CSR=row_ptr is not None, NEED_GRAD_HIDDEN=bool(need_grad_hidden),
+            BLOCK_K=block_k, BLOCK_D=block_d, num_warps=4,
+        )
+        if row_blocks > 1:
+            numel = K * D
+            block = min(triton.next_power_of_2(numel), 1024)
+            _sum_partials_kernel[(triton.cdiv(numel, block),)](partial, grad_weight, row_blocks, numel,
+                                                              BLOCK=block, num_warps=4)
+    return grad_hidden, grad_weight
+
+
+# ---------------------------------------------------------------------------------------------
+# Ops (schemas of csrc/ops.cpp); fake kernels + autograd come from prefkernels.autograd.
+# ---------------------------------------------------------------------------------------------
+@torch.library.custom_op("prefkernels::triton_bt_forward", mutates_args=())
+def triton_bt_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], attention_mask: Optional[Tensor],
+                      last_index: Optional[Tensor], cu_seqlens: Optional[Tensor], chosen_index: Optional[Tensor],
+                      rejected_index: Optional[Tensor], margin: Optional[Tensor], label_smoothing: float,
+                      center_coef: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(loss [P, K] f32, rewards [N, K] f32, pair_grad [2, P, K] f32, pooled_pos [N] i64)."""
+    return bt_forward(hidden, weight, bias, attention_mask, last_index, cu_seqlens, chosen_index, rejected_index,
+                      margin, label_smoothing, center_coef)
+
+
+@torch.library.custom_op("prefkernels::triton_pool_forward", mutates_args=())
+def triton_pool_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], attention_mask: Optional[Tensor],
+                        last_index: Optional[Tensor], cu_seqlens: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    """(rewards [N, K] f32, pooled_pos [N] i64)."""
+    return pool_forward(hidden, weight, bias, attention_mask, last_index, cu_seqlens)
+
+
+@torch.library.custom_op("prefkernels::triton_pool_backward", mutates_args=())
+def triton_pool_backward(grad_coef: Tensor, row_ptr: Optional[Tensor], row_entry: Optional[Tensor],
+                         hidden: Tensor, weight: Tensor, pooled_pos: Tensor,
+                         need_grad_hidden: bool) -> Tuple[Tensor, Tensor]:
+    """(grad_hidden contiguous like hidden, or [0] when not needed; grad_weight like weight)."""
+    return pool_backward(grad_coef, row_ptr, row_entry, hidden, weight, pooled_pos, need_grad_hidden)
+
+
+OPS = OpSet("triton", "triton_")

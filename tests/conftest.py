@@ -1,0 +1,37 @@
+"""Shared test set-up: Triton in interpreter mode on CPU-only machines, the real data path."""
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+# Triton reads this when kernels are decorated: set it before anything imports triton.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+HH_HARMLESS = REPO_ROOT.parent / "shared" / "data" / "hh-harmless"
+
+
+def require_hh_harmless() -> Path:
+    """Path of ../shared/data/hh-harmless: skip when absent, fail when absent under CI."""
+    if (HH_HARMLESS / "train.jsonl.gz").is_file():
+        return HH_HARMLESS
+    message = f"real preference data not found at {HH_HARMLESS} (../shared/data/hh-harmless)"
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(message + " and CI=true: CI must provide it")
+    pytest.skip(message)
+
+
+@pytest.fixture
+def hh_harmless() -> Path:
+    return require_hh_harmless()
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device (run benchmarks/gpu_check.sh on a GPU machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)

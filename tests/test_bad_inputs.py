@@ -1,0 +1,129 @@
+"""Every bad input gets a ValueError/TypeError naming the argument, on every backend."""
+import pytest
+import torch
+
+import prefkernels
+from prefkernels import backends
+
+
+def base(N=4, T=5, D=8, K=2):
+    g = torch.Generator().manual_seed(0)
+    return dict(hidden=torch.randn(N, T, D, generator=g), weight=torch.randn(K, D, generator=g),
+                bias=torch.randn(K, generator=g), attention_mask=torch.ones(N, T, dtype=torch.long))
+
+
+def call(backend, hidden, weight, bias=None, **kw):
+    return prefkernels.fused_bt_loss(hidden, weight, bias, backend=backend, **kw)
+
+
+def with_(**changes):
+    args = base()
+    args.update(changes)
+    return {k: v for k, v in args.items() if v is not _DROP}
+
+
+_DROP = object()
+mask_with_empty_row = torch.ones(4, 5, dtype=torch.long)
+mask_with_empty_row[2] = 0
+
+BAD = {
+    # name: (kwargs, exception, text that must appear in the message)
+    "hidden_rank": (with_(hidden=torch.randn(4, 5)), ValueError, "hidden"),
+    "hidden_dtype": (with_(hidden=torch.randn(4, 5, 8).double()), TypeError, "hidden"),
+    "hidden_int": (with_(hidden=torch.ones(4, 5, 8, dtype=torch.long)), TypeError, "hidden"),
+    "hidden_not_tensor": (with_(hidden=[[1.0]]), TypeError, "hidden"),
+    "hidden_last_dim_strided": (with_(hidden=torch.randn(4, 5, 16)[..., ::2]), ValueError, "contiguous"),
+    "empty_batch": (with_(hidden=torch.randn(0, 5, 8), attention_mask=torch.ones(0, 5, dtype=torch.long)), ValueError, "empty"),
+    "empty_positions": (with_(hidden=torch.randn(4, 0, 8), attention_mask=torch.ones(4, 0, dtype=torch.long)), ValueError, "empty"),
+    "dim_mismatch": (with_(weight=torch.randn(2, 9)), ValueError, "weight"),
+    "weight_rank": (with_(weight=torch.randn(8)), ValueError, "weight"),
+    "weight_dtype": (with_(weight=torch.randn(2, 8).half()), TypeError, "weight"),
+    "bias_k_mismatch": (with_(bias=torch.randn(3)), ValueError, "bias"),
+    "bias_dtype": (with_(bias=torch.randn(2).double()), TypeError, "bias"),
+    "no_pooling": (with_(attention_mask=_DROP), ValueError, "exactly one"),
+    "two_poolings": (with_(last_index=torch.tensor([1, 2, 3, 4])), ValueError, "exactly one"),
+    "mask_shape": (with_(attention_mask=torch.ones(4, 6, dtype=torch.long)), ValueError, "attention_mask"),
+    "mask_float": (with_(attention_mask=torch.ones(4, 5)), TypeError, "attention_mask"),
+    "mask_empty_row": (with_(attention_mask=mask_with_empty_row), ValueError, "row 2"),
+    "last_index_range": (with_(attention_mask=_DROP, last_index=torch.tensor([0, 1, 5, 2])), ValueError, "last_index"),
+    "last_index_negative": (with_(attention_mask=_DROP, last_index=torch.tensor([0, -1, 2, 2])), ValueError, "last_index"),
+    "last_index_dtype": (with_(attention_mask=_DROP, last_index=torch.tensor([0.0, 1, 2, 2])), TypeError, "last_index"),
+    "last_index_shape": (with_(attention_mask=_DROP, last_index=torch.tensor([0, 1, 2])), ValueError, "last_index"),
+    "cu_with_3d_hidden": (with_(attention_mask=_DROP, cu_seqlens=torch.tensor([0, 2, 4])), ValueError, "hidden"),
+    "cu_not_monotonic": (with_(hidden=torch.randn(10, 8), attention_mask=_DROP, cu_seqlens=torch.tensor([0, 4, 3, 6, 10])), ValueError, "cu_seqlens"),
+    "cu_out_of_range": (with_(hidden=torch.randn(10, 8), attention_mask=_DROP, cu_seqlens=torch.tensor([0, 4, 6, 8, 11])), ValueError, "cu_seqlens"),
+    "cu_negative_start": (with_(hidden=torch.randn(10, 8), attention_mask=_DROP, cu_seqlens=torch.tensor([-1, 4, 6, 8, 10])), ValueError, "cu_seqlens"),
+    "cu_too_short": (with_(hidden=torch.randn(10, 8), attention_mask=_DROP, cu_seqlens=torch.tensor([0])), ValueError, "cu_seqlens"),
+    "odd_rows_default_pairs": (with_(hidden=torch.randn(3, 5, 8), attention_mask=torch.ones(3, 5, dtype=torch.long)), ValueError, "even"),
+    "only_chosen": (with_(chosen_index=torch.tensor([0, 1])), ValueError, "chosen_index/rejected_index"),
+    "only_rejected": (with_(rejected_index=torch.tensor([0, 1])), ValueError, "chosen_index/rejected_index"),
+    "pair_lengths_differ": (with_(chosen_index=torch.tensor([0, 1]), rejected_index=torch.tensor([2])), ValueError, "same length"),
+    "pair_index_range": (with_(chosen_index=torch.tensor([0, 4]), rejected_index=torch.tensor([2, 3])), ValueError, "chosen_index"),
+    "pair_index_negative": (with_(chosen_index=torch.tensor([0, 1]), rejected_index=torch.tensor([2, -3])), ValueError, "rejected_index"),
+    "pair_index_float": (with_(chosen_index=torch.tensor([0.0, 1.0]), rejected_index=torch.tensor([2, 3])), TypeError, "chosen_index"),
+    "pair_index_empty": (with_(chosen_index=torch.tensor([], dtype=torch.long), rejected_index=torch.tensor([], dtype=torch.long)), ValueError, "chosen_index"),
+    "margin_length": (with_(margin=torch.ones(3)), ValueError, "margin"),
+    "margin_dtype": (with_(margin=torch.ones(2, dtype=torch.long)), TypeError, "margin"),
+    "label_smoothing_high": (with_(label_smoothing=0.6), ValueError, "label_smoothing"),
+    "label_smoothing_negative": (with_(label_smoothing=-0.1), ValueError, "label_smoothing"),
+    "center_coef_negative": (with_(center_coef=-1.0), ValueError, "center_coef"),
+    "center_coef_nan": (with_(center_coef=float("nan")), ValueError, "center_coef"),
+    "reduction": (with_(reduction="avg"), ValueError, "reduction"),
+}
+
+
+@pytest.mark.parametrize("backend", ["native", "reference", "triton"])
+@pytest.mark.parametrize("name", list(BAD))
+def test_bad_input_names_the_argument(backend, name):
+    kwargs, error, text = BAD[name]
+    kwargs = dict(kwargs)
+    with pytest.raises(error, match=None) as info:
+        call(backend, **kwargs)
+    assert text in str(info.value), f"{name}: message {str(info.value)!r} does not mention {text!r}"
+
+
+def test_unknown_backend():
+    with pytest.raises(ValueError, match="backend"):
+        call("cuda-graph", **base())
+
+
+def test_unknown_backend_from_env(monkeypatch):
+    monkeypatch.setenv("PREFKERNELS_BACKEND", "fast")
+    with pytest.raises(ValueError, match="PREFKERNELS_BACKEND"):
+        call(None, **base())
+
+
+def test_env_selects_backend(monkeypatch):
+    monkeypatch.setenv("PREFKERNELS_BACKEND", "reference")
+    assert backends.select(None, torch.device("cpu")) is None
+    monkeypatch.setenv("PREFKERNELS_BACKEND", "native")
+    assert backends.select(None, torch.device("cpu")).name == "native"
+    assert backends.select("reference", torch.device("cpu")) is None  # the argument wins
+
+
+@pytest.mark.skipif(not hasattr(torch.device("meta"), "type"), reason="meta device")
+def test_tensors_on_different_devices():
+    args = base()
+    with pytest.raises(ValueError, match="weight: expected a tensor on"):
+        call("native", args["hidden"], args["weight"].to("meta"), attention_mask=args["attention_mask"])
+    with pytest.raises(ValueError, match="attention_mask: expected a tensor on"):
+        call("native", args["hidden"], args["weight"], attention_mask=args["attention_mask"].to("meta"))
+
+
+def test_pool_score_bad_inputs():
+    args = base()
+    with pytest.raises(ValueError, match="exactly one"):
+        prefkernels.pool_score(args["hidden"], args["weight"])
+    with pytest.raises(ValueError, match="weight"):
+        prefkernels.pool_score(args["hidden"], torch.randn(1, 3), attention_mask=args["attention_mask"])
+
+
+def test_unchecked_invalid_rows_give_nan_not_a_crash(monkeypatch):
+    """With value checks off (as under torch.compile) the kernel never reads out of bounds."""
+    monkeypatch.setenv("PREFKERNELS_CHECK_VALUES", "0")
+    args = base()
+    hidden = args["hidden"].requires_grad_()
+    loss, rewards = call("native", hidden, args["weight"], last_index=torch.tensor([0, 99, 2, -5]))
+    assert torch.isnan(rewards[1]).all() and torch.isnan(rewards[3]).all() and torch.isfinite(rewards[0]).all()
+    loss.backward()
+    assert torch.isfinite(hidden.grad).all()

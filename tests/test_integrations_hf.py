@@ -1,0 +1,226 @@
+"""fuse_sequence_classification / unfuse: same logits, loss and gradients as the stock HF classifiers."""
+import copy
+
+import pytest
+import torch
+from transformers import (BertConfig, BertForSequenceClassification, DistilBertConfig,
+                          DistilBertForSequenceClassification, GPT2Config, GPT2ForSequenceClassification,
+                          LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification, MistralConfig,
+                          MistralForSequenceClassification, Qwen2Config, Qwen2ForSequenceClassification,
+                          RobertaConfig, RobertaForSequenceClassification)
+
+from prefkernels.integrations import fuse_sequence_classification, unfuse
+from prefkernels.integrations.hf import _generic_classifier_class, has_score_head, is_fused
+
+VOCAB, PAD, EOS = 64, 0, 2
+DECODER_LAYOUT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=VOCAB)
+DECODERS = {
+    "llama": lambda **kw: LlamaForSequenceClassification(LlamaConfig(**DECODER_LAYOUT, **kw)),
+    "qwen2": lambda **kw: Qwen2ForSequenceClassification(Qwen2Config(**DECODER_LAYOUT, **kw)),
+    "mistral": lambda **kw: MistralForSequenceClassification(MistralConfig(**DECODER_LAYOUT, **kw)),
+    "gpt2": lambda **kw: GPT2ForSequenceClassification(GPT2Config(
+        n_embd=32, n_layer=2, n_head=4, n_positions=64, vocab_size=VOCAB, resid_pdrop=0.0, embd_pdrop=0.0,
+        attn_pdrop=0.0, **kw)),
+}
+
+
+def make_decoder(arch, num_labels, pad_token_id):
+    torch.manual_seed(0)
+    return DECODERS[arch](num_labels=num_labels, pad_token_id=pad_token_id, bos_token_id=EOS, eos_token_id=EOS)
+
+
+def make_batch(padding, n_rows=6, n_tokens=11, seed=1):
+    """input_ids [N, T] of random tokens (never PAD or EOS) with random lengths, and the attention mask.
+
+    ``padding``: "right", "left", or "pad_eq_eos" (right padding with pad == eos, every row ending in
+    one EOS, one row also holding an EOS mid-sequence).
+    """
+    g = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(3, VOCAB, (n_rows, n_tokens), generator=g)
+    lengths = torch.randint(2, n_tokens + 1, (n_rows,), generator=g)
+    lengths[0] = n_tokens
+    positions = torch.arange(n_tokens)
+    if padding == "left":
+        attention_mask = (positions >= n_tokens - lengths[:, None]).long()
+    else:
+        attention_mask = (positions < lengths[:, None]).long()
+    pad_id = EOS if padding == "pad_eq_eos" else PAD
+    input_ids = input_ids.masked_fill(attention_mask == 0, pad_id)
+    if padding == "pad_eq_eos":
+        input_ids[torch.arange(n_rows), lengths - 1] = EOS
+        input_ids[0, 1] = EOS
+    return input_ids, attention_mask, pad_id
+
+
+def random_labels(num_labels, n_rows, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    if num_labels == 1:
+        return torch.randn(n_rows, generator=g)
+    return torch.randint(0, num_labels, (n_rows,), generator=g)
+
+
+def head_input_dims(module):
+    """Input dims of every call of ``module`` that computed a head output (floating point); the
+    fused head's capture call, which returns int64 positions, is not counted."""
+    dims = []
+    module.register_forward_hook(lambda mod, args, out: dims.append(args[0].dim()) if out.is_floating_point() else None)
+    return dims
+
+
+def grads_of(model):
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("arch,padding,num_labels", [
+    *[(arch, padding, 1) for arch in sorted(DECODERS) for padding in ("right", "left", "pad_eq_eos")],
+    *[(arch, "left", 3) for arch in sorted(DECODERS)]])
+def test_fused_decoder_matches_stock(arch, padding, num_labels):
+    input_ids, attention_mask, pad_id = make_batch(padding)
+    stock = make_decoder(arch, num_labels, pad_id)
+    fused = fuse_sequence_classification(copy.deepcopy(stock))
+    assert is_fused(fused) and not is_fused(stock)
+    fused_head_dims = head_input_dims(fused.score)
+    labels = random_labels(num_labels, input_ids.shape[0])
+    seed_grad = torch.randn(input_ids.shape[0], num_labels, generator=torch.Generator().manual_seed(3))
+
+    results = []
+    for model in (stock, fused):
+        model.train()
+        out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+        (out.loss + (out.logits * seed_grad).sum()).backward()
+        results.append((out.logits.detach(), out.loss.detach(), grads_of(model)))
+
+    (stock_logits, stock_loss, stock_grads), (fused_logits, fused_loss, fused_grads) = results
+    assert fused_head_dims == [2], "the fused score head must run on pooled rows [N, D] only"
+    assert fused_logits.shape == (input_ids.shape[0], num_labels)
+    torch.testing.assert_close(fused_logits, stock_logits, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(fused_loss, stock_loss, atol=1e-6, rtol=1e-5)
+    assert stock_grads.keys() == fused_grads.keys() and "score.weight" in fused_grads
+    for name in stock_grads:
+        torch.testing.assert_close(fused_grads[name], stock_grads[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_pad_eq_eos_pools_last_non_eos_token():
+    """With pad == eos HF pools the last token that is not EOS; fusion keeps that choice."""
+    input_ids, attention_mask, pad_id = make_batch("pad_eq_eos")
+    model = fuse_sequence_classification(make_decoder("llama", 1, pad_id)).eval()
+    with torch.no_grad():
+        hidden = model.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        last_non_eos = torch.stack([(row != EOS).nonzero().max() for row in input_ids])
+        expected = model.score(hidden[torch.arange(len(input_ids)), last_non_eos])
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    assert (last_non_eos < attention_mask.sum(1) - 1).all()
+    torch.testing.assert_close(logits, expected, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("with_labels", [False, True])
+def test_return_dict_false_gives_stock_tuple(with_labels):
+    input_ids, attention_mask, pad_id = make_batch("right")
+    stock = make_decoder("qwen2", 3, pad_id).eval()
+    fused = fuse_sequence_classification(copy.deepcopy(stock))
+    labels = random_labels(3, input_ids.shape[0]) if with_labels else None
+    with torch.no_grad():
+        expected = stock(input_ids=input_ids, attention_mask=attention_mask, labels=labels, use_cache=False, return_dict=False)
+        got = fused(input_ids=input_ids, attention_mask=attention_mask, labels=labels, use_cache=False, return_dict=False)
+    assert isinstance(got, tuple) and len(got) == len(expected) == (2 if with_labels else 1)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, atol=1e-6, rtol=1e-5)
+
+
+def test_unfuse_restores_full_sequence_head():
+    input_ids, attention_mask, pad_id = make_batch("left")
+    model = make_decoder("mistral", 1, pad_id).eval()
+    dims = head_input_dims(model.score)
+    with torch.no_grad():
+        before = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        fuse_sequence_classification(fuse_sequence_classification(model))  # idempotent
+        fused = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        unfuse(model)
+        after = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    assert dims == [3, 2, 3]
+    assert not is_fused(model) and "forward" not in model.__dict__
+    assert {k for k in model.__dict__ if k.startswith("_prefkernels")} == set()
+    torch.testing.assert_close(fused, before, atol=1e-6, rtol=1e-5)
+    assert torch.equal(after, before)
+
+
+def test_fusion_keeps_state_dict_and_survives_deepcopy():
+    input_ids, attention_mask, pad_id = make_batch("right")
+    model = make_decoder("gpt2", 1, pad_id).eval()
+    keys = list(model.state_dict())
+    fuse_sequence_classification(model)
+    clone = copy.deepcopy(model)
+    dims = head_input_dims(clone.score)
+    with torch.no_grad():
+        clone.score.weight.mul_(2.0)
+        torch.testing.assert_close(clone(input_ids=input_ids, attention_mask=attention_mask).logits,
+                                   2.0 * model(input_ids=input_ids, attention_mask=attention_mask).logits,
+                                   atol=1e-6, rtol=1e-5)
+    assert list(model.state_dict()) == keys
+    assert is_fused(clone) and dims == [2], "a deep copy must stay fused and use its own head"
+
+
+ENCODER_LAYOUT = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_labels=2, hidden_dropout_prob=0.0,
+                      attention_probs_dropout_prob=0.0)
+BERT_FAMILY = {
+    "bert": (lambda: BertForSequenceClassification(BertConfig(**ENCODER_LAYOUT)), "classifier"),
+    "roberta": (lambda: RobertaForSequenceClassification(RobertaConfig(**ENCODER_LAYOUT, pad_token_id=1)),
+                "classifier.dense"),
+    "distilbert": (lambda: DistilBertForSequenceClassification(DistilBertConfig(
+        vocab_size=VOCAB, dim=32, n_layers=2, n_heads=4, hidden_dim=64, num_labels=2, dropout=0.0,
+        attention_dropout=0.0, seq_classif_dropout=0.0)), "pre_classifier"),
+}
+
+
+@pytest.mark.parametrize("arch", sorted(BERT_FAMILY))
+def test_bert_family_is_natively_pooled(arch):
+    """Their first head layer already sees only the [CLS] vector [N, D]; fusion leaves them as is."""
+    build, head_path = BERT_FAMILY[arch]
+    torch.manual_seed(0)
+    model = build().eval()
+    input_ids, attention_mask, _ = make_batch("right")
+    dims = head_input_dims(model.get_submodule(head_path))
+    with torch.no_grad():
+        before = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        assert fuse_sequence_classification(model) is model
+        after = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    assert not is_fused(model) and "forward" not in model.__dict__
+    assert dims == [2, 2]
+    assert torch.equal(after, before) and before.abs().sum() > 0
+
+
+def test_unsupported_models_raise_naming_the_class():
+    torch.manual_seed(0)
+    causal_lm = LlamaForCausalLM(LlamaConfig(**DECODER_LAYOUT))
+    with pytest.raises(TypeError, match="model: LlamaForCausalLM is not supported"):
+        fuse_sequence_classification(causal_lm)
+    with pytest.raises(TypeError, match="model: Linear is not supported"):
+        fuse_sequence_classification(torch.nn.Linear(4, 1))
+
+
+def test_subclass_with_own_forward_is_rejected():
+    class OwnForward(LlamaForSequenceClassification):
+        def forward(self, *args, **kwargs):
+            return super().forward(*args, **kwargs)
+
+    model = OwnForward(LlamaConfig(**DECODER_LAYOUT, num_labels=1, pad_token_id=PAD))
+    assert not has_score_head(model)
+    with pytest.raises(TypeError, match="OwnForward is not supported"):
+        fuse_sequence_classification(model)
+
+
+@pytest.mark.skipif(_generic_classifier_class() is None, reason="needs transformers' GenericForSequenceClassification")
+def test_generic_subclass_without_own_forward_is_supported():
+    class CustomLlamaClassifier(LlamaForSequenceClassification):
+        pass
+
+    torch.manual_seed(0)
+    model = CustomLlamaClassifier(LlamaConfig(**DECODER_LAYOUT, num_labels=1, pad_token_id=PAD)).eval()
+    input_ids, attention_mask, _ = make_batch("left")
+    with torch.no_grad():
+        before = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        after = fuse_sequence_classification(model)(input_ids=input_ids, attention_mask=attention_mask).logits
+    assert is_fused(model)
+    torch.testing.assert_close(after, before, atol=1e-6, rtol=1e-5)

@@ -1,0 +1,209 @@
+"""Every kernel backend against the float64 reference: forward and all gradients over a table of
+dtypes x heads x options, plus gradcheck, opcheck, torch.compile and numerics."""
+import pytest
+import torch
+
+import prefkernels
+from prefkernels import backends, reference
+from op_cases import Case, assert_matches, make_inputs, poison_allocator, public, reference_float64, run_op
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+# One option varied at a time from the base case; crossed with dtype and K below.
+VARIANTS = {
+    "base": {},
+    "mask_left": {"pooling": "mask_left"},
+    "mask_bool": {"pooling": "mask_bool"},
+    "last_index": {"pooling": "last_index"},
+    "cu_seqlens": {"pooling": "cu_seqlens"},
+    "explicit_pairs": {"pairs": "explicit"},
+    "shared_rows": {"pairs": "shared"},
+    "margin": {"margin": True},
+    "label_smoothing": {"label_smoothing": 0.2},
+    "centering": {"center_coef": 0.05},
+    "sum": {"reduction": "sum"},
+    "none": {"reduction": "none"},
+    "strided_t": {"layout": "strided_t"},
+    "transposed": {"layout": "transposed"},
+    "weight_like_hidden": {"weight_fp32": False},
+    "no_bias": {"bias": False},
+    "two_rows": {"rows": 2},
+    "wide_dim": {"dim": 4099, "positions": 3},
+    "everything": {"pooling": "mask_left", "pairs": "shared", "margin": True, "label_smoothing": 0.1,
+                   "center_coef": 0.01, "reduction": "none", "layout": "strided_t", "weight_fp32": False},
+}
+
+# Triton runs in the (slow) interpreter on CPU: it gets the same table with smaller D.
+KERNEL_BACKENDS = ["native", "triton"]
+
+
+def require_backend(name, device):
+    ops = backends.select(name, torch.device(device))
+    if ops is None or ops.name != name:
+        pytest.skip(f"backend {name!r} not available on {device}")
+
+
+def shrink_for(backend, case):
+    if backend == "triton" and case.dim > 256:
+        return case.with_(dim=131)
+    return case
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("heads", [1, 3])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_backend_matches_float64_reference(backend, variant, dtype, heads):
+    require_backend(backend, "cpu")
+    case = shrink_for(backend, Case(dtype=dtype, heads=heads).with_(**VARIANTS[variant]))
+    inputs = make_inputs(case, seed=hash(variant) % 1000)
+    expected = reference_float64(inputs)
+    poison_allocator("cpu")
+    result = run_op(public(backend), inputs)
+    assert_matches(result, expected, inputs, what=f"{backend} {case}: ")
+
+
+@pytest.mark.parametrize("variant", ["base", "cu_seqlens", "shared_rows", "everything"])
+def test_reference_backend_matches_float64(variant):
+    case = Case(dtype=torch.bfloat16, heads=3).with_(**VARIANTS[variant])
+    inputs = make_inputs(case)
+    assert_matches(run_op(public("reference"), inputs), reference_float64(inputs), inputs)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("pooling", ["mask_right", "mask_left", "last_index", "cu_seqlens"])
+def test_pool_score_matches_reference(backend, pooling):
+    require_backend(backend, "cpu")
+    inputs = make_inputs(Case(heads=3, pooling=pooling, layout="strided_t" if pooling != "cu_seqlens" else "contiguous"))
+    pool = {k: v for k, v in inputs["kwargs"].items() if k in ("attention_mask", "last_index", "cu_seqlens")}
+    results = {}
+    for name in (backend, "reference64"):
+        h = inputs["hidden"].detach().clone()
+        w, b = inputs["weight"].detach().clone(), inputs["bias"].detach().clone()
+        if name == "reference64":
+            h, w, b = h.double(), w.double(), b.double()
+        for t in (h, w, b):
+            t.requires_grad_()
+        if name == "reference64":
+            rewards = reference.pool_score(h, w, b, **pool)
+        else:
+            rewards = prefkernels.pool_score(h, w, b, backend=backend, **pool)
+        upstream = torch.linspace(-1, 2, rewards.numel(), dtype=rewards.dtype).view_as(rewards)
+        (rewards * upstream).sum().backward()
+        results[name] = (rewards.detach(), h.grad, w.grad, b.grad)
+    for got, want in zip(results[backend], results["reference64"]):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_gradcheck_reference_float64():
+    case = Case(heads=2, pairs="shared", margin=True, label_smoothing=0.1, center_coef=0.05, reduction="none")
+    inputs = make_inputs(case)
+    hidden = inputs["hidden"].double().requires_grad_()
+    weight = inputs["weight"].double().requires_grad_()
+    bias = inputs["bias"].double().requires_grad_()
+    kwargs = {k: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
+              for k, v in inputs["kwargs"].items()}
+    assert torch.autograd.gradcheck(lambda h, w, b: reference.fused_bt_loss(h, w, b, **kwargs)[0],
+                                    (hidden, weight, bias))
+    pool = {"attention_mask": kwargs["attention_mask"]}
+    assert torch.autograd.gradcheck(lambda h, w, b: reference.pool_score(h, w, b, **pool), (hidden, weight, bias))
+
+
+def test_rewards_carry_no_gradient_but_pool_score_does():
+    inputs = make_inputs(Case())
+    hidden = inputs["hidden"].requires_grad_()
+    loss, rewards = prefkernels.fused_bt_loss(hidden, inputs["weight"], inputs["bias"], **inputs["kwargs"])
+    assert loss.requires_grad and not rewards.requires_grad
+    scored = prefkernels.pool_score(hidden, inputs["weight"], attention_mask=inputs["kwargs"]["attention_mask"])
+    assert scored.requires_grad
+    torch.testing.assert_close(scored[:, 0] + inputs["bias"][0], rewards[:, 0])
+
+
+def test_grad_hidden_is_zero_except_pooled_rows():
+    inputs = make_inputs(Case(rows=4, positions=9, pooling="mask_left"))
+    result = run_op(public("native"), inputs)
+    nonzero_rows = result["grad_hidden"].abs().sum(-1) != 0
+    assert nonzero_rows.sum(1).tolist() == [1, 1, 1, 1]
+    assert nonzero_rows[:, -1].all()  # left padding: the last position is pooled
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+def test_large_reward_gaps_stay_finite(backend):
+    inputs = make_inputs(Case(heads=2, label_smoothing=0.1, reduction="none"))
+    with torch.no_grad():
+        inputs["bias"].copy_(torch.tensor([0.0, 0.0]))
+        inputs["hidden"][:3] *= 1e4 / inputs["hidden"][:3].abs().max()
+        inputs["hidden"][3:] *= -1e4 / inputs["hidden"][3:].abs().max()
+        inputs["weight"].copy_(torch.ones_like(inputs["weight"]))
+    result = run_op(public(backend), inputs)
+    rewards = result["rewards"]
+    assert (rewards[:3] - rewards[3:]).abs().max() > 1e3
+    for name in ("loss", "grad_hidden", "grad_weight", "grad_bias"):
+        assert torch.isfinite(result[name]).all(), name
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+def test_nan_in_pooled_row_propagates_and_padding_nan_does_not(backend):
+    inputs = make_inputs(Case(rows=4, positions=6, pooling="mask_right"))
+    mask = inputs["kwargs"]["attention_mask"]
+    hidden = inputs["hidden"]
+    padded = mask == 0
+    if padded.any():
+        hidden[padded] = float("nan")
+        loss, _ = prefkernels.fused_bt_loss(hidden, inputs["weight"], inputs["bias"], backend=backend, **inputs["kwargs"])
+        assert torch.isfinite(loss)
+    hidden[0, 5] = float("nan")  # row 0 has full length: its pooled token is position 5
+    loss, rewards = prefkernels.fused_bt_loss(hidden, inputs["weight"], inputs["bias"], backend=backend, **inputs["kwargs"])
+    assert torch.isnan(loss) and torch.isnan(rewards[0]).all()
+
+
+def test_native_backward_is_deterministic():
+    inputs = make_inputs(Case(heads=3, rows=64, positions=16, dim=512, pairs="shared"))
+    first, second = run_op(public("native"), inputs), run_op(public("native"), inputs)
+    for name in first:
+        assert torch.equal(first[name], second[name]), name
+
+
+def _op_args(case):
+    inputs = make_inputs(case)
+    kw = inputs["kwargs"]
+    mask = kw.get("attention_mask")
+    return (inputs["hidden"].requires_grad_(), inputs["weight"].requires_grad_(), inputs["bias"].requires_grad_(),
+            mask, kw.get("last_index"), None if kw.get("cu_seqlens") is None else kw["cu_seqlens"].long(),
+            kw.get("chosen_index"), kw.get("rejected_index"), kw.get("margin"))
+
+
+@pytest.mark.parametrize("case", [Case(heads=2), Case(pairs="shared", margin=True, pooling="cu_seqlens"),
+                                  Case(dtype=torch.bfloat16, weight_fp32=False, pooling="last_index")], ids=str)
+def test_opcheck_native_ops(case):
+    ops = backends.native_ops()
+    if ops is None:
+        pytest.skip("prefkernels._C not built")
+    args = _op_args(case)
+    torch.library.opcheck(ops.bt_forward, (*args, 0.1, 0.01))
+    torch.library.opcheck(ops.pool_forward, args[:6])
+    rewards, pooled_pos = ops.pool_forward(*[a.detach() if isinstance(a, torch.Tensor) else a for a in args[:6]])
+    coef = torch.randn_like(rewards)
+    torch.library.opcheck(ops.pool_backward, (coef, None, None, args[0].detach(), args[1].detach(), pooled_pos, True))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_torch_compile_fullgraph_matches_eager(reduction):
+    inputs = make_inputs(Case(heads=2, pairs="explicit", margin=True, center_coef=0.01, reduction=reduction))
+
+    def step(hidden, weight, bias, kwargs):
+        loss, rewards = prefkernels.fused_bt_loss(hidden, weight, bias, backend="native", **kwargs)
+        scored = prefkernels.pool_score(hidden, weight, bias, backend="native",
+                                        attention_mask=kwargs["attention_mask"])
+        return loss.sum() + scored.square().mean(), rewards
+
+    compiled = torch.compile(step, fullgraph=True, backend="inductor" if reduction == "mean" else "aot_eager")
+    grads = {}
+    for name, fn in (("eager", step), ("compiled", compiled)):
+        hidden = inputs["hidden"].clone().requires_grad_()
+        weight = inputs["weight"].clone().requires_grad_()
+        out, rewards = fn(hidden, weight, inputs["bias"], inputs["kwargs"])
+        out.backward()
+        grads[name] = (out.detach(), rewards, hidden.grad, weight.grad)
+    for got, want in zip(grads["compiled"], grads["eager"]):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)

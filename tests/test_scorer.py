@@ -1,0 +1,188 @@
+"""Scorer: scores equal the model run one text at a time (any batching, input order), HF
+sequence-classification checkpoints score exactly like HF, input forms, truncation, ensembles,
+normalization and clear errors."""
+import random
+import shutil
+
+import pytest
+import torch
+
+from _rl_fixtures import build_tokenizer, random_texts, save_hf_classifier, save_reward_checkpoint
+from prefkernels import checkpoint
+from prefkernels.model import RewardModel
+from prefkernels.scorer import Scorer, plan_batches
+
+
+@pytest.fixture(scope="module")
+def reward_checkpoint(tmp_path_factory):
+    return save_reward_checkpoint(tmp_path_factory.mktemp("rm") / "ckpt", num_heads=1, max_length=48)
+
+
+@pytest.fixture(scope="module")
+def ensemble_checkpoint(tmp_path_factory):
+    return save_reward_checkpoint(tmp_path_factory.mktemp("rm3") / "ckpt", num_heads=3, max_length=48, seed=1,
+                                  reward_mean=[0.5, -1.0, 2.0], reward_std=[2.0, 0.5, 4.0])
+
+
+def one_at_a_time(model: RewardModel, token_ids: list[list[int]]) -> torch.Tensor:
+    """Rewards [N, K] of each text alone (no padding, no batching)."""
+    with torch.no_grad():
+        return torch.cat([model(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long)) for ids in token_ids])
+
+
+@pytest.mark.parametrize("token_budget", [1, 50, 100_000])
+def test_scores_equal_unbatched_model_in_input_order(reward_checkpoint, token_budget):
+    texts = random_texts(23, random.Random(token_budget), max_words=30)
+    scorer = Scorer.from_pretrained(reward_checkpoint, token_budget=token_budget)
+    scores = scorer.score(texts)
+    tokenizer = build_tokenizer()
+    expected = one_at_a_time(RewardModel.from_pretrained(str(reward_checkpoint)),
+                             [tokenizer(t)["input_ids"] for t in texts])[:, 0]
+    assert scores.shape == (23,) and scores.dtype == torch.float32
+    torch.testing.assert_close(scores, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_plan_batches_respects_budget_and_covers_every_row():
+    rng = random.Random(0)
+    lengths = [rng.randint(1, 40) for _ in range(200)]
+    batches = plan_batches(lengths, token_budget=64)
+    assert sorted(i for batch in batches for i in batch) == list(range(200))
+    for batch in batches:
+        longest = max(lengths[i] for i in batch)
+        assert len(batch) * longest <= 64
+        assert lengths[batch[0]] == longest
+    firsts = [lengths[batch[0]] for batch in batches]
+    assert firsts == sorted(firsts, reverse=True)
+    assert plan_batches([100, 3], token_budget=10) == [[0], [1]]  # a row over budget gets its own batch
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("num_labels", [1, 2])
+def test_hf_sequence_classifier_scores_equal_hf_logits(tmp_path, arch, num_labels):
+    from transformers import AutoModelForSequenceClassification
+
+    path = save_hf_classifier(tmp_path / arch, arch=arch, num_labels=num_labels)
+    texts = random_texts(17, random.Random(7), max_words=25)
+    scorer = Scorer.from_pretrained(path, token_budget=80)
+    hf = AutoModelForSequenceClassification.from_pretrained(str(path)).eval()
+    with torch.no_grad():
+        logits = hf(**scorer.tokenizer(texts, padding=True, return_tensors="pt")).logits
+    scores = scorer.score(texts)
+    assert scores.shape == ((17,) if num_labels == 1 else (17, num_labels))
+    torch.testing.assert_close(scores, logits[:, 0] if num_labels == 1 else logits, atol=1e-5, rtol=1e-5)
+
+
+def test_hf_pooling_rule_when_pad_is_eos(tmp_path):
+    """HF pools at the last token that is not the pad id: with pad == eos a trailing eos is skipped."""
+    from transformers import AutoModelForSequenceClassification
+
+    path = save_hf_classifier(tmp_path / "gpt2", arch="gpt2", pad_token_id=2)
+    texts = [t + " </s>" for t in random_texts(9, random.Random(3))]
+    scorer = Scorer.from_pretrained(path)
+    hf = AutoModelForSequenceClassification.from_pretrained(str(path)).eval()
+    with torch.no_grad():
+        logits = torch.cat([hf(**scorer.tokenizer([t], return_tensors="pt")).logits for t in texts])
+    torch.testing.assert_close(scorer.score(texts), logits[:, 0], atol=1e-5, rtol=1e-5)
+
+
+def test_unsupported_hf_classifier_is_rejected(tmp_path):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    BertForSequenceClassification(BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1,
+                                             num_attention_heads=2, intermediate_size=32)).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="BertForSequenceClassification.*not last-token pooled"):
+        Scorer.from_pretrained(tmp_path)
+
+
+def test_pairs_and_conversations_match_their_rendered_texts(reward_checkpoint):
+    scorer = Scorer.from_pretrained(reward_checkpoint)
+    tokenizer = scorer.tokenizer
+    rng = random.Random(1)
+    prompts, responses = random_texts(4, rng), random_texts(4, rng)
+    conversation = [{"role": "user", "content": prompts[0]}, {"role": "assistant", "content": responses[0]}]
+    inputs = [(prompts[0], " " + responses[0]), conversation, ([conversation[0]], responses[0]),
+              prompts[1], ([conversation[0]], [conversation[1]])]
+    scores = scorer.score(inputs)
+    rendered = tokenizer.apply_chat_template(conversation, tokenize=False)
+    model = RewardModel.from_pretrained(str(reward_checkpoint))
+    expected = one_at_a_time(model, [
+        tokenizer(prompts[0] + " " + responses[0])["input_ids"],
+        tokenizer(rendered, add_special_tokens=False)["input_ids"],
+        tokenizer(rendered, add_special_tokens=False)["input_ids"],
+        tokenizer(prompts[1])["input_ids"],
+        tokenizer(rendered, add_special_tokens=False)["input_ids"],
+    ])[:, 0]
+    torch.testing.assert_close(scores, expected, atol=1e-5, rtol=1e-5)
+    assert scores[1] == scores[2] == scores[4]
+
+
+def test_long_texts_keep_their_end_and_are_counted(reward_checkpoint):
+    scorer = Scorer.from_pretrained(reward_checkpoint)  # max_length 48 from the checkpoint
+    rng = random.Random(5)
+    long_texts = [" ".join(rng.choice(["cat", "dog", "red", "blue"]) for _ in range(rng.randint(60, 90)))
+                  for _ in range(3)]
+    short = random_texts(2, rng, max_words=10)
+    result = scorer.score_detailed([long_texts[0], short[0], long_texts[1], short[1], long_texts[2]])
+    assert result.truncated.tolist() == [True, False, True, False, True]
+    assert scorer.truncated_count == 3
+    tokenizer = build_tokenizer()
+    kept = [[1] + tokenizer(t)["input_ids"][-47:] for t in long_texts]  # <s> kept, content cut on the left
+    expected = one_at_a_time(RewardModel.from_pretrained(str(reward_checkpoint)), kept)
+    torch.testing.assert_close(result.rewards[[0, 2, 4]], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_ensemble_mean_std_and_normalization(ensemble_checkpoint):
+    texts = random_texts(11, random.Random(2))
+    raw = Scorer.from_pretrained(ensemble_checkpoint).score(texts)
+    assert raw.shape == (11, 3)
+    mean, std = Scorer.from_pretrained(ensemble_checkpoint).score_with_uncertainty(texts)
+    torch.testing.assert_close(mean, raw.mean(dim=1))
+    torch.testing.assert_close(std, raw.std(dim=1, correction=0))
+    assert (std > 0).all()
+    normalized = Scorer.from_pretrained(ensemble_checkpoint, normalize=True).score(texts)
+    torch.testing.assert_close(normalized, (raw - torch.tensor([0.5, -1.0, 2.0])) / torch.tensor([2.0, 0.5, 4.0]))
+
+
+def test_bf16_autocast_and_dtype_stay_close_to_fp32(reward_checkpoint):
+    texts = random_texts(12, random.Random(4))
+    fp32 = Scorer.from_pretrained(reward_checkpoint).score(texts)
+    for scorer in (Scorer.from_pretrained(reward_checkpoint, bf16=True),
+                   Scorer.from_pretrained(reward_checkpoint, dtype=torch.bfloat16)):
+        scores = scorer.score(texts)
+        assert scores.dtype == torch.float32
+        torch.testing.assert_close(scores, fp32, atol=0.1 * fp32.abs().max().item(), rtol=0.05)
+
+
+def test_bad_inputs_raise_clear_errors(reward_checkpoint):
+    scorer = Scorer.from_pretrained(reward_checkpoint)
+    with pytest.raises(ValueError, match="inputs: empty list"):
+        scorer.score([])
+    with pytest.raises(TypeError, match="inputs: expected a list"):
+        scorer.score("a single string")
+    with pytest.raises(TypeError, match=r"inputs\[1\]: expected a text"):
+        scorer.score(["the cat", 42])
+    with pytest.raises(ValueError, match="normalize: the checkpoint stores no reward_mean"):
+        Scorer.from_pretrained(reward_checkpoint, normalize=True)
+    no_template = Scorer(RewardModel.from_pretrained(str(reward_checkpoint)), build_tokenizer(chat_template=False))
+    with pytest.raises(ValueError, match=r"inputs\[0\]: a conversation needs a chat template"):
+        no_template.score([[{"role": "user", "content": "hi"}]])
+    without_bos = Scorer(RewardModel.from_pretrained(str(reward_checkpoint)), build_tokenizer(add_bos=False))
+    with pytest.raises(ValueError, match=r"inputs\[1\]: no tokens after tokenization"):
+        without_bos.score(["the cat", "   "])
+
+
+@pytest.mark.parametrize("missing", [checkpoint.HEAD_NAME, checkpoint.CONFIG_NAME, checkpoint.BACKBONE_DIR])
+def test_checkpoint_with_missing_file_names_it(reward_checkpoint, tmp_path, missing):
+    broken = tmp_path / "broken"
+    shutil.copytree(reward_checkpoint, broken)
+    target = broken / missing
+    shutil.rmtree(target) if target.is_dir() else target.unlink()
+    with pytest.raises(FileNotFoundError, match=f"missing {missing}"):
+        Scorer.from_pretrained(broken)
+
+
+def test_path_that_is_no_checkpoint_is_rejected(tmp_path):
+    with pytest.raises(FileNotFoundError, match="neither a prefkernels checkpoint"):
+        Scorer.from_pretrained(tmp_path)
+    with pytest.raises(FileNotFoundError, match="is not a directory"):
+        Scorer.from_pretrained(tmp_path / "absent")
