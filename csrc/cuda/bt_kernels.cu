@@ -115,7 +115,7 @@ __device__ __forceinline__ void store_vec(T* p, const float (&in)[N]) {
 
 // Elements per 16-byte load of hidden: the vector width of every kernel.
 template <typename H>
-constexpr int vec_width() {
+__host__ __device__ constexpr int vec_width() {
   return int(16 / sizeof(H));
 }
 
@@ -163,17 +163,13 @@ __device__ int64_t last_set_position(const M* __restrict__ row, int64_t position
   const int64_t step = int64_t(blockDim.x) * kScanUnroll;
   for (int64_t hi = positions; hi > 0; hi -= step) {
     const int64_t top = hi - 1 - int64_t(threadIdx.x);
-    bool set[kScanUnroll];
+    unsigned hits = 0;  // bit u: position top - u*blockDim is set (independent loads)
 #pragma unroll
-    for (int u = 0; u < kScanUnroll; ++u) {  // all loads first, then the tests
+    for (int u = 0; u < kScanUnroll; ++u) {
       const int64_t t = top - int64_t(u) * blockDim.x;
-      set[u] = t >= 0 && __ldg(row + t) != M(0);
+      hits |= unsigned(t >= 0 && __ldg(row + t) != M(0)) << u;
     }
-    int64_t found = -1;
-#pragma unroll
-    for (int u = kScanUnroll - 1; u >= 0; --u) {
-      if (set[u]) found = top - int64_t(u) * blockDim.x;
-    }
+    const int64_t found = hits != 0 ? top - int64_t(__ffs(int(hits)) - 1) * blockDim.x : -1;
     if (__syncthreads_or(found >= 0)) return block_max(found, smem);  // uniform branch
   }
   return -1;
@@ -211,14 +207,14 @@ struct ForwardParams {
   HiddenArgs hidden;
   HeadArgs head;
   PoolArgs pool;
-  int64_t pairs;  // kPairs: P (default pairs p, p + P)
-  const float* margin;
+  int64_t pairs;         // kPairs: P (default pairs p, p + P)
+  const float* margin;   // [P] or null (kPairs)
   float label_smoothing;
   float center_coef;
-  float* rewards;     // [N, K]
-  int64_t* pooled_pos;  // [N]
-  float* loss;        // [P, K]       (kPairs)
-  float* pair_grad;   // [2, P, K]    (kPairs)
+  float* rewards;        // [N, K]
+  int64_t* pooled_pos;   // [N]
+  float* loss;           // [P, K] (kPairs)
+  float* pair_grad;      // [2, P, K] (kPairs)
 };
 
 // kPairs = false: block b pools row b.
@@ -226,8 +222,10 @@ struct ForwardParams {
 // pair_grad of pair b; block P (odd N only) pools the last row 2P alone.
 // Per head chunk of kHeadChunk heads: each thread accumulates its D-slice in fp32 registers
 // (16-byte loads when kVec), then warp shuffles + one smem round reduce the block's sums.
+// (Launch bounds with min 1 block/SM: the grid is small, and ptxas' default occupancy target
+// spilled 4 bytes in the pair variants.)
 template <typename H, typename W, bool kVec, bool kPairs>
-__global__ void __launch_bounds__(kForwardThreads) score_kernel(const ForwardParams p) {
+__global__ void __launch_bounds__(kForwardThreads, 1) score_kernel(const ForwardParams p) {
   constexpr int kRows = kPairs ? 2 : 1;
   constexpr int kV = vec_width<H>();
   constexpr int kWarps = kForwardThreads / kWarp;

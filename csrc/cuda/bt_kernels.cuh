@@ -51,9 +51,9 @@ cudaError_t launch_pool_forward(const HiddenArgs& hidden, const HeadArgs& head, 
                                 float* rewards, int64_t* pooled_pos, cudaStream_t stream);
 
 // bt_forward: rewards, pooled_pos, loss [P, K] and pair_grad [2, P, K] (all f32 but pooled_pos).
-// chosen == rejected == null: default pairs (p, p + P), P = N / 2, ONE launch with one block
-// per pair. Explicit int64 [P] pairs: the pooling launch, then one small launch over P*K.
-// margin: f32 [P] or null.
+// chosen == rejected == null: default pairs (p, p + P), P = N / 2 (`pairs` is not read), ONE
+// launch with one block per pair. Explicit int64 [P] pairs: the pooling launch, then one small
+// launch over P*K. margin: f32 [P] or null.
 cudaError_t launch_bt_forward(const HiddenArgs& hidden, const HeadArgs& head, const PoolArgs& pool,
                               const int64_t* chosen, const int64_t* rejected, const float* margin, int64_t pairs,
                               float label_smoothing, float center_coef, float* rewards, int64_t* pooled_pos,
@@ -72,12 +72,13 @@ struct CoefArgs {
 // Floats of scratch launch_pool_backward needs (weight-gradient partials [row_blocks, K, D]).
 int64_t pool_backward_scratch_floats(int64_t rows, int64_t heads, int64_t dim);
 
-// pool_backward: grad_hidden (contiguous like hidden, ALREADY ZEROED by the caller, or null
-// when not needed) gets row (n, pooled_pos[n]), at element n*grad_stride_n + pos*D (T*D for
-// padded, 0 for packed), = sum_k coef[n, k] * weight[k, :]; grad_weight
-// [K, D] (weight's dtype) = sum_n coef[n, k] * hidden[n, pooled_pos[n], :]. Two launches:
-// scatter + per-row-block partial weight gradients, then a fixed-order reduction over row
-// blocks (deterministic, no floating-point atomics). scratch: pool_backward_scratch_floats().
+// pool_backward, two launches:
+//   grad_hidden (contiguous like hidden, ALREADY ZEROED by the caller; null: not needed):
+//     element n*grad_stride_n + pos_n*D + d = sum_k coef[n, k] * weight[k, d], pos_n =
+//     pooled_pos[n] (grad_stride_n = T*D padded, 0 packed; rows with pos_n < 0 skipped);
+//   grad_weight [K, D] in weight's dtype = sum_n coef[n, k] * hidden[n, pos_n, :]: per-row-block
+//     fp32 partials in `scratch` (pool_backward_scratch_floats()), then a fixed-order reduction
+//     over row blocks. Deterministic: no floating-point atomics. head.bias is not used.
 cudaError_t launch_pool_backward(const CoefArgs& coef, const HiddenArgs& hidden, const HeadArgs& head,
                                  const int64_t* pooled_pos, void* grad_hidden, int64_t grad_stride_n, float* scratch,
                                  void* grad_weight, cudaStream_t stream);
