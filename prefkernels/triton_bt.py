@@ -8,10 +8,13 @@ with the schemas of csrc/ops.cpp and the semantics of csrc/cpu/bt_cpu.cpp (the r
   rejected row p + P, computes the K rewards of both and the pair's loss and gradient
   coefficients. Explicit pairs: one program per row (rewards, pooled_pos), then one small
   per-pair kernel. ``pool_forward``: one program per row.
-- Backward: a zero-filled grad buffer (``torch.zeros``), then ONE launch over (row block,
-  D tile) that scatters the pooled rows' gradient and writes each row block's partial weight
-  gradient (fp32) to a scratch buffer, then a fixed-order second-stage sum of the partials into
-  grad_weight in weight's dtype. No float atomics anywhere: two runs are bitwise equal.
+- Backward: a zero-filled grad buffer (``torch.zeros``), then ONE launch over (row block of up
+  to 32 rows, D tile), each program one [rows, D tile] tile: it scatters the pooled rows'
+  gradient and writes its row block's partial weight gradient (fp32) to a scratch
+  [row_blocks, K, D] buffer, then a fixed-order second-stage sum of the partials into
+  grad_weight in weight's dtype. With a single row block (N <= 32) the kernel writes
+  grad_weight directly and there is no second launch. No float atomics anywhere: two runs are
+  bitwise equal. The CSR sums of explicit pairs run in row_entry order, as the CPU op.
 - Hidden is addressed as ``n * stride_n + pos * stride_t + d`` with int64 offsets; packed
   [total, D] hidden (``cu_seqlens``) pools row ``cu[n+1] - 1`` with ``stride_n = 0``.
 
@@ -218,73 +221,82 @@ def _bt_pairs_kernel(
 def _pool_backward_kernel(
     grad_coef_ptr, row_ptr_ptr, row_entry_ptr, hidden_ptr, weight_ptr, pooled_pos_ptr,
     grad_hidden_ptr, partial_ptr,
-    N, D, K, stride_n, stride_t, grad_stride_n, rows_per_program,
+    N, D, K, stride_n, stride_t, grad_stride_n,
     HAS_CSR: tl.constexpr, NEED_GRAD_HIDDEN: tl.constexpr,
-    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Program (b, j): rows [b*R, (b+1)*R) x D tile j.
+    """Program (b, j): rows [b*BLOCK_N, (b+1)*BLOCK_N) x D tile j, as one [BLOCK_N, BLOCK_D] tile.
 
-    coef[n, :] = grad_coef[n, :] or the CSR sum over the row's entries (fixed order);
-    grad_hidden[n, pos_n, d] = sum_k coef[n, k] * weight[k, d] (rows with pos_n < 0 skipped);
-    partial[b, k, d] = sum over the block's valid rows, in order, of coef[n, k] * hidden[n, pos_n, d].
-    partial_ptr is grad_weight itself (cast to its dtype) when there is a single row block.
+    coef[n, :] = grad_coef[n, :], or the sum of the row's CSR entries in order (as the CPU op);
+    grad_hidden[n, pos_n, d] = sum_k coef[n, k] * weight[k, d] for rows with pos_n >= 0;
+    partial[b, k, d] = sum over the block's rows with pos_n >= 0 of coef[n, k] * hidden[n, pos_n, d].
+    ``partial_ptr`` is grad_weight itself (cast to its dtype) when there is a single row block.
     """
     pid_b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
+    offs_n = pid_b * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    n_mask = offs_n < N
     k_mask = offs_k < K
     d_mask = offs_d < D
-    kd_mask = k_mask[:, None] & d_mask[None, :]
-    kd_offs = offs_k[:, None] * D + offs_d[None, :]
-    if NEED_GRAD_HIDDEN:
-        w = tl.load(weight_ptr + kd_offs, mask=kd_mask, other=0.0).to(tl.float32)
-    acc = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)
-    for i in range(0, rows_per_program):
-        n = pid_b * rows_per_program + i
-        in_range = n < N
-        pos = tl.load(pooled_pos_ptr + n, mask=in_range, other=-1)
-        valid = in_range & (pos >= 0)
-        if HAS_CSR:
-            start = tl.load(row_ptr_ptr + n, mask=in_range, other=0)
-            end = tl.load(row_ptr_ptr + n + 1, mask=in_range, other=0)
-            coef = tl.zeros([BLOCK_K], dtype=tl.float32)
-            for j in range(start, end):
-                entry = tl.load(row_entry_ptr + j)
-                coef += tl.load(grad_coef_ptr + entry * K + offs_k, mask=k_mask, other=0.0)
-        else:
-            coef = tl.load(grad_coef_ptr + n * K + offs_k, mask=offs_k < tl.where(in_range, K, 0), other=0.0)
-        safe_pos = tl.maximum(pos, 0)
-        # Block-vs-scalar masks (see _row_rewards): nothing is read or written for a skipped row.
-        row_mask = offs_d < tl.where(valid, D, 0)
-        h = tl.load(hidden_ptr + n * stride_n + safe_pos * stride_t + offs_d, mask=row_mask,
-                    other=0.0).to(tl.float32)
-        acc += tl.where(valid, coef[:, None] * h[None, :], 0.0)
+    pos = tl.load(pooled_pos_ptr + offs_n, mask=n_mask, other=-1)
+    valid = pos >= 0
+    safe_pos = tl.maximum(pos, 0)
+    if HAS_CSR:
+        start = tl.load(row_ptr_ptr + offs_n, mask=n_mask, other=0)
+        end = tl.load(row_ptr_ptr + offs_n + 1, mask=n_mask, other=0)
+        coef = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        for j in range(0, tl.max(end - start, axis=0)):
+            # [BLOCK_N, BLOCK_K] throughout (the entry index repeated over k): a [BLOCK_N] load here
+            # crashes Triton 3.6's layout pass for some BLOCK_N/num_warps.
+            in_segment = (start + j < end)[:, None] & k_mask[None, :]
+            entry = tl.load(row_entry_ptr + (start + j)[:, None] + 0 * offs_k[None, :], mask=in_segment, other=0)
+            coef += tl.load(grad_coef_ptr + entry * K + offs_k[None, :], mask=in_segment, other=0.0)
+    else:
+        coef = tl.load(grad_coef_ptr + offs_n[:, None] * K + offs_k[None, :],
+                       mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+    coef = tl.where(valid[:, None], coef, 0.0)  # a skipped row adds nothing, even with a NaN coef
+    row_mask = valid[:, None] & d_mask[None, :]
+    h = tl.load(hidden_ptr + (offs_n * stride_n + safe_pos * stride_t)[:, None] + offs_d[None, :],
+                mask=row_mask, other=0.0).to(tl.float32)
+    g = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for k in range(0, K):
+        coef_k = tl.sum(tl.where(offs_k[None, :] == k, coef, 0.0), axis=1)
+        grad_w = tl.sum(coef_k[:, None] * h, axis=0)
+        tl.store(partial_ptr + (pid_b * K + k) * D + offs_d, grad_w.to(partial_ptr.dtype.element_ty), mask=d_mask)
         if NEED_GRAD_HIDDEN:
-            g = tl.sum(coef[:, None] * w, axis=0)
-            tl.store(grad_hidden_ptr + n * grad_stride_n + safe_pos * D + offs_d,
-                     g.to(grad_hidden_ptr.dtype.element_ty), mask=row_mask)
-    tl.store(partial_ptr + pid_b * K * D + kd_offs, acc.to(partial_ptr.dtype.element_ty), mask=kd_mask)
+            w = tl.load(weight_ptr + k * D + offs_d, mask=d_mask, other=0.0).to(tl.float32)
+            g += coef_k[:, None] * w[None, :]
+    if NEED_GRAD_HIDDEN:
+        tl.store(grad_hidden_ptr + (offs_n * grad_stride_n + safe_pos * D)[:, None] + offs_d[None, :],
+                 g.to(grad_hidden_ptr.dtype.element_ty), mask=row_mask)
 
 
 @triton.jit
-def _sum_partials_kernel(partial_ptr, out_ptr, num_blocks, numel, BLOCK: tl.constexpr):
-    """out[i] = sum over b = 0, 1, ... of partial[b, i] (fixed order), cast to out's dtype."""
+def _sum_partials_kernel(partial_ptr, out_ptr, num_blocks, numel, BLOCK_B: tl.constexpr, BLOCK: tl.constexpr):
+    """out[i] = sum over b of partial[b, i] ([BLOCK_B, BLOCK] tiles, fixed order), in out's dtype."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = offs < numel
     acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for b in range(0, num_blocks):
-        acc += tl.load(partial_ptr + b * numel + offs, mask=m, other=0.0)
+    for b0 in range(0, num_blocks, BLOCK_B):
+        b = b0 + tl.arange(0, BLOCK_B)
+        tile = tl.load(partial_ptr + b.to(tl.int64)[:, None] * numel + offs[None, :],
+                       mask=(b < num_blocks)[:, None] & m[None, :], other=0.0)
+        acc += tl.sum(tile, axis=0)
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=m)
 
 
 # ---------------------------------------------------------------------------------------------
 # Launchers.
 # ---------------------------------------------------------------------------------------------
-_MAX_BLOCK_D = 1024        # 8 elements (16 B of bf16) per thread at 4 warps
-_MAX_TILE = 4096           # BLOCK_K * BLOCK_D register tile budget
-_MAX_BLOCK_T = 1024
-_TARGET_PROGRAMS = 1024    # backward: row blocks x D tiles to aim for before grouping rows
+_MAX_BLOCK_D = 4096        # forward: a 4096-wide row in one tile (8 warps, 16 elements per thread)
+_MAX_TILE = 8192           # forward: BLOCK_K * BLOCK_D register tile budget
+_MAX_BLOCK_T = 4096        # forward: mask positions per tile
+_MAX_BLOCK_N = 32          # backward: rows per program (one [BLOCK_N, BLOCK_D] tile); tuned on H200
+_BWD_TILE = 4096           # backward: BLOCK_N * BLOCK_D
+_MAX_BLOCK_B = 64          # second stage: partial rows summed per tile
+_SUM_TILE = 4096           # second stage: BLOCK_B * BLOCK
 
 
 def _new(shape, like: Tensor, dtype: torch.dtype) -> Tensor:
@@ -300,6 +312,10 @@ def _block_kd(K: int, D: int) -> Tuple[int, int]:
     block_k = triton.next_power_of_2(K)
     block_d = min(triton.next_power_of_2(D), _MAX_BLOCK_D, max(16, _MAX_TILE // block_k))
     return block_k, block_d
+
+
+def _warps(tile: int) -> int:
+    return 8 if tile >= 4096 else 4
 
 
 def _layout(hidden: Tensor, cu_seqlens: Optional[Tensor]):
@@ -358,7 +374,8 @@ def _launch_pool_rows(hidden, weight, a, rewards, pooled_pos):
         hidden, weight, a["bias_ptr"], a["mask_ptr"], a["index_ptr"], rewards, pooled_pos,
         a["positions"], a["D"], a["K"], a["stride_n"], a["stride_t"],
         POOL_MODE=a["mode"], HAS_BIAS=a["has_bias"],
-        BLOCK_T=a["block_t"], BLOCK_K=a["block_k"], BLOCK_D=a["block_d"], num_warps=4,
+        BLOCK_T=a["block_t"], BLOCK_K=a["block_k"], BLOCK_D=a["block_d"],
+        num_warps=_warps(max(a["block_k"] * a["block_d"], a["block_t"])),
     )
 
 
@@ -393,7 +410,8 @@ def bt_forward(hidden, weight, bias, attention_mask, last_index, cu_seqlens, cho
                     P, a["positions"], a["D"], K, a["stride_n"], a["stride_t"],
                     float(label_smoothing), float(center_coef),
                     POOL_MODE=a["mode"], HAS_BIAS=a["has_bias"], HAS_MARGIN=margin is not None,
-                    BLOCK_T=a["block_t"], BLOCK_K=a["block_k"], BLOCK_D=a["block_d"], num_warps=4,
+                    BLOCK_T=a["block_t"], BLOCK_K=a["block_k"], BLOCK_D=a["block_d"],
+                    num_warps=_warps(max(a["block_k"] * a["block_d"], a["block_t"])),
                 )
             return loss, rewards, pair_grad, pooled_pos
         _launch_pool_rows(hidden, weight, a, rewards, pooled_pos)
@@ -417,11 +435,6 @@ def pool_forward(hidden, weight, bias, attention_mask, last_index, cu_seqlens):
     with _device(hidden):
         _launch_pool_rows(hidden, weight, a, rewards, pooled_pos)
     return rewards, pooled_pos
-
-
-def _rows_per_program(rows: int, d_tiles: int) -> int:
-    """Rows per backward program: 1 until rows x D tiles exceeds _TARGET_PROGRAMS."""
-    return max(1, (rows * d_tiles) // _TARGET_PROGRAMS)
 
 
 def pool_backward(grad_coef, row_ptr, row_entry, hidden, weight, pooled_pos, need_grad_hidden):
@@ -461,10 +474,10 @@ def pool_backward(grad_coef, row_ptr, row_entry, hidden, weight, pooled_pos, nee
     if rows == 0:
         grad_weight.zero_()
         return grad_hidden, grad_weight
-    block_k, block_d = _block_kd(K, D)
-    d_tiles = triton.cdiv(D, block_d)
-    rows_per_program = _rows_per_program(rows, d_tiles)
-    row_blocks = triton.cdiv(rows, rows_per_program)
+    block_n = min(triton.next_power_of_2(rows), _MAX_BLOCK_N)
+    block_k = triton.next_power_of_2(K)
+    block_d = min(triton.next_power_of_2(D), max(16, _BWD_TILE // block_n))
+    row_blocks, d_tiles = triton.cdiv(rows, block_n), triton.cdiv(D, block_d)
     # One row block: the kernel writes grad_weight directly; else fp32 partials + fixed-order sum.
     partial = grad_weight if row_blocks == 1 else _new((row_blocks, K, D), hidden, torch.float32)
     with _device(hidden):
@@ -472,15 +485,16 @@ def pool_backward(grad_coef, row_ptr, row_entry, hidden, weight, pooled_pos, nee
             grad_coef, row_ptr if row_ptr is not None else grad_coef,
             row_entry if row_entry is not None else grad_coef,
             hidden, weight, pooled_pos, grad_hidden if need_grad_hidden else grad_coef, partial,
-            rows, D, K, stride_n, stride_t, positions * D if hidden.dim() == 3 else 0, rows_per_program,
+            rows, D, K, stride_n, stride_t, positions * D if hidden.dim() == 3 else 0,
             HAS_CSR=row_ptr is not None, NEED_GRAD_HIDDEN=bool(need_grad_hidden),
-            BLOCK_K=block_k, BLOCK_D=block_d, num_warps=4,
+            BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=block_d, num_warps=_warps(block_n * block_d),
         )
         if row_blocks > 1:
             numel = K * D
-            block = min(triton.next_power_of_2(numel), 1024)
+            block_b = min(triton.next_power_of_2(row_blocks), _MAX_BLOCK_B)
+            block = min(triton.next_power_of_2(numel), max(16, _SUM_TILE // block_b))
             _sum_partials_kernel[(triton.cdiv(numel, block),)](partial, grad_weight, row_blocks, numel,
-                                                              BLOCK=block, num_warps=4)
+                                                              BLOCK_B=block_b, BLOCK=block, num_warps=4)
     return grad_hidden, grad_weight
 
 

@@ -195,16 +195,20 @@ def test_pool_score_matches_reference(dtype, K, pooling):
 
 @pytest.mark.parametrize("pairs", ["default", "explicit"])
 @pytest.mark.parametrize("K", [1, 3])
-@pytest.mark.parametrize("target_programs", [1, 3])
-def test_small_tiles_and_row_blocks(monkeypatch, target_programs, K, pairs):
-    """Several D tiles (odd tail), several mask tiles, several rows per backward program with a
-    partial last row block (target 3) or one row block writing grad_weight directly (target 1)."""
+@pytest.mark.parametrize("max_block_n", [2, 4, 32])
+def test_small_tiles_and_row_blocks(monkeypatch, max_block_n, K, pairs):
+    """Several D tiles (odd tail) and mask tiles; in the backward, several row blocks (2: three
+    blocks, summed two partial rows per tile; 4: a partial last block) or one block (32) that
+    writes grad_weight directly."""
     monkeypatch.setattr(triton_bt, "_MAX_BLOCK_D", 16)
     monkeypatch.setattr(triton_bt, "_MAX_BLOCK_T", 4)
-    monkeypatch.setattr(triton_bt, "_TARGET_PROGRAMS", target_programs)
+    monkeypatch.setattr(triton_bt, "_MAX_BLOCK_N", max_block_n)
+    monkeypatch.setattr(triton_bt, "_BWD_TILE", 16 * max_block_n)
+    monkeypatch.setattr(triton_bt, "_MAX_BLOCK_B", 2)
+    monkeypatch.setattr(triton_bt, "_SUM_TILE", 32)
     for wdtype in (F32, BF16):
         inputs = make_inputs(N=6, T=7, K=K, dtype=BF16, wdtype=wdtype, pairs=pairs, seed=11)
-        compare(*inputs, what=f"tiles target={target_programs} {wdtype}")
+        compare(*inputs, what=f"tiles block_n={max_block_n} {wdtype}")
 
 
 # ------------------------------------------------------------------------------------------
@@ -212,7 +216,7 @@ def test_small_tiles_and_row_blocks(monkeypatch, target_programs, K, pairs):
 # ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("pairs", ["default", "explicit"])
 def test_backward_is_deterministic(monkeypatch, pairs):
-    monkeypatch.setattr(triton_bt, "_TARGET_PROGRAMS", 2)  # partial sums over several row blocks
+    monkeypatch.setattr(triton_bt, "_MAX_BLOCK_N", 2)  # partial sums over several row blocks
     inputs = make_inputs(N=6, K=3, dtype=BF16, wdtype=BF16, pairs=pairs, seed=13)
     first = run("triton", *inputs)
     second = run("triton", *inputs)
@@ -404,6 +408,15 @@ def test_op_semantics_invalid_rows(case):
                     assert (gh.cpu()[invalid] == 0).all()
 
 
+def test_op_default_pairs_odd_rows():
+    """Direct op call with default pairs and odd N: P = N // 2, the last row is scored only."""
+    g = torch.Generator().manual_seed(29)
+    hidden, weight = torch.randn(5, 6, 37, generator=g), torch.randn(2, 37, generator=g) / 6
+    loss, rewards, _, pos = check_op("odd", "bt_forward", (hidden, weight, None, None, torch.tensor([5, 0, 3, 2, 4]),
+                                                           None, None, None, None, 0.0, 0.0))
+    assert loss.shape == (2, 2) and rewards.shape == (5, 2) and pos.tolist() == [5, 0, 3, 2, 4]
+
+
 # ------------------------------------------------------------------------------------------
 # torch.library.opcheck and graph capture.
 # ------------------------------------------------------------------------------------------
@@ -441,8 +454,8 @@ def test_dynamo_fullgraph_capture():
     compiled = torch.compile(fn, fullgraph=True, backend="aot_eager" if DEVICE == "cpu" else "inductor")
     got = run("triton", leaves, hidden_of, kwargs, fn=compiled)
     want = run("triton", leaves, hidden_of, kwargs)
-    for name in want:
-        assert torch.equal(got[name], want[name]), name
+    for name in want:  # the same kernels; only the surrounding mean may be fused differently
+        torch.testing.assert_close(got[name], want[name], rtol=1e-6, atol=1e-7, msg=lambda m: f"{name}: {m}")
 
 
 # ------------------------------------------------------------------------------------------
@@ -567,4 +580,4 @@ def test_cuda_compile_fullgraph_equals_eager():
     got = run("triton", *inputs, fn=compiled)
     want = run("triton", *inputs, fn=fn)
     for name in want:
-        torch.testing.assert_close(got[name], want[name], rtol=0, atol=0, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(got[name], want[name], rtol=1e-6, atol=1e-7, msg=lambda m: f"{name}: {m}")
