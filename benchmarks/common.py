@@ -47,14 +47,14 @@ def floor_step(batch):
     del batch["floor"]
 
 
-def methods(kernel_backends: list[str]) -> dict:
+def methods(kernel_backends: list[str], compile_dynamic: bool = False) -> dict:
     """Name -> step. Kernel backends first, then the baselines and the floor."""
     out = {}
     for backend in kernel_backends:
         out[backend] = fwd_bwd(lambda h, w, b, backend=backend, **kw: prefkernels.fused_bt_loss(h, w, b, backend=backend, **kw))
     out["eager"] = fwd_bwd(reference.eager)
     out["hf_style"] = fwd_bwd(reference.hf_style)
-    out["compile(eager)"] = fwd_bwd(torch.compile(reference.eager, dynamic=False))
+    out["compile(eager)"] = fwd_bwd(torch.compile(reference.eager, dynamic=compile_dynamic))
     out["floor"] = floor_step
     return out
 
@@ -65,6 +65,8 @@ def time_interleaved(steps: dict, batch: dict, repeats: int, warmup: int, timer)
         for _ in range(warmup):
             step(batch)
     samples = {name: [] for name in steps}
+    if not steps:
+        return {}
     for _ in range(repeats):
         for name, step in steps.items():
             samples[name].append(timer(step, batch))
@@ -132,7 +134,7 @@ def write_results(name: str, payload: dict, out_dir: Path | None = None) -> Path
     return path
 
 
-def plot_ratios(rows: list[dict], methods_shown: list[str], title: str, path: Path) -> None:
+def plot_ratios(rows: list[dict], methods_shown: list[str], title: str, path: Path, suffix: str = "") -> None:
     """Grouped bars: time / floor per method and shape."""
     import matplotlib
     matplotlib.use("Agg")
@@ -141,7 +143,7 @@ def plot_ratios(rows: list[dict], methods_shown: list[str], title: str, path: Pa
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(rows)), 4))
     width = 0.8 / len(methods_shown)
     for i, method in enumerate(methods_shown):
-        values = [r[f"{method}/floor"] for r in rows]
+        values = [r.get(f"{method}/floor{suffix}", 0.0) for r in rows]
         ax.bar([x + i * width for x in range(len(rows))], values, width, label=method)
     ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
     ax.set_xticks([x + 0.4 - width / 2 for x in range(len(rows))])

@@ -1,0 +1,158 @@
+"""GPU benchmark of the fused op: fwd+bwd of native CUDA, Triton, eager, hf_style,
+torch.compile(eager) and the floor (torch.zeros_like(hidden): the grad buffer's memset).
+
+Two timings per method, methods interleaved, medians over repeats, grads reset before every
+backward (``.grad = None``):
+- ``eager``: CUDA events around one Python call of the step: what a plain training loop sees,
+  host overhead (Python, autograd, launches) included.
+- ``graph``: the same step captured once in a CUDA graph and replayed: device time only, what
+  CUDA graphs / torch.compile(mode="reduce-overhead") give. Value checks are off there (a host
+  sync cannot be captured).
+Prints a table (us, effective GB/s of the grad buffer, ratios, peak extra memory) and writes
+JSON + PNG under $OUT when set, else benchmarks/results/.
+
+    python benchmarks/bench_gpu.py [--repeats 20]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+from prefkernels import backends  # noqa: E402
+
+SHAPES = [(16, 2048, 4096, "bf16"), (8, 4096, 8192, "bf16"), (64, 512, 2048, "bf16"), (4, 8192, 4096, "fp32")]
+
+
+def predicted_floor_us(nbytes: int, write_bandwidth: float) -> float:
+    return nbytes / write_bandwidth * 1e6
+
+
+def cuda_timer(step, batch) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    step(batch)
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3
+
+
+def graphed(step, batch):
+    """Capture ``step`` in a CUDA graph (after warm-up on a side stream); return its replay."""
+    os.environ["PREFKERNELS_CHECK_VALUES"] = "0"
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                step(batch)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step(batch)
+        torch.cuda.synchronize()
+    finally:
+        os.environ.pop("PREFKERNELS_CHECK_VALUES", None)
+    return lambda _batch: graph.replay()
+
+
+def cuda_peak_extra_bytes(step, batch) -> int:
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step(batch)
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+def available_kernel_backends() -> list[str]:
+    names = []
+    if backends.native_has_cuda():
+        names.append("native")
+    if backends.triton_ops() is not None:
+        names.append("triton")
+    return names
+
+
+def add_ratios(row: dict, times: dict, kernels: list[str], nbytes: int, suffix: str) -> None:
+    for name, seconds in times.items():
+        if seconds is None:
+            continue
+        row[f"{name} us{suffix}"] = seconds * 1e6
+        row[f"{name} GB/s{suffix}"] = nbytes / seconds / 1e9
+        row[f"{name}/floor{suffix}"] = seconds / times["floor"]
+    for name in kernels:
+        for baseline in ("hf_style", "eager", "compile(eager)"):
+            if times.get(name) and times.get(baseline):
+                row[f"{baseline}/{name}{suffix}"] = times[baseline] / times[name]
+
+
+def run(shapes, repeats: int, warmup: int, bandwidth: float, on_row) -> list[dict]:
+    kernels = available_kernel_backends()
+    steps = common.methods(kernels, compile_dynamic=True)
+    rows = []
+    for pairs, positions, dim, dtype in shapes:
+        batch = common.make_batch(pairs, positions, dim, dtype, "cuda")
+        nbytes = batch["hidden"].numel() * batch["hidden"].element_size()
+        row = {"shape": f"P={pairs} T={positions} D={dim} {dtype}", "pairs": pairs, "T": positions, "D": dim,
+               "dtype": dtype, "grad_buffer_MB": nbytes / 2**20,
+               "predicted floor us": predicted_floor_us(nbytes, bandwidth)}
+        add_ratios(row, common.time_interleaved(steps, batch, repeats, warmup, cuda_timer), kernels, nbytes, "")
+        for name, step in steps.items():
+            row[f"{name} peak MB"] = cuda_peak_extra_bytes(step, batch) / 2**20
+        replays = {}
+        for name, step in steps.items():
+            try:
+                replays[name] = graphed(step, batch)
+            except Exception as err:  # report, keep measuring the others
+                row[f"{name} graph error"] = f"{type(err).__name__}: {err}"[:300]
+        graph_times = common.time_interleaved(replays, batch, repeats, 2, cuda_timer)
+        add_ratios(row, {name: graph_times.get(name) for name in steps}, kernels, nbytes, " (graph)")
+        rows.append(row)
+        on_row(rows, kernels)
+        del batch, replays
+        torch.cuda.empty_cache()
+        print(f"done {row['shape']}", flush=True)
+    return rows, kernels
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--bandwidth", type=float, default=3.0e12,
+                        help="write bandwidth (bytes/s) used for the predicted floor")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("bench_gpu.py needs a CUDA device")
+    env = common.environment("cuda")
+
+    def save(rows, kernels):
+        return common.write_results("bench_gpu", {"environment": env, "repeats": args.repeats, "rows": rows}, args.out)
+
+    rows, kernels = run(SHAPES, args.repeats, args.warmup, args.bandwidth, save)
+    methods = kernels + ["eager", "compile(eager)", "hf_style"]
+    for suffix in ("", " (graph)"):
+        print(f"\n== fwd+bwd, {'CUDA graph replay (device time)' if suffix else 'eager Python step (host overhead included)'}")
+        columns = ["shape", "predicted floor us", f"floor us{suffix}"] + [f"{m} us{suffix}" for m in methods] + [
+            f"{m}/floor{suffix}" for m in methods] + [f"hf_style/{k}{suffix}" for k in kernels]
+        common.print_table(rows, columns)
+    print("\npeak extra MB:")
+    common.print_table(rows, ["shape", "grad_buffer_MB"] + [f"{m} peak MB" for m in methods + ["floor"]])
+    path = save(rows, kernels)
+    for suffix, tag in (("", "eager"), (" (graph)", "graph")):
+        common.plot_ratios(rows, [m for m in methods if f"{m}/floor{suffix}" in rows[0]],
+                           f"fused BT op fwd+bwd ({tag}), {env['device']}", path.with_name(f"bench_gpu_{tag}.png"),
+                           suffix=suffix)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# One GPU check, < 6 minutes on one H100/H200: build the CUDA extension, run the GPU tests
+# (pytest -m gpu), then the GPU benchmark. Logs and JSON go to $OUT (else benchmarks/results).
+#   GPU_TESTS_K   pytest -k expression for the GPU tests (default: all)
+#   BENCH_ARGS    extra arguments of benchmarks/bench_gpu.py
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT_DIR="${OUT:-benchmarks/results}"
+mkdir -p "$OUT_DIR"
+export PYTHONUNBUFFERED=1 MAX_JOBS="${MAX_JOBS:-16}" PREFKERNELS_BUILD_CUDA=1
+export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$(python3 -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())')}"
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  python3 -c 'import torch, triton, sys; print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__)'
+} 2>&1 | tee "$OUT_DIR/gpu_env.txt"
+
+start=$(date +%s)
+timeout "${BUILD_TIMEOUT:-300}" python3 -m pip install -e . --no-build-isolation --no-deps -q > "$OUT_DIR/gpu_build.log" 2>&1
+build_rc=$?
+echo "build rc=$build_rc in $(( $(date +%s) - start ))s"
+if [ $build_rc -ne 0 ]; then tail -60 "$OUT_DIR/gpu_build.log"; exit $build_rc; fi
+python3 -c 'from prefkernels import backends; print("native CUDA:", backends.native_has_cuda(), "triton:", backends.triton_ops() is not None)'
+
+start=$(date +%s)
+timeout "${GPU_TESTS_TIMEOUT:-300}" python3 -m pytest -m gpu -q --maxfail=15 -p no:cacheprovider \
+  -k "${GPU_TESTS_K:-}" ${GPU_TEST_FILES:-tests/test_gpu.py tests/test_triton.py} > "$OUT_DIR/gpu_tests.log" 2>&1
+tests_rc=$?
+grep -E "passed|failed|Error|error" "$OUT_DIR/gpu_tests.log" | tail -25
+echo "gpu tests rc=$tests_rc in $(( $(date +%s) - start ))s"
+
+start=$(date +%s)
+timeout "${BENCH_TIMEOUT:-300}" python3 benchmarks/bench_gpu.py --out "$OUT_DIR" ${BENCH_ARGS:-} 2>&1 | tee "$OUT_DIR/gpu_bench.log"
+bench_rc=${PIPESTATUS[0]}
+echo "bench rc=$bench_rc in $(( $(date +%s) - start ))s"
+exit $(( tests_rc || bench_rc ))
