@@ -77,6 +77,14 @@ def make_trainer(trainer_class, model, dataset, tokenizer, args):
     return trainer
 
 
+def cpu_name():
+    try:
+        model_lines = [line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")]
+    except OSError:
+        model_lines = []
+    return model_lines[0].split(":", 1)[1].strip() if model_lines else platform.processor() or platform.machine()
+
+
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -170,11 +178,11 @@ def main():
 
     args.output.parent.mkdir(parents=True, exist_ok=True)
     report = {"benchmark": "bench_dropin", "device": str(device),
-              "device_name": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor(),
+              "device_name": torch.cuda.get_device_name() if device.type == "cuda" else cpu_name(),
               "threads": torch.get_num_threads(),
               "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                            "trl": trl.__version__},
-              "config": {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()},
+              "config": {key: value for key, value in vars(args).items() if key != "output"},
               "batch_shape": list(batch["input_ids"].shape), "tokens": tokens, "results": rows,
               "head_and_loss_only_median_ms": head_ms}
     args.output.write_text(json.dumps(report, indent=2) + "\n")

@@ -29,6 +29,15 @@ DATA = REPO_ROOT.parent / "shared" / "data" / "hh-harmless" / "valid.jsonl.gz"
 TOLERANCE = 1e-4
 
 
+def cpu_name() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
 def load_texts(pairs: int | None) -> list[str]:
     """chosen_0, rejected_0, chosen_1, ... from the validation split."""
     if not DATA.is_file():
@@ -161,7 +170,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"benchmark": "bench_score", "data": "hh-harmless valid (chosen + rejected)", "pairs": pairs,
               "max_length": args.max_length, "naive_batch_size": args.batch_size, "token_budget": args.token_budget,
               "repeats": args.repeats,
-              "model": model, "device": "cpu", "threads": torch.get_num_threads(), "cpu": platform.processor(),
+              "model": model, "device": "cpu", "threads": torch.get_num_threads(), "cpu": cpu_name(),
               "torch": torch.__version__, "transformers": __import__("transformers").__version__,
               "methods": rows, "speedup": speedup, "max_abs_diff": max_abs_diff, "tolerance": TOLERANCE,
               "scores_match": max_abs_diff <= TOLERANCE}

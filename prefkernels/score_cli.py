@@ -33,7 +33,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from prefkernels.scorer import DEFAULT_TOKEN_BUDGET, Scorer, is_conversation
+from prefkernels.scorer import ACCELERATOR_TOKEN_BUDGET, CPU_TOKEN_BUDGET, Scorer, is_conversation
 
 DEFAULT_CHUNK_ROWS = 2048
 MAX_ERRORS_SHOWN = 5
@@ -158,7 +158,8 @@ def score_chunk(scorer: Scorer, lines: list[tuple[int, str]], skip_invalid: bool
     for item_index, ids in enumerate(token_ids):
         owner = owners[item_index]
         if not ids and not isinstance(parsed[owner], InvalidRow):
-            error = InvalidRow("no tokens after tokenization", parsed[owner].ids)
+            error = InvalidRow("no tokens besides special tokens after tokenization (empty or blank text?)",
+                               parsed[owner].ids)
             if not skip_invalid:
                 raise InvalidRow(f"line {lines[owner][0]}: {error}")
             parsed[owner] = error
@@ -201,7 +202,7 @@ def run_score(args: argparse.Namespace) -> int:
         print(f"error: --input: {input_path} does not exist", file=sys.stderr)
         return 2
     for option, value in (("--chunk-rows", args.chunk_rows), ("--batch-tokens", args.batch_tokens)):
-        if value < 1:
+        if value is not None and value < 1:
             print(f"error: {option}: expected >= 1, got {value}", file=sys.stderr)
             return 2
     try:
@@ -251,8 +252,9 @@ def add_score_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--output", required=True, help="output .jsonl (or .jsonl.gz), one row per input row")
     parser.add_argument("--skip-invalid", action="store_true",
                         help="write malformed lines as {'line', 'error'} rows instead of stopping")
-    parser.add_argument("--batch-tokens", type=int, default=DEFAULT_TOKEN_BUDGET,
-                        help="padded tokens per batch (default %(default)s)")
+    parser.add_argument("--batch-tokens", type=int, default=None,
+                        help=f"padded tokens per batch (default {CPU_TOKEN_BUDGET} on CPU, "
+                             f"{ACCELERATOR_TOKEN_BUDGET} on GPU)")
     parser.add_argument("--bf16", action="store_true", help="run the backbone under bf16 autocast")
     parser.add_argument("--normalize", action="store_true",
                         help="normalize scores with the checkpoint's stored reward mean/std")

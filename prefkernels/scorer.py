@@ -2,16 +2,21 @@
 
 Inputs, in any mix (``Scorer.render``):
 
-- a text ``str``: tokenized as is, with the tokenizer's special tokens;
+- a text ``str``: tokenized with the tokenizer's special tokens;
 - a ``(prompt, response)`` pair of strings: scored as the text ``prompt + response`` (TRL's convention);
 - a conversation, a list of ``{"role", "content"}`` dicts, or a ``(prompt_messages, response)`` pair
   with ``response`` a string (one assistant turn) or a list of messages: rendered with the tokenizer's
   chat template and tokenized without extra special tokens (the template writes them).
 
+Token ids follow the prefkernels trainer (``prefkernels.data``): a plain text that does not end with
+the end token (EOS, else SEP) gets one appended (``append_eos``; on for prefkernels checkpoints, off
+for HF checkpoints, which score the tokenizer's ids as HF does). A row longer than ``max_length``
+keeps its leading special tokens and its end, losing tokens right after the leading special tokens
+(left truncation, as training and HF's ``truncation_side="left"`` do); truncated texts are counted.
+
 Throughput: texts are tokenized in one call, sorted by length (longest first) and cut into dynamic
 batches whose padded size stays under a token budget; the backbone runs under ``torch.inference_mode``
 (optionally bf16 autocast) and the fused ``pool_score`` applies the head to the pooled rows only.
-Texts longer than ``max_length`` keep their end (left truncation, as training does) and are counted.
 Scores come back in input order, on the CPU, float32.
 """
 from __future__ import annotations
@@ -26,8 +31,10 @@ from torch import nn
 from prefkernels import checkpoint
 from prefkernels.model import RewardModel, load_tokenizer
 
-DEFAULT_TOKEN_BUDGET = 16384
-"""Padded tokens per batch (rows x longest row) when none is given."""
+CPU_TOKEN_BUDGET = 4096
+ACCELERATOR_TOKEN_BUDGET = 32768
+"""Default padded tokens per batch (rows x longest row): small on CPUs, where larger batches gain
+nothing but padding, large on accelerators."""
 
 LAST_TOKEN_POOLED_CLASSES = frozenset({
     "LlamaForSequenceClassification", "MistralForSequenceClassification", "MixtralForSequenceClassification",
@@ -78,6 +85,26 @@ def _describe(value) -> str:
     return f"{type(value).__name__} {text[:80] + '...' if len(text) > 80 else text}"
 
 
+def default_token_budget(device: torch.device) -> int:
+    return CPU_TOKEN_BUDGET if device.type == "cpu" else ACCELERATOR_TOKEN_BUDGET
+
+
+def special_tokens_around_text(tokenizer) -> tuple[int, int]:
+    """(leading, trailing): how many special tokens the tokenizer puts before and after a text
+    (BERT: 1 and 1 for CLS and SEP; Llama: 1 and 0 for BOS)."""
+    with_special = tokenizer("a b", add_special_tokens=True)["input_ids"]
+    without = tokenizer("a b", add_special_tokens=False)["input_ids"]
+    for start in range(len(with_special) - len(without) + 1):
+        if with_special[start:start + len(without)] == without:
+            return start, len(with_special) - start - len(without)
+    return 0, 0
+
+
+def end_token_id(tokenizer) -> int | None:
+    """The id the trainer appends to plain texts that lack it: EOS, else SEP (BERT-style), else None."""
+    return tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+
+
 def _default_max_length(tokenizer, config) -> int | None:
     """The tokenizer's model_max_length when set, else the backbone's position limit, else None."""
     limit = getattr(tokenizer, "model_max_length", None)
@@ -98,11 +125,14 @@ class Scorer:
     """
 
     def __init__(self, model: RewardModel, tokenizer, *, device=None, max_length: int | None = None,
-                 token_budget: int = DEFAULT_TOKEN_BUDGET, normalize: bool = False, bf16: bool = False,
-                 pad_pooling_token_id: int | None = None):
-        """``pad_pooling_token_id``: pool at the last token that is not this id (HF's rule for
-        ``*ForSequenceClassification``) instead of the last attended token."""
-        if token_budget < 1:
+                 token_budget: int | None = None, normalize: bool = False, bf16: bool = False,
+                 append_eos: bool = True, pad_pooling_token_id: int | None = None):
+        """``max_length``: longer rows are left-truncated to it (None: no limit). ``token_budget``:
+        padded tokens per batch (default ``default_token_budget(device)``). ``append_eos``: end plain
+        texts with the end token, as the trainer does. ``pad_pooling_token_id``: pool at the last
+        token that is not this id (HF's rule for ``*ForSequenceClassification``) instead of the last
+        attended token."""
+        if token_budget is not None and token_budget < 1:
             raise ValueError(f"token_budget: expected >= 1, got {token_budget}")
         if max_length is not None and max_length < 1:
             raise ValueError(f"max_length: expected >= 1 or None, got {max_length}")
@@ -112,9 +142,10 @@ class Scorer:
         self.device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = model.to(self.device).eval()
         self.tokenizer = tokenizer
-        self.tokenizer.truncation_side = "left"
+        self.special_tokens_around_text = special_tokens_around_text(tokenizer)
+        self.end_token_id = end_token_id(tokenizer) if append_eos else None
         self.max_length = max_length
-        self.token_budget = token_budget
+        self.token_budget = token_budget or default_token_budget(self.device)
         self.normalize = normalize
         self.bf16 = bf16
         self.pad_pooling_token_id = pad_pooling_token_id
@@ -128,13 +159,14 @@ class Scorer:
 
     @classmethod
     def from_pretrained(cls, path, device=None, dtype: torch.dtype | None = None, max_length: int | None = None,
-                        token_budget: int = DEFAULT_TOKEN_BUDGET, normalize: bool = False, bf16: bool = False,
-                        tokenizer=None) -> "Scorer":
+                        token_budget: int | None = None, normalize: bool = False, bf16: bool = False,
+                        tokenizer=None, append_eos: bool | None = None) -> "Scorer":
         """Load a prefkernels checkpoint or an HF ``*ForSequenceClassification`` checkpoint directory.
 
         ``dtype`` casts the backbone (the head stays float32); ``bf16`` runs it under bf16 autocast.
         ``max_length`` defaults to the checkpoint's, then the tokenizer's, then the model's position limit.
-        ``tokenizer`` defaults to the one stored with the checkpoint.
+        ``tokenizer`` defaults to the one stored with the checkpoint. ``append_eos`` defaults to True
+        for prefkernels checkpoints (as trained) and False for HF ones (HF's own scoring).
         """
         path = Path(path)
         if not path.is_dir():
@@ -142,7 +174,7 @@ class Scorer:
         prefkernels_files = (checkpoint.CONFIG_NAME, checkpoint.HEAD_NAME, checkpoint.BACKBONE_DIR)
         if any((path / name).exists() for name in prefkernels_files):
             model = RewardModel.from_pretrained(str(path))  # clear error when one of the files is missing
-            pad_pooling_token_id = None
+            pad_pooling_token_id, trained_with_eos = None, True
             if tokenizer is None:
                 if not (path / checkpoint.TOKENIZER_DIR).is_dir():
                     raise FileNotFoundError(f"path: {path} has no {checkpoint.TOKENIZER_DIR}/ directory; "
@@ -151,6 +183,7 @@ class Scorer:
             max_length = max_length or model.max_length
         elif (path / "config.json").is_file():
             model, pad_pooling_token_id = _load_hf_sequence_classifier(path)
+            trained_with_eos = False  # unknown: score the tokenizer's ids, as HF does
             tokenizer = tokenizer if tokenizer is not None else load_tokenizer(str(path))
         else:
             raise FileNotFoundError(
@@ -160,7 +193,8 @@ class Scorer:
             model.backbone.to(dtype)
         max_length = max_length or _default_max_length(tokenizer, model.backbone.config)
         return cls(model, tokenizer, device=device, max_length=max_length, token_budget=token_budget,
-                   normalize=normalize, bf16=bf16, pad_pooling_token_id=pad_pooling_token_id)
+                   normalize=normalize, bf16=bf16, append_eos=trained_with_eos if append_eos is None else append_eos,
+                   pad_pooling_token_id=pad_pooling_token_id)
 
     def render(self, item, where: str = "input") -> tuple[str, bool]:
         """(text, add_special_tokens) of one input; ``where`` names it in errors."""
@@ -186,9 +220,10 @@ class Scorer:
         return self.tokenizer.apply_chat_template(messages, tokenize=False)
 
     def encode(self, rendered: list[tuple[str, bool]]) -> tuple[list[list[int]], list[bool]]:
-        """Token ids per rendered text (left-truncated to ``max_length``) and whether each was truncated.
+        """Token ids per rendered text (see the module docstring) and whether each was truncated.
 
-        Counts the truncated texts in ``truncated_count``. An empty id list is returned as is.
+        Counts the truncated texts in ``truncated_count``. A text with no tokens besides the special
+        tokens gets an empty list (as the trainer, which rejects such texts).
         """
         token_ids: list[list[int]] = [[] for _ in rendered]
         truncated = [False] * len(rendered)
@@ -196,16 +231,19 @@ class Scorer:
             indices = [i for i, (_, flag) in enumerate(rendered) if flag == add_special_tokens]
             if not indices:
                 continue
-            texts = [rendered[i][0] for i in indices]
-            encoded = self.tokenizer(texts, add_special_tokens=add_special_tokens, verbose=False)["input_ids"]
-            too_long = [j for j, ids in enumerate(encoded) if self.max_length and len(ids) > self.max_length]
-            if too_long:
-                cut = self.tokenizer([texts[j] for j in too_long], add_special_tokens=add_special_tokens,
-                                     truncation=True, max_length=self.max_length)["input_ids"]
-                for j, ids in zip(too_long, cut):
-                    encoded[j] = ids
-                    truncated[indices[j]] = True
+            encoded = self.tokenizer([rendered[i][0] for i in indices], add_special_tokens=add_special_tokens,
+                                     verbose=False)["input_ids"]
+            lead, trail = self.special_tokens_around_text if add_special_tokens else (0, 0)
             for i, ids in zip(indices, encoded):
+                if len(ids) <= lead + trail:
+                    continue
+                ids = list(ids)
+                if add_special_tokens and self.end_token_id is not None and ids[-1] != self.end_token_id:
+                    ids.append(self.end_token_id)
+                excess = len(ids) - self.max_length if self.max_length else 0
+                if excess > 0:
+                    ids = ids[:lead] + ids[lead + excess:] if lead < self.max_length else ids[-self.max_length:]
+                    truncated[i] = True
                 token_ids[i] = ids
         self.truncated_count += sum(truncated)
         return token_ids, truncated
@@ -214,12 +252,13 @@ class Scorer:
         """Rewards [N, K] float32 on the CPU, in input order, for non-empty token id lists."""
         from tqdm.auto import tqdm
 
-        rewards = torch.empty(len(token_ids), self.num_heads, dtype=torch.float32)
         lengths = [len(ids) for ids in token_ids]
+        batches = plan_batches(lengths, self.token_budget)
+        batch_rewards_on_device = []  # copied back once at the end: no device sync per batch
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
         with torch.inference_mode(), autocast, tqdm(total=len(token_ids), unit="text", disable=not progress,
                                                     desc="scoring") as bar:
-            for batch in plan_batches(lengths, self.token_budget):
+            for batch in batches:
                 width = lengths[batch[0]]
                 input_ids = torch.full((len(batch), width), self.pad_token_id, dtype=torch.long)
                 attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -234,8 +273,10 @@ class Scorer:
                     positions = torch.arange(width, device=self.device)
                     last_index = ((input_ids != self.pad_pooling_token_id) * positions).argmax(dim=1)
                     batch_rewards = self.model.head.score(hidden, last_index=last_index)
-                rewards[torch.tensor(batch)] = batch_rewards.float().cpu()
+                batch_rewards_on_device.append(batch_rewards.float())
                 bar.update(len(batch))
+        rewards = torch.empty(len(token_ids), self.num_heads, dtype=torch.float32)
+        rewards[torch.tensor([i for batch in batches for i in batch])] = torch.cat(batch_rewards_on_device).cpu()
         return self.model.normalize(rewards) if self.normalize else rewards
 
     def score_detailed(self, inputs, progress: bool = False) -> ScoreResult:
@@ -249,7 +290,8 @@ class Scorer:
         token_ids, truncated = self.encode(rendered)
         empty = [i for i, ids in enumerate(token_ids) if not ids]
         if empty:
-            raise ValueError(f"inputs[{empty[0]}]: no tokens after tokenization ({len(empty)} such inputs)")
+            raise ValueError(f"inputs[{empty[0]}]: no tokens besides special tokens after tokenization "
+                             f"(empty or blank text?); {len(empty)} such inputs")
         return ScoreResult(self.score_token_ids(token_ids, progress=progress), torch.tensor(truncated))
 
     def score(self, inputs, progress: bool = False) -> torch.Tensor:

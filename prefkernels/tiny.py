@@ -49,7 +49,8 @@ def build_tiny_tokenizer(words=None, model_max_length: int = 512):
 
 
 def build_tiny_llama(tokenizer, hidden_size: int = 64, layers: int = 2, heads: int = 4,
-                     intermediate_size: int | None = None, max_positions: int = 512, seed: int = 0):
+                     intermediate_size: int | None = None, max_positions: int = 512, seed: int = 0,
+                     attention_dropout: float = 0.0):
     """Random-init Llama-style decoder backbone (``LlamaModel``) for ``tokenizer``'s vocabulary.
 
     Initialization uses its own generator seeded with ``seed``; the global RNG is untouched.
@@ -62,18 +63,20 @@ def build_tiny_llama(tokenizer, hidden_size: int = 64, layers: int = 2, heads: i
         vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=intermediate_size or 2 * hidden_size,
         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
         max_position_embeddings=max_positions, pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False)
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False,
+        attention_dropout=attention_dropout)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return LlamaModel(config)
 
 
 def write_tiny_backbone(path, hidden_size: int = 64, layers: int = 2, heads: int = 4, seed: int = 0,
-                        words=None) -> Path:
+                        words=None, attention_dropout: float = 0.0) -> Path:
     """Save a tiny tokenizer + Llama backbone to ``path`` (a local ``--backbone`` directory)."""
     path = Path(path)
     tokenizer = build_tiny_tokenizer(words)
-    backbone = build_tiny_llama(tokenizer, hidden_size=hidden_size, layers=layers, heads=heads, seed=seed)
+    backbone = build_tiny_llama(tokenizer, hidden_size=hidden_size, layers=layers, heads=heads,
+                                attention_dropout=attention_dropout, seed=seed)
     backbone.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
     return path

@@ -14,22 +14,26 @@ CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{{ m['role'] }} : {{ m['
                  "{% endfor %}{{ eos_token }}")
 
 
-def build_tokenizer(chat_template: bool = True, add_bos: bool = True):
-    """A fast word-level tokenizer over WORDS (prepends <s> with ``add_bos``); pad <pad> (id 0),
-    bos <s> (1), eos </s> (2), max length 64."""
+def build_tokenizer(chat_template: bool = True):
+    """A fast word-level tokenizer over WORDS that prepends <s>; pad <pad> (id 0), bos <s> (1),
+    eos </s> (2), max length 64."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     vocab = {token: i for i, token in enumerate(SPECIAL + WORDS)}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    if add_bos:
-        backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>",
                                         eos_token="</s>", unk_token="<unk>", model_max_length=64)
     if chat_template:
         tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
+
+
+def trainer_ids(tokenizer, text: str) -> list[int]:
+    """Ids of a plain text as the prefkernels trainer feeds them: special tokens, then EOS appended."""
+    return tokenizer(text)["input_ids"] + [tokenizer.eos_token_id]
 
 
 def random_texts(n: int, rng: random.Random, min_words: int = 1, max_words: int = 20) -> list[str]:

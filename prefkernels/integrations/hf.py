@@ -3,10 +3,11 @@
 Decoder classifiers (Llama, Qwen2, Mistral, GPT-2, ...) run their ``score`` Linear over every
 token, [N, T, K] logits, and then gather one position per row (the last non-pad token, found from
 ``input_ids`` and ``pad_token_id`` by the installed transformers' own code). Fusion keeps that code
-and changes only what the head computes: during the forward ``score`` hands back its input
-(captured) and the token positions, so the model's own gather yields the pooled position of each
-row, and the head then runs on those N rows. Pooling is therefore exactly the installed
-version's, for right or left padding and when pad == eos.
+and changes only what the head computes: during the forward ``score`` records its input and returns
+token positions instead of logits, so the model's own gather yields each row's pooled position; the
+head then runs on those N rows, in the model's dtype, giving the same logits. Pooling is therefore
+exactly the installed version's, for right or left padding and when pad == eos. (``FusedRewardTrainer``
+uses the same capture and hands the hidden states and positions to ``prefkernels.fused_bt_loss``.)
 
 BERT-family classifiers (BERT, RoBERTa, XLM-RoBERTa, DistilBERT) are natively pooled: their
 classifier already runs on the [CLS] (position 0) vector only, so fusion leaves them unchanged.
@@ -63,6 +64,7 @@ def is_natively_pooled(model) -> bool:
 
 
 def is_fused(model) -> bool:
+    """True once ``fuse_sequence_classification`` patched ``model`` (and ``unfuse`` did not undo it)."""
     return UNFUSED_FORWARD in model.__dict__
 
 
@@ -91,20 +93,26 @@ class HeadInputCapture:
 
 
 @contextmanager
+def replaced_forward(module, forward):
+    """Within the block, ``module.forward`` is ``forward`` (module hooks still run); restored after."""
+    previous = module.__dict__.get("forward")
+    module.forward = forward
+    try:
+        yield
+    finally:
+        if previous is None:
+            del module.forward
+        else:
+            module.forward = previous
+
+
+@contextmanager
 def capture_head_input(model):
     """Within the block, ``model.score`` returns token positions and records its input (see
     ``HeadInputCapture``); yields the capture."""
-    head = model.score
     capture = HeadInputCapture(type(model).__name__)
-    previous = head.__dict__.get("forward")
-    head.forward = capture
-    try:
+    with replaced_forward(model.score, capture):
         yield capture
-    finally:
-        if previous is None:
-            del head.forward
-        else:
-            head.forward = previous
 
 
 def _fused_forward(self, *args, labels=None, return_dict=None, **kwargs):

@@ -4,30 +4,48 @@ Importing this module imports trl; ``prefkernels`` and ``prefkernels.integration
 """
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
 from accelerate.utils import is_peft_model
 from trl import RewardTrainer
 
-from prefkernels.integrations.hf import capture_head_input, has_score_head, is_fused
+from prefkernels.integrations.hf import capture_head_input, has_score_head, is_fused, replaced_forward
 from prefkernels.ops import fused_bt_loss
+
+
+def forward_with_fused_loss(classifier, forward, center_coef, *args, margin=None, return_dict=None, **kwargs):
+    """``classifier``'s ``forward`` with TRL's loss computed inside it, by ``fused_bt_loss`` on the last
+    hidden states at the model's own pooled positions. Returns the model's output type (whatever
+    ``return_dict``) with ``loss`` and ``logits`` = the float32 rewards [N, 1] (detached). Computing the
+    loss inside the forward lets DDP (find_unused_parameters) see every parameter the loss uses, the
+    score head included."""
+    with capture_head_input(classifier) as capture:
+        outputs = forward(*args, return_dict=True, **kwargs)
+    head = classifier.score
+    loss, rewards = fused_bt_loss(capture.hidden, head.weight, head.bias,
+                                  last_index=capture.pooled_positions(outputs.logits), margin=margin,
+                                  center_coef=center_coef)
+    rest = {key: value for key, value in outputs.items() if key not in ("loss", "logits")}
+    return type(outputs)(loss=loss, logits=rewards, **rest)
 
 
 class FusedRewardTrainer(RewardTrainer):
     """Drop-in ``trl.RewardTrainer``: same constructor, batches, options and logged metrics.
 
-    The model still runs through its own forward (so wrappers such as DDP see it), but its ``score``
-    head only records the backbone's last hidden states [N, T, D] and the positions the model pools
-    (its own last-non-pad logic); ``fused_bt_loss`` then pools, applies the head in fp32 and computes
-    the Bradley-Terry loss, with ``margin`` from the batch and ``center_rewards_coefficient`` from the
-    config. No [N, T, 1] logits are formed. Rewards (logged, and returned as ``logits`` for evaluation)
-    are float32.
+    The model is still called as stock calls it (through DDP or other wrappers), but for the call its
+    forward is ``forward_with_fused_loss``: the ``score`` head only records the backbone's last hidden
+    states [N, T, D] and the positions the model pools (its own last-non-pad logic), and
+    ``fused_bt_loss`` pools, applies the head in fp32 and computes the Bradley-Terry loss, with
+    ``margin`` from the batch and ``center_rewards_coefficient`` from the config. No [N, T, 1] logits
+    are formed. Rewards (logged, and returned as ``logits`` for evaluation) are float32.
 
-    Models without a supported score head (see ``prefkernels.integrations.hf.has_score_head``), PEFT
-    heads, FSDP / DeepSpeed ZeRO-3 (sharded head weight) and batches not in TRL's concatenated
-    chosen+rejected format use the stock loss, with a one-time warning. A model already fused with
-    ``fuse_sequence_classification`` uses the stock loss silently: its head already runs on pooled rows.
+    Models without a supported score head (see ``prefkernels.integrations.hf.has_score_head``; a
+    PEFT-wrapped ``score`` is not an ``nn.Linear``), FSDP / DeepSpeed ZeRO-3 (sharded head weight) and
+    batches not in TRL's concatenated chosen+rejected format use the stock loss, with a one-time
+    warning. A model already fused with ``fuse_sequence_classification`` uses the stock loss silently:
+    its head already runs on pooled rows only.
     """
 
     _warned_fallback = False
@@ -38,18 +56,12 @@ class FusedRewardTrainer(RewardTrainer):
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
         mode = "train" if self.model.training else "eval"
-        model_inputs = {key: value for key, value in inputs.items() if key != "margin"}
-        model_inputs["use_cache"] = False
-        with capture_head_input(classifier) as capture:
-            outputs = model(**model_inputs)
-        positions = capture.pooled_positions(outputs.logits)
-        head = classifier.score
-        loss, rewards = fused_bt_loss(
-            capture.hidden, head.weight, head.bias, last_index=positions, margin=inputs.get("margin"),
-            center_coef=float(self.args.center_rewards_coefficient or 0.0))
-        self._record_metrics(mode, inputs, rewards)
-        outputs["logits"] = rewards
-        return (loss, outputs) if return_outputs else loss
+        center_coef = float(self.args.center_rewards_coefficient or 0.0)
+        fused_forward = functools.partial(forward_with_fused_loss, classifier, classifier.forward, center_coef)
+        with replaced_forward(classifier, fused_forward):
+            outputs = model(**{**inputs, "use_cache": False})
+        self._record_metrics(mode, inputs, outputs.logits)
+        return (outputs.loss, outputs) if return_outputs else outputs.loss
 
     def _fusable_classifier(self, model, inputs):
         """The classifier whose score head the fused loss takes over, or None for the stock loss."""

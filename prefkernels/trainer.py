@@ -1,0 +1,721 @@
+"""Reward-model training: ``train(TrainConfig) -> TrainResult``.
+
+AdamW (weight decay on matrices only), warmup then linear/cosine/constant schedule, gradient
+clipping and accumulation, bf16 autocast where supported, optional gradient checkpointing,
+dropout off by default (as TRL), seeds, evaluation with early stopping on validation accuracy
+or loss, and the best checkpoint kept. Runs unchanged under ``torchrun --nproc_per_node=N``:
+DistributedDataParallel (gloo on CPU, NCCL on GPU), each process takes every N-th
+length-grouped batch, training metrics are summed across processes and evaluation gathers
+rewards from all of them; only rank 0 writes.
+
+Output directory::
+
+    run.json          the configuration (marks the directory as a run)
+    metrics.jsonl     one JSON event per line: start, train (every log_every steps), eval, final
+    checkpoint/       latest state for --resume: model, optimizer, scheduler, RNG, data position
+    best/             the best model (by validation metric) with tokenizer and reward mean/std
+    eval.json         final validation metrics of best/; reliability.png; curves.png
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from prefkernels import __version__, checkpoint, metrics
+from prefkernels.data import LengthGroupedBatchSampler, PreferenceCollator, PreferenceDataset, load_preferences
+from prefkernels.losses import LOSSES, LossConfig, check_data, compute_loss
+from prefkernels.model import RewardModel, load_tokenizer
+
+SCHEDULES = ("linear", "cosine", "constant")
+PRECISIONS = ("auto", "bf16", "fp32")
+EARLY_STOPPING_METRICS = ("accuracy", "loss")
+RUN_FILE, METRICS_FILE, EVAL_FILE = "run.json", "metrics.jsonl", "eval.json"
+CHECKPOINT_DIR, BEST_DIR = "checkpoint", "best"
+CURVES_FILE, RELIABILITY_FILE = "curves.png", "reliability.png"
+RUN_MARKERS = (RUN_FILE, METRICS_FILE, CHECKPOINT_DIR, BEST_DIR)
+RUN_ARTIFACTS = (*RUN_MARKERS, EVAL_FILE, CURVES_FILE, RELIABILITY_FILE)
+# Fields that may change when resuming; any other difference from run.json is refused.
+RESUMABLE_CHANGES = ("patience", "progress", "resume", "overwrite", "device", "backend")
+MAX_DEFAULT_LENGTH = 1024
+
+
+class RunDirectoryError(ValueError):
+    """The output directory cannot be used as asked (holds another run, nothing to resume...)."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs; the CLI flags mirror these fields (``--batch-size`` for
+    ``batch_size``). ``train``/``valid``: JSONL paths, a ``datasets.Dataset`` or a list of dicts.
+    ``max_tokens``, when set, batches by a padded-token budget instead of ``batch_size`` pairs.
+    ``eval_every``/``save_every`` count optimizer steps (0: at each epoch end / each evaluation).
+    """
+
+    backbone: str
+    train: object
+    output_dir: str
+    valid: object = None
+    valid_fraction: float = 0.0
+    num_heads: int = 1
+    max_length: int | None = None
+    loss: str = "bt"
+    label_smoothing: float = 0.0
+    center_coef: float = 0.0
+    tie_strength: float | None = None
+    use_margin: bool = True
+    truncate_responses: bool = False
+    epochs: int = 1
+    max_steps: int | None = None
+    batch_size: int = 8
+    max_tokens: int | None = None
+    eval_batch_size: int | None = None
+    grad_accum: int = 1
+    lr: float = 2e-5
+    head_lr: float | None = None
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.05
+    schedule: str = "linear"
+    max_grad_norm: float = 1.0
+    precision: str = "auto"
+    gradient_checkpointing: bool = False
+    dropout: bool = False
+    seed: int = 0
+    eval_every: int = 0
+    early_stopping_metric: str = "accuracy"
+    patience: int | None = None
+    save_every: int = 0
+    log_every: int = 10
+    overwrite: bool = False
+    resume: bool = False
+    progress: bool = True
+    device: str | None = None
+    backend: str | None = None
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first invalid field."""
+        def need(ok, name, expected):
+            if not ok:
+                raise ValueError(f"{name}: expected {expected}, got {getattr(self, name)!r}")
+
+        need(isinstance(self.backbone, (str, os.PathLike)) and str(self.backbone), "backbone", "a local path")
+        need(isinstance(self.output_dir, (str, os.PathLike)) and str(self.output_dir), "output_dir", "a path")
+        need(self.train is not None, "train", "training data")
+        need(0.0 <= self.valid_fraction < 1.0, "valid_fraction", "a float in [0, 1)")
+        need(not (self.valid is not None and self.valid_fraction), "valid_fraction",
+             "0 when validation data is given")
+        need(isinstance(self.num_heads, int) and self.num_heads >= 1, "num_heads", "an integer >= 1")
+        need(self.max_length is None or (isinstance(self.max_length, int) and self.max_length >= 2), "max_length",
+             "an integer >= 2")
+        need(self.loss in LOSSES, "loss", f"one of {LOSSES}")
+        need(isinstance(self.epochs, int) and self.epochs >= 1, "epochs", "an integer >= 1")
+        need(self.max_steps is None or self.max_steps >= 1, "max_steps", "an integer >= 1")
+        need(isinstance(self.batch_size, int) and self.batch_size >= 1, "batch_size", "an integer >= 1")
+        need(self.max_tokens is None or self.max_tokens >= 2, "max_tokens", "an integer >= 2")
+        need(self.eval_batch_size is None or self.eval_batch_size >= 1, "eval_batch_size", "an integer >= 1")
+        need(isinstance(self.grad_accum, int) and self.grad_accum >= 1, "grad_accum", "an integer >= 1")
+        need(self.lr > 0 and math.isfinite(self.lr), "lr", "a finite float > 0")
+        need(self.head_lr is None or (self.head_lr > 0 and math.isfinite(self.head_lr)), "head_lr",
+             "a finite float > 0")
+        need(self.weight_decay >= 0, "weight_decay", "a float >= 0")
+        need(0.0 <= self.warmup_ratio < 1.0, "warmup_ratio", "a float in [0, 1)")
+        need(self.schedule in SCHEDULES, "schedule", f"one of {SCHEDULES}")
+        need(self.max_grad_norm >= 0, "max_grad_norm", "a float >= 0 (0: no clipping)")
+        need(self.precision in PRECISIONS, "precision", f"one of {PRECISIONS}")
+        need(self.eval_every >= 0, "eval_every", "an integer >= 0")
+        need(self.early_stopping_metric in EARLY_STOPPING_METRICS, "early_stopping_metric",
+             f"one of {EARLY_STOPPING_METRICS}")
+        need(self.patience is None or self.patience >= 1, "patience", "an integer >= 1")
+        need(self.patience is None or self.valid is not None or self.valid_fraction, "patience",
+             "validation data (valid or valid_fraction) for early stopping")
+        need(self.save_every >= 0, "save_every", "an integer >= 0")
+        need(self.log_every >= 1, "log_every", "an integer >= 1")
+        need(not (self.overwrite and self.resume), "overwrite", "not both overwrite and resume")
+        self.loss_config()
+
+    def loss_config(self) -> LossConfig:
+        return LossConfig(self.loss, self.label_smoothing, self.center_coef, self.tie_strength, self.backend)
+
+    def to_json(self) -> dict:
+        """JSON-able fields; data given as objects is described, not stored."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        for name in ("train", "valid"):
+            out[name] = _describe_data(out[name])
+        out["backbone"], out["output_dir"] = str(self.backbone), str(self.output_dir)
+        return out
+
+
+def _describe_data(data):
+    if data is None or isinstance(data, (str, os.PathLike)):
+        return None if data is None else str(data)
+    if isinstance(data, (list, tuple)) and all(isinstance(d, (str, os.PathLike)) for d in data):
+        return [str(d) for d in data]
+    if isinstance(data, (list, tuple)):
+        return f"<{len(data)} records>"
+    fingerprint = getattr(data, "_fingerprint", None)
+    return f"<{type(data).__name__} of {len(data) if hasattr(data, '__len__') else '?'} rows {fingerprint or ''}>"
+
+
+@dataclass
+class TrainResult:
+    """Where things went and how training ended. ``metrics``: final validation metrics of the
+    best model (``preference_metrics``), None without validation data."""
+
+    output_dir: Path
+    best_dir: Path
+    metrics: dict | None
+    steps: int
+    best_step: int | None
+    stopped_early: bool
+
+
+# ----------------------------------------------------------------------------- distributed
+
+
+@dataclass
+class Distributed:
+    """This process's place in a torchrun job (world_size 1 without one)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    owns_group: bool = False
+
+    @classmethod
+    def from_env(cls) -> "Distributed":
+        """Join the torchrun process group (NCCL with CUDA, gloo otherwise) when WORLD_SIZE > 1."""
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        if world_size <= 1:
+            return cls()
+        import torch.distributed as dist
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        owns = False
+        if not dist.is_initialized():
+            if torch.cuda.is_available():
+                torch.cuda.set_device(local_rank)
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+            owns = True
+        return cls(dist.get_rank(), dist.get_world_size(), local_rank, owns)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            torch.distributed.barrier()
+
+    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.world_size > 1:
+            torch.distributed.all_reduce(tensor)
+        return tensor
+
+    def gather(self, obj) -> list:
+        if self.world_size == 1:
+            return [obj]
+        out = [None] * self.world_size
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+    def close(self) -> None:
+        if self.owns_group:
+            torch.distributed.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def disable_dropout(module: torch.nn.Module) -> None:
+    """Set every dropout probability to 0 (nn.Dropout modules and attention_dropout attributes)."""
+    for sub in module.modules():
+        if isinstance(sub, torch.nn.Dropout):
+            sub.p = 0.0
+        if isinstance(getattr(sub, "attention_dropout", None), float):
+            sub.attention_dropout = 0.0
+
+
+class WarmupSchedule:
+    """LR multiplier: linear warmup over ``warmup`` steps, then linear/cosine decay to 0 (or constant)."""
+
+    def __init__(self, total: int, warmup: int, kind: str):
+        self.total, self.warmup, self.kind = total, warmup, kind
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / (self.warmup + 1)
+        if self.kind == "constant":
+            return 1.0
+        progress = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
+        if self.kind == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0 - progress
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """bfloat16 for ``bf16`` (and for ``auto`` on a CUDA device that supports it), else None."""
+    if precision == "bf16":
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise ValueError(f"precision: bf16 is not supported on {torch.cuda.get_device_name(device)}")
+        return torch.bfloat16
+    if precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
+def holds_run(path: Path) -> list[str]:
+    """Names of the run files/directories present in ``path``."""
+    return [name for name in RUN_MARKERS if (path / name).exists()]
+
+
+def check_output_dir(config: TrainConfig) -> Path:
+    """Refuse a directory that holds another run unless overwrite or resume; resume needs a checkpoint."""
+    path = Path(config.output_dir)
+    if path.exists() and not path.is_dir():
+        raise RunDirectoryError(f"output_dir: {path} exists and is not a directory")
+    found = holds_run(path) if path.is_dir() else []
+    if config.resume:
+        if not checkpoint.is_checkpoint(path / CHECKPOINT_DIR) or not (path / RUN_FILE).is_file():
+            raise RunDirectoryError(f"resume: {path} has no checkpoint to resume from "
+                                    f"(expected {path / CHECKPOINT_DIR} and {path / RUN_FILE})")
+    elif found and not config.overwrite:
+        raise RunDirectoryError(f"output_dir: {path} holds another run ({', '.join(found)}); pass --overwrite "
+                                "to replace it or --resume to continue it")
+    return path
+
+
+class _LossModule(torch.nn.Module):
+    """The unit DistributedDataParallel wraps: batch -> (loss, rewards)."""
+
+    def __init__(self, model: RewardModel, loss_config: LossConfig):
+        super().__init__()
+        self.model, self.loss_config = model, loss_config
+
+    def forward(self, batch):
+        return compute_loss(self.model, batch, self.loss_config)
+
+
+# ----------------------------------------------------------------------------- trainer
+
+
+class Trainer:
+    """One run. ``Trainer(config).run()`` trains, evaluates and writes the output directory."""
+
+    def __init__(self, config: TrainConfig, log=None):
+        config.validate()
+        self.config = config
+        self.loss_config = config.loss_config()
+        self._log = log
+        self.dist = Distributed.from_env()
+        try:
+            self._setup()
+        except BaseException:
+            self.dist.close()
+            raise
+
+    # --- setup: validate everything before writing anything
+
+    def log(self, message: str) -> None:
+        if self.dist.is_main:
+            (self._log or _tqdm_print)(message)
+
+    def _setup(self) -> None:
+        config = self.config
+        self.output_dir = check_output_dir(config)
+        self.device = torch.device(config.device) if config.device else (
+            torch.device("cuda", self.dist.local_rank) if torch.cuda.is_available() else torch.device("cpu"))
+        self.autocast_dtype = autocast_dtype(config.precision, self.device)
+        saved = self._read_resume_state() if config.resume else None
+        set_seed(config.seed)
+        self.tokenizer, self.model = self._load_model()
+        self.max_length = self.model.max_length
+        self.pad_token_id = next(i for i in (self.tokenizer.pad_token_id, self.tokenizer.eos_token_id, 0)
+                                 if i is not None)
+        self.train_data, self.valid_data = self._load_data()
+        for note in check_data(self.loss_config, self.train_data.num_ties, self.train_data.has_margin, "train"):
+            self.log(note)
+        if self.valid_data is not None:
+            check_data(self.loss_config, self.valid_data.num_ties, False, "valid")
+        self.sampler = LengthGroupedBatchSampler(
+            self.train_data.row_lengths, batch_size=None if config.max_tokens else config.batch_size,
+            max_tokens=config.max_tokens, seed=config.seed, num_replicas=self.dist.world_size, rank=self.dist.rank)
+        self.total_steps = self._planned_steps()
+        self.model.to(self.device)
+        self.loss_module = _LossModule(self.model, self.loss_config)
+        self.train_module = self.loss_module
+        if self.dist.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel
+            self.train_module = DistributedDataParallel(self.loss_module, device_ids=None)
+        self.optimizer = self._optimizer()
+        warmup = round(config.warmup_ratio * self.total_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, WarmupSchedule(self.total_steps, warmup, config.schedule))
+        self.state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best_value": None, "best_step": None,
+                      "evals_since_best": 0, "stopped_early": False, "done": False}
+        self.train_sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # loss*n, n, correct, pairs
+        set_seed(config.seed + self.dist.rank)
+        self._prepare_output_dir(saved)
+        if saved is not None:
+            self._restore(saved)
+
+    def _read_resume_state(self) -> dict:
+        run = json.loads((self.output_dir / RUN_FILE).read_text())
+        current = self.config.to_json()
+        changed = [k for k, v in run["config"].items()
+                   if k not in RESUMABLE_CHANGES and current.get(k) != v]
+        if changed:
+            details = "; ".join(f"{k}: was {run['config'][k]!r}, now {current.get(k)!r}" for k in changed)
+            raise RunDirectoryError(f"resume: the configuration differs from the run in {self.output_dir} ({details})")
+        state = torch.load(self.output_dir / CHECKPOINT_DIR / checkpoint.TRAINING_STATE_NAME, map_location="cpu",
+                           weights_only=False)
+        if state["world_size"] != self.dist.world_size:
+            raise RunDirectoryError(f"resume: the checkpoint was written by {state['world_size']} processes, this "
+                                    f"run has {self.dist.world_size}; resume with the same number")
+        return state
+
+    def _load_model(self):
+        config = self.config
+        backbone = Path(config.backbone)
+        if not backbone.exists():
+            raise FileNotFoundError(f"backbone: {backbone} does not exist (a local transformers model directory)")
+        try:
+            tokenizer = load_tokenizer(str(backbone))
+        except (OSError, ValueError, TypeError) as err:
+            raise ValueError(f"backbone: cannot load a tokenizer from {backbone} ({err})") from None
+        try:
+            if config.resume:
+                model = RewardModel.from_pretrained(str(self.output_dir / CHECKPOINT_DIR))
+            else:
+                model = RewardModel.from_backbone(str(backbone), num_heads=config.num_heads)
+        except (OSError, ValueError, KeyError) as err:
+            raise ValueError(f"backbone: cannot load a transformers model from {backbone} ({err})") from None
+        model.max_length = self._max_length(model, tokenizer)
+        if not config.dropout:
+            disable_dropout(model)
+        pooler = getattr(model.backbone, "pooler", None)
+        if isinstance(pooler, torch.nn.Module):
+            pooler.requires_grad_(False)  # the rewards never use it; DDP needs every trained parameter used
+        if config.gradient_checkpointing:
+            if not getattr(model.backbone, "supports_gradient_checkpointing", False):
+                raise ValueError(f"gradient_checkpointing: {type(model.backbone).__name__} does not support it")
+            enable = getattr(model.backbone, "activation_checkpointing_enable", None)  # transformers >= 5.2x
+            if enable is not None:
+                enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if hasattr(model.backbone.config, "use_cache"):
+                model.backbone.config.use_cache = False
+        return tokenizer, model
+
+    def _max_length(self, model: RewardModel, tokenizer) -> int:
+        limit = getattr(model.backbone.config, "max_position_embeddings", None)
+        if self.config.max_length is not None:
+            if limit is not None and self.config.max_length > limit:
+                raise ValueError(f"max_length: {self.config.max_length} exceeds the backbone's "
+                                 f"max_position_embeddings={limit}")
+            return self.config.max_length
+        candidates = [MAX_DEFAULT_LENGTH, limit, tokenizer.model_max_length]
+        return int(min(c for c in candidates if isinstance(c, int) and c > 0))
+
+    def _load_data(self) -> tuple[PreferenceDataset, PreferenceDataset | None]:
+        config, show = self.config, self.config.progress and self.dist.is_main
+        options = {"use_margin": config.use_margin, "truncate_responses": config.truncate_responses, "progress": show}
+        train = load_preferences(config.train, self.tokenizer, self.max_length, name="train", **options)
+        valid = None
+        if config.valid is not None:
+            valid = load_preferences(config.valid, self.tokenizer, self.max_length, name="valid", **options)
+        elif config.valid_fraction:
+            train, valid = train.split(config.valid_fraction, config.seed)
+        return train, valid
+
+    def _planned_steps(self) -> int:
+        if self.config.max_steps:
+            return self.config.max_steps
+        world = self.dist.world_size
+        return sum(math.ceil(math.ceil(len(self.sampler.epoch_batches(e)) / world) / self.config.grad_accum)
+                   for e in range(self.config.epochs))
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        config = self.config
+        backbone = [p for p in self.model.backbone.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in backbone if p.ndim >= 2], "weight_decay": config.weight_decay, "lr": config.lr},
+            {"params": [p for p in backbone if p.ndim < 2], "weight_decay": 0.0, "lr": config.lr},
+            {"params": [self.model.head.weight], "weight_decay": config.weight_decay,
+             "lr": config.head_lr or config.lr},
+        ]
+        if self.model.head.bias is not None:
+            groups.append({"params": [self.model.head.bias], "weight_decay": 0.0, "lr": config.head_lr or config.lr})
+        return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr)
+
+    def _prepare_output_dir(self, saved: dict | None) -> None:
+        """The first write of the run (rank 0); every input has been validated by now."""
+        if self.dist.is_main:
+            path = self.output_dir
+            path.mkdir(parents=True, exist_ok=True)
+            for stale in path.glob(".*.tmp-*"):
+                shutil.rmtree(stale, ignore_errors=True)
+            if saved is not None:
+                with open(path / METRICS_FILE, "r+b") as f:
+                    f.truncate(saved["metrics_bytes"])
+            else:
+                if self.config.overwrite:
+                    for name in RUN_ARTIFACTS:
+                        target = path / name
+                        shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+                run = {"library_version": __version__, "world_size": self.dist.world_size,
+                       "config": self.config.to_json()}
+                checkpoint.atomic_write_text(path / RUN_FILE, json.dumps(run, indent=2))
+                (path / METRICS_FILE).write_text("")
+                grouped = self.sampler.padding_fraction(0)
+                self._event({"event": "start", "train": dataclasses.asdict(self.train_data.report),
+                             "valid": dataclasses.asdict(self.valid_data.report) if self.valid_data else None,
+                             "padding_fraction": grouped, "total_steps": self.total_steps,
+                             "world_size": self.dist.world_size})
+        self.dist.barrier()
+        self.log(str(self.train_data.report))
+        if self.valid_data is not None:
+            self.log(str(self.valid_data.report))
+        self.log(f"batches: padding is {100 * self.sampler.padding_fraction(0):.1f}% of tokens with length grouping "
+                 f"({100 * self.sampler.padding_fraction(0, grouped=False):.1f}% with random batches); "
+                 f"{self.total_steps} optimizer steps on {self.dist.world_size} process(es), device {self.device}")
+
+    def _restore(self, saved: dict) -> None:
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        self.state = dict(saved["state"])
+        self.train_sums = saved["train_sums"].to(self.device)
+        set_rng_state(saved["rng"][self.dist.rank])
+        self.log(f"resumed from {self.output_dir / CHECKPOINT_DIR} at step {self.state['step']} "
+                 f"(epoch {self.state['epoch']}, batch {self.state['batch_in_epoch']})")
+
+    # --- training
+
+    def run(self) -> TrainResult:
+        """Train (from the checkpoint when resuming), then finalize best/ and the reports."""
+        try:
+            if not self.state["done"]:
+                self._fit()
+            return self._finish()
+        finally:
+            self.dist.close()
+
+    def _fit(self) -> None:
+        from tqdm.auto import tqdm
+
+        config, state = self.config, self.state
+        collate = PreferenceCollator(self.pad_token_id)
+        bar = tqdm(total=self.total_steps, initial=state["step"], desc="train", dynamic_ncols=True,
+                   disable=not (config.progress and self.dist.is_main))
+        self.started = time.perf_counter()
+        self.model.train()
+        try:
+            while not state["done"]:
+                self.sampler.set_epoch(state["epoch"], state["batch_in_epoch"])
+                micro_batches = len(self.sampler)
+                # batches are built here, not by a DataLoader, whose iterators draw from the global RNG
+                for index, indices in enumerate(self.sampler, start=state["batch_in_epoch"]):
+                    batch = collate([self.train_data[i] for i in indices])
+                    window_start = index - index % config.grad_accum
+                    window = min(config.grad_accum, micro_batches - window_start)
+                    last_in_window = index == window_start + window - 1
+                    self._micro_step(batch.to(self.device, non_blocking=True), window, last_in_window)
+                    if last_in_window:
+                        grad_norm = self._optimizer_step()
+                        end_of_epoch = index == micro_batches - 1
+                        state["batch_in_epoch"] = index + 1
+                        if end_of_epoch:
+                            state["epoch"], state["batch_in_epoch"] = state["epoch"] + 1, 0
+                        self._after_step(grad_norm, end_of_epoch, bar)
+                        if state["done"] or end_of_epoch:
+                            break
+        finally:
+            bar.close()
+
+    def _micro_step(self, batch, window: int, last_in_window: bool) -> None:
+        sync = contextlib.nullcontext()
+        if self.dist.world_size > 1 and not last_in_window:
+            sync = self.train_module.no_sync()
+        autocast = (torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype
+                    else contextlib.nullcontext())
+        with sync:
+            with autocast:
+                loss, rewards = self.train_module(batch)
+            (loss / window).backward()
+        with torch.no_grad():
+            mean_reward = rewards.float().mean(dim=1)
+            chosen, rejected = batch.pairs()
+            gap = mean_reward[chosen] - mean_reward[rejected]
+            decided = torch.ones_like(gap, dtype=torch.bool) if batch.tie is None else ~batch.tie
+            correct = ((gap > 0).double() + 0.5 * (gap == 0).double())[decided].sum()
+            comparisons = batch.num_comparisons
+            self.train_sums += torch.stack([loss.detach().double() * comparisons,
+                                            torch.tensor(float(comparisons), device=self.device, dtype=torch.float64),
+                                            correct, decided.sum().double()])
+
+    def _optimizer_step(self) -> float:
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        max_norm = self.config.max_grad_norm or float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state["step"] += 1
+        return grad_norm
+
+    def _after_step(self, grad_norm: float, end_of_epoch: bool, bar) -> None:
+        config, state = self.config, self.state
+        step = state["step"]
+        final = step >= self.total_steps or (not config.max_steps and state["epoch"] >= config.epochs)
+        bar.update(1)
+        if step % config.log_every == 0 or final:
+            self._log_train(grad_norm, bar)
+        evaluated = False
+        if self.valid_data is not None and (
+                (config.eval_every and step % config.eval_every == 0)
+                or (not config.eval_every and end_of_epoch) or final):
+            self._evaluate_and_keep_best(bar)
+            evaluated = True
+        state["done"] = final or state["stopped_early"]
+        if (config.save_every and step % config.save_every == 0) or state["done"] or (
+                not config.save_every and (evaluated or end_of_epoch)):
+            self._save_checkpoint()
+
+    def _log_train(self, grad_norm: float, bar) -> None:
+        sums = self.dist.sum(self.train_sums.clone()).tolist()
+        self.train_sums.zero_()
+        if sums[1] == 0:
+            return
+        loss = sums[0] / sums[1]
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"loss: not finite ({loss}) at step {self.state['step']}; lower lr or use "
+                                     "precision fp32")
+        event = {"event": "train", "step": self.state["step"], "epoch": self.state["epoch"], "loss": loss,
+                 "accuracy": sums[2] / sums[3] if sums[3] else None, "lr": self.scheduler.get_last_lr()[0],
+                 "grad_norm": grad_norm, "comparisons": int(sums[1]),
+                 "elapsed_s": round(time.perf_counter() - self.started, 3)}
+        self._event(event)
+        bar.set_postfix(loss=f"{loss:.4f}", acc=f"{event['accuracy'] or 0:.3f}", refresh=False)
+
+    def evaluate(self, dataset: PreferenceDataset) -> tuple[dict, dict]:
+        """(metrics, rewards by example) of the current model on ``dataset``, sharded across processes."""
+        local = metrics.score(self.model, dataset, indices=range(self.dist.rank, len(dataset), self.dist.world_size),
+                              batch_size=self.config.eval_batch_size or 2 * self.config.batch_size,
+                              device=self.device, autocast_dtype=self.autocast_dtype, pad_token_id=self.pad_token_id,
+                              backend=self.config.backend)
+        rewards = {k: v for part in self.dist.gather(local) for k, v in part.items()}
+        return metrics.preference_metrics(dataset, rewards, self.loss_config), rewards
+
+    def _evaluate_and_keep_best(self, bar) -> None:
+        config, state = self.config, self.state
+        result, _ = self.evaluate(self.valid_data)
+        value = result[config.early_stopping_metric]
+        self._event({"event": "eval", "step": state["step"], "epoch": state["epoch"],
+                     **metrics.scalar_metrics(result)})
+        better = value is not None and (state["best_value"] is None or (
+            value > state["best_value"] if config.early_stopping_metric == "accuracy" else value < state["best_value"]))
+        if better:
+            state["best_value"], state["best_step"], state["evals_since_best"] = value, state["step"], 0
+            if self.dist.is_main:
+                self.model.save_pretrained(str(self.output_dir / BEST_DIR), self.tokenizer, extra=self._extra())
+            self.dist.barrier()
+        else:
+            state["evals_since_best"] += 1
+            if config.patience and state["evals_since_best"] >= config.patience:
+                state["stopped_early"] = True
+        message = (f"step {state['step']}: validation accuracy {result['accuracy']:.4f}, loss {result['loss']:.4f}"
+                   f"{' (best)' if better else ''}")
+        if state["stopped_early"]:
+            message += f"; stopping early: no better {config.early_stopping_metric} in {config.patience} evaluations"
+        self.log(message)
+
+    def _save_checkpoint(self) -> None:
+        rng = self.dist.gather(rng_state())
+        if self.dist.is_main:
+            training_state = {
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "rng": rng,
+                "state": dict(self.state), "train_sums": self.train_sums.cpu(),
+                "metrics_bytes": (self.output_dir / METRICS_FILE).stat().st_size,
+                "world_size": self.dist.world_size}
+            self.model.save_pretrained(str(self.output_dir / CHECKPOINT_DIR), extra={"step": self.state["step"]},
+                                       training_state=training_state)
+        self.dist.barrier()
+
+    def _extra(self) -> dict:
+        loss = dataclasses.asdict(self.loss_config)
+        loss.pop("backend")
+        return {"training": {"loss": loss, "step": self.state["step"], "best_step": self.state["best_step"],
+                             "early_stopping_metric": self.config.early_stopping_metric,
+                             "best_value": self.state["best_value"]}}
+
+    def _event(self, event: dict) -> None:
+        if self.dist.is_main:
+            with open(self.output_dir / METRICS_FILE, "a") as f:
+                f.write(json.dumps(metrics.json_safe(event)) + "\n")
+
+    # --- finish
+
+    def _finish(self) -> TrainResult:
+        """Load the best weights, measure reward mean/std on validation data, write best/ and reports."""
+        best_dir = self.output_dir / BEST_DIR
+        if self.valid_data is not None and checkpoint.is_checkpoint(best_dir):
+            best = RewardModel.from_pretrained(str(best_dir))
+            self.model.load_state_dict(best.state_dict())
+        stats_data = self.valid_data if self.valid_data is not None else self.train_data
+        result, _ = self.evaluate(stats_data)
+        self.model.reward_mean, self.model.reward_std = result["reward_mean"], result["reward_std"]
+        extra = self._extra()
+        extra["reward_stats_split"] = "valid" if self.valid_data is not None else "train"
+        if self.dist.is_main:
+            self.model.save_pretrained(str(best_dir), self.tokenizer, extra=extra)
+            if self.valid_data is not None:
+                checkpoint.atomic_write_text(self.output_dir / EVAL_FILE, json.dumps(result, indent=2))
+                metrics.reliability_diagram(result, self.output_dir / RELIABILITY_FILE)
+                self._event({"event": "final", "step": self.state["step"], "best_step": self.state["best_step"],
+                             **metrics.scalar_metrics(result)})
+            metrics.plot_training_curves(self.output_dir / METRICS_FILE, self.output_dir / CURVES_FILE)
+            if self.valid_data is not None:
+                self.log(metrics.format_table(result, title=f"validation metrics of {best_dir}"))
+        self.dist.barrier()
+        return TrainResult(self.output_dir, best_dir, result if self.valid_data is not None else None,
+                           self.state["step"], self.state["best_step"], self.state["stopped_early"])
+
+
+def _tqdm_print(message: str) -> None:
+    from tqdm.auto import tqdm
+    tqdm.write(message)
+
+
+def train(config: TrainConfig, log=None) -> TrainResult:
+    """Run ``config`` to the end; ``log(message)`` replaces printing (rank 0 only)."""
+    return Trainer(config, log=log).run()

@@ -1,0 +1,126 @@
+"""The command line: demo (offline, accuracy and time targets), eval, help, and bad input."""
+import contextlib
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from prefkernels.cli import main
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """The default demo, run once: (output directory, captured stdout, seconds)."""
+    out = tmp_path_factory.mktemp("demo") / "run"
+    stdout = io.StringIO()
+    started = time.perf_counter()
+    with contextlib.redirect_stdout(stdout):
+        code = main(["demo", "--output", str(out), "--no-progress"])
+    assert code == 0
+    return out, stdout.getvalue(), time.perf_counter() - started
+
+
+def test_demo_reaches_the_accuracy_target_offline_and_fast(demo):
+    out, stdout, seconds = demo
+    accuracy = float(re.search(r"held-out accuracy (\d\.\d+)", stdout).group(1))
+    assert accuracy >= 0.90 and seconds < 180
+    assert stdout.strip().splitlines()[-1].startswith(f"demo: outputs in {out}")
+    for name in ("curves.png", "reliability.png"):
+        assert (out / name).read_bytes().startswith(PNG_MAGIC)
+    for name in ("data/train.jsonl", "data/valid.jsonl", "backbone/config.json", "best/prefkernels.json",
+                 "metrics.jsonl", "eval.json"):
+        assert (out / name).is_file(), name
+    assert json.loads((out / "eval.json").read_text())["accuracy"] == pytest.approx(accuracy, abs=1e-4)
+
+
+def test_eval_prints_a_table_and_writes_json(demo, tmp_path, capsys):
+    out, _, _ = demo
+    args = ["eval", "--model", str(out / "best"), "--data", str(out / "data" / "valid.jsonl"), "--no-progress"]
+    assert main([*args, "--output", str(tmp_path / "eval"), "--batch-size", "7"]) == 0
+    table = capsys.readouterr().out
+    assert "accuracy" in table and "ECE (10 bins)" in table and "ratings Spearman / Kendall" in table
+    written = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert written["accuracy"] >= 0.9 and written["pairs"] == 500
+    assert (tmp_path / "eval" / "reliability.png").read_bytes().startswith(PNG_MAGIC)
+    assert main([*args, "--json", "--max-tokens", "2000"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["accuracy"] == pytest.approx(written["accuracy"]) and printed["loss"] == pytest.approx(
+        written["loss"], rel=1e-4)
+
+
+def test_help_shows_examples(capsys):
+    for command in ("train", "eval", "demo"):
+        with pytest.raises(SystemExit) as exit_info:
+            main([command, "--help"])
+        assert exit_info.value.code == 0
+        assert "examples:" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--backbone", "x"])
+    assert exit_info.value.code == 2 and "--train" in capsys.readouterr().err
+
+
+def test_python_dash_m_entry_point():
+    done = subprocess.run([sys.executable, "-m", "prefkernels", "--help"], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
+    assert done.returncode == 0 and all(c in done.stdout for c in ("train", "eval", "demo"))
+
+
+def write(path, text):
+    path.write_text(text)
+    return str(path)
+
+
+GOOD = '{"prompt": "human : tell me about the river . assistant :", "chosen": " it is clear", "rejected": " vague"}\n'
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"prompt": "p", "choosen": "a", "rejected": "b"}\n', r"train.jsonl:1: missing column 'chosen' \(did you mean "
+                                                          r"'choosen'\?\)"),
+    (GOOD + '{"chosen": "a", "rejected": "b"\n', r"train.jsonl:2: invalid JSON"),
+    ("", r"train.jsonl: no records \(empty file\)"),
+    (GOOD + '{"chosen": " ", "rejected": "b"}\n', r"train.jsonl:2: column 'chosen' tokenizes to nothing"),
+    ('{"prompt": "' + "human : tell me about the river . " * 4 + '", "chosen": "' + " clear" * 20 + '", "rejected": '
+     '" vague"}\n', r"max_length=16 is too small for 1 of 2 texts"),
+])
+def test_bad_training_input_fails_cleanly_and_writes_nothing(demo, tmp_path, capsys, content, message):
+    out, _, _ = demo
+    data = write(tmp_path / "train.jsonl", content)
+    code = main(["train", "--backbone", str(out / "backbone"), "--train", data, "--output", str(tmp_path / "run"),
+                 "--max-length", "16", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 1 and re.search(message, err), err
+    assert err.startswith("prefkernels train: error: ") and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_backbone_and_occupied_output_are_refused(demo, tmp_path, capsys):
+    out, _, _ = demo
+    data = write(tmp_path / "train.jsonl", GOOD)
+    assert main(["train", "--backbone", str(tmp_path / "no-model"), "--train", data,
+                 "--output", str(tmp_path / "run"), "--no-progress"]) == 1
+    assert "backbone: " in capsys.readouterr().err and not (tmp_path / "run").exists()
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in out.iterdir())
+    assert main(["train", "--backbone", str(out / "backbone"), "--train", data, "--output", str(out),
+                 "--no-progress"]) == 1
+    assert "holds another run" in capsys.readouterr().err
+    assert main(["demo", "--output", str(out), "--no-progress"]) == 1
+    assert "--overwrite" in capsys.readouterr().err
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in out.iterdir()) == before
+    assert main(["eval", "--model", str(tmp_path / "nothing"), "--data", data]) == 1
+    assert "checkpoint: " in capsys.readouterr().err

