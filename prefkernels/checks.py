@@ -178,36 +178,43 @@ def check_values(inputs: OpInputs) -> None:
         return
     hidden = inputs.hidden
     N = num_rows(hidden, inputs.attention_mask, inputs.last_index, inputs.cu_seqlens)
-    checks: list[tuple[str, torch.Tensor]] = []
+    names: list[str] = []
+    values: list[torch.Tensor] = []  # 0-dim tensors, fetched together
+
+    def need(name, *tensors):
+        names.extend(f"{name}:{i}" for i in range(len(tensors)))
+        values.extend(tensors)
+
     if inputs.attention_mask is not None:
-        checks.append(("empty_mask_row", (~inputs.attention_mask.any(dim=1)).any().long()))
+        need("mask_rows_set", inputs.attention_mask.any(dim=1).all())
     if inputs.last_index is not None:
-        T = hidden.shape[1]
-        checks.append(("last_index", ((inputs.last_index < 0) | (inputs.last_index >= T)).any().long()))
+        need("last_index", *torch.aminmax(inputs.last_index))
     if inputs.cu_seqlens is not None:
         cu = inputs.cu_seqlens
-        checks.append(("cu_seqlens_order", (cu[1:] <= cu[:-1]).any().long()))
-        checks.append(("cu_seqlens_range", ((cu[0] < 0) | (cu[-1] > hidden.shape[0])).long()))
+        need("cu_seqlens", cu[0], cu[-1], (cu[1:] - cu[:-1]).min())
     for name in ("chosen_index", "rejected_index"):
         idx = getattr(inputs, name)
         if idx is not None:
-            checks.append((name, ((idx < 0) | (idx >= N)).any().long()))
-    if not checks:
+            need(name, *torch.aminmax(idx))
+    if not values:
         return
-    failed = dict(zip([c[0] for c in checks], torch.stack([c[1] for c in checks]).tolist()))
-    if failed.get("empty_mask_row"):
+    fetched = [values[0].item()] if len(values) == 1 else torch.stack([v.long() for v in values]).tolist()
+    got = dict(zip(names, fetched))
+    if "mask_rows_set:0" in got and not got["mask_rows_set:0"]:
         row = int((~inputs.attention_mask.any(dim=1)).nonzero()[0, 0])
         raise ValueError(f"attention_mask: every row needs at least one 1 (the pooled token), row {row} has none")
-    if failed.get("last_index"):
-        raise ValueError(f"last_index: expected values in [0, {hidden.shape[1]}) (T of hidden), got "
-                         f"min {int(inputs.last_index.min())}, max {int(inputs.last_index.max())}")
-    if failed.get("cu_seqlens_order"):
-        raise ValueError("cu_seqlens: expected strictly increasing offsets (every sequence non-empty), got "
-                         f"{inputs.cu_seqlens.tolist()[:16]}")
-    if failed.get("cu_seqlens_range"):
-        raise ValueError(f"cu_seqlens: expected offsets in [0, {hidden.shape[0]}] (rows of packed hidden), got "
-                         f"first {int(inputs.cu_seqlens[0])}, last {int(inputs.cu_seqlens[-1])}")
+    T = hidden.shape[1] if hidden.dim() == 3 else None
+    if "last_index:0" in got and (got["last_index:0"] < 0 or got["last_index:1"] >= T):
+        raise ValueError(f"last_index: expected values in [0, {T}) (T of hidden), got "
+                         f"min {got['last_index:0']}, max {got['last_index:1']}")
+    if "cu_seqlens:0" in got:
+        if got["cu_seqlens:2"] < 1:
+            raise ValueError("cu_seqlens: expected strictly increasing offsets (every sequence non-empty), got "
+                             f"{inputs.cu_seqlens.tolist()[:16]}")
+        if got["cu_seqlens:0"] < 0 or got["cu_seqlens:1"] > hidden.shape[0]:
+            raise ValueError(f"cu_seqlens: expected offsets in [0, {hidden.shape[0]}] (rows of packed hidden), got "
+                             f"first {got['cu_seqlens:0']}, last {got['cu_seqlens:1']}")
     for name in ("chosen_index", "rejected_index"):
-        if failed.get(name):
-            idx = getattr(inputs, name)
-            raise ValueError(f"{name}: expected row indices in [0, {N}), got min {int(idx.min())}, max {int(idx.max())}")
+        if f"{name}:0" in got and (got[f"{name}:0"] < 0 or got[f"{name}:1"] >= N):
+            raise ValueError(f"{name}: expected row indices in [0, {N}), got min {got[f'{name}:0']}, "
+                             f"max {got[f'{name}:1']}")

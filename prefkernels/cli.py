@@ -1,4 +1,4 @@
-"""Command line: ``prefkernels {train,eval,demo} ...`` (also ``python -m prefkernels``).
+"""Command line: ``prefkernels {train,eval,export,score,demo} ...`` (also ``python -m prefkernels``).
 
 Each subcommand is one ``add_<name>_parser(subparsers)`` function that declares its arguments
 and sets ``handler`` to a ``run_<name>(args) -> int`` function; ``SUBCOMMANDS`` lists them.
@@ -285,7 +285,19 @@ def run_demo(args) -> int:
 
 # ----------------------------------------------------------------------------- main
 
-SUBCOMMANDS = [add_train_parser, add_eval_parser, add_demo_parser]
+def add_export_parser(subparsers) -> None:
+    from prefkernels.export import add_export_parser as add
+
+    add(subparsers)
+
+
+def add_score_parser(subparsers) -> None:
+    from prefkernels.score_cli import add_score_parser as add
+
+    add(subparsers)
+
+
+SUBCOMMANDS = [add_train_parser, add_eval_parser, add_export_parser, add_score_parser, add_demo_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -91,9 +91,33 @@ def export_hf(checkpoint_dir: str, out_dir: str, allow_bias_drop: bool = False, 
     return diff
 
 
-def main_export(args) -> int:
-    """CLI handler: prefkernels export --hf OUT CHECKPOINT."""
-    diff = export_hf(args.checkpoint, args.hf, allow_bias_drop=args.allow_bias_drop)
-    print(f"exported {args.checkpoint} -> {Path(args.hf)} (AutoModelForSequenceClassification); "
+EXPORT_EXAMPLES = """examples:
+  prefkernels export runs/demo/best --hf exported/demo-rm
+  python -c "from transformers import AutoModelForSequenceClassification as M; M.from_pretrained('exported/demo-rm')"
+"""
+
+
+def add_export_parser(subparsers) -> None:
+    """``prefkernels export CHECKPOINT --hf OUT``."""
+    import argparse
+
+    p = subparsers.add_parser("export", help="export a checkpoint as an HF AutoModelForSequenceClassification",
+                              description=__doc__, epilog=EXPORT_EXAMPLES,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", help="prefkernels checkpoint directory (e.g. runs/demo/best)")
+    p.add_argument("--hf", required=True, metavar="DIR", help="output directory of the HF checkpoint")
+    p.add_argument("--allow-bias-drop", action="store_true",
+                   help="export even if the head bias is nonzero (HF score heads have no bias)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --hf directory")
+    p.set_defaults(handler=run_export)
+
+
+def run_export(args) -> int:
+    """CLI handler: verify, write atomically, reload with transformers and compare scores."""
+    out = Path(args.hf)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise ExportError(f"--hf: {out} already exists and is not empty; pass --overwrite to replace it")
+    diff = export_hf(args.checkpoint, str(out), allow_bias_drop=args.allow_bias_drop)
+    print(f"exported {args.checkpoint} -> {out} (AutoModelForSequenceClassification); "
           f"max score difference after reload {diff:.2e}")
     return 0

@@ -425,6 +425,10 @@ class Trainer:
         pooler = getattr(model.backbone, "pooler", None)
         if isinstance(pooler, torch.nn.Module):
             pooler.requires_grad_(False)  # the rewards never use it; DDP needs every trained parameter used
+        if model.head.bias is not None and not config.center_coef:
+            # Pairwise losses see only reward differences: the bias's true gradient is zero, and
+            # training it would only let Adam amplify rounding noise (and block a clean HF export).
+            model.head.bias.requires_grad_(False)
         if config.gradient_checkpointing:
             if not getattr(model.backbone, "supports_gradient_checkpointing", False):
                 raise ValueError(f"gradient_checkpointing: {type(model.backbone).__name__} does not support it")
@@ -474,7 +478,7 @@ class Trainer:
             {"params": [self.model.head.weight], "weight_decay": config.weight_decay,
              "lr": config.head_lr or config.lr},
         ]
-        if self.model.head.bias is not None:
+        if self.model.head.bias is not None and self.model.head.bias.requires_grad:
             groups.append({"params": [self.model.head.bias], "weight_decay": 0.0, "lr": config.head_lr or config.lr})
         return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr)
 
