@@ -15,7 +15,9 @@ import argparse
 import copy
 import json
 import platform
+import shutil
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -67,8 +69,8 @@ def make_dataset(n_pairs, seq_len, vocab_size, seed=0):
                               "rejected_ids": [sequence() for _ in range(n_pairs)]})
 
 
-def make_trainer(trainer_class, model, dataset, tokenizer, args):
-    config = RewardConfig(output_dir="unused", report_to=[], save_strategy="no", seed=0, bf16=args.bf16,
+def make_trainer(trainer_class, model, dataset, tokenizer, args, output_dir):
+    config = RewardConfig(output_dir=output_dir, report_to=[], save_strategy="no", seed=0, bf16=args.bf16,
                           per_device_train_batch_size=args.pairs, max_length=None, disable_dropout=True,
                           dataloader_num_workers=0)
     trainer = trainer_class(model=model, args=config, train_dataset=dataset, processing_class=tokenizer)
@@ -129,8 +131,10 @@ def main():
     tokenizer = make_tokenizer(args.vocab)
     dataset = make_dataset(args.pairs, args.seq_len, args.vocab)
 
-    trainers = {"stock RewardTrainer": make_trainer(RewardTrainer, copy.deepcopy(model), dataset, tokenizer, args),
-                "FusedRewardTrainer": make_trainer(FusedRewardTrainer, model, dataset, tokenizer, args)}
+    output_dir = tempfile.mkdtemp(prefix="bench_dropin_")  # Trainer creates it; nothing is saved
+    trainers = {"stock RewardTrainer": make_trainer(RewardTrainer, copy.deepcopy(model), dataset, tokenizer, args,
+                                                    output_dir),
+                "FusedRewardTrainer": make_trainer(FusedRewardTrainer, model, dataset, tokenizer, args, output_dir)}
     device = next(iter(trainers.values())).args.device
     batch = next(iter(trainers.values())).data_collator([dataset[i] for i in range(args.pairs)])
     times = {name: [] for name in trainers}
@@ -176,6 +180,7 @@ def main():
     print(f"head + loss only, forward + backward on hidden {list(hidden.shape)} {hidden.dtype}: " + ", ".join(
         f"{name} {ms:.2f} ms" for name, ms in head_ms.items()))
 
+    shutil.rmtree(output_dir, ignore_errors=True)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     report = {"benchmark": "bench_dropin", "device": str(device),
               "device_name": torch.cuda.get_device_name() if device.type == "cuda" else cpu_name(),

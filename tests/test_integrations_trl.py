@@ -36,6 +36,12 @@ MODELS = {
 METRICS = ("loss", "grad_norm", "num_tokens", "min_reward", "mean_reward", "max_reward", "accuracy", "margin")
 
 
+@pytest.fixture(autouse=True)
+def run_in_tmp_path(tmp_path, monkeypatch):
+    """Trainer creates its output_dir; keep it out of the repository."""
+    monkeypatch.chdir(tmp_path)
+
+
 def make_tokenizer(with_pad=True):
     """Word-level tokenizer over "w0".."w59"; without a pad token TRL pads with EOS (pad == eos)."""
     vocab = {"<pad>": 0, "<eos>": 1, **{f"w{i}": i + 2 for i in range(N_WORDS)}}

@@ -38,7 +38,7 @@ NATIVELY_POOLED_CLASSES = frozenset({
 
 
 def _generic_classifier_class():
-    """transformers' shared decoder classifier (>= 4.54), or None in older versions."""
+    """transformers' shared decoder classifier (recent 4.x and 5.x), or None in versions without it."""
     try:
         from transformers.modeling_layers import GenericForSequenceClassification
     except ImportError:
