@@ -24,6 +24,8 @@ QUICK_SHAPES = [(4, 128, 256, "fp32"), (4, 128, 256, "bf16")]
 
 def run(shapes, repeats: int, warmup: int) -> list[dict]:
     steps = common.methods(["native"])
+    for name in ("native", "eager", "floor"):
+        steps[f"{name}+read"] = common.then_read_grad(steps[name])
     rows = []
     for pairs, positions, dim, dtype in shapes:
         batch = common.make_batch(pairs, positions, dim, dtype, "cpu")
@@ -36,6 +38,8 @@ def run(shapes, repeats: int, warmup: int) -> list[dict]:
         row["hf_style/native"] = times["hf_style"] / times["native"]
         for name, step in steps.items():
             row[f"{name} peak MB"] = common.cpu_peak_extra_bytes(step, batch) / 2**20
+        row["(native+read)/(floor+read)"] = times["native+read"] / times["floor+read"]
+        row["(eager+read)/(floor+read)"] = times["eager+read"] / times["floor+read"]
         rows.append(row)
         print(f"done {row['shape']}", flush=True)
     return rows
@@ -51,8 +55,11 @@ def main(argv=None):
     rows = run(QUICK_SHAPES if args.quick else SHAPES, args.repeats, args.warmup)
     columns = ["shape", "floor ms", "native ms", "eager ms", "compile(eager) ms", "hf_style ms",
                "native/floor", "eager/floor", "compile(eager)/floor", "hf_style/floor", "hf_style/native",
-               "floor peak MB", "native peak MB", "eager peak MB", "hf_style peak MB"]
+               "grad_buffer_MB", "floor peak MB", "native peak MB", "eager peak MB", "hf_style peak MB"]
     common.print_table(rows, columns)
+    print("\nwith a consumer that reads the grad buffer after each step (hidden.grad.sum()):")
+    common.print_table(rows, ["shape", "floor+read ms", "native+read ms", "eager+read ms",
+                              "(native+read)/(floor+read)", "(eager+read)/(floor+read)"])
     name = "bench_op_cpu_quick" if args.quick else "bench_op_cpu"
     path = common.write_results(name, {"environment": common.environment("cpu"), "repeats": args.repeats,
                                        "rows": rows}, args.out)

@@ -47,6 +47,16 @@ def floor_step(batch):
     del batch["floor"]
 
 
+def then_read_grad(step):
+    """``step`` followed by a consumer that reads the whole grad buffer (as the backbone's
+    last layer does in a training step): shows where deferred costs (page faults) land."""
+    def consumed(batch):
+        step(batch)
+        grad = batch["hidden"].grad
+        batch["read"] = (grad if grad is not None else torch.zeros_like(batch["hidden"])).sum()
+    return consumed
+
+
 def methods(kernel_backends: list[str], compile_dynamic: bool = False) -> dict:
     """Name -> step. Kernel backends first, then the baselines and the floor."""
     out = {}
@@ -86,6 +96,8 @@ def cpu_peak_extra_bytes(step, batch) -> int:
             if line.startswith(field):
                 return int(line.split()[1]) * 1024
         raise RuntimeError(field)
+    for name in ("hidden", "weight", "bias"):
+        batch[name].grad = None
     try:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:

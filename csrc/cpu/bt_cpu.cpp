@@ -7,7 +7,10 @@
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
+#include <algorithm>
+#include <cstdlib>
 #include <limits>
+#include <string>
 
 #include "../bt_math.h"
 #include "../op_args.h"
@@ -206,6 +209,25 @@ void weight_gradient(const float* coef, const hidden_t* hidden, const int64_t* p
   });
 }
 
+// The zeroed grad buffer. By default without a memset: calloc takes large blocks straight
+// from fresh mmap pages, which the kernel zero-fills on first touch, so only the pages the
+// scatter writes are faulted in (a later reader of the rest maps the shared zero page);
+// small blocks come from the heap and calloc clears them. With THP_MEM_ALLOC_ENABLE=1 the
+// user asked PyTorch's allocator for huge pages, whose faults are 512x fewer: then the buffer
+// comes from that allocator (at::zeros) so its readers keep the huge pages.
+bool torch_allocates_huge_pages() {
+  const char* env = std::getenv("THP_MEM_ALLOC_ENABLE");
+  return env != nullptr && std::string(env) == "1";
+}
+
+at::Tensor zeroed_buffer(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  if (torch_allocates_huge_pages()) return at::zeros(sizes, options);
+  const int64_t numel = c10::multiply_integers(sizes);
+  void* data = std::calloc(static_cast<size_t>(std::max<int64_t>(numel, 1)), options.dtype().itemsize());
+  TORCH_CHECK(data != nullptr, "prefkernels: out of memory allocating the ", numel, "-element grad buffer");
+  return at::from_blob(data, sizes, [](void* p) { std::free(p); }, options);
+}
+
 std::tuple<at::Tensor, at::Tensor> pool_backward_cpu(const at::Tensor& grad_coef, const c10::optional<at::Tensor>& row_ptr,
                                                      const c10::optional<at::Tensor>& row_entry, const at::Tensor& hidden,
                                                      const at::Tensor& weight, const at::Tensor& pooled_pos,
@@ -230,7 +252,7 @@ std::tuple<at::Tensor, at::Tensor> pool_backward_cpu(const at::Tensor& grad_coef
   auto coef = at::empty({l.rows, heads}, grad_coef.options());
   row_coefficients(grad_coef.data_ptr<float>(), optional_ptr<int64_t>(row_ptr), optional_ptr<int64_t>(row_entry), l.rows,
                    heads, coef.data_ptr<float>());
-  auto grad_hidden = need_grad_hidden ? at::zeros(hidden.sizes(), hidden.options()) : at::empty({0}, hidden.options());
+  auto grad_hidden = need_grad_hidden ? zeroed_buffer(hidden.sizes(), hidden.options()) : at::empty({0}, hidden.options());
   auto grad_weight = at::empty_like(weight);
   dispatch_hidden_weight(hidden, weight, [&](auto h, auto w) {
     using hidden_t = decltype(h);
