@@ -207,3 +207,15 @@ def test_torch_compile_fullgraph_matches_eager(reduction):
         grads[name] = (out.detach(), rewards, hidden.grad, weight.grad)
     for got, want in zip(grads["compiled"], grads["eager"]):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("huge_pages", ["0", "1"])
+def test_native_grad_buffer_is_zero_outside_pooled_rows_with_either_allocator(monkeypatch, huge_pages):
+    """The CPU grad buffer comes from calloc, or from PyTorch's allocator with THP_MEM_ALLOC_ENABLE=1."""
+    monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", huge_pages)
+    inputs = make_inputs(Case(rows=8, positions=512, dim=2048, pooling="mask_left"))  # 32 MiB: an mmap block
+    poison_allocator("cpu", sizes=(1 << 23,))
+    result = run_op(public("native"), inputs)
+    assert_matches(result, reference_float64(inputs), inputs)
+    grad = result["grad_hidden"]
+    assert grad[:, :-1].abs().max() == 0 and (grad[:, -1].abs().sum(-1) > 0).all()
