@@ -9,7 +9,6 @@ Each validates its inputs (clear errors naming the argument), picks a backend in
 """
 from __future__ import annotations
 
-import torch
 
 from prefkernels import backends, checks, reference
 

@@ -28,6 +28,15 @@ def hh_harmless() -> Path:
     return require_hh_harmless()
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models run fastest (and least noisily on a shared machine) on one torch thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

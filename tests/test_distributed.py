@@ -5,19 +5,13 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from prefkernels.data import synthetic
 from prefkernels.tiny import write_tiny_backbone
 from prefkernels.trainer import TrainConfig, train
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_two_process_ddp_matches_single_process_accumulation(tmp_path):

@@ -12,12 +12,7 @@ from prefkernels.model import RewardModel
 from prefkernels.tiny import build_tiny_llama, build_tiny_tokenizer
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("nll, strength", [(davidson_nll, 0.7), (rao_kupper_nll, 1.8)])

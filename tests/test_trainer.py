@@ -13,12 +13,7 @@ from prefkernels.tiny import write_tiny_backbone
 from prefkernels.trainer import RunDirectoryError, TrainConfig, Trainer, WarmupSchedule, disable_dropout, train
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
