@@ -23,7 +23,7 @@ $(STAMP): $(PYTHON) $(SOURCES)
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PYTHON) -m prefkernels demo
+	$(PYTHON) -m prefkernels demo --overwrite
 
 quickstart: $(STAMP)
 	$(PYTHON) python/quickstart.py
