@@ -98,4 +98,53 @@ inline int64_t num_pairs(int64_t rows, const c10::optional<at::Tensor>& chosen, 
   return chosen->size(0);
 }
 
+template <typename T>
+const T* optional_ptr(const c10::optional<at::Tensor>& t) {
+  return t.has_value() ? t->data_ptr<T>() : nullptr;
+}
+
+inline void check_margin(const c10::optional<at::Tensor>& margin, int64_t pairs) {
+  if (margin.has_value()) {
+    TORCH_CHECK(margin->scalar_type() == at::kFloat && margin->is_contiguous() && margin->numel() == pairs,
+                "margin: expected contiguous float32 [P]");
+  }
+}
+
+// pool_backward's arguments: checks, and hidden's layout with rows = N pooled positions.
+inline HiddenLayout backward_layout(const at::Tensor& grad_coef, const c10::optional<at::Tensor>& row_ptr,
+                                    const c10::optional<at::Tensor>& row_entry, const at::Tensor& hidden,
+                                    const at::Tensor& weight, const at::Tensor& pooled_pos) {
+  TORCH_CHECK(hidden.dim() == 2 || hidden.dim() == 3, "hidden: expected [N, T, D] or packed [total, D]");
+  TORCH_CHECK(hidden.stride(-1) == 1, "hidden: last dimension must be contiguous");
+  HiddenLayout l;
+  l.dim = hidden.size(-1);
+  l.rows = pooled_pos.size(0);
+  l.positions = hidden.dim() == 3 ? hidden.size(1) : hidden.size(0);
+  l.stride_n = hidden.dim() == 3 ? hidden.stride(0) : 0;
+  l.stride_t = hidden.dim() == 3 ? hidden.stride(1) : hidden.stride(0);
+  TORCH_CHECK(hidden.dim() == 2 || hidden.size(0) == l.rows, "pooled_pos: expected one position per row of hidden");
+  const int64_t heads = weight.size(0);
+  TORCH_CHECK(grad_coef.scalar_type() == at::kFloat && grad_coef.is_contiguous() && grad_coef.dim() == 2 &&
+                  grad_coef.size(1) == heads,
+              "grad_coef: expected contiguous float32 [M, K]");
+  TORCH_CHECK(row_ptr.has_value() == row_entry.has_value(), "row_ptr and row_entry go together");
+  TORCH_CHECK(row_ptr.has_value() || grad_coef.size(0) == l.rows, "grad_coef: expected [N, K] without row_ptr");
+  if (row_ptr.has_value()) {
+    TORCH_CHECK(row_ptr->scalar_type() == at::kLong && row_ptr->is_contiguous() && row_ptr->dim() == 1 &&
+                    row_ptr->size(0) == l.rows + 1,
+                "row_ptr: expected contiguous int64 [N + 1]");
+    TORCH_CHECK(row_entry->scalar_type() == at::kLong && row_entry->is_contiguous() && row_entry->dim() == 1,
+                "row_entry: expected contiguous int64 [M]");
+  }
+  TORCH_CHECK(pooled_pos.scalar_type() == at::kLong && pooled_pos.is_contiguous() && pooled_pos.dim() == 1,
+              "pooled_pos: expected contiguous int64 [N]");
+  check_head(hidden, weight, c10::nullopt, l.dim);
+  return l;
+}
+
+// Row stride of the contiguous grad_hidden buffer (0 for packed hidden: one sequence).
+inline int64_t grad_stride_n(const at::Tensor& hidden, const HiddenLayout& l) {
+  return hidden.dim() == 3 ? l.positions * l.dim : 0;
+}
+
 }  // namespace prefkernels

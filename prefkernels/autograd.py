@@ -9,16 +9,13 @@ from __future__ import annotations
 import torch
 
 from prefkernels.backends import OpSet
+from prefkernels.checks import num_rows
 
 _F32, _I64 = torch.float32, torch.int64
 
 
-def _rows(hidden, cu_seqlens):
-    return cu_seqlens.shape[0] - 1 if cu_seqlens is not None else hidden.shape[0]
-
-
 def _pool_forward_fake(hidden, weight, bias, attention_mask, last_index, cu_seqlens):
-    n = _rows(hidden, cu_seqlens)
+    n = num_rows(hidden, cu_seqlens)
     return hidden.new_empty((n, weight.shape[0]), dtype=_F32), hidden.new_empty((n,), dtype=_I64)
 
 
@@ -51,11 +48,7 @@ def rows_csr(chosen_index, rejected_index, rows):
 
 
 def register(ops: OpSet) -> None:
-    """Register fake kernels and autograd for ``ops`` (idempotent per OpSet)."""
-    if getattr(register, "done", set()).__contains__(ops.name):
-        return
-    register.done = getattr(register, "done", set()) | {ops.name}
-
+    """Register fake kernels and autograd for ``ops``; prefkernels.backends calls it once per OpSet."""
     qualname = ops.qualname
     torch.library.register_fake(qualname("bt_forward"))(_bt_forward_fake)
     torch.library.register_fake(qualname("pool_forward"))(_pool_forward_fake)

@@ -123,7 +123,7 @@ def check_pooling(hidden, weight, bias, attention_mask, last_index, cu_seqlens) 
                     attention_mask, last_index, cu_seqlens)
 
 
-def num_rows(hidden, attention_mask, last_index, cu_seqlens) -> int:
+def num_rows(hidden, cu_seqlens) -> int:
     """N, the number of pooled rows."""
     if cu_seqlens is not None:
         return cu_seqlens.shape[0] - 1
@@ -134,7 +134,7 @@ def check_pairs(inputs: OpInputs, chosen_index, rejected_index, margin, label_sm
                 center_coef, reduction) -> OpInputs:
     """Validate the pair spec and loss options; fill them into ``inputs``."""
     device = inputs.hidden.device
-    N = num_rows(inputs.hidden, inputs.attention_mask, inputs.last_index, inputs.cu_seqlens)
+    N = num_rows(inputs.hidden, inputs.cu_seqlens)
     if (chosen_index is None) != (rejected_index is None):
         raise ValueError("chosen_index/rejected_index: pass both or neither, got only "
                          + ("chosen_index" if chosen_index is not None else "rejected_index"))
@@ -177,7 +177,7 @@ def check_values(inputs: OpInputs) -> None:
     if not value_checks_enabled():
         return
     hidden = inputs.hidden
-    N = num_rows(hidden, inputs.attention_mask, inputs.last_index, inputs.cu_seqlens)
+    N = num_rows(hidden, inputs.cu_seqlens)
     names: list[str] = []
     values: list[torch.Tensor] = []  # 0-dim tensors, fetched together
 

@@ -331,17 +331,22 @@ def _layout(hidden: Tensor, cu_seqlens: Optional[Tensor]):
     return hidden.shape[0], hidden.shape[1], hidden.shape[2], hidden.stride(0), hidden.stride(1)
 
 
+def _check_weight(weight: Tensor, D: int, hidden_dtype: torch.dtype) -> int:
+    """K, after the head checks of check_head in csrc/op_args.h."""
+    if weight.dim() != 2 or weight.shape[1] != D or not weight.is_contiguous():
+        raise RuntimeError("weight: expected contiguous [K, D]")
+    if weight.dtype not in (torch.float32, hidden_dtype):
+        raise RuntimeError("weight: expected float32 or hidden's dtype")
+    return weight.shape[0]
+
+
 def _pool_args(hidden, weight, bias, attention_mask, last_index, cu_seqlens):
     """Kernel arguments shared by the forward kernels (pointers, mode, sizes, block sizes)."""
     rows, positions, D, stride_n, stride_t = _layout(hidden, cu_seqlens)
     given = [t for t in (attention_mask, last_index, cu_seqlens) if t is not None]
     if len(given) != 1:
         raise RuntimeError("pass exactly one of attention_mask, last_index, cu_seqlens")
-    if weight.dim() != 2 or weight.shape[1] != D or not weight.is_contiguous():
-        raise RuntimeError("weight: expected contiguous [K, D]")
-    if weight.dtype not in (torch.float32, hidden.dtype):
-        raise RuntimeError("weight: expected float32 or hidden's dtype")
-    K = weight.shape[0]
+    K = _check_weight(weight, D, hidden.dtype)
     if bias is not None and (bias.shape != (K,) or not bias.is_contiguous() or bias.dtype != weight.dtype):
         raise RuntimeError("bias: expected contiguous [K] in weight's dtype")
     mask_ptr = index_ptr = hidden  # placeholders, never read for the other modes
@@ -447,11 +452,7 @@ def pool_backward(grad_coef, row_ptr, row_entry, hidden, weight, pooled_pos, nee
     positions = hidden.shape[1] if hidden.dim() == 3 else hidden.shape[0]
     stride_n = hidden.stride(0) if hidden.dim() == 3 else 0
     stride_t = hidden.stride(1) if hidden.dim() == 3 else hidden.stride(0)
-    if weight.dim() != 2 or weight.shape[1] != D or not weight.is_contiguous():
-        raise RuntimeError("weight: expected contiguous [K, D]")
-    if weight.dtype not in (torch.float32, hidden.dtype):
-        raise RuntimeError("weight: expected float32 or hidden's dtype")
-    K = weight.shape[0]
+    K = _check_weight(weight, D, hidden.dtype)
     if (grad_coef.dtype != torch.float32 or not grad_coef.is_contiguous() or grad_coef.dim() != 2
             or grad_coef.shape[1] != K):
         raise RuntimeError("grad_coef: expected contiguous float32 [M, K]")

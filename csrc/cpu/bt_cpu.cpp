@@ -93,11 +93,6 @@ void pair_losses(const float* rewards, int64_t rows, int64_t heads, int64_t pair
   }
 }
 
-template <typename T>
-const T* optional_ptr(const c10::optional<at::Tensor>& t) {
-  return t.has_value() ? t->data_ptr<T>() : nullptr;
-}
-
 template <typename F>
 void dispatch_hidden_weight(const at::Tensor& hidden, const at::Tensor& weight, F&& fn) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, hidden.scalar_type(), "prefkernels_cpu", [&] {
@@ -139,10 +134,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bt_forward_cpu(
   auto [rewards, pooled_pos] = pool_forward_cpu(hidden, weight, bias, attention_mask, last_index, cu_seqlens);
   const int64_t rows = rewards.size(0), heads = rewards.size(1);
   const int64_t pairs = num_pairs(rows, chosen_index, rejected_index);
-  if (margin.has_value()) {
-    TORCH_CHECK(margin->scalar_type() == at::kFloat && margin->is_contiguous() && margin->numel() == pairs,
-                "margin: expected contiguous float32 [P]");
-  }
+  check_margin(margin, pairs);
   auto loss = at::empty({pairs, heads}, rewards.options());
   auto pair_grad = at::empty({2, pairs, heads}, rewards.options());
   pair_losses(rewards.data_ptr<float>(), rows, heads, pairs, optional_ptr<int64_t>(chosen_index),
@@ -171,7 +163,7 @@ void row_coefficients(const float* grad_coef, const int64_t* row_ptr, const int6
 
 template <typename hidden_t, typename weight_t>
 void scatter_rows(const float* coef, const weight_t* weight, const int64_t* pooled_pos, const HiddenLayout& l,
-                  int64_t heads, int64_t grad_stride_n, hidden_t* grad_hidden) {
+                  int64_t heads, int64_t grad_row_stride, hidden_t* grad_hidden) {
   at::parallel_for(0, l.rows, 16, [&](int64_t begin, int64_t end) {
     std::vector<float> acc(l.dim);
     for (int64_t n = begin; n < end; ++n) {
@@ -183,7 +175,7 @@ void scatter_rows(const float* coef, const weight_t* weight, const int64_t* pool
         const weight_t* w = weight + k * l.dim;
         for (int64_t d = 0; d < l.dim; ++d) acc[d] += c * static_cast<float>(w[d]);
       }
-      hidden_t* out = grad_hidden + n * grad_stride_n + pos * l.dim;
+      hidden_t* out = grad_hidden + n * grad_row_stride + pos * l.dim;
       for (int64_t d = 0; d < l.dim; ++d) out[d] = static_cast<hidden_t>(acc[d]);
     }
   });
@@ -242,23 +234,8 @@ std::tuple<at::Tensor, at::Tensor> pool_backward_cpu(const at::Tensor& grad_coef
                                                      const c10::optional<at::Tensor>& row_entry, const at::Tensor& hidden,
                                                      const at::Tensor& weight, const at::Tensor& pooled_pos,
                                                      bool need_grad_hidden) {
-  TORCH_CHECK(hidden.stride(-1) == 1, "hidden: last dimension must be contiguous");
-  HiddenLayout l;
-  l.dim = hidden.size(-1);
-  l.rows = pooled_pos.size(0);
-  l.positions = hidden.dim() == 3 ? hidden.size(1) : hidden.size(0);
-  l.stride_n = hidden.dim() == 3 ? hidden.stride(0) : 0;
-  l.stride_t = hidden.dim() == 3 ? hidden.stride(1) : hidden.stride(0);
+  const HiddenLayout l = backward_layout(grad_coef, row_ptr, row_entry, hidden, weight, pooled_pos);
   const int64_t heads = weight.size(0);
-  TORCH_CHECK(grad_coef.scalar_type() == at::kFloat && grad_coef.is_contiguous() && grad_coef.dim() == 2 &&
-                  grad_coef.size(1) == heads,
-              "grad_coef: expected contiguous float32 [M, K]");
-  TORCH_CHECK(row_ptr.has_value() == row_entry.has_value(), "row_ptr and row_entry go together");
-  TORCH_CHECK(row_ptr.has_value() || grad_coef.size(0) == l.rows, "grad_coef: expected [N, K] without row_ptr");
-  TORCH_CHECK(pooled_pos.scalar_type() == at::kLong && pooled_pos.is_contiguous(), "pooled_pos: expected int64");
-  check_head(hidden, weight, c10::nullopt, l.dim);
-
-  const int64_t grad_stride_n = hidden.dim() == 3 ? l.positions * l.dim : 0;  // grad_hidden is contiguous
   auto coef = at::empty({l.rows, heads}, grad_coef.options());
   row_coefficients(grad_coef.data_ptr<float>(), optional_ptr<int64_t>(row_ptr), optional_ptr<int64_t>(row_entry), l.rows,
                    heads, coef.data_ptr<float>());
@@ -269,7 +246,7 @@ std::tuple<at::Tensor, at::Tensor> pool_backward_cpu(const at::Tensor& grad_coef
     using weight_t = decltype(w);
     if (need_grad_hidden) {
       scatter_rows<hidden_t, weight_t>(coef.data_ptr<float>(), weight.data_ptr<weight_t>(), pooled_pos.data_ptr<int64_t>(), l,
-                                       heads, grad_stride_n, grad_hidden.data_ptr<hidden_t>());
+                                       heads, grad_stride_n(hidden, l), grad_hidden.data_ptr<hidden_t>());
     }
     weight_gradient<hidden_t, weight_t>(coef.data_ptr<float>(), hidden.data_ptr<hidden_t>(), pooled_pos.data_ptr<int64_t>(), l,
                                         heads, grad_weight.data_ptr<weight_t>());

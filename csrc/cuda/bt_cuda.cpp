@@ -27,11 +27,6 @@ void check_device(const char* name, const c10::optional<at::Tensor>& t, const at
   if (t.has_value()) check_device(name, *t, hidden);
 }
 
-template <typename T>
-const T* optional_ptr(const c10::optional<at::Tensor>& t) {
-  return t.has_value() ? t->data_ptr<T>() : nullptr;
-}
-
 gpu::HiddenArgs hidden_args(const at::Tensor& hidden, const HiddenLayout& l) {
   gpu::HiddenArgs h;
   h.data = hidden.data_ptr();
@@ -120,10 +115,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bt_forward_cuda(
   check_device("margin", margin, hidden);
   const int64_t rows = f.layout.rows, heads = weight.size(0);
   const int64_t pairs = num_pairs(rows, chosen_index, rejected_index);
-  if (margin.has_value()) {
-    TORCH_CHECK(margin->scalar_type() == at::kFloat && margin->is_contiguous() && margin->numel() == pairs,
-                "margin: expected contiguous float32 [P]");
-  }
+  check_margin(margin, pairs);
   const auto f32 = hidden.options().dtype(at::kFloat);
   auto rewards = at::empty({rows, heads}, f32);
   auto pooled_pos = at::empty({rows}, hidden.options().dtype(at::kLong));
@@ -151,32 +143,8 @@ std::tuple<at::Tensor, at::Tensor> pool_backward_cuda(const at::Tensor& grad_coe
   check_device("pooled_pos", pooled_pos, hidden);
   const c10::cuda::CUDAGuard guard(hidden.device());
 
-  // Same layout and checks as pool_backward_cpu.
-  TORCH_CHECK(hidden.dim() == 2 || hidden.dim() == 3, "hidden: expected [N, T, D] or packed [total, D]");
-  TORCH_CHECK(hidden.stride(-1) == 1, "hidden: last dimension must be contiguous");
-  HiddenLayout l;
-  l.dim = hidden.size(-1);
-  l.rows = pooled_pos.size(0);
-  l.positions = hidden.dim() == 3 ? hidden.size(1) : hidden.size(0);
-  l.stride_n = hidden.dim() == 3 ? hidden.stride(0) : 0;
-  l.stride_t = hidden.dim() == 3 ? hidden.stride(1) : hidden.stride(0);
-  TORCH_CHECK(hidden.dim() == 2 || hidden.size(0) == l.rows, "pooled_pos: expected one position per row of hidden");
+  const HiddenLayout l = backward_layout(grad_coef, row_ptr, row_entry, hidden, weight, pooled_pos);
   const int64_t heads = weight.size(0);
-  TORCH_CHECK(grad_coef.scalar_type() == at::kFloat && grad_coef.is_contiguous() && grad_coef.dim() == 2 &&
-                  grad_coef.size(1) == heads,
-              "grad_coef: expected contiguous float32 [M, K]");
-  TORCH_CHECK(row_ptr.has_value() == row_entry.has_value(), "row_ptr and row_entry go together");
-  TORCH_CHECK(row_ptr.has_value() || grad_coef.size(0) == l.rows, "grad_coef: expected [N, K] without row_ptr");
-  if (row_ptr.has_value()) {
-    TORCH_CHECK(row_ptr->scalar_type() == at::kLong && row_ptr->is_contiguous() && row_ptr->dim() == 1 &&
-                    row_ptr->size(0) == l.rows + 1,
-                "row_ptr: expected contiguous int64 [N + 1]");
-    TORCH_CHECK(row_entry->scalar_type() == at::kLong && row_entry->is_contiguous() && row_entry->dim() == 1,
-                "row_entry: expected contiguous int64 [M]");
-  }
-  TORCH_CHECK(pooled_pos.scalar_type() == at::kLong && pooled_pos.is_contiguous() && pooled_pos.dim() == 1,
-              "pooled_pos: expected contiguous int64 [N]");
-  check_head(hidden, weight, c10::nullopt, l.dim);
 
   // The one big buffer: zeros, then the kernel writes only the N pooled rows.
   auto grad_hidden = need_grad_hidden ? at::zeros(hidden.sizes(), hidden.options()) : at::empty({0}, hidden.options());
@@ -189,10 +157,9 @@ std::tuple<at::Tensor, at::Tensor> pool_backward_cuda(const at::Tensor& grad_coe
   coef.row_ptr = optional_ptr<int64_t>(row_ptr);
   coef.row_entry = optional_ptr<int64_t>(row_entry);
   coef.entries = row_entry.has_value() ? row_entry->size(0) : 0;
-  const int64_t grad_stride_n = hidden.dim() == 3 ? l.positions * l.dim : 0;  // grad_hidden is contiguous
   C10_CUDA_CHECK(gpu::launch_pool_backward(coef, hidden_args(hidden, l), head_args(weight, c10::nullopt),
                                            pooled_pos.data_ptr<int64_t>(),
-                                           need_grad_hidden ? grad_hidden.data_ptr() : nullptr, grad_stride_n,
+                                           need_grad_hidden ? grad_hidden.data_ptr() : nullptr, grad_stride_n(hidden, l),
                                            scratch.data_ptr<float>(), grad_weight.data_ptr(),
                                            c10::cuda::getCurrentCUDAStream().stream()));
   return {grad_hidden, grad_weight};
