@@ -27,6 +27,7 @@ BACKBONE_DIR = "backbone"
 TOKENIZER_DIR = "tokenizer"
 TRAINING_STATE_NAME = "training_state.pt"
 FORMAT = "prefkernels-reward-model"
+REQUIRED_FILES = (CONFIG_NAME, HEAD_NAME, BACKBONE_DIR)
 
 
 @contextlib.contextmanager
@@ -78,7 +79,7 @@ def read_config(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint: {path} is not a directory")
-    missing = [name for name in (CONFIG_NAME, HEAD_NAME, BACKBONE_DIR) if not (path / name).exists()]
+    missing = [name for name in REQUIRED_FILES if not (path / name).exists()]
     if missing:
         raise FileNotFoundError(f"checkpoint: {path} is missing {', '.join(missing)} (not a prefkernels checkpoint)")
     config = json.loads((path / CONFIG_NAME).read_text())

@@ -153,6 +153,8 @@ EVAL_EXAMPLES = """examples:
 
 
 def add_eval_parser(subparsers) -> None:
+    from prefkernels.trainer import PRECISIONS
+
     p = subparsers.add_parser("eval", help="evaluate a reward model on preference data",
                               description="Score preference data with a checkpoint and report accuracy, loss, "
                               "calibration, length bias, margins, rating agreement and ensemble disagreement.",
@@ -167,7 +169,7 @@ def add_eval_parser(subparsers) -> None:
     p.add_argument("--truncate-responses", action="store_true",
                    help="cut responses longer than --max-length from the left instead of failing")
     p.add_argument("--no-margin", dest="use_margin", action="store_false", help="ignore a 'margin' column")
-    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="auto: bf16 autocast on capable GPUs")
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--backend", help="kernel backend: auto, native, triton or reference")
@@ -179,7 +181,7 @@ def run_eval(args) -> int:
     import torch
 
     from prefkernels import checkpoint, metrics
-    from prefkernels.data import load_preferences
+    from prefkernels.data import load_preferences, pad_token_id
     from prefkernels.losses import LossConfig
     from prefkernels.model import RewardModel, load_tokenizer
     from prefkernels.trainer import autocast_dtype
@@ -200,9 +202,8 @@ def run_eval(args) -> int:
     model = RewardModel.from_pretrained(args.model)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(device)
-    pad = next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None)
     rewards = metrics.score(model, dataset, batch_size=None if args.max_tokens else args.batch_size,
-                            max_tokens=args.max_tokens, device=device, pad_token_id=pad, backend=args.backend,
+                            max_tokens=args.max_tokens, device=device, pad_token_id=pad_token_id(tokenizer), backend=args.backend,
                             autocast_dtype=autocast_dtype(args.precision, device), progress=args.progress)
     result = metrics.preference_metrics(dataset, rewards, loss_config)
     if args.json:
@@ -211,11 +212,9 @@ def run_eval(args) -> int:
         print(str(dataset.report))
         print(metrics.format_table(result, title=f"evaluation of {args.model}"))
     if args.output:
-        from prefkernels.checkpoint import atomic_write_text
-
         out = Path(args.output)
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "metrics.json", json.dumps(result, indent=2))
+        checkpoint.atomic_write_text(out / "metrics.json", json.dumps(result, indent=2))
         metrics.reliability_diagram(result, out / "reliability.png")
         if not args.json:
             print(f"wrote {out / 'metrics.json'} and {out / 'reliability.png'}")

@@ -12,10 +12,6 @@ import torch
 from prefkernels.scorer import Scorer
 
 
-def _mean_over_heads(rewards: torch.Tensor) -> torch.Tensor:
-    return rewards if rewards.dim() == 1 else rewards.mean(dim=1)
-
-
 def best_of_n(scorer: Scorer, prompts: list, candidates_per_prompt: list[list]) -> tuple[torch.Tensor, torch.Tensor]:
     """Pick the highest-reward candidate for each prompt.
 
@@ -35,7 +31,7 @@ def best_of_n(scorer: Scorer, prompts: list, candidates_per_prompt: list[list]) 
                              f"got {candidates!r:.60}")
     pairs = [(prompt, candidate) for prompt, candidates in zip(prompts, candidates_per_prompt)
              for candidate in candidates]
-    flat_scores = _mean_over_heads(scorer.score(pairs))
+    flat_scores = scorer.score_detailed(pairs).rewards.mean(dim=1)
     scores = torch.full((len(prompts), max(len(c) for c in candidates_per_prompt)), float("-inf"))
     offset = 0
     for row, candidates in enumerate(candidates_per_prompt):
@@ -59,8 +55,7 @@ class RewardFunction:
     def __call__(self, prompts: list, completions: list, **kwargs) -> list[float]:
         if len(prompts) != len(completions):
             raise ValueError(f"completions: expected one per prompt ({len(prompts)}), got {len(completions)}")
-        rewards = self.scorer.score(list(zip(prompts, completions)))
-        return _mean_over_heads(rewards).tolist()
+        return self.scorer.score_detailed(list(zip(prompts, completions))).rewards.mean(dim=1).tolist()
 
     def __repr__(self) -> str:
         return f"RewardFunction(name={self.__name__!r}, num_heads={self.scorer.num_heads})"

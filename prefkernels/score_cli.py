@@ -217,7 +217,7 @@ def run_score(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     try:
         with _open_text(input_path, "r") as source, _open_text(tmp_path, "w") as sink, \
-                tqdm(total=_count_lines(input_path), unit="line", desc="score", disable=args.quiet) as bar:
+                tqdm(total=None if args.quiet else _count_lines(input_path), unit="line", desc="score", disable=args.quiet) as bar:
             numbered = ((number, line) for number, line in enumerate(source, start=1) if line.strip())
             while chunk := list(itertools.islice(numbered, args.chunk_rows)):
                 for record in score_chunk(scorer, chunk, args.skip_invalid, summary):

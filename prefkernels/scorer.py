@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from prefkernels import checkpoint
+from prefkernels.data import end_token_id, is_messages, pad_rows, pad_token_id
 from prefkernels.model import RewardModel, load_tokenizer
 
 CPU_TOKEN_BUDGET = 4096
@@ -76,8 +77,7 @@ def plan_batches(lengths: list[int], token_budget: int) -> list[list[int]]:
 
 def is_conversation(value) -> bool:
     """True for a non-empty list of {"role", "content"} dicts."""
-    return (isinstance(value, list) and len(value) > 0
-            and all(isinstance(m, dict) and "role" in m and "content" in m for m in value))
+    return is_messages(value) and len(value) > 0
 
 
 def _describe(value) -> str:
@@ -98,11 +98,6 @@ def special_tokens_around_text(tokenizer) -> tuple[int, int]:
         if with_special[start:start + len(without)] == without:
             return start, len(with_special) - start - len(without)
     return 0, 0
-
-
-def end_token_id(tokenizer) -> int | None:
-    """The id the trainer appends to plain texts that lack it: EOS, else SEP (BERT-style), else None."""
-    return tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
 
 
 def _default_max_length(tokenizer, config) -> int | None:
@@ -149,8 +144,7 @@ class Scorer:
         self.normalize = normalize
         self.bf16 = bf16
         self.pad_pooling_token_id = pad_pooling_token_id
-        self.pad_token_id = next((t for t in (pad_pooling_token_id, tokenizer.pad_token_id, tokenizer.eos_token_id)
-                                  if t is not None), 0)
+        self.pad_token_id = pad_pooling_token_id if pad_pooling_token_id is not None else pad_token_id(tokenizer)
         self.truncated_count = 0
 
     @property
@@ -171,8 +165,7 @@ class Scorer:
         path = Path(path)
         if not path.is_dir():
             raise FileNotFoundError(f"path: {path} is not a directory")
-        prefkernels_files = (checkpoint.CONFIG_NAME, checkpoint.HEAD_NAME, checkpoint.BACKBONE_DIR)
-        if any((path / name).exists() for name in prefkernels_files):
+        if any((path / name).exists() for name in checkpoint.REQUIRED_FILES):
             model = RewardModel.from_pretrained(str(path))  # clear error when one of the files is missing
             pad_pooling_token_id, trained_with_eos = None, True
             if tokenizer is None:
@@ -187,7 +180,7 @@ class Scorer:
             tokenizer = tokenizer if tokenizer is not None else load_tokenizer(str(path))
         else:
             raise FileNotFoundError(
-                f"path: {path} is neither a prefkernels checkpoint ({', '.join(prefkernels_files)}) "
+                f"path: {path} is neither a prefkernels checkpoint ({', '.join(checkpoint.REQUIRED_FILES)}) "
                 "nor a transformers checkpoint (config.json)")
         if dtype is not None:
             model.backbone.to(dtype)
@@ -259,12 +252,8 @@ class Scorer:
         with torch.inference_mode(), autocast, tqdm(total=len(token_ids), unit="text", disable=not progress,
                                                     desc="scoring") as bar:
             for batch in batches:
-                width = lengths[batch[0]]
-                input_ids = torch.full((len(batch), width), self.pad_token_id, dtype=torch.long)
-                attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-                for row, index in enumerate(batch):
-                    input_ids[row, :lengths[index]] = torch.tensor(token_ids[index])
-                    attention_mask[row, :lengths[index]] = 1
+                input_ids, attention_mask = pad_rows([token_ids[index] for index in batch], self.pad_token_id)
+                width = input_ids.shape[1]
                 input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
                 hidden = self.model.hidden_states(input_ids, attention_mask)
                 if self.pad_pooling_token_id is None:

@@ -33,7 +33,8 @@ import numpy as np
 import torch
 
 from prefkernels import __version__, checkpoint, metrics
-from prefkernels.data import LengthGroupedBatchSampler, PreferenceCollator, PreferenceDataset, load_preferences
+from prefkernels.data import (LengthGroupedBatchSampler, PreferenceCollator, PreferenceDataset, load_preferences,
+                              pad_token_id)
 from prefkernels.losses import LOSSES, LossConfig, check_data, compute_loss
 from prefkernels.model import RewardModel, load_tokenizer
 
@@ -359,8 +360,7 @@ class Trainer:
         set_seed(config.seed)
         self.tokenizer, self.model = self._load_model()
         self.max_length = self.model.max_length
-        self.pad_token_id = next(i for i in (self.tokenizer.pad_token_id, self.tokenizer.eos_token_id, 0)
-                                 if i is not None)
+        self.pad_token_id = pad_token_id(self.tokenizer)
         self.train_data, self.valid_data = self._load_data()
         for note in check_data(self.loss_config, self.train_data.num_ties, self.train_data.has_margin, "train"):
             self.log(note)

@@ -209,7 +209,8 @@ def _missing_column(location: str, column: str, record: dict, hint: str = "") ->
     return DataError(f"{location}: missing column {column!r}{suggestion}; columns found: {found}{hint}")
 
 
-def _is_messages(value) -> bool:
+def is_messages(value) -> bool:
+    """True for a list of {"role", "content"} dicts (a conversation; may be empty)."""
     return isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in value)
 
 
@@ -217,7 +218,7 @@ def _check_text(location: str, column: str, value, conversational: bool):
     if value is None:
         raise DataError(f"{location}: column {column!r} is null")
     if conversational:
-        if not _is_messages(value) or not value:
+        if not is_messages(value) or not value:
             raise DataError(f"{location}: column {column!r}: expected a non-empty list of "
                             f"{{'role', 'content'}} messages (conversational format), got {type(value).__name__}")
     elif not isinstance(value, str):
@@ -262,7 +263,7 @@ def parse_record(location: str, record, use_margin: bool = True) -> _Parsed:
                     " (expected chosen/rejected, optionally prompt, or a 'responses' ranking)"
                 raise _missing_column(location, column, record, hint)
         responses, columns = [record["chosen"], record["rejected"]], ["chosen", "rejected"]
-    conversational = _is_messages(responses[0])
+    conversational = is_messages(responses[0])
     for column, value in zip(columns, responses):
         _check_text(location, column, value, conversational)
     prompt = record.get("prompt")
@@ -382,6 +383,22 @@ def end_token_id(tokenizer) -> int | None:
     if tokenizer.eos_token_id is not None:
         return tokenizer.eos_token_id
     return tokenizer.sep_token_id
+
+
+def pad_token_id(tokenizer) -> int:
+    """The id padding is filled with: PAD, else EOS, else 0 (the mask marks padding anyway)."""
+    return next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None)
+
+
+def pad_rows(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token id rows: (input_ids [N, T] int64, attention_mask [N, T] int64)."""
+    width = max(len(row) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        input_ids[i, :len(row)] = torch.tensor(row, dtype=torch.long)
+        attention_mask[i, :len(row)] = 1
+    return input_ids, attention_mask
 
 
 def load_preferences(sources, tokenizer, max_length: int, *, use_margin: bool = True, name: str = "data",
@@ -554,12 +571,7 @@ class PreferenceCollator:
         else:
             rows = [row for e in examples for row in e.input_ids]
             ranking, chosen, rejected = ranking_layout(counts)
-        width = max(len(row) for row in rows)
-        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, row in enumerate(rows):
-            input_ids[i, :len(row)] = torch.tensor(row, dtype=torch.long)
-            attention_mask[i, :len(row)] = 1
+        input_ids, attention_mask = pad_rows(rows, self.pad_token_id)
         margin = tie = None
         if chosen is None:
             if examples[0].margin is not None:
