@@ -484,6 +484,7 @@ class Trainer:
 
     def _prepare_output_dir(self, saved: dict | None) -> None:
         """The first write of the run (rank 0); every input has been validated by now."""
+        grouped = self.sampler.padding_fraction(0)
         if self.dist.is_main:
             path = self.output_dir
             path.mkdir(parents=True, exist_ok=True)
@@ -501,7 +502,6 @@ class Trainer:
                        "config": self.config.to_json()}
                 checkpoint.atomic_write_text(path / RUN_FILE, json.dumps(run, indent=2))
                 (path / METRICS_FILE).write_text("")
-                grouped = self.sampler.padding_fraction(0)
                 self._event({"event": "start", "train": dataclasses.asdict(self.train_data.report),
                              "valid": dataclasses.asdict(self.valid_data.report) if self.valid_data else None,
                              "padding_fraction": grouped, "total_steps": self.total_steps,
@@ -510,9 +510,10 @@ class Trainer:
         self.log(str(self.train_data.report))
         if self.valid_data is not None:
             self.log(str(self.valid_data.report))
-        self.log(f"batches: padding is {100 * self.sampler.padding_fraction(0):.1f}% of tokens with length grouping "
-                 f"({100 * self.sampler.padding_fraction(0, grouped=False):.1f}% with random batches); "
-                 f"{self.total_steps} optimizer steps on {self.dist.world_size} process(es), device {self.device}")
+        if self.dist.is_main:
+            self.log(f"batches: padding is {100 * grouped:.1f}% of tokens with length grouping "
+                     f"({100 * self.sampler.padding_fraction(0, grouped=False):.1f}% with random batches); "
+                     f"{self.total_steps} optimizer steps on {self.dist.world_size} process(es), device {self.device}")
 
     def _restore(self, saved: dict) -> None:
         self.optimizer.load_state_dict(saved["optimizer"])
@@ -581,23 +582,25 @@ class Trainer:
             chosen, rejected = batch.pairs()
             gap = mean_reward[chosen] - mean_reward[rejected]
             decided = torch.ones_like(gap, dtype=torch.bool) if batch.tie is None else ~batch.tie
-            correct = ((gap > 0).double() + 0.5 * (gap == 0).double())[decided].sum()
+            # Masked rather than indexed, and no host-to-device copy: nothing here waits for the device.
+            correct = ((gap > 0).double() + 0.5 * (gap == 0).double()).masked_fill(~decided, 0.0).sum()
             comparisons = batch.num_comparisons
             self.train_sums += torch.stack([loss.detach().double() * comparisons,
-                                            torch.tensor(float(comparisons), device=self.device, dtype=torch.float64),
+                                            torch.full((), float(comparisons), device=self.device, dtype=torch.float64),
                                             correct, decided.sum().double()])
 
-    def _optimizer_step(self) -> float:
+    def _optimizer_step(self) -> torch.Tensor:
+        """One optimizer step; returns the pre-clipping gradient norm (a 0-dim tensor, read only when logged)."""
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         max_norm = self.config.max_grad_norm or float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.state["step"] += 1
         return grad_norm
 
-    def _after_step(self, grad_norm: float, end_of_epoch: bool, bar) -> None:
+    def _after_step(self, grad_norm: torch.Tensor, end_of_epoch: bool, bar) -> None:
         config, state = self.config, self.state
         step = state["step"]
         final = step >= self.total_steps or (not config.max_steps and state["epoch"] >= config.epochs)
@@ -615,7 +618,7 @@ class Trainer:
                 not config.save_every and (evaluated or end_of_epoch)):
             self._save_checkpoint()
 
-    def _log_train(self, grad_norm: float, bar) -> None:
+    def _log_train(self, grad_norm: torch.Tensor, bar) -> None:
         sums = self.dist.sum(self.train_sums.clone()).tolist()
         self.train_sums.zero_()
         if sums[1] == 0:
@@ -626,7 +629,7 @@ class Trainer:
                                      "precision fp32")
         event = {"event": "train", "step": self.state["step"], "epoch": self.state["epoch"], "loss": loss,
                  "accuracy": sums[2] / sums[3] if sums[3] else None, "lr": self.scheduler.get_last_lr()[0],
-                 "grad_norm": grad_norm, "comparisons": int(sums[1]),
+                 "grad_norm": float(grad_norm), "comparisons": int(sums[1]),
                  "elapsed_s": round(time.perf_counter() - self.started, 3)}
         self._event(event)
         bar.set_postfix(loss=f"{loss:.4f}", acc=f"{event['accuracy'] or 0:.3f}", refresh=False)
