@@ -20,6 +20,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from prefkernels.reference import gather_pooled
+
 UNFUSED_FORWARD = "_prefkernels_unfused_forward"  # the forward fusion wraps (bound method)
 INSTANCE_FORWARD = "_prefkernels_instance_forward"  # the instance's own ``forward`` before fusion, or None
 
@@ -115,19 +117,22 @@ def capture_head_input(model):
         yield capture
 
 
+def with_loss_and_logits(outputs, loss, logits):
+    """A copy of a model output (``ModelOutput``) with ``loss`` and ``logits`` replaced."""
+    rest = {key: value for key, value in outputs.items() if key not in ("loss", "logits")}
+    return type(outputs)(loss=loss, logits=logits, **rest)
+
+
 def _fused_forward(self, *args, labels=None, return_dict=None, **kwargs):
     """``forward`` of a fused decoder classifier: same outputs, head on the pooled rows only."""
     with capture_head_input(self) as capture:
         outputs = self.__dict__[UNFUSED_FORWARD](*args, return_dict=True, **kwargs)
-    positions = capture.pooled_positions(outputs.logits)
-    hidden = capture.hidden
-    logits = self.score(hidden[torch.arange(hidden.shape[0], device=hidden.device), positions])
+    logits = self.score(gather_pooled(capture.hidden, last_index=capture.pooled_positions(outputs.logits)))
     loss = None
     if labels is not None:
         from transformers.loss.loss_utils import ForSequenceClassificationLoss
         loss = ForSequenceClassificationLoss(labels=labels, pooled_logits=logits, config=self.config)
-    rest = {key: value for key, value in outputs.items() if key not in ("loss", "logits")}
-    outputs = type(outputs)(loss=loss, logits=logits, **rest)
+    outputs = with_loss_and_logits(outputs, loss, logits)
     if return_dict is None:
         return_dict = getattr(self.config, "return_dict", True)
     return outputs if return_dict else outputs.to_tuple()

@@ -11,7 +11,8 @@ import torch
 from accelerate.utils import is_peft_model
 from trl import RewardTrainer
 
-from prefkernels.integrations.hf import capture_head_input, has_score_head, is_fused, replaced_forward
+from prefkernels.integrations.hf import (capture_head_input, has_score_head, is_fused, replaced_forward,
+                                         with_loss_and_logits)
 from prefkernels.ops import fused_bt_loss
 
 
@@ -27,8 +28,7 @@ def forward_with_fused_loss(classifier, forward, center_coef, *args, margin=None
     loss, rewards = fused_bt_loss(capture.hidden, head.weight, head.bias,
                                   last_index=capture.pooled_positions(outputs.logits), margin=margin,
                                   center_coef=center_coef)
-    rest = {key: value for key, value in outputs.items() if key not in ("loss", "logits")}
-    return type(outputs)(loss=loss, logits=rewards, **rest)
+    return with_loss_and_logits(outputs, loss, rewards)
 
 
 class FusedRewardTrainer(RewardTrainer):
