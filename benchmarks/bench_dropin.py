@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import shutil
 import statistics
 import tempfile
@@ -29,10 +28,11 @@ from tokenizers import Tokenizer, models
 from transformers import LlamaConfig, LlamaForSequenceClassification, PreTrainedTokenizerFast
 from trl import RewardConfig, RewardTrainer
 
+from machine import RESULTS_DIR, cpu_name
 from prefkernels import fused_bt_loss, reference
 from prefkernels.integrations import FusedRewardTrainer
 
-RESULTS = Path(__file__).parent / "results" / "bench_dropin.json"
+RESULTS = RESULTS_DIR / "bench_dropin.json"
 
 
 def parse_args():
@@ -77,14 +77,6 @@ def make_trainer(trainer_class, model, dataset, tokenizer, args, output_dir):
     trainer.create_optimizer()
     trainer.current_gradient_accumulation_steps = 1  # normally set by the training loop
     return trainer
-
-
-def cpu_name():
-    try:
-        model_lines = [line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")]
-    except OSError:
-        model_lines = []
-    return model_lines[0].split(":", 1)[1].strip() if model_lines else platform.processor() or platform.machine()
 
 
 def sync(device):

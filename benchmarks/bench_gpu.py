@@ -93,7 +93,7 @@ def add_ratios(row: dict, times: dict, kernels: list[str], nbytes: int, suffix: 
                 row[f"{baseline}/{name}{suffix}"] = times[baseline] / times[name]
 
 
-def run(shapes, repeats: int, warmup: int, bandwidth: float, on_row) -> list[dict]:
+def run(shapes, repeats: int, warmup: int, bandwidth: float, on_row) -> tuple[list[dict], list[str]]:
     kernels = available_kernel_backends()
     steps = common.methods(kernels, compile_dynamic=True)
     rows = []
@@ -115,7 +115,7 @@ def run(shapes, repeats: int, warmup: int, bandwidth: float, on_row) -> list[dic
         graph_times = common.time_interleaved(replays, batch, repeats, 2, cuda_timer)
         add_ratios(row, {name: graph_times.get(name) for name in steps}, kernels, nbytes, " (graph)")
         rows.append(row)
-        on_row(rows, kernels)
+        on_row(rows)
         del batch, replays
         torch.cuda.empty_cache()
         print(f"done {row['shape']}", flush=True)
@@ -134,7 +134,7 @@ def main(argv=None):
         sys.exit("bench_gpu.py needs a CUDA device")
     env = common.environment("cuda")
 
-    def save(rows, kernels):
+    def save(rows):
         return common.write_results("bench_gpu", {"environment": env, "repeats": args.repeats, "rows": rows}, args.out)
 
     rows, kernels = run(SHAPES, args.repeats, args.warmup, args.bandwidth, save)
@@ -146,7 +146,7 @@ def main(argv=None):
         common.print_table(rows, columns)
     print("\npeak extra MB:")
     common.print_table(rows, ["shape", "grad_buffer_MB"] + [f"{m} peak MB" for m in methods + ["floor"]])
-    path = save(rows, kernels)
+    path = save(rows)
     for suffix, tag in (("", "eager"), (" (graph)", "graph")):
         common.plot_ratios(rows, [m for m in methods if f"{m}/floor{suffix}" in rows[0]],
                            f"fused BT op fwd+bwd ({tag}), {env['device']}", path.with_name(f"bench_gpu_{tag}.png"),

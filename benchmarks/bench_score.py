@@ -15,27 +15,17 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
-import platform
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from machine import HH_HARMLESS, RESULTS_DIR, cpu_name
 from prefkernels.scorer import CPU_TOKEN_BUDGET, Scorer, plan_batches
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DATA = REPO_ROOT.parent / "shared" / "data" / "hh-harmless" / "valid.jsonl.gz"
+DATA = HH_HARMLESS / "valid.jsonl.gz"
 TOLERANCE = 1e-4
-
-
-def cpu_name() -> str:
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 def load_texts(pairs: int | None) -> list[str]:
@@ -123,7 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--bf16", action="store_true", help="also time the Scorer under bf16 autocast")
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per method, alternating (best kept)")
-    parser.add_argument("--output", default=str(REPO_ROOT / "benchmarks" / "results" / "bench_score.json"))
+    parser.add_argument("--output", default=str(RESULTS_DIR / "bench_score.json"))
     args = parser.parse_args(argv)
 
     texts = load_texts(args.pairs)

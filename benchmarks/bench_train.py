@@ -42,13 +42,15 @@ import math
 import os
 import platform
 import tempfile
+import sys
 import threading
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DATA_DIR = REPO_ROOT.parent / "shared" / "data" / "hh-harmless"
-RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import HH_HARMLESS, REPO_ROOT, RESULTS_DIR, cpu_name  # noqa: E402  (torch-free)
+
+DATA_DIR = HH_HARMLESS
 DEFAULT_OUTPUT = RESULTS_DIR / "bench_train.json"
 QUICK_OUTPUT = Path(tempfile.gettempdir()) / "prefkernels-bench_train-quick.json"
 TARGET_SPEEDUP = 1.8
@@ -304,7 +306,10 @@ def run_prefkernels(trainer) -> dict:
 
 def evaluate_prefkernels(trainer) -> dict:
     result, _ = trainer.evaluate(trainer.bench_valid)
-    events = [json.loads(line) for line in (trainer.output_dir / "metrics.jsonl").read_text().splitlines() if line]
+    from prefkernels.metrics import read_metrics_log
+    from prefkernels.trainer import METRICS_FILE
+
+    events = read_metrics_log(trainer.output_dir / METRICS_FILE)
     train = [e for e in events if e.get("event") == "train"]
     seen = sum(e["comparisons"] for e in train)
     train_loss = sum(e["loss"] * e["comparisons"] for e in train) / seen if seen else math.nan
@@ -440,15 +445,6 @@ def run_threads(jobs: dict, baton: Baton, threads: int, sequential: bool) -> dic
     for name, err in errors.items():
         raise RuntimeError(f"{name} training failed: {err!r}") from err
     return results
-
-
-def cpu_name() -> str:
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def load_average() -> list[float] | None:

@@ -13,8 +13,8 @@ import torch
 
 import prefkernels
 from prefkernels import reference
+from machine import RESULTS_DIR
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -75,8 +75,6 @@ def time_interleaved(steps: dict, batch: dict, repeats: int, warmup: int, timer)
         for _ in range(warmup):
             step(batch)
     samples = {name: [] for name in steps}
-    if not steps:
-        return {}
     for _ in range(repeats):
         for name, step in steps.items():
             samples[name].append(timer(step, batch))

@@ -108,14 +108,22 @@ def build_policy(tokenizer, seed: int = 0):
     return LlamaForCausalLM(tiny_llama_config(tokenizer, hidden_size=32, layers=1))
 
 
-def sample_completions(policy, tokenizer, prompt: str, n: int, length: int) -> list[str]:
-    """n sampled completions of exactly ``length`` words for one prompt (special tokens never sampled)."""
+def generate(policy, tokenizer, prompt: str, n: int, length: int) -> tuple[torch.Tensor, int, list[str]]:
+    """n samples of exactly ``length`` words for one prompt (special tokens never sampled):
+    (token ids [n, prompt + length], prompt length, completion texts)."""
     input_ids = tokenizer(prompt, return_tensors="pt")["input_ids"].repeat(n, 1)
     with torch.no_grad():
         output = policy.generate(input_ids, attention_mask=torch.ones_like(input_ids), do_sample=True,
                                  max_new_tokens=length, min_new_tokens=length, pad_token_id=0,
                                  suppress_tokens=list(range(len(SPECIAL))))
-    return [" " + text for text in tokenizer.batch_decode(output[:, input_ids.shape[1]:], skip_special_tokens=True)]
+    prompt_length = input_ids.shape[1]
+    texts = tokenizer.batch_decode(output[:, prompt_length:], skip_special_tokens=True)
+    return output, prompt_length, [" " + text for text in texts]
+
+
+def sample_completions(policy, tokenizer, prompt: str, n: int, length: int) -> list[str]:
+    """n sampled completion texts of exactly ``length`` words for one prompt."""
+    return generate(policy, tokenizer, prompt, n, length)[2]
 
 
 def main(argv: list[str] | None = None) -> None:

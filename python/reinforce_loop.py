@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from best_of_n import PROMPTS, SPECIAL, build_policy, build_tokenizer, rule_reward, train_demo_reward_model
+from best_of_n import PROMPTS, SPECIAL, build_policy, build_tokenizer, generate, rule_reward, train_demo_reward_model
 from prefkernels.rl import RewardFunction
 from prefkernels.scorer import Scorer
 
@@ -51,16 +51,10 @@ def main(argv: list[str] | None = None) -> list[float]:
     print(f"{'step':>4} {'mean reward':>12} {'good - bad':>11}")
     for step in range(args.steps):
         prompt = PROMPTS[step % len(PROMPTS)]
-        prompt_ids = tokenizer(prompt, return_tensors="pt")["input_ids"].repeat(args.batch, 1)
-        with torch.no_grad():
-            sequences = policy.generate(prompt_ids, attention_mask=torch.ones_like(prompt_ids), do_sample=True,
-                                        max_new_tokens=args.length, min_new_tokens=args.length, pad_token_id=0,
-                                        suppress_tokens=list(range(len(SPECIAL))))
-        completions = [" " + text for text in
-                       tokenizer.batch_decode(sequences[:, prompt_ids.shape[1]:], skip_special_tokens=True)]
+        sequences, prompt_length, completions = generate(policy, tokenizer, prompt, args.batch, args.length)
         rewards = torch.tensor(reward_function([prompt] * args.batch, completions))
         advantages = (rewards - rewards.mean()) / (rewards.std() + 1e-6)
-        loss = -(advantages * completion_log_probs(policy, sequences, prompt_ids.shape[1])).mean()
+        loss = -(advantages * completion_log_probs(policy, sequences, prompt_length)).mean()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
