@@ -119,10 +119,10 @@ def comparison_loss(rewards: torch.Tensor, config: LossConfig, *, ranking: torch
     if config.name == "bt":
         return reference.pair_loss(rewards, chosen_index, rejected_index, margin, config.label_smoothing,
                                    config.center_coef, reduction="none")
-    gap = rewards[chosen_index] - rewards[rejected_index]
-    nll = (davidson_nll if config.name == "davidson" else rao_kupper_nll)(gap, tie, config.strength)
+    r_chosen, r_rejected = rewards[chosen_index], rewards[rejected_index]
+    nll = (davidson_nll if config.name == "davidson" else rao_kupper_nll)(r_chosen - r_rejected, tie, config.strength)
     if config.center_coef:
-        nll = nll + config.center_coef * (rewards[chosen_index] + rewards[rejected_index]) ** 2
+        nll = nll + config.center_coef * (r_chosen + r_rejected) ** 2
     return nll
 
 

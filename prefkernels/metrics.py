@@ -30,6 +30,11 @@ KENDALL_MAX_POINTS = 20000
 # ----------------------------------------------------------------------------- scoring
 
 
+def autocast_context(device: torch.device, dtype: torch.dtype | None):
+    """``torch.autocast`` to ``dtype`` on ``device``, or a no-op context when ``dtype`` is None."""
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
 @torch.no_grad()
 def score(model, dataset: PreferenceDataset, *, batch_size: int | None = None, max_tokens: int | None = None,
           indices=None, device=None, autocast_dtype: torch.dtype | None = None, pad_token_id: int = 0,
@@ -52,8 +57,7 @@ def score(model, dataset: PreferenceDataset, *, batch_size: int | None = None, m
     was_training = model.training
     model.eval()
     out = {}
-    autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
-                else contextlib.nullcontext())
+    autocast = autocast_context(device, autocast_dtype)
     try:
         for positions in batches:
             batch = collate([dataset[indices[p]] for p in positions]).to(device)

@@ -571,8 +571,7 @@ class Trainer:
         sync = contextlib.nullcontext()
         if self.dist.world_size > 1 and not last_in_window:
             sync = self.train_module.no_sync()
-        autocast = (torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype
-                    else contextlib.nullcontext())
+        autocast = metrics.autocast_context(self.device, self.autocast_dtype)
         with sync:
             with autocast:
                 loss, rewards = self.train_module(batch)
