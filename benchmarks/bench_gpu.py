@@ -51,9 +51,11 @@ def graphed(step, batch):
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(3):
+                common.reset(batch)
                 step(batch)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
+        common.reset(batch)
         with torch.cuda.graph(graph):
             step(batch)
         torch.cuda.synchronize()
@@ -63,6 +65,7 @@ def graphed(step, batch):
 
 
 def cuda_peak_extra_bytes(step, batch) -> int:
+    common.reset(batch)
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()

@@ -31,11 +31,18 @@ def make_batch(pairs: int, positions: int, dim: int, dtype: str, device: str, se
             "bias": bias.requires_grad_(), "attention_mask": mask}
 
 
+def reset(batch):
+    """Before every timed step, outside the timer: drop the grads (never accumulate) and the
+    floor's buffer, so each method pays for its own allocation and never for freeing another's."""
+    for name in ("hidden", "weight", "bias"):
+        batch[name].grad = None
+    batch.pop("floor", None)
+    batch.pop("read", None)
+
+
 def fwd_bwd(loss_fn):
-    """A step: reset grads (never accumulate), loss, backward."""
+    """A step: loss, backward (grads are None: see ``reset``)."""
     def step(batch):
-        for name in ("hidden", "weight", "bias"):
-            batch[name].grad = None
         loss, _ = loss_fn(batch["hidden"], batch["weight"], batch["bias"], attention_mask=batch["attention_mask"])
         loss.backward()
     return step
@@ -44,7 +51,6 @@ def fwd_bwd(loss_fn):
 def floor_step(batch):
     """The unavoidable cost: the zeroed grad buffer the backward must create."""
     batch["floor"] = torch.zeros_like(batch["hidden"])
-    del batch["floor"]
 
 
 def then_read_grad(step):
@@ -53,7 +59,7 @@ def then_read_grad(step):
     def consumed(batch):
         step(batch)
         grad = batch["hidden"].grad
-        batch["read"] = (grad if grad is not None else torch.zeros_like(batch["hidden"])).sum()
+        batch["read"] = (grad if grad is not None else batch["floor"]).sum()
     return consumed
 
 
@@ -73,10 +79,12 @@ def time_interleaved(steps: dict, batch: dict, repeats: int, warmup: int, timer)
     """Median seconds per step, methods interleaved within each repeat (noise hits all alike)."""
     for step in steps.values():
         for _ in range(warmup):
+            reset(batch)
             step(batch)
     samples = {name: [] for name in steps}
     for _ in range(repeats):
         for name, step in steps.items():
+            reset(batch)
             samples[name].append(timer(step, batch))
     return {name: statistics.median(values) for name, values in samples.items()}
 
@@ -94,8 +102,7 @@ def cpu_peak_extra_bytes(step, batch) -> int:
             if line.startswith(field):
                 return int(line.split()[1]) * 1024
         raise RuntimeError(field)
-    for name in ("hidden", "weight", "bias"):
-        batch[name].grad = None
+    reset(batch)
     try:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:

@@ -19,4 +19,8 @@ STEPS = common.methods(["native"])
 def test_fwd_bwd(benchmark, shape, method):
     batch = common.make_batch(*shape, device="cpu")
     step = STEPS[method]
-    benchmark.pedantic(step, args=(batch,), rounds=10, warmup_rounds=2)
+    def fresh():
+        common.reset(batch)
+        return (batch,), {}
+
+    benchmark.pedantic(step, setup=fresh, rounds=10, warmup_rounds=2)

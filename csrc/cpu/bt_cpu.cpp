@@ -203,13 +203,14 @@ void weight_gradient(const float* coef, const hidden_t* hidden, const int64_t* p
   });
 }
 
-// The zeroed grad buffer. By default without a memset: a large buffer is a fresh anonymous
-// mapping, whose pages the kernel zero-fills on first touch, so only the pages the scatter
-// writes are faulted in (a later reader of the rest maps the shared zero page); a small one
-// comes from calloc. With THP_MEM_ALLOC_ENABLE=1 the user asked PyTorch's allocator for huge
-// pages, whose faults are 512x fewer: then the buffer comes from that allocator (at::zeros)
-// so its readers keep the huge pages.
-constexpr size_t kMappedBufferBytes = size_t(1) << 20;
+// The zeroed grad buffer. A large one (>= 32 MiB, where glibc's malloc itself would hand out a
+// fresh mapping whose every page faults on first write) is a fresh anonymous mapping that is
+// never memset: the kernel zero-fills pages on first touch, so only the pages the scatter writes
+// are faulted in and a later reader of the rest maps the shared zero page. A smaller one comes
+// from PyTorch's allocator (at::zeros): glibc reuses warm heap blocks there, which a memset
+// clears faster than first-touch faults. With THP_MEM_ALLOC_ENABLE=1 the user asked PyTorch's
+// allocator for huge pages (512x fewer faults), so every size comes from it.
+constexpr size_t kMappedBufferBytes = size_t(32) << 20;
 
 bool torch_allocates_huge_pages() {
   const char* env = std::getenv("THP_MEM_ALLOC_ENABLE");
@@ -217,14 +218,8 @@ bool torch_allocates_huge_pages() {
 }
 
 at::Tensor zeroed_buffer(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  if (torch_allocates_huge_pages()) return at::zeros(sizes, options);
-  const int64_t numel = c10::multiply_integers(sizes);
-  const size_t bytes = static_cast<size_t>(std::max<int64_t>(numel, 1)) * options.dtype().itemsize();
-  if (bytes < kMappedBufferBytes) {
-    void* data = std::calloc(bytes, 1);
-    TORCH_CHECK(data != nullptr, "prefkernels: out of memory allocating a ", bytes, "-byte grad buffer");
-    return at::from_blob(data, sizes, [](void* p) { std::free(p); }, options);
-  }
+  const size_t bytes = static_cast<size_t>(c10::multiply_integers(sizes)) * options.dtype().itemsize();
+  if (bytes < kMappedBufferBytes || torch_allocates_huge_pages()) return at::zeros(sizes, options);
   void* data = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   TORCH_CHECK(data != MAP_FAILED, "prefkernels: out of memory mapping a ", bytes, "-byte grad buffer");
   return at::from_blob(data, sizes, [bytes](void* p) { munmap(p, bytes); }, options);
