@@ -138,7 +138,8 @@ def score_chunk(scorer: Scorer, lines: list[tuple[int, str]], skip_invalid: bool
     """Output rows for (line number, line) pairs, in order. Raises InvalidRow (message with the
     line number) on the first bad line unless ``skip_invalid``."""
     parsed: list[ParsedRow | InvalidRow] = []
-    rendered, owners = [], []
+    rendered: list = []
+    spans: list[range] = []  # spans[row_index]: the row's indices into rendered (empty if it failed to parse/render)
     for number, line in lines:
         row, row_rendered = None, []
         try:
@@ -148,30 +149,25 @@ def score_chunk(scorer: Scorer, lines: list[tuple[int, str]], skip_invalid: bool
             row = err
         except (TypeError, ValueError) as err:
             row = InvalidRow(str(err), row.ids)
-        if isinstance(row, InvalidRow):
-            if not skip_invalid:
-                raise InvalidRow(f"line {number}: {row}")
+        if isinstance(row, InvalidRow) and not skip_invalid:
+            raise InvalidRow(f"line {number}: {row}")
         parsed.append(row)
+        spans.append(range(len(rendered), len(rendered) + len(row_rendered)))
         rendered.extend(row_rendered)
-        owners.extend([len(parsed) - 1] * len(row_rendered))
     token_ids, truncated = scorer.encode(rendered)
-    for item_index, ids in enumerate(token_ids):
-        owner = owners[item_index]
-        if not ids and not isinstance(parsed[owner], InvalidRow):
-            error = InvalidRow("no tokens besides special tokens after tokenization (empty or blank text?)",
-                               parsed[owner].ids)
+    for row_index, span in enumerate(spans):
+        row = parsed[row_index]
+        if not isinstance(row, InvalidRow) and not all(token_ids[i] for i in span):
+            error = InvalidRow("no tokens besides special tokens after tokenization (empty or blank text?)", row.ids)
             if not skip_invalid:
-                raise InvalidRow(f"line {lines[owner][0]}: {error}")
-            parsed[owner] = error
-    keep = [i for i, owner in enumerate(owners) if not isinstance(parsed[owner], InvalidRow)]
-    rewards = scorer.score_token_ids([token_ids[i] for i in keep]) if keep else None
-    reward_of = {item_index: rewards[position] for position, item_index in enumerate(keep)}
-    items_of: dict[int, list[int]] = {}
-    for item_index, owner in enumerate(owners):
-        items_of.setdefault(owner, []).append(item_index)
+                raise InvalidRow(f"line {lines[row_index][0]}: {error}")
+            parsed[row_index] = error
+    kept = [token_ids[i] for row, span in zip(parsed, spans) if not isinstance(row, InvalidRow) for i in span]
+    # The valid rows' rewards in row order, consumed as the loop below writes those rows.
+    rewards = iter(scorer.score_token_ids(kept) if kept else ())
 
     out = []
-    for row_index, ((number, _), row) in enumerate(zip(lines, parsed)):
+    for (number, _), row, span in zip(lines, parsed, spans):
         summary.rows += 1
         if isinstance(row, InvalidRow):
             summary.invalid += 1
@@ -180,12 +176,10 @@ def score_chunk(scorer: Scorer, lines: list[tuple[int, str]], skip_invalid: bool
             out.append({**row.ids, "line": number, "error": str(row)})
             continue
         record = dict(row.ids)
-        item_indices = items_of[row_index]
-        for position, item_index in enumerate(item_indices):
-            record.update(_score_fields(row.output_prefix(position), reward_of[item_index]))
-        row_truncated = any(truncated[i] for i in item_indices)
-        summary.truncated_texts += sum(truncated[i] for i in item_indices)
-        record["truncated"] = row_truncated
+        for position in range(len(span)):
+            record.update(_score_fields(row.output_prefix(position), next(rewards)))
+        record["truncated"] = any(truncated[i] for i in span)
+        summary.truncated_texts += sum(truncated[i] for i in span)
         if row.is_pair:
             summary.pairs += 1
             summary.pairs_correct += int(record["chosen_score"] > record["rejected_score"])
