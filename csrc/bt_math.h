@@ -12,9 +12,6 @@
 
 namespace prefkernels {
 
-// How the pooled token of each row is found.
-enum PoolMode : int { kPoolMask = 0, kPoolLastIndex = 1, kPoolCuSeqlens = 2 };
-
 // softplus(x) = log(1 + e^x), stable for |x| up to float max; NaN propagates.
 PK_HOST_DEVICE float stable_softplus(float x) {
   return (x > 0.f ? x : 0.f) + log1pf(expf(-fabsf(x)));

@@ -4,28 +4,9 @@
 #pragma once
 #include <torch/extension.h>
 
-#include "bt_math.h"
+#include "bt_layout.h"
 
 namespace prefkernels {
-
-enum MaskKind : int { kMaskBool = 0, kMaskInt32 = 1, kMaskInt64 = 2 };
-
-// Hidden viewed as rows of D elements: row (n, pos) starts at n*stride_n + pos*stride_t.
-// Packed [total, D] hidden is one sequence of `total` positions with stride_n = 0.
-struct HiddenLayout {
-  int64_t rows;      // N, pooled rows
-  int64_t positions; // T (padded) or total (packed)
-  int64_t dim;       // D
-  int64_t stride_n;
-  int64_t stride_t;
-};
-
-struct PoolSpec {
-  int mode;                 // PoolMode
-  const void* mask;         // [N, T] contiguous, for kPoolMask
-  int mask_kind;            // MaskKind
-  const int64_t* index;     // last_index [N] or cu_seqlens [N+1], int64 contiguous
-};
 
 inline HiddenLayout hidden_layout(const at::Tensor& hidden, const c10::optional<at::Tensor>& cu_seqlens) {
   TORCH_CHECK(hidden.stride(-1) == 1, "hidden: last dimension must be contiguous");

@@ -7,16 +7,11 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/extension.h>
 
-#include "../bt_math.h"
 #include "../op_args.h"
 #include "bt_kernels.cuh"
 
 namespace prefkernels {
 namespace {
-
-static_assert(int(kMaskBool) == int(gpu::kGpuMaskBool) && int(kMaskInt32) == int(gpu::kGpuMaskInt32) &&
-                  int(kMaskInt64) == int(gpu::kGpuMaskInt64),
-              "gpu::GpuMaskKind must mirror MaskKind");
 
 void check_device(const char* name, const at::Tensor& t, const at::Tensor& hidden) {
   TORCH_CHECK(t.is_cuda() && t.device() == hidden.device(), name, ": expected a CUDA tensor on ", hidden.device(),
@@ -28,20 +23,14 @@ void check_device(const char* name, const c10::optional<at::Tensor>& t, const at
 }
 
 gpu::HiddenArgs hidden_args(const at::Tensor& hidden, const HiddenLayout& l) {
-  gpu::HiddenArgs h;
-  h.data = hidden.data_ptr();
+  gpu::DType dtype;
   switch (hidden.scalar_type()) {
-    case at::kFloat: h.dtype = gpu::DType::kFloat32; break;
-    case at::kBFloat16: h.dtype = gpu::DType::kBFloat16; break;
-    case at::kHalf: h.dtype = gpu::DType::kFloat16; break;
+    case at::kFloat: dtype = gpu::DType::kFloat32; break;
+    case at::kBFloat16: dtype = gpu::DType::kBFloat16; break;
+    case at::kHalf: dtype = gpu::DType::kFloat16; break;
     default: TORCH_CHECK(false, "hidden: the CUDA kernels take float32, bfloat16 or float16, got ", hidden.scalar_type());
   }
-  h.rows = l.rows;
-  h.positions = l.positions;
-  h.dim = l.dim;
-  h.stride_n = l.stride_n;
-  h.stride_t = l.stride_t;
-  return h;
+  return {l, hidden.data_ptr(), dtype};
 }
 
 // weight/bias already checked by check_head (contiguous, float32 or hidden's dtype).
@@ -52,15 +41,6 @@ gpu::HeadArgs head_args(const at::Tensor& weight, const c10::optional<at::Tensor
   w.weight_f32 = weight.scalar_type() == at::kFloat;
   w.heads = weight.size(0);
   return w;
-}
-
-gpu::PoolArgs pool_args(const PoolSpec& spec) {
-  gpu::PoolArgs p;
-  p.mode = spec.mode;
-  p.mask = spec.mask;
-  p.mask_kind = spec.mask_kind;
-  p.index = spec.index;
-  return p;
 }
 
 // Device checks (hidden is on CUDA), then the layout/pooling/head checks shared with the CPU glue.
@@ -95,7 +75,7 @@ std::tuple<at::Tensor, at::Tensor> pool_forward_cuda(const at::Tensor& hidden, c
   const int64_t heads = weight.size(0);
   auto rewards = at::empty({f.layout.rows, heads}, hidden.options().dtype(at::kFloat));
   auto pooled_pos = at::empty({f.layout.rows}, hidden.options().dtype(at::kLong));
-  C10_CUDA_CHECK(gpu::launch_pool_forward(hidden_args(hidden, f.layout), head_args(weight, bias), pool_args(f.spec),
+  C10_CUDA_CHECK(gpu::launch_pool_forward(hidden_args(hidden, f.layout), head_args(weight, bias), f.spec,
                                           rewards.data_ptr<float>(), pooled_pos.data_ptr<int64_t>(),
                                           c10::cuda::getCurrentCUDAStream().stream()));
   return {rewards, pooled_pos};
@@ -123,7 +103,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bt_forward_cuda(
   auto pair_grad = at::empty({2, pairs, heads}, f32);
   // Default pairs (no index tensors): one launch for the whole forward.
   C10_CUDA_CHECK(gpu::launch_bt_forward(
-      hidden_args(hidden, f.layout), head_args(weight, bias), pool_args(f.spec), optional_ptr<int64_t>(chosen_index),
+      hidden_args(hidden, f.layout), head_args(weight, bias), f.spec, optional_ptr<int64_t>(chosen_index),
       optional_ptr<int64_t>(rejected_index), optional_ptr<float>(margin), pairs, static_cast<float>(label_smoothing),
       static_cast<float>(center_coef), rewards.data_ptr<float>(), pooled_pos.data_ptr<int64_t>(), loss.data_ptr<float>(),
       pair_grad.data_ptr<float>(), c10::cuda::getCurrentCUDAStream().stream()));

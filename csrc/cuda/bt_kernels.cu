@@ -177,15 +177,15 @@ __device__ int64_t last_set_position(const M* __restrict__ row, int64_t position
 
 // Pooled position of row n, or -1 when the spec gives none in [0, positions) (the CPU rule).
 // Block-uniform; every thread must call it (the mask scan synchronizes).
-__device__ int64_t pooled_position(const PoolArgs& pool, int64_t n, int64_t positions, int64_t* smem) {
+__device__ int64_t pooled_position(const PoolSpec& pool, int64_t n, int64_t positions, int64_t* smem) {
   int64_t pos;
   if (pool.mode == kPoolMask) {
     const int64_t offset = n * positions;
     switch (pool.mask_kind) {
-      case kGpuMaskBool:  // torch bool is one byte; test it as a byte
+      case kMaskBool:  // torch bool is one byte; test it as a byte
         pos = last_set_position(static_cast<const uint8_t*>(pool.mask) + offset, positions, smem);
         break;
-      case kGpuMaskInt32:
+      case kMaskInt32:
         pos = last_set_position(static_cast<const int32_t*>(pool.mask) + offset, positions, smem);
         break;
       default:
@@ -206,7 +206,7 @@ __device__ int64_t pooled_position(const PoolArgs& pool, int64_t n, int64_t posi
 struct ForwardParams {
   HiddenArgs hidden;
   HeadArgs head;
-  PoolArgs pool;
+  PoolSpec pool;
   int64_t pairs;         // kPairs: P (default pairs p, p + P)
   const float* margin;   // [P] or null (kPairs)
   float label_smoothing;
@@ -552,7 +552,7 @@ cudaError_t launch_score(const ForwardParams& params, int64_t blocks, cudaStream
   });
 }
 
-ForwardParams forward_params(const HiddenArgs& hidden, const HeadArgs& head, const PoolArgs& pool, float* rewards,
+ForwardParams forward_params(const HiddenArgs& hidden, const HeadArgs& head, const PoolSpec& pool, float* rewards,
                              int64_t* pooled_pos) {
   ForwardParams p{};
   p.hidden = hidden;
@@ -579,12 +579,12 @@ BackwardPlan backward_plan(int64_t rows, int64_t heads, int64_t dim) {
 
 }  // namespace
 
-cudaError_t launch_pool_forward(const HiddenArgs& hidden, const HeadArgs& head, const PoolArgs& pool,
+cudaError_t launch_pool_forward(const HiddenArgs& hidden, const HeadArgs& head, const PoolSpec& pool,
                                 float* rewards, int64_t* pooled_pos, cudaStream_t stream) {
   return launch_score<false>(forward_params(hidden, head, pool, rewards, pooled_pos), hidden.rows, stream);
 }
 
-cudaError_t launch_bt_forward(const HiddenArgs& hidden, const HeadArgs& head, const PoolArgs& pool,
+cudaError_t launch_bt_forward(const HiddenArgs& hidden, const HeadArgs& head, const PoolSpec& pool,
                               const int64_t* chosen, const int64_t* rejected, const float* margin, int64_t pairs,
                               float label_smoothing, float center_coef, float* rewards, int64_t* pooled_pos,
                               float* loss, float* pair_grad, cudaStream_t stream) {

@@ -10,24 +10,17 @@
 
 #include <cstdint>
 
+#include "../bt_layout.h"
+
 namespace prefkernels {
 namespace gpu {
 
 enum class DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 
-// Same values as prefkernels::MaskKind (csrc/op_args.h); the glue static_asserts it.
-enum GpuMaskKind : int { kGpuMaskBool = 0, kGpuMaskInt32 = 1, kGpuMaskInt64 = 2 };
-
-// Hidden viewed as rows of `dim` elements: row (n, pos) starts at n*stride_n + pos*stride_t
-// (in elements; last dimension contiguous). Packed [total, D]: positions = total, stride_n = 0.
-struct HiddenArgs {
+// Hidden states: their layout (csrc/bt_layout.h) plus data pointer and element type.
+struct HiddenArgs : HiddenLayout {
   const void* data;
   DType dtype;  // float32, bfloat16 or float16
-  int64_t rows;       // N, pooled rows
-  int64_t positions;  // T (padded) or total (packed)
-  int64_t dim;        // D
-  int64_t stride_n;
-  int64_t stride_t;
 };
 
 // Reward head: weight [K, D] contiguous, bias [K] or null; both float32 or hidden's dtype.
@@ -38,23 +31,15 @@ struct HeadArgs {
   int64_t heads;    // K
 };
 
-// Pooled token of each row (mode: prefkernels::PoolMode from csrc/bt_math.h).
-struct PoolArgs {
-  int mode;              // kPoolMask, kPoolLastIndex or kPoolCuSeqlens
-  const void* mask;      // [N, T] contiguous, kPoolMask
-  int mask_kind;         // GpuMaskKind
-  const int64_t* index;  // last_index [N] or cu_seqlens [N+1]
-};
-
 // Rewards [N, K] f32 and pooled_pos [N] i64: one block per row.
-cudaError_t launch_pool_forward(const HiddenArgs& hidden, const HeadArgs& head, const PoolArgs& pool,
+cudaError_t launch_pool_forward(const HiddenArgs& hidden, const HeadArgs& head, const PoolSpec& pool,
                                 float* rewards, int64_t* pooled_pos, cudaStream_t stream);
 
 // bt_forward: rewards, pooled_pos, loss [P, K] and pair_grad [2, P, K] (all f32 but pooled_pos).
 // chosen == rejected == null: default pairs (p, p + P), P = N / 2 (`pairs` is not read), ONE
 // launch with one block per pair. Explicit int64 [P] pairs: the pooling launch, then one small
 // launch over P*K. margin: f32 [P] or null.
-cudaError_t launch_bt_forward(const HiddenArgs& hidden, const HeadArgs& head, const PoolArgs& pool,
+cudaError_t launch_bt_forward(const HiddenArgs& hidden, const HeadArgs& head, const PoolSpec& pool,
                               const int64_t* chosen, const int64_t* rejected, const float* margin, int64_t pairs,
                               float label_smoothing, float center_coef, float* rewards, int64_t* pooled_pos,
                               float* loss, float* pair_grad, cudaStream_t stream);

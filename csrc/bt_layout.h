@@ -1,0 +1,33 @@
+// How the kernels see the op's inputs, shared by the CPU kernels, the CUDA kernels and the glue
+// that fills these structs from tensors (csrc/op_args.h). No PyTorch headers: compiles under nvcc -c.
+#pragma once
+#include <cstdint>
+
+namespace prefkernels {
+
+// How the pooled token of each row is found.
+enum PoolMode : int { kPoolMask = 0, kPoolLastIndex = 1, kPoolCuSeqlens = 2 };
+
+// Element type of attention_mask.
+enum MaskKind : int { kMaskBool = 0, kMaskInt32 = 1, kMaskInt64 = 2 };
+
+// Hidden viewed as rows of D elements: row (n, pos) starts at n*stride_n + pos*stride_t (in
+// elements; last dimension contiguous). Packed [total, D] hidden is one sequence of `total`
+// positions with stride_n = 0.
+struct HiddenLayout {
+  int64_t rows;       // N, pooled rows
+  int64_t positions;  // T (padded) or total (packed)
+  int64_t dim;        // D
+  int64_t stride_n;
+  int64_t stride_t;
+};
+
+// The pooled token of each row: exactly one of mask / index is used, as `mode` says.
+struct PoolSpec {
+  int mode;              // PoolMode
+  const void* mask;      // [N, T] contiguous, kPoolMask
+  int mask_kind;         // MaskKind
+  const int64_t* index;  // last_index [N] or cu_seqlens [N+1], int64 contiguous
+};
+
+}  // namespace prefkernels
