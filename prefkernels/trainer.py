@@ -14,7 +14,7 @@ Output directory::
     metrics.jsonl     one JSON event per line: start, train (every log_every steps), eval, final
     checkpoint/       latest state for --resume: model, optimizer, scheduler, RNG, data position
     best/             the best model (by validation metric) with tokenizer and reward mean/std
-    eval.json         final validation metrics of best/; reliability.png; curves.png
+    eval.json         validation metrics of best/ (from the evaluation that selected it); reliability.png; curves.png
 """
 from __future__ import annotations
 
@@ -169,8 +169,8 @@ def _describe_data(data):
 
 @dataclass
 class TrainResult:
-    """Where things went and how training ended. ``metrics``: final validation metrics of the
-    best model (``preference_metrics``), None without validation data."""
+    """Where things went and how training ended. ``metrics``: validation metrics of the best
+    model (``preference_metrics``, from the evaluation that selected it), None without validation data."""
 
     output_dir: Path
     best_dir: Path
@@ -380,8 +380,10 @@ class Trainer:
         warmup = round(config.warmup_ratio * self.total_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, WarmupSchedule(self.total_steps, warmup, config.schedule))
+        # best_metrics: the full validation result of the best model (plain JSON-able values), kept so
+        # that finishing, also after --resume, needs no second evaluation
         self.state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best_value": None, "best_step": None,
-                      "evals_since_best": 0, "stopped_early": False, "done": False}
+                      "best_metrics": None, "evals_since_best": 0, "stopped_early": False, "done": False}
         self.train_sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # loss*n, n, correct, pairs
         set_seed(config.seed + self.dist.rank)
         self._prepare_output_dir(saved)
@@ -652,9 +654,8 @@ class Trainer:
             value > state["best_value"] if config.early_stopping_metric == "accuracy" else value < state["best_value"]))
         if better:
             state["best_value"], state["best_step"], state["evals_since_best"] = value, state["step"], 0
-            if self.dist.is_main:
-                self.model.save_pretrained(str(self.output_dir / BEST_DIR), self.tokenizer, extra=self._extra())
-            self.dist.barrier()
+            state["best_metrics"] = metrics.json_safe(result)
+            self._save_best(result, "valid")
         else:
             state["evals_since_best"] += 1
             if config.patience and state["evals_since_best"] >= config.patience:
@@ -677,7 +678,22 @@ class Trainer:
                                        training_state=training_state)
         self.dist.barrier()
 
+    def _save_best(self, result: dict, split: str) -> None:
+        """Write best/ from the current model with reward mean/std of ``result`` (measured on ``split``)."""
+        previous = self.model.reward_mean, self.model.reward_std
+        self.model.reward_mean, self.model.reward_std = result["reward_mean"], result["reward_std"]
+        try:
+            if self.dist.is_main:
+                extra = {**self._extra(), "reward_stats_split": split}
+                self.model.save_pretrained(str(self.output_dir / BEST_DIR), self.tokenizer, extra=extra)
+        finally:
+            # the stats belong to best/'s weights only; checkpoint/ keeps the training model without them
+            self.model.reward_mean, self.model.reward_std = previous
+        self.dist.barrier()
+
     def _extra(self) -> dict:
+        """best/'s ``training`` fields, as of the save: ``step`` is the step of the saved weights
+        (equal to ``best_step`` with validation data, the last step without)."""
         loss = dataclasses.asdict(self.loss_config)
         loss.pop("backend")
         return {"training": {"loss": loss, "step": self.state["step"], "best_step": self.state["best_step"],
@@ -692,18 +708,20 @@ class Trainer:
     # --- finish
 
     def _finish(self) -> TrainResult:
-        """Load the best weights, measure reward mean/std on validation data, write best/ and reports."""
+        """Write the reports of best/. With validation data, best/ (reward mean/std included) and its
+        metrics were kept when it was evaluated; without, measure reward mean/std on the training data."""
         best_dir = self.output_dir / BEST_DIR
-        if self.valid_data is not None and checkpoint.is_checkpoint(best_dir):
-            best = RewardModel.from_pretrained(str(best_dir))
-            self.model.load_state_dict(best.state_dict())
-        stats_data = self.valid_data if self.valid_data is not None else self.train_data
-        result, _ = self.evaluate(stats_data)
-        self.model.reward_mean, self.model.reward_std = result["reward_mean"], result["reward_std"]
-        extra = self._extra()
-        extra["reward_stats_split"] = "valid" if self.valid_data is not None else "train"
+        result = self.state.get("best_metrics")
+        if self.valid_data is None or result is None:
+            # No earlier evaluation to reuse: no validation data, no evaluation that gave a best model, or
+            # a checkpoint written before best_metrics was kept. Measure now (collective) and write best/.
+            if self.valid_data is not None and checkpoint.is_checkpoint(best_dir):
+                best = RewardModel.from_pretrained(str(best_dir))
+                self.model.load_state_dict(best.state_dict())
+            stats_data = self.valid_data if self.valid_data is not None else self.train_data
+            result, _ = self.evaluate(stats_data)
+            self._save_best(result, "valid" if self.valid_data is not None else "train")
         if self.dist.is_main:
-            self.model.save_pretrained(str(best_dir), self.tokenizer, extra=extra)
             if self.valid_data is not None:
                 checkpoint.atomic_write_text(self.output_dir / EVAL_FILE, json.dumps(result, indent=2))
                 metrics.reliability_diagram(result, self.output_dir / RELIABILITY_FILE)

@@ -6,7 +6,7 @@ from itertools import islice
 import pytest
 import torch
 
-from prefkernels import checkpoint
+from prefkernels import checkpoint, metrics
 from prefkernels.data import read_records, synthetic
 from prefkernels.model import RewardModel
 from prefkernels.tiny import write_tiny_backbone
@@ -86,6 +86,59 @@ def test_early_stopping_keeps_the_best_checkpoint(assets, tmp_path):
     events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [e["step"] for e in events if e["event"] == "eval"] == [1, 2, 3]
     assert checkpoint.read_config(out / "best")["training"]["best_step"] == 1
+
+
+def file_times(path):
+    return {p: p.stat().st_mtime_ns for p in path.rglob("*") if p.is_file()}
+
+
+def test_finish_reuses_the_best_evaluation_also_after_resume(assets, tmp_path, monkeypatch):
+    """_finish evaluates nothing again and leaves best/ as written at the best evaluation."""
+    evaluated, times_at_finish = [], []
+    evaluate, finish = Trainer.evaluate, Trainer._finish
+
+    def counting_evaluate(self, dataset):
+        out = evaluate(self, dataset)
+        evaluated.append((self.state["step"], out[0]))
+        return out
+
+    def timed_finish(self):
+        times_at_finish.append(file_times(self.output_dir / "best"))
+        return finish(self)
+
+    monkeypatch.setattr(Trainer, "evaluate", counting_evaluate)
+    monkeypatch.setattr(Trainer, "_finish", timed_finish)
+    options = dict(lr=1e-12, warmup_ratio=0.0, eval_every=1, patience=2, max_steps=30)
+    out = tmp_path / "run"
+    result = train(config(assets, out, **options), log=quiet)
+    assert result.best_step == 1 and [step for step, _ in evaluated] == [1, 2, 3]  # none in _finish
+    best = evaluated[0][1]
+    assert json.loads((out / "eval.json").read_text()) == best == result.metrics
+    assert file_times(out / "best") == times_at_finish[0]  # best/ not rewritten
+    saved = checkpoint.read_config(out / "best")
+    assert saved["reward_mean"] == best["reward_mean"] and saved["reward_std"] == best["reward_std"]
+    assert saved["reward_stats_split"] == "valid" and saved["training"]["step"] == saved["training"]["best_step"] == 1
+    assert checkpoint.read_config(out / "checkpoint")["reward_mean"] is None  # stats belong to best/ only
+    final = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert final == {"event": "final", "step": 3, "best_step": 1, **metrics.scalar_metrics(best)}
+
+    def crash(self):
+        raise RuntimeError("killed after the last checkpoint")
+
+    crashed = tmp_path / "crashed"
+    evaluated.clear()
+    monkeypatch.setattr(Trainer, "_finish", crash)
+    with pytest.raises(RuntimeError, match="killed"):
+        train(config(assets, crashed, **options), log=quiet)
+    assert [step for step, _ in evaluated] == [1, 2, 3] and not (crashed / "eval.json").exists()
+    best, before = evaluated[0][1], file_times(crashed / "best")
+    evaluated.clear()
+    monkeypatch.setattr(Trainer, "_finish", finish)
+    resumed = train(config(assets, crashed, resume=True, **options), log=quiet)
+    assert evaluated == [] and file_times(crashed / "best") == before
+    assert json.loads((crashed / "eval.json").read_text()) == best == resumed.metrics
+    assert (crashed / "reliability.png").exists()
+    assert checkpoint.read_config(crashed / "best")["reward_mean"] == best["reward_mean"]
 
 
 @pytest.mark.parametrize("loss, records", [
