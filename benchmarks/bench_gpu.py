@@ -8,8 +8,10 @@ backward (``.grad = None``):
 - ``graph``: the same step captured once in a CUDA graph and replayed: device time only, what
   CUDA graphs / torch.compile(mode="reduce-overhead") give. Value checks are off there (a host
   sync cannot be captured).
+Also the host time of the eager step (the Python call alone, device synchronized after the
+timer) and, for the first shape, a torch.profiler table per method (where the host time goes).
 Prints a table (us, effective GB/s of the grad buffer, ratios, peak extra memory) and writes
-JSON + PNG under $OUT when set, else benchmarks/results/.
+JSON + PNG + bench_gpu_profile.txt under $OUT when set, else benchmarks/results/.
 
     python benchmarks/bench_gpu.py [--repeats 20]
 """
@@ -18,12 +20,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
+from machine import RESULTS_DIR  # noqa: E402
 
 from prefkernels import backends  # noqa: E402
 
@@ -41,6 +45,31 @@ def cuda_timer(step, batch) -> float:
     end.record()
     end.synchronize()
     return start.elapsed_time(end) / 1e3
+
+
+def host_timer(step, batch) -> float:
+    """Seconds the Python call of ``step`` takes on the host (launches enqueued, not waited for)."""
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    step(batch)
+    seconds = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return seconds
+
+
+def profile_table(steps: dict, batch: dict, rows: int = 20) -> str:
+    """torch.profiler tables (self CPU time first) of a few eager steps of each method."""
+    from torch.profiler import ProfilerActivity, profile
+    tables = []
+    for name, step in steps.items():
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                common.reset(batch)
+                step(batch)
+            torch.cuda.synchronize()
+        table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+        tables.append(f"== {name} (5 steps)\n{table}")
+    return "\n".join(tables)
 
 
 def graphed(step, batch):
@@ -96,7 +125,8 @@ def add_ratios(row: dict, times: dict, kernels: list[str], nbytes: int, suffix: 
                 row[f"{baseline}/{name}{suffix}"] = times[baseline] / times[name]
 
 
-def run(shapes, repeats: int, warmup: int, bandwidth: float, on_row) -> tuple[list[dict], list[str]]:
+def run(shapes, repeats: int, warmup: int, bandwidth: float, on_row, profile_path: Path | None = None
+        ) -> tuple[list[dict], list[str]]:
     kernels = available_kernel_backends()
     steps = common.methods(kernels, compile_dynamic=True)
     rows = []
@@ -107,6 +137,10 @@ def run(shapes, repeats: int, warmup: int, bandwidth: float, on_row) -> tuple[li
                "dtype": dtype, "grad_buffer_MB": nbytes / 2**20,
                "predicted floor us": predicted_floor_us(nbytes, bandwidth)}
         add_ratios(row, common.time_interleaved(steps, batch, repeats, warmup, cuda_timer), kernels, nbytes, "")
+        for name, seconds in common.time_interleaved(steps, batch, repeats, 1, host_timer).items():
+            row[f"{name} host us"] = seconds * 1e6
+        if profile_path is not None and not rows:
+            profile_path.write_text(f"{row['shape']}\n{profile_table(steps, batch)}\n")
         for name, step in steps.items():
             row[f"{name} peak MB"] = cuda_peak_extra_bytes(step, batch) / 2**20
         replays = {}
@@ -140,8 +174,13 @@ def main(argv=None):
     def save(rows):
         return common.write_results("bench_gpu", {"environment": env, "repeats": args.repeats, "rows": rows}, args.out)
 
-    rows, kernels = run(SHAPES, args.repeats, args.warmup, args.bandwidth, save)
+    out_dir = Path(args.out or os.environ.get("OUT") or RESULTS_DIR)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    profile_path = out_dir / "bench_gpu_profile.txt"
+    rows, kernels = run(SHAPES, args.repeats, args.warmup, args.bandwidth, save, profile_path)
     methods = kernels + ["eager", "compile(eager)", "hf_style"]
+    print("\n== host time of the eager step (Python call only; the value checks' sync included)")
+    common.print_table(rows, ["shape"] + [f"{m} host us" for m in methods + ["floor"]])
     for suffix in ("", " (graph)"):
         print(f"\n== fwd+bwd, {'CUDA graph replay (device time)' if suffix else 'eager Python step (host overhead included)'}")
         columns = ["shape", "predicted floor us", f"floor us{suffix}"] + [f"{m} us{suffix}" for m in methods] + [
