@@ -1,6 +1,7 @@
 # make demo / make test work from a fresh clone: they create .venv when no virtualenv is
 # active, install the CPU build of torch 2.13.0 when no torch is importable (a plain `torch`
-# requirement would pull a multi-GB CUDA build), then build prefkernels against that torch.
+# requirement would pull a multi-GB CUDA build), then build prefkernels against that torch
+# (without build isolation, so the build tools setuptools and wheel are installed first).
 ifdef VIRTUAL_ENV
 PYTHON := python
 else
@@ -17,6 +18,7 @@ $(PYTHON):
 
 $(STAMP): $(PYTHON) $(SOURCES)
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install "torch==2.13.0"
+	$(PYTHON) -m pip install "setuptools>=64" wheel
 	$(PYTHON) -m pip install -e ".[test]" --no-build-isolation
 	touch $(STAMP)
 

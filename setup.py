@@ -1,6 +1,7 @@
 """Builds prefkernels._C: the C++ CPU kernels, and the CUDA kernels when torch has CUDA and
 nvcc is found (PREFKERNELS_BUILD_CUDA=0/1/auto; arch list from TORCH_CUDA_ARCH_LIST, default
-8.0;9.0).
+8.0;9.0). ``auto`` also needs nvcc's CUDA major version to be torch's (torch refuses to build
+otherwise); when it is not, it says so and builds the CPU kernels only.
 
 Build against the torch you run with: ``pip install -e ".[test]" --no-build-isolation``.
 An isolated build would compile against a different torch wheel (and may download a multi-GB
@@ -8,6 +9,9 @@ CUDA build), and the extension's ABI must match the installed torch exactly.
 """
 import glob
 import os
+import re
+import subprocess
+import sys
 
 from setuptools import setup
 
@@ -16,6 +20,17 @@ from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, C
 import torch
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def nvcc_major() -> int | None:
+    """CUDA major version of $CUDA_HOME/bin/nvcc, None when it cannot be run."""
+    try:
+        out = subprocess.run([os.path.join(CUDA_HOME, "bin", "nvcc"), "--version"], capture_output=True, text=True,
+                             check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    found = re.search(r"release (\d+)\.", out)
+    return int(found.group(1)) if found else None
 
 
 def want_cuda() -> bool:
@@ -27,7 +42,16 @@ def want_cuda() -> bool:
         if not available:
             raise RuntimeError("PREFKERNELS_BUILD_CUDA=1 but torch has no CUDA or nvcc was not found")
         return True
-    return available
+    if not available:
+        return False
+    torch_major, nvcc = int(torch.version.cuda.split(".")[0]), nvcc_major()
+    if nvcc != torch_major:
+        print(f"prefkernels: building the CPU kernels only: torch was built with CUDA {torch.version.cuda} but "
+              f"{os.path.join(CUDA_HOME, 'bin', 'nvcc')} is CUDA {nvcc if nvcc is not None else '(unreadable)'}; "
+              "install a matching CUDA toolkit (set CUDA_HOME) or PREFKERNELS_BUILD_CUDA=1 to insist",
+              file=sys.stderr)
+        return False
+    return True
 
 
 def extension():

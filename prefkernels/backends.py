@@ -104,6 +104,24 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _release(version: str) -> tuple[int, ...]:
+    """(major, minor) of a version string such as '3.2.0' or '2.4.0rc1'."""
+    return tuple(int("".join(c for c in part if c.isdigit()) or 0) for part in version.split(".")[:2])
+
+
+def triton_interpreter_problem() -> str | None:
+    """Why Triton's CPU interpreter cannot run the kernels in this environment, or None.
+
+    Triton before 3.7 converts 1-element arrays to Python ints, which NumPy 2.4 refuses
+    (triton-lang/triton#9171): every interpreted launch then fails inside Triton."""
+    import numpy
+    import triton
+    if _release(triton.__version__) < (3, 7) and _release(numpy.__version__) >= (2, 4):
+        return (f"Triton {triton.__version__}'s interpreter fails with NumPy {numpy.__version__} "
+                "(triton-lang/triton#9171); install numpy<2.4 or triton>=3.7")
+    return None
+
+
 def requested(backend: str | None) -> str:
     name = backend if backend is not None else os.environ.get(ENV_VAR, "auto")
     if name not in BACKENDS:
@@ -124,8 +142,10 @@ def _native_for(device: torch.device) -> OpSet | None:
 
 
 def _triton_for(device: torch.device) -> OpSet | None:
-    if device.type == "cuda" or (device.type == "cpu" and triton_interpreted()):
+    if device.type == "cuda":
         return triton_ops()
+    if device.type == "cpu" and triton_interpreted() and triton_ops() is not None:
+        return None if triton_interpreter_problem() else triton_ops()
     return None
 
 
@@ -143,19 +163,23 @@ def select(backend: str | None, device: torch.device) -> OpSet | None:
         ops = finders[candidate](device)
         if ops is not None:
             if name not in ("auto", ops.name):
-                warn_once(f"prefkernels: backend {name!r} is unavailable for {device.type} tensors; using {ops.name!r}")
+                warn_once(f"prefkernels: backend {name!r} is unavailable for {device.type} tensors "
+                          f"({why_unavailable(name, device)}); using {ops.name!r}")
             return ops
     if name != "auto":
         warn_once(f"prefkernels: backend {name!r} is unavailable for {device.type} tensors "
-                  f"({_why_unavailable(name, device)}); using 'reference'")
+                  f"({why_unavailable(name, device)}); using 'reference'")
     return None
 
 
-def _why_unavailable(name: str, device: torch.device) -> str:
+def why_unavailable(name: str, device: torch.device) -> str:
+    """Why kernel backend ``name`` cannot run on ``device`` (for messages)."""
     if name == "native":
         if native_ops() is None:
             return "prefkernels._C is not built"
         return "this build of prefkernels._C has no CUDA kernels" if device.type == "cuda" else "unsupported device"
     if triton_ops() is None:
         return "triton is not installed"
+    if device.type == "cpu" and triton_interpreted() and triton_interpreter_problem():
+        return triton_interpreter_problem()
     return "Triton needs CUDA tensors, or TRITON_INTERPRET=1 for CPU tensors"

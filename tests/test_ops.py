@@ -40,7 +40,7 @@ KERNEL_BACKENDS = ["native", "triton"]
 def require_backend(name, device):
     ops = backends.select(name, torch.device(device))
     if ops is None or ops.name != name:
-        pytest.skip(f"backend {name!r} not available on {device}")
+        pytest.skip(f"backend {name!r} not available on {device}: {backends.why_unavailable(name, torch.device(device))}")
 
 
 def shrink_for(backend, case):
@@ -219,3 +219,26 @@ def test_native_grad_buffer_is_zero_outside_pooled_rows_with_either_allocator(mo
     assert_matches(result, reference_float64(inputs), inputs)
     grad = result["grad_hidden"]
     assert grad[:, :-1].abs().max() == 0 and (grad[:, -1].abs().sum(-1) > 0).all()
+
+
+@pytest.mark.parametrize("triton_version,numpy_version,broken", [
+    ("3.2.0", "2.4.1", True), ("3.6.0", "2.4.0", True), ("3.6.0", "2.3.5", False), ("3.7.0", "2.4.6", False)])
+def test_broken_triton_interpreter_degrades_to_native_with_the_reason(monkeypatch, triton_version, numpy_version,
+                                                                      broken):
+    triton = pytest.importorskip("triton")
+    import numpy
+    if backends.native_ops() is None:
+        pytest.skip("prefkernels._C is not built")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(triton, "__version__", triton_version)
+    monkeypatch.setattr(numpy, "__version__", numpy_version)
+    monkeypatch.setattr(backends, "_warned", set())
+    problem = backends.triton_interpreter_problem()
+    assert (problem is not None) == broken
+    if not broken:
+        assert backends.select("triton", torch.device("cpu")).name == "triton"
+        return
+    assert "numpy<2.4" in problem and triton_version in problem
+    with pytest.warns(RuntimeWarning, match=r"backend 'triton' is unavailable for cpu tensors .*numpy<2\.4.*using 'native'"):
+        ops = backends.select("triton", torch.device("cpu"))
+    assert ops.name == "native"

@@ -21,7 +21,9 @@ from prefkernels import triton_bt  # noqa: E402
 OPS = backends.triton_ops()  # registers fake kernels + autograd for the triton ops
 INTERPRETED = type(triton_bt._pool_rows_kernel).__name__ == "InterpretedFunction"
 DEVICE = "cpu" if INTERPRETED else ("cuda" if torch.cuda.is_available() else None)
-pytestmark = pytest.mark.skipif(DEVICE is None, reason="Triton needs CUDA, or TRITON_INTERPRET=1 set before import")
+INTERPRETER_PROBLEM = backends.triton_interpreter_problem() if INTERPRETED else None
+pytestmark = [pytest.mark.skipif(DEVICE is None, reason="Triton needs CUDA, or TRITON_INTERPRET=1 set before import"),
+              pytest.mark.skipif(INTERPRETER_PROBLEM is not None, reason=str(INTERPRETER_PROBLEM))]
 
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
 # (rtol, atol) of an output by the dtype it is stored in; fp32 outputs differ from the reference
