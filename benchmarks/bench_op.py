@@ -2,7 +2,10 @@
 and the floor (torch.zeros_like(hidden), the grad buffer any backward must create).
 
 Methods run interleaved in one process, medians over repeats, grads reset before every
-backward. Prints a table, writes benchmarks/results/bench_op_cpu.json and a PNG.
+backward. Two more views of the same steps: each method timed alone in a loop (the heap stays
+warm for it, as in a training loop, instead of being left by the other methods), and the fixed
+cost of a step at a tiny shape (Python, autograd, dispatch: what dominates small batches).
+Prints the tables, writes benchmarks/results/bench_op_cpu.json and a PNG.
 
     python benchmarks/bench_op.py [--repeats 15] [--quick]
 """
@@ -20,6 +23,8 @@ import common  # noqa: E402
 SHAPES = [(8, 512, 768, "fp32"), (8, 1024, 2048, "fp32"), (8, 1024, 2048, "bf16"),
           (64, 128, 768, "fp32"), (32, 256, 4096, "bf16")]
 QUICK_SHAPES = [(4, 128, 256, "fp32"), (4, 128, 256, "bf16")]
+FIXED_COST_SHAPE = (1, 8, 16, "fp32")
+ALONE_METHODS = ("floor", "native", "eager", "compile(eager)")
 
 
 def run(shapes, repeats: int, warmup: int) -> list[dict]:
@@ -40,9 +45,24 @@ def run(shapes, repeats: int, warmup: int) -> list[dict]:
             row[f"{name} peak MB"] = common.cpu_peak_extra_bytes(step, batch) / 2**20
         row["(native+read)/(floor+read)"] = times["native+read"] / times["floor+read"]
         row["(eager+read)/(floor+read)"] = times["eager+read"] / times["floor+read"]
+        for name in ALONE_METHODS:
+            alone = common.time_interleaved({name: steps[name]}, batch, repeats, warmup, common.cpu_timer)[name]
+            row[f"{name} alone ms"] = alone * 1e3
+        for name in ALONE_METHODS[1:]:
+            row[f"{name}/floor alone"] = row[f"{name} alone ms"] / row["floor alone ms"]
         rows.append(row)
         print(f"done {row['shape']}", flush=True)
     return rows
+
+
+def fixed_cost(repeats: int) -> dict:
+    """Microseconds per fwd+bwd step of each method at a tiny shape, where nothing but the fixed
+    per-step cost (Python, autograd, dispatch, small allocations) remains."""
+    steps = common.methods(["native"])
+    batch = common.make_batch(*FIXED_COST_SHAPE, "cpu")
+    times = common.time_interleaved(steps, batch, repeats, 20, common.cpu_timer)
+    return {"shape": "P={} T={} D={} {}".format(*FIXED_COST_SHAPE),
+            **{f"{name} us": seconds * 1e6 for name, seconds in times.items()}}
 
 
 def main(argv=None):
@@ -60,9 +80,15 @@ def main(argv=None):
     print("\nwith a consumer that reads the grad buffer after each step (hidden.grad.sum()):")
     common.print_table(rows, ["shape", "floor+read ms", "native+read ms", "eager+read ms",
                               "(native+read)/(floor+read)", "(eager+read)/(floor+read)"])
+    print("\neach method alone in a loop (warm heap):")
+    common.print_table(rows, ["shape"] + [f"{m} alone ms" for m in ALONE_METHODS]
+                       + [f"{m}/floor alone" for m in ALONE_METHODS[1:]])
+    fixed = fixed_cost(max(200, 20 * args.repeats))
+    print("\nfixed cost per fwd+bwd step (tiny shape):")
+    common.print_table([fixed], list(fixed))
     name = "bench_op_cpu_quick" if args.quick else "bench_op_cpu"
     path = common.write_results(name, {"environment": common.environment("cpu"), "repeats": args.repeats,
-                                       "rows": rows}, args.out)
+                                       "rows": rows, "fixed_cost": fixed}, args.out)
     common.plot_ratios(rows, ["native", "eager", "compile(eager)", "hf_style"],
                        f"fused BT op, CPU ({torch.get_num_threads()} threads)", path.with_suffix(".png"))
     print(f"wrote {path} and {path.with_suffix('.png')}")

@@ -76,16 +76,20 @@ def methods(kernel_backends: list[str], compile_dynamic: bool = False) -> dict:
 
 
 def time_interleaved(steps: dict, batch: dict, repeats: int, warmup: int, timer) -> dict:
-    """Median seconds per step, methods interleaved within each repeat (noise hits all alike)."""
+    """Median seconds per step, methods interleaved within each repeat (noise hits all alike).
+    The order rotates by one method per repeat, so no method always runs after the same one
+    (on CPU the heap state a step leaves changes the next step's allocation cost)."""
     for step in steps.values():
         for _ in range(warmup):
             reset(batch)
             step(batch)
-    samples = {name: [] for name in steps}
-    for _ in range(repeats):
-        for name, step in steps.items():
+    names = list(steps)
+    samples = {name: [] for name in names}
+    for repeat in range(repeats):
+        shift = repeat % len(names)
+        for name in names[shift:] + names[:shift]:
             reset(batch)
-            samples[name].append(timer(step, batch))
+            samples[name].append(timer(steps[name], batch))
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
