@@ -54,8 +54,7 @@ def register(ops: OpSet) -> None:
     torch.library.register_fake(qualname("pool_forward"))(_pool_forward_fake)
     torch.library.register_fake(qualname("pool_backward"))(_pool_backward_fake)
 
-    def backward_into_inputs(ctx, coef, row_ptr, row_entry):
-        hidden, weight, pooled_pos = ctx.saved_tensors[:3]
+    def backward_into_inputs(ctx, hidden, weight, pooled_pos, coef, row_ptr, row_entry):
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         grad_hidden = grad_weight = grad_bias = None
         if need_hidden or need_weight:
@@ -75,7 +74,7 @@ def register(ops: OpSet) -> None:
         ctx.mark_non_differentiable(pooled_pos)
 
     def pool_backward(ctx, grad_rewards, _grad_pos):
-        grads = backward_into_inputs(ctx, grad_rewards.float().contiguous(), None, None)
+        grads = backward_into_inputs(ctx, *ctx.saved_tensors, grad_rewards.float().contiguous(), None, None)
         return (*grads, None, None, None)
 
     def bt_setup(ctx, inputs, output):
@@ -88,13 +87,13 @@ def register(ops: OpSet) -> None:
         ctx.mark_non_differentiable(rewards, pair_grad, pooled_pos)
 
     def bt_backward(ctx, grad_loss, _grad_rewards, _grad_pair, _grad_pos):
-        pair_grad, chosen_index, rejected_index = ctx.saved_tensors[3:6]
+        hidden, weight, pooled_pos, pair_grad, chosen_index, rejected_index = ctx.saved_tensors
         heads = pair_grad.shape[-1]
         coef = (pair_grad * grad_loss.float()).reshape(-1, heads)
         row_ptr = row_entry = None
         if chosen_index is not None:
             row_ptr, row_entry = rows_csr(chosen_index, rejected_index, ctx.rows)
-        grads = backward_into_inputs(ctx, coef, row_ptr, row_entry)
+        grads = backward_into_inputs(ctx, hidden, weight, pooled_pos, coef, row_ptr, row_entry)
         return (*grads, None, None, None, None, None, None, None, None)
 
     torch.library.register_autograd(qualname("pool_forward"), pool_backward, setup_context=pool_setup)

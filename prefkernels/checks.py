@@ -4,8 +4,10 @@ names the argument and what was expected.
 Shape, dtype and device checks are free (metadata only) and always run. Value checks (index
 ranges, empty mask rows, monotonic cu_seqlens) need one device-to-host sync; they run in eager
 mode and are skipped while ``torch.compile`` traces or when env ``PREFKERNELS_CHECK_VALUES=0``
-(a hot GPU loop that wants no sync). Without them the kernels still never read out of bounds:
-an invalid pooled row or pair yields NaN rewards/loss and a zero gradient.
+(a hot GPU loop that wants no sync). The kernels never read out of bounds: an invalid pooled
+row or pair yields NaN rewards/loss and a zero gradient, and a row without a valid pooled
+position gets ``pooled_pos = -1``. So kernel backends are checked after the op, on that small
+output, instead of scanning the mask: the inputs are re-read only to word an error.
 """
 from __future__ import annotations
 
@@ -172,8 +174,12 @@ def check_pairs(inputs: OpInputs, chosen_index, rejected_index, margin, label_sm
     return inputs
 
 
-def check_values(inputs: OpInputs) -> None:
-    """Data-dependent checks with a single host sync; skipped under torch.compile."""
+def check_values(inputs: OpInputs, pooled_pos: torch.Tensor | None = None) -> None:
+    """Data-dependent checks with a single host sync; skipped under torch.compile.
+
+    ``pooled_pos`` [N] int64: a kernel's pooled position per row (-1: none valid). Given, the
+    attention_mask / last_index checks read its minimum instead of the inputs (one reduction
+    over N rather than over N*T); the inputs are examined only to word the error."""
     if not value_checks_enabled():
         return
     hidden = inputs.hidden
@@ -185,9 +191,11 @@ def check_values(inputs: OpInputs) -> None:
         names.extend(f"{name}:{i}" for i in range(len(tensors)))
         values.extend(tensors)
 
-    if inputs.attention_mask is not None:
+    if pooled_pos is not None and (inputs.attention_mask is not None or inputs.last_index is not None):
+        need("pooled_pos", pooled_pos.min())
+    elif inputs.attention_mask is not None:
         need("mask_rows_set", inputs.attention_mask.any(dim=1).all())
-    if inputs.last_index is not None:
+    elif inputs.last_index is not None:
         need("last_index", *torch.aminmax(inputs.last_index))
     if inputs.cu_seqlens is not None:
         cu = inputs.cu_seqlens
@@ -200,6 +208,8 @@ def check_values(inputs: OpInputs) -> None:
         return
     fetched = [values[0].item()] if len(values) == 1 else torch.stack([v.long() for v in values]).tolist()
     got = dict(zip(names, fetched))
+    if got.get("pooled_pos:0", 0) < 0:
+        check_values(inputs)  # a row has no valid pooled position: find and name it
     if "mask_rows_set:0" in got and not got["mask_rows_set:0"]:
         row = int((~inputs.attention_mask.any(dim=1)).nonzero()[0, 0])
         raise ValueError(f"attention_mask: every row needs at least one 1 (the pooled token), row {row} has none")

@@ -27,16 +27,17 @@ def fused_bt_loss(hidden, weight, bias=None, *, attention_mask=None, last_index=
     inputs = checks.check_pairs(inputs, chosen_index, rejected_index, margin, label_smoothing, center_coef,
                                 reduction)
     ops = backends.select(backend, hidden.device)
-    checks.check_values(inputs)
     if ops is None:
+        checks.check_values(inputs)
         return reference.fused_bt_loss(
             inputs.hidden, inputs.weight, inputs.bias, attention_mask=inputs.attention_mask,
             last_index=inputs.last_index, cu_seqlens=inputs.cu_seqlens, chosen_index=inputs.chosen_index,
             rejected_index=inputs.rejected_index, margin=inputs.margin, label_smoothing=float(label_smoothing),
             center_coef=float(center_coef), reduction=reduction)
-    loss, rewards, _, _ = ops.bt_forward(
+    loss, rewards, _, pooled_pos = ops.bt_forward(
         inputs.hidden, inputs.weight, inputs.bias, inputs.attention_mask, inputs.last_index, inputs.cu_seqlens,
         inputs.chosen_index, inputs.rejected_index, inputs.margin, float(label_smoothing), float(center_coef))
+    checks.check_values(inputs, pooled_pos)
     if reduction == "mean":
         loss = loss.mean()
     elif reduction == "sum":
@@ -49,10 +50,11 @@ def pool_score(hidden, weight, bias=None, *, attention_mask=None, last_index=Non
     """Rewards [N, K] float32 of the pooled (last) token of each row; differentiable."""
     inputs = checks.check_pooling(hidden, weight, bias, attention_mask, last_index, cu_seqlens)
     ops = backends.select(backend, hidden.device)
-    checks.check_values(inputs)
     if ops is None:
+        checks.check_values(inputs)
         return reference.pool_score(inputs.hidden, inputs.weight, inputs.bias, attention_mask=inputs.attention_mask,
                                     last_index=inputs.last_index, cu_seqlens=inputs.cu_seqlens)
-    rewards, _ = ops.pool_forward(inputs.hidden, inputs.weight, inputs.bias, inputs.attention_mask,
-                                  inputs.last_index, inputs.cu_seqlens)
+    rewards, pooled_pos = ops.pool_forward(inputs.hidden, inputs.weight, inputs.bias, inputs.attention_mask,
+                                           inputs.last_index, inputs.cu_seqlens)
+    checks.check_values(inputs, pooled_pos)
     return rewards

@@ -127,3 +127,16 @@ def test_unchecked_invalid_rows_give_nan_not_a_crash(monkeypatch):
     assert torch.isnan(rewards[1]).all() and torch.isnan(rewards[3]).all() and torch.isfinite(rewards[0]).all()
     loss.backward()
     assert torch.isfinite(hidden.grad).all()
+
+
+@pytest.mark.parametrize("backend", ["native", "reference", "triton"])
+@pytest.mark.parametrize("pooling,text", [
+    ({"attention_mask": mask_with_empty_row}, "row 2"),
+    ({"last_index": torch.tensor([0, 1, 5, 2])}, "last_index: expected values in [0, 5)"),
+    ({"last_index": torch.tensor([0, -1, 2, 2])}, "min -1")])
+def test_pool_score_names_an_invalid_row(backend, pooling, text):
+    """pool_score checks the pooled rows too (kernel backends on the kernel's pooled positions)."""
+    args = base()
+    with pytest.raises(ValueError) as info:
+        prefkernels.pool_score(args["hidden"], args["weight"], args["bias"], backend=backend, **pooling)
+    assert text in str(info.value)
