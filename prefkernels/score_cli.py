@@ -15,10 +15,16 @@ One output row per input row, in input order, keeping the id fields (``id`` and 
 
 With a K-head ensemble the score is the head mean, with ``*_std`` (population std over heads) and
 ``*_heads`` (the K scores) next to it. The file is read in chunks of ``--chunk-rows`` rows, each
-scored in length-sorted batches and written in input order to a temporary file that replaces
-``--output`` at the end: a failed run leaves no half-written output. A malformed line stops the
-run with its line number, or with ``--skip-invalid`` becomes ``{"line": n, "error": ...}`` (plus
-its ids when parseable) and is counted.
+scored in length-sorted batches and appended in input order to the partial file
+``.<output name>.partial`` (plain JSONL, flushed after each chunk). At the end it is moved into place
+as ``--output`` (gzip-compressed when that ends in .gz) by an atomic rename: a failed run never
+leaves a half-written output. A stopped run keeps its partial file; ``--resume`` counts its complete
+rows (dropping a torn last line), skips as many input rows and goes on; the input, model and options
+must be the same. Without ``--resume`` a non-empty partial file makes the run refuse to start.
+
+A malformed line (invalid UTF-8 or JSON, a missing or mistyped field) stops the run with its line
+number, or with ``--skip-invalid`` becomes ``{"line": n, "error": ...}`` (plus its ids when
+parseable) and is counted.
 """
 from __future__ import annotations
 
@@ -27,9 +33,9 @@ import gzip
 import itertools
 import json
 import os
+import shutil
 import sys
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -67,9 +73,11 @@ class ParsedRow:
 
 @dataclass
 class RunSummary:
+    """Counts over the output rows, so that a resumed run recounts the rows it keeps."""
+
     rows: int = 0
     invalid: int = 0
-    truncated_texts: int = 0
+    truncated_rows: int = 0
     pairs: int = 0
     pairs_correct: int = 0
     errors: list[str] = field(default_factory=list)  # the first MAX_ERRORS_SHOWN invalid lines
@@ -78,18 +86,35 @@ class RunSummary:
     def accuracy(self) -> float | None:
         return self.pairs_correct / self.pairs if self.pairs else None
 
+    def add(self, record: dict) -> None:
+        """Count one output row."""
+        self.rows += 1
+        if "error" in record:
+            self.invalid += 1
+            if len(self.errors) < MAX_ERRORS_SHOWN:
+                self.errors.append(f"line {record['line']}: {record['error']}")
+            return
+        self.truncated_rows += record["truncated"]
+        if "chosen_score" in record:
+            self.pairs += 1
+            self.pairs_correct += record["chosen_score"] > record["rejected_score"]
+
 
 def id_fields(row: dict) -> dict:
     """The row's ``id`` and ``*_id`` fields, in their order."""
     return {key: value for key, value in row.items() if key == "id" or key.endswith("_id")}
 
 
-def parse_line(line: str) -> ParsedRow:
+def parse_line(line: bytes) -> ParsedRow:
     """One JSONL line -> ParsedRow; raises InvalidRow naming what is wrong."""
     try:
-        row = json.loads(line)
+        row = json.loads(line.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise InvalidRow(f"invalid UTF-8: {err.reason} at byte {err.start + 1}") from None
     except json.JSONDecodeError as err:
         raise InvalidRow(f"invalid JSON: {err.msg} (column {err.colno})") from None
+    except (ValueError, RecursionError) as err:  # an integer over Python's digit limit, too deep nesting
+        raise InvalidRow(f"invalid JSON: {err}") from None
     if not isinstance(row, dict):
         raise InvalidRow(f"expected a JSON object, got {type(row).__name__}")
     ids = id_fields(row)
@@ -116,14 +141,59 @@ def parse_line(line: str) -> ParsedRow:
                      f"got keys {sorted(row)}", ids)
 
 
-def _open_text(path: Path, mode: str):
-    return gzip.open(path, mode + "t", encoding="utf-8") if path.suffix == ".gz" else open(path, mode,
-                                                                                          encoding="utf-8")
+def _open_bytes(path: Path):
+    """The input file for reading lines as bytes (each decoded by ``parse_line``), gunzipped if .gz."""
+    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
 
 
 def _count_lines(path: Path) -> int:
-    with _open_text(path, "r") as f:
+    with _open_bytes(path) as f:
         return sum(1 for _ in f)
+
+
+def _encode(record: dict) -> bytes:
+    """One output line. A lone surrogate (from a "\\udXXX" escape in the input) is written back as
+    that escape, keeping the line valid UTF-8 and JSON."""
+    return (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8", "backslashreplace")
+
+
+def _resume_partial(path: Path, summary: RunSummary) -> int:
+    """Count the complete (newline-terminated) rows of a partial file into ``summary``, cut a torn
+    last line (a run killed mid-write) and return the number of complete rows."""
+    end = 0
+    with open(path, "r+b") as f:
+        for line in f:
+            if not line.endswith(b"\n"):
+                break
+            summary.add(json.loads(line))
+            end += len(line)
+        f.truncate(end)
+    return summary.rows
+
+
+def _skip_rows(numbered, count: int) -> tuple[int, int]:
+    """Consume up to ``count`` (line number, line) rows; return how many there were and the last line number."""
+    skipped = number = 0
+    for skipped, (number, _) in enumerate(itertools.islice(numbered, count), start=1):
+        pass
+    return skipped, number
+
+
+def _finish(partial_path: Path, output_path: Path) -> None:
+    """Move the complete partial file into place by an atomic rename, gzip-compressed (through a
+    temporary file) if ``output_path`` ends in .gz."""
+    if output_path.suffix != ".gz":
+        os.replace(partial_path, output_path)
+        return
+    tmp_path = output_path.with_name(f".{output_path.name}.tmp")
+    try:
+        with open(partial_path, "rb") as rows, open(tmp_path, "wb") as raw, \
+                gzip.GzipFile(output_path.name, "wb", fileobj=raw) as sink:
+            shutil.copyfileobj(rows, sink)
+        os.replace(tmp_path, output_path)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+    partial_path.unlink()
 
 
 def _score_fields(prefix: str, rewards) -> dict:
@@ -134,21 +204,21 @@ def _score_fields(prefix: str, rewards) -> dict:
             f"{prefix}score_heads": [float(r) for r in rewards]}
 
 
-def score_chunk(scorer: Scorer, lines: list[tuple[int, str]], skip_invalid: bool, summary: RunSummary) -> list[dict]:
+def score_chunk(scorer: Scorer, lines: list[tuple[int, bytes]], skip_invalid: bool) -> list[dict]:
     """Output rows for (line number, line) pairs, in order. Raises InvalidRow (message with the
     line number) on the first bad line unless ``skip_invalid``."""
     parsed: list[ParsedRow | InvalidRow] = []
     rendered: list = []
     spans: list[range] = []  # spans[row_index]: the row's indices into rendered (empty if it failed to parse/render)
     for number, line in lines:
-        row, row_rendered = None, []
         try:
             row = parse_line(line)
-            row_rendered = [scorer.render(item, where=f"'{name}'") for item, name in zip(row.items, row.fields)]
+            try:
+                row_rendered = [scorer.render(item, where=f"'{name}'") for item, name in zip(row.items, row.fields)]
+            except (TypeError, ValueError) as err:
+                raise InvalidRow(str(err), row.ids) from None
         except InvalidRow as err:
-            row = err
-        except (TypeError, ValueError) as err:
-            row = InvalidRow(str(err), row.ids)
+            row, row_rendered = err, []
         if isinstance(row, InvalidRow) and not skip_invalid:
             raise InvalidRow(f"line {number}: {row}")
         parsed.append(row)
@@ -168,21 +238,13 @@ def score_chunk(scorer: Scorer, lines: list[tuple[int, str]], skip_invalid: bool
 
     out = []
     for (number, _), row, span in zip(lines, parsed, spans):
-        summary.rows += 1
         if isinstance(row, InvalidRow):
-            summary.invalid += 1
-            if len(summary.errors) < MAX_ERRORS_SHOWN:
-                summary.errors.append(f"line {number}: {row}")
             out.append({**row.ids, "line": number, "error": str(row)})
             continue
         record = dict(row.ids)
         for position in range(len(span)):
             record.update(_score_fields(row.output_prefix(position), next(rewards)))
         record["truncated"] = any(truncated[i] for i in span)
-        summary.truncated_texts += sum(truncated[i] for i in span)
-        if row.is_pair:
-            summary.pairs += 1
-            summary.pairs_correct += int(record["chosen_score"] > record["rejected_score"])
         out.append(record)
     return out
 
@@ -192,6 +254,7 @@ def run_score(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     input_path, output_path = Path(args.input), Path(args.output)
+    partial_path = output_path.with_name(f".{output_path.name}.partial")
     if not input_path.is_file():
         print(f"error: --input: {input_path} does not exist", file=sys.stderr)
         return 2
@@ -199,6 +262,10 @@ def run_score(args: argparse.Namespace) -> int:
         if value is not None and value < 1:
             print(f"error: {option}: expected >= 1, got {value}", file=sys.stderr)
             return 2
+    if not args.resume and partial_path.is_file() and partial_path.stat().st_size:
+        print(f"error: {partial_path} holds the rows of an unfinished run: pass --resume to continue it, "
+              "or delete it to start over", file=sys.stderr)
+        return 2
     try:
         scorer = Scorer.from_pretrained(args.model, device=args.device, max_length=args.max_length,
                                         token_budget=args.batch_tokens, normalize=args.normalize, bf16=args.bf16)
@@ -206,28 +273,40 @@ def run_score(args: argparse.Namespace) -> int:
         print(f"error: --model {args.model}: {err}", file=sys.stderr)
         return 2
     output_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_path = output_path.with_name(f".{output_path.name}.tmp-{uuid.uuid4().hex[:8]}")
     summary = RunSummary()
+    done = _resume_partial(partial_path, summary) if args.resume and partial_path.is_file() else 0
     start = time.perf_counter()
     try:
-        with _open_text(input_path, "r") as source, _open_text(tmp_path, "w") as sink, \
+        with _open_bytes(input_path) as source, open(partial_path, "ab") as sink, \
                 tqdm(total=None if args.quiet else _count_lines(input_path), unit="line", desc="score", disable=args.quiet) as bar:
             numbered = ((number, line) for number, line in enumerate(source, start=1) if line.strip())
+            skipped, last_number = _skip_rows(numbered, done)
+            if skipped < done:
+                print(f"error: --resume: {partial_path} holds {done} rows but {input_path} has only {skipped}: "
+                      "not the same input?", file=sys.stderr)
+                return 2
+            if done:
+                print(f"resuming after the {done} rows in {partial_path}")
+            bar.update(last_number)
             while chunk := list(itertools.islice(numbered, args.chunk_rows)):
-                for record in score_chunk(scorer, chunk, args.skip_invalid, summary):
-                    sink.write(json.dumps(record, ensure_ascii=False) + "\n")
+                records = score_chunk(scorer, chunk, args.skip_invalid)
+                sink.write(b"".join(_encode(record) for record in records))
+                sink.flush()
+                for record in records:
+                    summary.add(record)
                 bar.update(chunk[-1][0] - bar.n)
-            sink.flush()
-        os.replace(tmp_path, output_path)
+        _finish(partial_path, output_path)
     except InvalidRow as err:
-        print(f"error: {input_path}: {err} (use --skip-invalid to write it as an error row and go on)",
+        kept = f"; the {summary.rows} rows before it are kept in {partial_path} for --resume" if summary.rows else ""
+        print(f"error: {input_path}: {err} (use --skip-invalid to write it as an error row and go on){kept}",
               file=sys.stderr)
         return 1
     finally:
-        tmp_path.unlink(missing_ok=True)
+        if partial_path.is_file() and not partial_path.stat().st_size:
+            partial_path.unlink()
     seconds = time.perf_counter() - start
-    print(f"scored {summary.rows} rows in {seconds:.1f} s -> {output_path} "
-          f"({summary.invalid} invalid, {summary.truncated_texts} texts truncated to {scorer.max_length} tokens)")
+    print(f"scored {summary.rows} rows in {seconds:.1f} s -> {output_path} ({summary.invalid} invalid, "
+          f"{summary.truncated_rows} rows with a text truncated to {scorer.max_length} tokens)")
     for error in summary.errors:
         print(f"  skipped {error}")
     if summary.accuracy is not None:
@@ -246,6 +325,9 @@ def add_score_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--output", required=True, help="output .jsonl (or .jsonl.gz), one row per input row")
     parser.add_argument("--skip-invalid", action="store_true",
                         help="write malformed lines as {'line', 'error'} rows instead of stopping")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue a stopped run from its partial file .<output name>.partial "
+                             "(same input, model and options)")
     parser.add_argument("--batch-tokens", type=int, default=None,
                         help=f"padded tokens per batch (default {CPU_TOKEN_BUDGET} on CPU, "
                              f"{ACCELERATOR_TOKEN_BUDGET} on GPU)")

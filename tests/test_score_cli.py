@@ -1,9 +1,10 @@
 """``prefkernels score`` CLI: one output row per input row in order with ids kept, every input
 form, streaming in chunks, malformed lines (stop with the line number / --skip-invalid error rows),
-atomic output, real data with pairwise accuracy."""
+atomic and gzip output, resume from the partial file, real data with pairwise accuracy."""
 import gzip
 import json
 import random
+import re
 
 import pytest
 import torch
@@ -20,7 +21,10 @@ def reward_checkpoint(tmp_path_factory):
 
 
 def write_jsonl(path, rows):
-    path.write_text("".join((row if isinstance(row, str) else json.dumps(row)) + "\n" for row in rows))
+    """Rows are dicts, str lines or raw bytes lines; gzipped if the name ends in .gz."""
+    data = b"".join((row if isinstance(row, bytes) else (row if isinstance(row, str) else json.dumps(row)).encode())
+                    + b"\n" for row in rows)
+    path.write_bytes(gzip.compress(data) if path.suffix == ".gz" else data)
     return path
 
 
@@ -109,10 +113,13 @@ BAD_LINES = {
     '{"id": 9, "text": 5}': "'text': expected a string",
     '{"id": 10, "messages": "hello"}': "'messages': expected a list",
     '{"id": 11, "prompt": "the", "response": 3}': "'prompt/response': expected a text",
+    '{"id": ' + "9" * 4301 + ', "text": "x"}': "invalid JSON: Exceeds the limit (4300 digits)",
+    "[" * 100_000: "invalid JSON: maximum recursion depth",
+    b'{"text": "caf\xe9"}': "invalid UTF-8: invalid continuation byte at byte 14",
 }
 
 
-@pytest.mark.parametrize("bad_line", list(BAD_LINES))
+@pytest.mark.parametrize("bad_line", list(BAD_LINES), ids=lambda line: str(line[:24]))
 def test_malformed_line_stops_with_its_number_and_leaves_no_output(reward_checkpoint, tmp_path, capsys, bad_line):
     rows = [{"id": i, "text": t} for i, t in enumerate(random_texts(5, random.Random(2)))]
     source = write_jsonl(tmp_path / "in.jsonl", rows[:3] + [bad_line] + rows[3:])
@@ -127,20 +134,78 @@ def test_malformed_line_stops_with_its_number_and_leaves_no_output(reward_checkp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "out.jsonl"]  # no temporary file left
 
 
-def test_skip_invalid_writes_error_rows_and_loses_none(reward_checkpoint, tmp_path, capsys):
+@pytest.mark.parametrize("suffix", [".jsonl", ".jsonl.gz"])
+def test_skip_invalid_writes_error_rows_and_loses_none(reward_checkpoint, tmp_path, capsys, suffix):
     good = [{"id": i, "text": t} for i, t in enumerate(random_texts(6, random.Random(3)))]
     lines = [good[0], "not json", good[1], '{"id": 8, "chosen": "the cat"}', good[2], "", good[3],
-             '{"id": 9, "text": 5}', good[4], good[5]]
-    source = write_jsonl(tmp_path / "in.jsonl", lines)
+             '{"id": 9, "text": 5}', good[4], good[5], '{"id": ' + "9" * 4301 + ', "text": "x"}',
+             b'{"id": 12, "text": "caf\xe9"}', '{"id": "\\ud800", "text": 5}', '{"id": "\\udc00", "text": "the cat"}']
+    source = write_jsonl(tmp_path / f"in{suffix}", lines)
     output = tmp_path / "out.jsonl"
     assert score_cli.main(["--model", str(reward_checkpoint), "--input", str(source), "--output", str(output),
                            "--skip-invalid", "--chunk-rows", "3", "--quiet"]) == 0
     out = read_jsonl(output)
-    assert len(out) == 9  # every non-blank line
+    assert len(out) == 13  # every non-blank line
     errors = [r for r in out if "error" in r]
-    assert [(r.get("id"), r["line"]) for r in errors] == [(None, 2), (8, 4), (9, 8)]
-    assert [r["id"] for r in out if "score" in r] == list(range(6))
-    assert "3 invalid" in capsys.readouterr().out
+    assert [(r.get("id"), r["line"]) for r in errors] == [(None, 2), (8, 4), (9, 8), (None, 11), (None, 12),
+                                                          ("\ud800", 13)]
+    assert "invalid UTF-8" in errors[4]["error"]
+    assert [r["id"] for r in out if "score" in r] == list(range(6)) + ["\udc00"]  # lone surrogates written back
+    assert "6 invalid" in capsys.readouterr().out
+
+
+def test_gz_output_is_gzip(reward_checkpoint, tmp_path):
+    source = write_jsonl(tmp_path / "in.jsonl", mixed_rows(6))
+    base = ["--model", str(reward_checkpoint), "--input", str(source), "--quiet", "--output"]
+    assert score_cli.main(base + [str(tmp_path / "out.jsonl")]) == 0
+    assert score_cli.main(base + [str(tmp_path / "out.jsonl.gz")]) == 0
+    with gzip.open(tmp_path / "out.jsonl.gz", "rt") as f:
+        assert [json.loads(line) for line in f] == read_jsonl(tmp_path / "out.jsonl")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "out.jsonl", "out.jsonl.gz"]
+
+
+def test_resume_after_interruption_equals_an_unbroken_run(reward_checkpoint, tmp_path, capsys, monkeypatch):
+    lines = mixed_rows(14, seed=6)
+    lines[5], lines[9] = "not json", '{"id": 9, "text": 5}'
+    source = write_jsonl(tmp_path / "in.jsonl", lines)
+    base = ["--model", str(reward_checkpoint), "--input", str(source), "--skip-invalid", "--chunk-rows", "4", "--quiet"]
+    assert score_cli.main(base + ["--output", str(tmp_path / "unbroken.jsonl.gz")]) == 0
+    unbroken_summary = capsys.readouterr().out.splitlines()
+
+    original, calls = score_cli.score_chunk, []
+
+    def killed_at_third_chunk(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("killed")
+        return original(*args)
+
+    monkeypatch.setattr(score_cli, "score_chunk", killed_at_third_chunk)
+    output = tmp_path / "out.jsonl.gz"
+    with pytest.raises(RuntimeError, match="killed"):
+        score_cli.main(base + ["--output", str(output)])
+    monkeypatch.undo()
+    partial = tmp_path / ".out.jsonl.gz.partial"
+    assert not output.exists() and len(read_jsonl(partial)) == 8  # two chunks, plain JSONL
+    with partial.open("a") as f:
+        f.write('{"id": 8, "sco')  # a row torn by the kill
+
+    assert score_cli.main(base + ["--output", str(output)]) == 2  # no --resume: refuses, keeps the rows
+    assert "pass --resume to continue it, or delete it" in capsys.readouterr().err
+    short = write_jsonl(tmp_path / "short.jsonl", lines[:5])
+    assert score_cli.main(base + ["--output", str(output), "--resume", "--input", str(short)]) == 2
+    assert "holds 8 rows but" in capsys.readouterr().err
+
+    assert score_cli.main(base + ["--output", str(output), "--resume"]) == 0
+    with gzip.open(output, "rt") as resumed, gzip.open(tmp_path / "unbroken.jsonl.gz", "rt") as unbroken:
+        assert [json.loads(line) for line in resumed] == [json.loads(line) for line in unbroken]
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0] == f"resuming after the 8 rows in {partial}"
+    scored = re.compile(r"in [0-9.]+ s -> \S+")  # the counters, recounted over the kept rows, are equal
+    assert [scored.sub("", line) for line in printed[1:]] == [scored.sub("", line) for line in unbroken_summary]
+    assert "2 invalid" in printed[1] and "pairwise accuracy" in printed[-1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "out.jsonl.gz", "short.jsonl",
+                                                          "unbroken.jsonl.gz"]
 
 
 def test_normalize_and_bad_options(reward_checkpoint, tmp_path, capsys):
