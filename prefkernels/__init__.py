@@ -4,12 +4,14 @@ Kernel-level API (imports only torch): ``fused_bt_loss``, ``pool_score``, ``Rewa
 Model-level API (imports transformers on first use): ``RewardModel``, ``Scorer``,
 ``RewardFunction``, ``best_of_n``.
 """
-from prefkernels import reference
+from prefkernels import backends, reference
 from prefkernels.backends import BACKENDS
 from prefkernels.head import RewardHead
 from prefkernels.ops import fused_bt_loss, pool_score
 
 __version__ = "0.1.0"
+
+backends.preload()
 
 _LAZY = {"RewardModel": "prefkernels.model", "Scorer": "prefkernels.scorer", "RewardFunction": "prefkernels.rl",
          "best_of_n": "prefkernels.rl"}

@@ -2,7 +2,10 @@
 
 The forward ops return the per-pair gradient coefficients, so backward never recomputes
 the forward: it scales them by the incoming gradient and calls the backend's single
-``pool_backward`` (grad buffer + one scatter pass + weight gradient).
+``pool_backward`` (grad buffer + one scatter pass + weight gradient). That backward is not
+itself differentiable: a backward with ``create_graph=True`` (double backward, e.g. a gradient
+penalty) raises instead of silently returning gradients without a graph; the reference backend
+supports it.
 """
 from __future__ import annotations
 
@@ -56,6 +59,9 @@ def register(ops: OpSet) -> None:
 
     def backward_into_inputs(ctx, hidden, weight, pooled_pos, coef, row_ptr, row_entry):
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():  # backward(create_graph=True)
+            raise RuntimeError(f"prefkernels: the {ops.name!r} backend has no double backward (create_graph=True, "
+                               "e.g. a gradient penalty); use backend='reference' for it")
         grad_hidden = grad_weight = grad_bias = None
         if need_hidden or need_weight:
             grad_hidden, grad_weight = ops.pool_backward(coef, row_ptr, row_entry, hidden, weight, pooled_pos,

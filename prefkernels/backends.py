@@ -7,6 +7,7 @@ kernels in the build) degrades to the next one with a single warning saying why.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import warnings
 from dataclasses import dataclass
@@ -98,6 +99,16 @@ def _load_triton() -> OpSet | None:
     from prefkernels import autograd, triton_bt
     autograd.register(triton_bt.OPS)
     return triton_bt.OPS
+
+
+def preload() -> None:
+    """Load the backends this process can use (``import prefkernels`` calls it): loading
+    registers fake kernels and autograd, which torch.compile cannot trace, so it must not wait
+    for a first call that may be inside a compiled function. Triton is loaded only where it
+    can run (CUDA available, or TRITON_INTERPRET=1), so a CPU-only import stays light."""
+    native_ops()
+    if importlib.util.find_spec("triton") is not None and (triton_interpreted() or torch.cuda.is_available()):
+        triton_ops()
 
 
 def triton_interpreted() -> bool:

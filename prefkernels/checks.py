@@ -163,10 +163,12 @@ def check_pairs(inputs: OpInputs, chosen_index, rejected_index, margin, label_sm
         if not margin.dtype.is_floating_point:
             raise TypeError(f"margin: expected a floating-point tensor, got {margin.dtype}")
         _require_shape("margin", margin, [P], "one margin per pair")
-        margin = margin.float().contiguous()
-    if not isinstance(label_smoothing, (int, float)) or not 0.0 <= float(label_smoothing) <= 0.5:
+        margin = margin.detach().float().contiguous()  # a constant of the loss: no gradient on any backend
+    # Plain comparisons (NaN fails them all) rather than math.isfinite: under torch.compile with
+    # dynamic shapes these floats are symbolic, and comparisons are what it can guard on.
+    if not isinstance(label_smoothing, (int, float)) or not 0.0 <= label_smoothing <= 0.5:
         raise ValueError(f"label_smoothing: expected a float in [0, 0.5], got {label_smoothing!r}")
-    if not isinstance(center_coef, (int, float)) or not math.isfinite(center_coef) or center_coef < 0:
+    if not isinstance(center_coef, (int, float)) or not 0.0 <= center_coef < math.inf:
         raise ValueError(f"center_coef: expected a finite float >= 0, got {center_coef!r}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")

@@ -91,8 +91,9 @@ def _pooled_position(n, mask_ptr, index_ptr, positions, POOL_MODE: tl.constexpr,
         pos = tl.max(best, axis=0).to(tl.int64)
     elif POOL_MODE == 1:
         pos = tl.load(index_ptr + n).to(tl.int64)
-    else:
-        pos = tl.load(index_ptr + n + 1).to(tl.int64) - 1
+    else:  # the last row of sequence n; none when the sequence is empty
+        end = tl.load(index_ptr + n + 1).to(tl.int64)
+        pos = tl.where(end > tl.load(index_ptr + n).to(tl.int64), end - 1, -1)
     valid = (pos >= 0) & (pos < positions)
     pos = tl.where(valid, pos, -1)
     return pos, valid

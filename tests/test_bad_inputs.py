@@ -140,3 +140,31 @@ def test_pool_score_names_an_invalid_row(backend, pooling, text):
     with pytest.raises(ValueError) as info:
         prefkernels.pool_score(args["hidden"], args["weight"], args["bias"], backend=backend, **pooling)
     assert text in str(info.value)
+
+
+@pytest.mark.parametrize("backend", ["native", "triton"])
+def test_unchecked_empty_sequence_gives_nan_not_its_neighbour(monkeypatch, backend):
+    """cu_seqlens with an empty sequence, value checks off: that row is invalid (NaN reward, no
+    gradient), never the previous sequence's last token pooled twice."""
+    if backends.select(backend, torch.device("cpu")).name != backend:
+        pytest.skip(f"backend {backend!r} not available on cpu")
+    monkeypatch.setenv("PREFKERNELS_CHECK_VALUES", "0")
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(6, 4, generator=g, requires_grad=True)
+    weight = torch.randn(1, 4, generator=g)
+    rewards = prefkernels.pool_score(hidden, weight, cu_seqlens=torch.tensor([0, 3, 3, 6]), backend=backend)
+    assert torch.isnan(rewards[1]).all() and torch.isfinite(rewards[[0, 2]]).all()
+    torch.testing.assert_close(rewards[[0, 2], 0], hidden[[2, 5]].detach() @ weight[0])
+    rewards[[0, 2]].sum().backward()
+    torch.testing.assert_close(hidden.grad[[2, 5]], weight.expand(2, 4))
+    assert hidden.grad[[0, 1, 3, 4]].abs().sum() == 0
+
+
+@pytest.mark.parametrize("backend", ["native", "reference", "triton"])
+def test_margin_gets_no_gradient(backend):
+    args = base()
+    margin = torch.rand(2, requires_grad=True)
+    loss, _ = call(backend, args["hidden"].requires_grad_(), args["weight"], attention_mask=args["attention_mask"],
+                   margin=margin)
+    loss.backward()
+    assert margin.grad is None and args["hidden"].grad is not None

@@ -1,5 +1,8 @@
 """Every kernel backend against the float64 reference: forward and all gradients over a table of
 dtypes x heads x options, plus gradcheck, opcheck, torch.compile and numerics."""
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -209,6 +212,31 @@ def test_torch_compile_fullgraph_matches_eager(reduction):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
 
 
+COMPILED_FIRST = r"""
+import torch, prefkernels
+head = prefkernels.RewardHead(8, num_heads=2)
+loss_fn = torch.compile(lambda h, idx, coef: prefkernels.fused_bt_loss(h, head.weight, head.bias, last_index=idx,
+                                                                        center_coef=coef)[0],
+                        fullgraph=True, dynamic=True, backend="aot_eager")
+h = torch.randn(4, 3, 8, requires_grad=True)
+for coef in (0.1, 0.2):
+    loss = loss_fn(h, torch.tensor([2, 0, 1, 2]), coef)
+    want, _ = prefkernels.fused_bt_loss(h, head.weight, head.bias, last_index=torch.tensor([2, 0, 1, 2]),
+                                        center_coef=coef, backend="reference")
+    torch.testing.assert_close(loss, want)
+loss.backward()
+assert h.grad is not None and torch.isfinite(h.grad).all()
+print("ok")
+"""
+
+
+def test_compiled_first_call_with_symbolic_options():
+    """torch.compile(fullgraph=True) of the very first call in a process (the backends load at
+    import, not inside the traced call), with dynamic shapes and a float option that changes."""
+    result = subprocess.run([sys.executable, "-c", COMPILED_FIRST], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stdout[-2000:] + result.stderr[-3000:]
+
+
 @pytest.mark.parametrize("huge_pages", ["0", "1"])
 def test_native_grad_buffer_is_zero_outside_pooled_rows_with_either_allocator(monkeypatch, huge_pages):
     """The CPU grad buffer comes from calloc, or from PyTorch's allocator with THP_MEM_ALLOC_ENABLE=1."""
@@ -242,3 +270,23 @@ def test_broken_triton_interpreter_degrades_to_native_with_the_reason(monkeypatc
     with pytest.warns(RuntimeWarning, match=r"backend 'triton' is unavailable for cpu tensors .*numpy<2\.4.*using 'native'"):
         ops = backends.select("triton", torch.device("cpu"))
     assert ops.name == "native"
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_double_backward_raises_on_kernel_backends_and_works_on_reference(backend):
+    """A gradient penalty needs the backward's own graph: the kernel backends refuse it clearly
+    (never gradients silently detached from it); the reference computes it."""
+    require_backend(backend, "cpu")
+    g = torch.Generator().manual_seed(3)
+    hidden, last_index = torch.randn(4, 3, 5, generator=g), torch.tensor([2, 1, 0, 2])
+    weight = torch.randn(2, 5, generator=g, requires_grad=True)
+    loss, _ = prefkernels.fused_bt_loss(hidden, weight, last_index=last_index, backend=backend)
+    with pytest.raises(RuntimeError, match="double backward.*backend='reference'"):
+        torch.autograd.grad(loss, weight, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        rewards = prefkernels.pool_score(hidden, weight, last_index=last_index, backend=backend)
+        torch.autograd.grad(rewards.square().sum(), weight, create_graph=True)
+    loss, _ = prefkernels.fused_bt_loss(hidden, weight, last_index=last_index, backend="reference")
+    (grad_weight,) = torch.autograd.grad(loss, weight, create_graph=True)
+    grad_weight.square().sum().backward()
+    assert weight.grad is not None and weight.grad.abs().sum() > 0

@@ -28,7 +28,7 @@ int64_t last_set_position(const mask_t* row, int64_t positions) {
   return -1;
 }
 
-// Pooled position of row n, or -1 when the spec gives none in range.
+// Pooled position of row n, or -1 when the spec gives none in range (or an empty sequence).
 int64_t pooled_position(const PoolSpec& spec, const HiddenLayout& l, int64_t n) {
   int64_t pos;
   if (spec.mode == kPoolMask) {
@@ -40,8 +40,8 @@ int64_t pooled_position(const PoolSpec& spec, const HiddenLayout& l, int64_t n) 
     }
   } else if (spec.mode == kPoolLastIndex) {
     pos = spec.index[n];
-  } else {
-    pos = spec.index[n + 1] - 1;
+  } else {  // the last row of sequence n; none when the sequence is empty
+    pos = spec.index[n + 1] > spec.index[n] ? spec.index[n + 1] - 1 : -1;
   }
   return (pos >= 0 && pos < l.positions) ? pos : -1;
 }

@@ -194,8 +194,8 @@ __device__ int64_t pooled_position(const PoolSpec& pool, int64_t n, int64_t posi
     }
   } else if (pool.mode == kPoolLastIndex) {
     pos = pool.index[n];
-  } else {
-    pos = pool.index[n + 1] - 1;
+  } else {  // the last row of sequence n; none when the sequence is empty
+    pos = pool.index[n + 1] > pool.index[n] ? pool.index[n + 1] - 1 : -1;
   }
   return (pos >= 0 && pos < positions) ? pos : -1;
 }
