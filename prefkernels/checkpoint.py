@@ -7,10 +7,14 @@ Layout of a checkpoint directory::
     backbone/             the transformers backbone via save_pretrained (safetensors)
     head.safetensors      RewardHead: weight [K, D], bias [K] (float32)
     tokenizer/            tokenizer.save_pretrained (when a tokenizer is given)
-    training_state.pt     optional: optimizer, scheduler, RNG and data position (resume)
+    training_state.pt     optional: optimizer, scheduler, data position, and each process's RNG
+                          state and training sums since the last log (resume)
 
 ``atomic_directory`` writes into a temporary sibling and renames it into place, so a reader
-never sees a half-written checkpoint and a killed writer leaves the previous one intact.
+never sees a half-written checkpoint and a killed writer leaves the previous one intact: a kill
+between its two renames (the previous version moved aside, the new one not yet in place) leaves
+the previous version as a hidden ``.old-*`` sibling, which ``locate`` finds for readers and
+``recover`` renames back for the next writer.
 """
 from __future__ import annotations
 
@@ -32,9 +36,11 @@ REQUIRED_FILES = (CONFIG_NAME, HEAD_NAME, BACKBONE_DIR)
 
 @contextlib.contextmanager
 def atomic_directory(target: str | os.PathLike):
-    """Yield a fresh temporary directory; on success it replaces ``target`` in one rename."""
+    """Yield a fresh temporary directory; on success it replaces ``target`` (``target`` moved aside,
+    the new one renamed into place, the old one removed)."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    recover(target)
     tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
@@ -50,6 +56,27 @@ def atomic_directory(target: str | os.PathLike):
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _previous_version(target: Path) -> Path | None:
+    """The newest ``.old-*`` sibling of ``target``: a complete version moved aside by ``atomic_directory``."""
+    return max(target.parent.glob(f".{target.name}.old-*"), key=lambda p: p.stat().st_mtime, default=None)
+
+
+def locate(path: str | os.PathLike) -> Path:
+    """``path``, or its previous version when a writer was killed (or is) between its two renames."""
+    path = Path(path)
+    return path if path.exists() else _previous_version(path) or path
+
+
+def recover(target: str | os.PathLike) -> None:
+    """For the writer of ``target``: rename its previous version back when a kill left ``target``
+    missing, and remove what interrupted writes left (other ``.old-*`` and ``.tmp-*`` siblings)."""
+    target = Path(target)
+    if not target.exists() and (previous := _previous_version(target)) is not None:
+        os.replace(previous, target)
+    for stale in (*target.parent.glob(f".{target.name}.old-*"), *target.parent.glob(f".{target.name}.tmp-*")):
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def _fsync_tree(root: Path) -> None:
@@ -75,8 +102,8 @@ def is_checkpoint(path: str | os.PathLike) -> bool:
 
 
 def read_config(path: str | os.PathLike) -> dict:
-    """The checkpoint's prefkernels.json, with a clear error when files are missing."""
-    path = Path(path)
+    """The checkpoint's prefkernels.json (see ``locate``), with a clear error when files are missing."""
+    path = locate(path)
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint: {path} is not a directory")
     missing = [name for name in REQUIRED_FILES if not (path / name).exists()]

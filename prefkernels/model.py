@@ -92,14 +92,15 @@ class RewardModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str, **backbone_kwargs) -> "RewardModel":
-        """Load a checkpoint written by ``save_pretrained``."""
+        """Load a checkpoint written by ``save_pretrained`` (see ``checkpoint.locate``)."""
         from safetensors.torch import load_file
         from transformers import AutoModel
 
+        path = checkpoint.locate(path)
         config = checkpoint.read_config(path)
-        backbone = AutoModel.from_pretrained(Path(path) / checkpoint.BACKBONE_DIR, **backbone_kwargs)
+        backbone = AutoModel.from_pretrained(path / checkpoint.BACKBONE_DIR, **backbone_kwargs)
         model = cls(backbone, num_heads=config["num_heads"], max_length=config.get("max_length"))
-        head = load_file(str(Path(path) / checkpoint.HEAD_NAME))
+        head = load_file(str(path / checkpoint.HEAD_NAME))
         if head["weight"].shape != model.head.weight.shape:
             raise ValueError(f"checkpoint: head weight has shape {list(head['weight'].shape)}, "
                              f"expected {list(model.head.weight.shape)}")
@@ -116,6 +117,10 @@ def load_tokenizer(path: str):
     """The tokenizer stored in a checkpoint (``tokenizer/``) or at a backbone path."""
     from transformers import AutoTokenizer
 
-    path = Path(path)
-    tok_dir = path / checkpoint.TOKENIZER_DIR if (path / checkpoint.TOKENIZER_DIR).is_dir() else path
-    return AutoTokenizer.from_pretrained(tok_dir)
+    path = checkpoint.locate(path)
+    if (path / checkpoint.TOKENIZER_DIR).is_dir():
+        return AutoTokenizer.from_pretrained(path / checkpoint.TOKENIZER_DIR)
+    if checkpoint.is_checkpoint(path):
+        raise FileNotFoundError(f"tokenizer: checkpoint {path} has no {checkpoint.TOKENIZER_DIR}/ directory "
+                                "(it was saved without a tokenizer); save one there with tokenizer.save_pretrained")
+    return AutoTokenizer.from_pretrained(path)

@@ -12,7 +12,8 @@ Output directory::
 
     run.json          the configuration (marks the directory as a run)
     metrics.jsonl     one JSON event per line: start, train (every log_every steps), eval, final
-    checkpoint/       latest state for --resume: model, optimizer, scheduler, RNG, data position
+    checkpoint/       latest state for --resume: model and tokenizer, optimizer, scheduler, RNG, data
+                      position and each process's training metrics since the last log
     best/             the best model (by validation metric) with tokenizer and reward mean/std
     eval.json         validation metrics of best/ (from the evaluation that selected it); reliability.png; curves.png
 """
@@ -306,7 +307,7 @@ def check_output_dir(config: TrainConfig) -> Path:
         raise RunDirectoryError(f"output_dir: {path} exists and is not a directory")
     found = holds_run(path) if path.is_dir() else []
     if config.resume:
-        if not checkpoint.is_checkpoint(path / CHECKPOINT_DIR) or not (path / RUN_FILE).is_file():
+        if not checkpoint.is_checkpoint(checkpoint.locate(path / CHECKPOINT_DIR)) or not (path / RUN_FILE).is_file():
             raise RunDirectoryError(f"resume: {path} has no checkpoint to resume from "
                                     f"(expected {path / CHECKPOINT_DIR} and {path / RUN_FILE})")
     elif found and not config.overwrite:
@@ -398,8 +399,8 @@ class Trainer:
         if changed:
             details = "; ".join(f"{k}: was {run['config'][k]!r}, now {current.get(k)!r}" for k in changed)
             raise RunDirectoryError(f"resume: the configuration differs from the run in {self.output_dir} ({details})")
-        state = torch.load(self.output_dir / CHECKPOINT_DIR / checkpoint.TRAINING_STATE_NAME, map_location="cpu",
-                           weights_only=False)
+        state = torch.load(checkpoint.locate(self.output_dir / CHECKPOINT_DIR) / checkpoint.TRAINING_STATE_NAME,
+                           map_location="cpu", weights_only=False)
         if state["world_size"] != self.dist.world_size:
             raise RunDirectoryError(f"resume: the checkpoint was written by {state['world_size']} processes, this "
                                     f"run has {self.dist.world_size}; resume with the same number")
@@ -487,11 +488,12 @@ class Trainer:
     def _prepare_output_dir(self, saved: dict | None) -> None:
         """The first write of the run (rank 0); every input has been validated by now."""
         grouped = self.sampler.padding_fraction(0)
+        self.dist.barrier()  # every process has read the checkpoint, maybe from its .old-* sibling (resume)
         if self.dist.is_main:
             path = self.output_dir
             path.mkdir(parents=True, exist_ok=True)
-            for stale in path.glob(".*.tmp-*"):
-                shutil.rmtree(stale, ignore_errors=True)
+            for name in (CHECKPOINT_DIR, BEST_DIR):  # put back what a kill mid-save moved aside
+                checkpoint.recover(path / name)
             if saved is not None:
                 with open(path / METRICS_FILE, "r+b") as f:
                     f.truncate(saved["metrics_bytes"])
@@ -521,7 +523,7 @@ class Trainer:
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
         self.state = dict(saved["state"])
-        self.train_sums = saved["train_sums"].to(self.device)
+        self.train_sums = saved["train_sums"][self.dist.rank].to(self.device)
         set_rng_state(saved["rng"][self.dist.rank])
         self.log(f"resumed from {self.output_dir / CHECKPOINT_DIR} at step {self.state['step']} "
                  f"(epoch {self.state['epoch']}, batch {self.state['batch_in_epoch']})")
@@ -667,15 +669,16 @@ class Trainer:
         self.log(message)
 
     def _save_checkpoint(self) -> None:
-        rng = self.dist.gather(rng_state())
+        # RNG states and training sums (since the last log) differ by process: keep each one's
+        rng, sums = zip(*self.dist.gather((rng_state(), self.train_sums.cpu())))
         if self.dist.is_main:
             training_state = {
-                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "rng": rng,
-                "state": dict(self.state), "train_sums": self.train_sums.cpu(),
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "rng": list(rng),
+                "state": dict(self.state), "train_sums": list(sums),
                 "metrics_bytes": (self.output_dir / METRICS_FILE).stat().st_size,
                 "world_size": self.dist.world_size}
-            self.model.save_pretrained(str(self.output_dir / CHECKPOINT_DIR), extra={"step": self.state["step"]},
-                                       training_state=training_state)
+            self.model.save_pretrained(str(self.output_dir / CHECKPOINT_DIR), self.tokenizer,
+                                       extra={"step": self.state["step"]}, training_state=training_state)
         self.dist.barrier()
 
     def _save_best(self, result: dict, split: str) -> None:

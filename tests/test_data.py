@@ -191,6 +191,15 @@ def test_collator_lays_out_rankings_with_every_ordered_pair(tokenizer):
     assert list(zip(batch.chosen_index.tolist(), batch.rejected_index.tolist())) == [(0, 1), (0, 2), (1, 2), (3, 4)]
 
 
+def test_collator_keeps_ties_in_batches_mixing_pairs_and_rankings(tokenizer):
+    data = load_preferences([{"prompt": "human :", "chosen": " clear", "rejected": " rude", "tie": True},
+                             {"prompt": "human :", "responses": [" clear", " rude", " vague"]}], tokenizer, 16)
+    batch = PreferenceCollator(0)([data[0], data[1]])
+    assert batch.tie.tolist() == [True, False, False, False]  # one flag per ordered pair
+    assert PreferenceCollator(0)([data[1], data[0]]).tie.tolist() == [False, False, False, True]
+    assert PreferenceCollator(0)([data[1]]).tie is None
+
+
 def test_length_grouping_reduces_padding_and_covers_every_example(tokenizer):
     data = random_dataset(tokenizer, 400, seed=6)
     sampler = LengthGroupedBatchSampler(data.row_lengths, batch_size=8, seed=1)

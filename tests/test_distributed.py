@@ -1,4 +1,5 @@
-"""torchrun with 2 CPU processes (DDP over gloo) equals one process accumulating 2 micro-batches."""
+"""torchrun with 2 CPU processes (DDP over gloo): equal to one process accumulating 2 micro-batches,
+and a killed then resumed run logs the same metrics as an unbroken one."""
 import json
 import os
 import subprocess
@@ -12,6 +13,21 @@ from prefkernels.trainer import TrainConfig, train
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+# Both processes stop right after the step-3 checkpoint, as if killed there.
+STOP_AFTER_STEP_3 = (
+    "import os, sys\n"
+    "from prefkernels import trainer\n"
+    "save = trainer.Trainer._save_checkpoint\n"
+    "def save_then_stop(self):\n"
+    "    save(self)\n"
+    "    if self.state['step'] == 3:\n"
+    "        os._exit(0)\n"
+    "trainer.Trainer._save_checkpoint = save_then_stop\n"
+    "from prefkernels.cli import main\n"
+    "sys.exit(main(sys.argv[1:]))\n"
+)
 
 
 def test_two_process_ddp_matches_single_process_accumulation(tmp_path):
@@ -20,10 +36,8 @@ def test_two_process_ddp_matches_single_process_accumulation(tmp_path):
     common = ["--backbone", str(backbone), "--train", str(files["train"]), "--valid", str(files["valid"]),
               "--max-length", "48", "--batch-size", "8", "--lr", "3e-3", "--eval-every", "10", "--log-every", "5",
               "--no-progress"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          "-m", "prefkernels", "train", *common, "--output", str(tmp_path / "ddp")],
-                         env=env, capture_output=True, text=True, timeout=300)
+    ddp = subprocess.run([*TORCHRUN, "-m", "prefkernels", "train", *common, "--output", str(tmp_path / "ddp")],
+                         env=ENV, capture_output=True, text=True, timeout=300)
     assert ddp.returncode == 0, ddp.stderr[-4000:]
     assert ddp.stdout.count("best model:") == 1 and "20 optimizer steps on 2 process(es)" in ddp.stdout
 
@@ -44,3 +58,39 @@ def test_two_process_ddp_matches_single_process_accumulation(tmp_path):
     train_events = [e for e in ddp_events if e["event"] == "train"]
     assert all(e["comparisons"] == 5 * 2 * 8 for e in train_events)  # summed over both processes
     assert json.loads((tmp_path / "ddp" / "eval.json").read_text())["comparisons"] == 60  # gathered from both
+
+
+def events_without_timing(path):
+    events = [json.loads(line) for line in path.read_text().splitlines()]
+    for event in events:
+        event.pop("elapsed_s", None)
+    return events
+
+
+def test_two_process_resume_logs_the_same_metrics_as_an_unbroken_run(tmp_path):
+    backbone = write_tiny_backbone(tmp_path / "backbone", hidden_size=32, layers=2, heads=2, seed=0)
+    files = synthetic.write_splits(tmp_path, 160, 40, seed=5)
+    common = ["--backbone", str(backbone), "--train", str(files["train"]), "--valid", str(files["valid"]),
+              "--max-length", "48", "--batch-size", "8", "--lr", "3e-3", "--max-steps", "8", "--eval-every", "4",
+              "--save-every", "3", "--log-every", "4", "--no-progress"]
+    unbroken, resumed = tmp_path / "unbroken", tmp_path / "resumed"
+
+    def torchrun(*args):
+        done = subprocess.run([*TORCHRUN, *args], env=ENV, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-4000:]
+        return done
+
+    torchrun("-m", "prefkernels", "train", *common, "--output", str(unbroken))
+    script = tmp_path / "stop_after_step_3.py"
+    script.write_text(STOP_AFTER_STEP_3)
+    # the exit status is not checked: one process may see the other's exit before its own
+    subprocess.run([*TORCHRUN, str(script), "train", *common, "--output", str(resumed)], env=ENV,
+                   capture_output=True, timeout=300)
+    assert json.loads((resumed / "checkpoint" / "prefkernels.json").read_text())["step"] == 3
+    assert not (resumed / "eval.json").exists()
+    again = torchrun("-m", "prefkernels", "train", *common, "--output", str(resumed), "--resume")
+    assert f"resumed from {resumed / 'checkpoint'} at step 3" in again.stdout
+
+    events = events_without_timing(resumed / "metrics.jsonl")
+    assert [e["step"] for e in events if e["event"] == "train"] == [4, 8]
+    assert events == events_without_timing(unbroken / "metrics.jsonl")

@@ -1,14 +1,17 @@
 """The trainer: learning, run directory, best checkpoint, early stopping, options, refusals."""
 import json
 import math
+import os
+import shutil
 from itertools import islice
+from pathlib import Path
 
 import pytest
 import torch
 
-from prefkernels import checkpoint, metrics
+from prefkernels import checkpoint, cli, metrics
 from prefkernels.data import read_records, synthetic
-from prefkernels.model import RewardModel
+from prefkernels.model import RewardModel, load_tokenizer
 from prefkernels.tiny import write_tiny_backbone
 from prefkernels.trainer import RunDirectoryError, TrainConfig, Trainer, WarmupSchedule, disable_dropout, train
 
@@ -162,6 +165,50 @@ def test_ties_need_a_tie_aware_loss(assets, tmp_path):
     with pytest.raises(ValueError, match="train has 1 tie pairs.*davidson"):
         train(config(assets, tmp_path / "run", train=records, valid=None), log=quiet)
     assert not (tmp_path / "run").exists()
+
+
+class Killed(BaseException):
+    """A kill, as far as the process can tell: nothing after it runs (no ``except Exception`` catches it)."""
+
+
+def test_a_kill_between_the_two_checkpoint_renames_loses_nothing(assets, tmp_path, monkeypatch):
+    options = dict(max_steps=4, save_every=2, valid=None)
+    out, replace = tmp_path / "run", os.replace
+
+    def replace_then_kill(src, dst):
+        replace(src, dst)
+        if Path(src) == out / "checkpoint":  # the step-2 checkpoint moved aside, the step-4 one not yet in place
+            raise Killed
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "replace", replace_then_kill)
+        with pytest.raises(Killed):
+            train(config(assets, out, **options), log=quiet)
+    assert not (out / "checkpoint").exists() and not (out / "best").exists()
+    assert checkpoint.read_config(out / "checkpoint")["step"] == 2  # readers find the previous version
+    assert RewardModel.from_pretrained(str(out / "checkpoint")).num_heads == 1
+    assert load_tokenizer(str(out / "checkpoint")).pad_token_id is not None
+
+    result = train(config(assets, out, resume=True, **options), log=quiet)
+    assert result.steps == 4 and checkpoint.read_config(out / "checkpoint")["step"] == 4
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # nothing left aside
+    train(config(assets, tmp_path / "unbroken", **options), log=quiet)
+    a, b = final_weights(out), final_weights(tmp_path / "unbroken")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_checkpoint_directory_holds_its_tokenizer_for_eval_and_export(assets, tmp_path, capsys):
+    out = tmp_path / "run"
+    train(config(assets, out, max_steps=2), log=quiet)
+    latest = out / "checkpoint"
+    assert cli.main(["eval", "--model", str(latest), "--data", assets["valid"][0], "--json", "--no-progress"]) == 0
+    assert json.loads(capsys.readouterr().out)["pairs"] == 200
+    assert cli.main(["export", str(latest), "--hf", str(tmp_path / "hf")]) == 0
+    shutil.rmtree(latest / "tokenizer")
+    with pytest.raises(FileNotFoundError, match=f"checkpoint {latest} has no tokenizer/ directory"):
+        load_tokenizer(str(latest))
+    assert cli.main(["eval", "--model", str(latest), "--data", assets["valid"][0], "--no-progress"]) == 1
+    assert f"checkpoint {latest} has no tokenizer/ directory" in capsys.readouterr().err
 
 
 def final_weights(path):

@@ -573,11 +573,11 @@ class PreferenceCollator:
             ranking, chosen, rejected = ranking_layout(counts)
         input_ids, attention_mask = pad_rows(rows, self.pad_token_id)
         margin = tie = None
-        if chosen is None:
-            if examples[0].margin is not None:
-                margin = torch.tensor([e.margin for e in examples], dtype=torch.float32)
-            if any(e.tie for e in examples):
-                tie = torch.tensor([e.tie for e in examples], dtype=torch.bool)
+        if chosen is None and examples[0].margin is not None:
+            margin = torch.tensor([e.margin for e in examples], dtype=torch.float32)
+        if any(e.tie for e in examples):  # one flag per ordered pair (a ranking holds n(n-1)/2, never ties)
+            tie = torch.tensor([e.tie for e, n in zip(examples, counts) for _ in range(n * (n - 1) // 2)],
+                               dtype=torch.bool)
         return PreferenceBatch(input_ids, attention_mask, ranking, torch.tensor([e.index for e in examples]),
                                chosen, rejected, margin, tie)
 
