@@ -9,8 +9,9 @@ Inputs, in any mix (``Scorer.render``):
   chat template and tokenized without extra special tokens (the template writes them).
 
 Token ids follow the prefkernels trainer (``prefkernels.data``): a plain text that does not end with
-the end token (EOS, else SEP) gets one appended (``append_eos``; on for prefkernels checkpoints, off
-for HF checkpoints, which score the tokenizer's ids as HF does). A row longer than ``max_length``
+the end token (EOS, else SEP) gets one appended (``append_eos``; on for prefkernels checkpoints and
+directories written by ``prefkernels export --hf``, whose tokenizer appends it itself where it can;
+off for other HF checkpoints, which score the tokenizer's ids as HF does). A row longer than ``max_length``
 keeps its leading special tokens and its end, losing tokens right after the leading special tokens
 (left truncation, as training and HF's ``truncation_side="left"`` do); truncated texts are counted.
 
@@ -45,7 +46,12 @@ LAST_TOKEN_POOLED_CLASSES = frozenset({
 })
 """HF classes whose head is ``score`` (a Linear) applied at the last non-pad token: loadable by ``Scorer``."""
 
-_UNBOUNDED_MODEL_MAX_LENGTH = 1_000_000  # tokenizers without a limit report ~1e30
+UNBOUNDED_MODEL_MAX_LENGTH = 1_000_000  # tokenizers without a limit report ~1e30
+
+EXPORT_INFO_NAME = "prefkernels_export.json"
+"""Written by ``prefkernels export --hf`` next to the HF files: how the model was trained to tokenize
+(``append_eos``, ``max_length``) and its reward statistics, so ``Scorer`` scores the export as the
+checkpoint it came from."""
 
 
 @dataclass
@@ -100,10 +106,10 @@ def special_tokens_around_text(tokenizer) -> tuple[int, int]:
     return 0, 0
 
 
-def _default_max_length(tokenizer, config) -> int | None:
+def default_max_length(tokenizer, config) -> int | None:
     """The tokenizer's model_max_length when set, else the backbone's position limit, else None."""
     limit = getattr(tokenizer, "model_max_length", None)
-    if limit is not None and limit < _UNBOUNDED_MODEL_MAX_LENGTH:
+    if limit is not None and limit < UNBOUNDED_MODEL_MAX_LENGTH:
         return int(limit)
     for name in ("max_position_embeddings", "n_positions"):
         if getattr(config, name, None):
@@ -158,11 +164,12 @@ class Scorer:
         """Load a prefkernels checkpoint or an HF ``*ForSequenceClassification`` checkpoint directory.
 
         ``dtype`` casts the backbone (the head stays float32); ``bf16`` runs it under bf16 autocast.
-        ``max_length`` defaults to the checkpoint's, then the tokenizer's, then the model's position limit.
-        ``tokenizer`` defaults to the one stored with the checkpoint. ``append_eos`` defaults to True
-        for prefkernels checkpoints (as trained) and False for HF ones (HF's own scoring).
+        ``max_length`` defaults to the checkpoint's (a prefkernels export records it), then the
+        tokenizer's, then the model's position limit. ``tokenizer`` defaults to the one stored with the
+        checkpoint. ``append_eos`` defaults to True for prefkernels checkpoints and their exports (as
+        trained) and False for other HF ones (HF's own scoring).
         """
-        path = Path(path)
+        path = checkpoint.locate(path)
         if not path.is_dir():
             raise FileNotFoundError(f"path: {path} is not a directory")
         if any((path / name).exists() for name in checkpoint.REQUIRED_FILES):
@@ -176,7 +183,13 @@ class Scorer:
             max_length = max_length or model.max_length
         elif (path / "config.json").is_file():
             model, pad_pooling_token_id = _load_hf_sequence_classifier(path)
-            trained_with_eos = False  # unknown: score the tokenizer's ids, as HF does
+            info = read_export_info(path)
+            # A prefkernels export: as trained (its tokenizer appends EOS itself where it could, which
+            # makes appending a no-op). Otherwise unknown: score the tokenizer's ids, as HF does.
+            trained_with_eos = bool(info.get("append_eos", False))
+            if info.get("reward_mean") is not None and info.get("reward_std") is not None:
+                model.reward_mean, model.reward_std = info["reward_mean"], info["reward_std"]
+            max_length = max_length or info.get("max_length")
             tokenizer = tokenizer if tokenizer is not None else load_tokenizer(str(path))
         else:
             raise FileNotFoundError(
@@ -184,7 +197,7 @@ class Scorer:
                 "nor a transformers checkpoint (config.json)")
         if dtype is not None:
             model.backbone.to(dtype)
-        max_length = max_length or _default_max_length(tokenizer, model.backbone.config)
+        max_length = max_length or default_max_length(tokenizer, model.backbone.config)
         return cls(model, tokenizer, device=device, max_length=max_length, token_budget=token_budget,
                    normalize=normalize, bf16=bf16, append_eos=trained_with_eos if append_eos is None else append_eos,
                    pad_pooling_token_id=pad_pooling_token_id)
@@ -292,6 +305,18 @@ class Scorer:
         """(mean [N], std [N]) over the K heads; std is the population std (0 for a single head)."""
         rewards = self.score_detailed(inputs, progress=progress).rewards
         return rewards.mean(dim=1), rewards.std(dim=1, correction=0)
+
+
+def read_export_info(path) -> dict:
+    """The ``prefkernels_export.json`` of a directory written by ``prefkernels export --hf`` ({} if none)."""
+    file = Path(path) / EXPORT_INFO_NAME
+    if not file.is_file():
+        return {}
+    info = json.loads(file.read_text())
+    if not isinstance(info, dict) or info.get("format") != "prefkernels-hf-export":
+        raise ValueError(f"path: {file} is not a prefkernels export record (expected a JSON object with "
+                         "format 'prefkernels-hf-export')")
+    return info
 
 
 def _load_hf_sequence_classifier(path: Path) -> tuple[RewardModel, int | None]:

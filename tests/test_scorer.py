@@ -11,7 +11,7 @@ from _rl_fixtures import (build_tokenizer, llama_config, random_texts, save_hf_c
                           trainer_ids)
 from prefkernels import checkpoint
 from prefkernels.model import RewardModel
-from prefkernels.scorer import Scorer, plan_batches
+from prefkernels.scorer import EXPORT_INFO_NAME, Scorer, plan_batches
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +75,26 @@ def test_hf_sequence_classifier_scores_equal_hf_logits(tmp_path, arch, num_label
     scores = scorer.score(texts)
     assert scores.shape == ((17,) if num_labels == 1 else (17, num_labels))
     torch.testing.assert_close(scores, logits[:, 0] if num_labels == 1 else logits, atol=1e-5, rtol=1e-5)
+
+
+def test_prefkernels_export_record_restores_training_tokenization(tmp_path):
+    """An HF directory with prefkernels_export.json (written by ``prefkernels export --hf``) is scored
+    as trained: EOS appended to plain texts its tokenizer leaves without one, the recorded max_length."""
+    import json
+
+    path = save_hf_classifier(tmp_path / "llama")
+    (path / EXPORT_INFO_NAME).write_text(json.dumps({"format": "prefkernels-hf-export", "append_eos": True,
+                                                     "max_length": 16, "reward_mean": [1.0], "reward_std": [2.0]}))
+    scorer = Scorer.from_pretrained(path)
+    assert scorer.max_length == 16
+    texts = random_texts(5, random.Random(8), max_words=12)
+    token_ids, _ = scorer.encode([(t, True) for t in texts])
+    assert token_ids == [trainer_ids(scorer.tokenizer, t) for t in texts]
+    raw = scorer.score(texts)
+    torch.testing.assert_close(Scorer.from_pretrained(path, normalize=True).score(texts), (raw - 1.0) / 2.0)
+    (path / EXPORT_INFO_NAME).write_text(json.dumps({"format": "something else"}))
+    with pytest.raises(ValueError, match="not a prefkernels export record"):
+        Scorer.from_pretrained(path)
 
 
 def test_truncation_matches_hf_left_truncation_with_cls_and_sep():
