@@ -229,3 +229,45 @@ def test_generic_subclass_without_own_forward_is_supported():
         after = fuse_sequence_classification(model)(input_ids=input_ids, attention_mask=attention_mask).logits
     assert is_fused(model)
     torch.testing.assert_close(after, before, atol=1e-6, rtol=1e-5)
+
+
+def test_fused_model_pickles_and_keeps_its_forward_signature(tmp_path):
+    """torch.save of the whole fused model loads back fused, with the same logits; the fused
+    forward shows the stock forward's parameters to inspect (HF Trainer filters columns by them)."""
+    import inspect
+
+    model = fuse_sequence_classification(make_decoder("llama", 1, PAD).eval())
+    stock = inspect.signature(type(model).forward.__get__(model))
+    assert list(inspect.signature(model.forward).parameters) == list(stock.parameters)
+    input_ids, attention_mask, _ = make_batch("right")
+    torch.save(model, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    assert is_fused(loaded) and loaded.forward.model is loaded
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids, attention_mask=attention_mask).logits,
+                                   model(input_ids, attention_mask=attention_mask).logits)
+
+
+def test_fused_model_trains_in_hf_trainer_with_default_column_filter(tmp_path):
+    """HF Trainer with remove_unused_columns=True (its default) keeps input_ids/attention_mask for a
+    fused model and reaches the stock model's training loss."""
+    from datasets import Dataset
+    from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
+
+    from test_integrations_trl import make_tokenizer
+
+    tokenizer = make_tokenizer()
+    data = Dataset.from_dict({"text": ["w1 w2 w3", "w4 w5", "w6", "w7 w8"], "label": [0, 1, 0, 1]})
+    data = data.map(lambda row: tokenizer(row["text"]), remove_columns=["text"])
+    losses = {}
+    for fused in (False, True):
+        torch.manual_seed(0)
+        model = LlamaForSequenceClassification(LlamaConfig(**{**DECODER_LAYOUT, "vocab_size": 62}, num_labels=2,
+                                                           pad_token_id=0))
+        if fused:
+            fuse_sequence_classification(model)
+        args = TrainingArguments(str(tmp_path / str(fused)), max_steps=2, per_device_train_batch_size=2, use_cpu=True,
+                                 report_to=[], save_strategy="no", seed=0)
+        trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=DataCollatorWithPadding(tokenizer))
+        losses[fused] = trainer.train().training_loss
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5)

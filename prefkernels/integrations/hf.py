@@ -14,7 +14,7 @@ classifier already runs on the [CLS] (position 0) vector only, so fusion leaves 
 """
 from __future__ import annotations
 
-import types
+import inspect
 from contextlib import contextmanager
 
 import torch
@@ -123,19 +123,33 @@ def with_loss_and_logits(outputs, loss, logits):
     return type(outputs)(loss=loss, logits=logits, **rest)
 
 
-def _fused_forward(self, *args, labels=None, return_dict=None, **kwargs):
-    """``forward`` of a fused decoder classifier: same outputs, head on the pooled rows only."""
-    with capture_head_input(self) as capture:
-        outputs = self.__dict__[UNFUSED_FORWARD](*args, return_dict=True, **kwargs)
-    logits = self.score(gather_pooled(capture.hidden, last_index=capture.pooled_positions(outputs.logits)))
-    loss = None
-    if labels is not None:
-        from transformers.loss.loss_utils import ForSequenceClassificationLoss
-        loss = ForSequenceClassificationLoss(labels=labels, pooled_logits=logits, config=self.config)
-    outputs = with_loss_and_logits(outputs, loss, logits)
-    if return_dict is None:
-        return_dict = getattr(self.config, "return_dict", True)
-    return outputs if return_dict else outputs.to_tuple()
+class FusedForward:
+    """``forward`` of a fused decoder classifier: same outputs, head on the pooled rows only.
+
+    A callable object rather than a bound function, so a fused model still pickles (``torch.save``
+    of the whole model), and ``inspect.signature`` sees the unfused forward's parameters (HF
+    Trainer keeps only the dataset columns that forward accepts)."""
+
+    def __init__(self, model):
+        self.model = model
+
+    @property
+    def __signature__(self):
+        return inspect.signature(self.model.__dict__[UNFUSED_FORWARD])
+
+    def __call__(self, *args, labels=None, return_dict=None, **kwargs):
+        model = self.model
+        with capture_head_input(model) as capture:
+            outputs = model.__dict__[UNFUSED_FORWARD](*args, return_dict=True, **kwargs)
+        logits = model.score(gather_pooled(capture.hidden, last_index=capture.pooled_positions(outputs.logits)))
+        loss = None
+        if labels is not None:
+            from transformers.loss.loss_utils import ForSequenceClassificationLoss
+            loss = ForSequenceClassificationLoss(labels=labels, pooled_logits=logits, config=model.config)
+        outputs = with_loss_and_logits(outputs, loss, logits)
+        if return_dict is None:
+            return_dict = getattr(model.config, "return_dict", True)
+        return outputs if return_dict else outputs.to_tuple()
 
 
 def fuse_sequence_classification(model):
@@ -154,7 +168,7 @@ def fuse_sequence_classification(model):
                         "subclass of transformers' GenericForSequenceClassification")
     model.__dict__[UNFUSED_FORWARD] = model.forward
     model.__dict__[INSTANCE_FORWARD] = model.__dict__.get("forward")
-    model.forward = types.MethodType(_fused_forward, model)
+    model.forward = FusedForward(model)
     return model
 
 
