@@ -8,6 +8,8 @@ backward (``.grad = None``):
 - ``graph``: the same step captured once in a CUDA graph and replayed: device time only, what
   CUDA graphs / torch.compile(mode="reduce-overhead") give. Value checks are off there (a host
   sync cannot be captured).
+The floor is ``torch.zeros_like(hidden)``; ``memset`` zeroes the same bytes as float32 words
+(about a memset's cost whatever the dtype; the kernels clear their grad buffer that way).
 Also the host time of the eager step (the Python call alone, device synchronized after the
 timer) and, for the first shape, a torch.profiler table per method (where the host time goes).
 Prints a table (us, effective GB/s of the grad buffer, ratios, peak extra memory) and writes
@@ -112,6 +114,13 @@ def available_kernel_backends() -> list[str]:
     return names
 
 
+def memset_step(batch):
+    """The grad buffer's bytes zeroed as float32 words: PyTorch's fastest fill, so about what a
+    memset of those bytes costs whatever the dtype (``zeros_like`` of bf16/fp16 fills slower)."""
+    hidden = batch["hidden"]
+    batch["floor"] = torch.zeros(hidden.numel() * hidden.element_size() // 4, device=hidden.device)
+
+
 def add_ratios(row: dict, times: dict, kernels: list[str], nbytes: int, suffix: str) -> None:
     for name, seconds in times.items():
         if seconds is None:
@@ -119,6 +128,8 @@ def add_ratios(row: dict, times: dict, kernels: list[str], nbytes: int, suffix: 
         row[f"{name} us{suffix}"] = seconds * 1e6
         row[f"{name} GB/s{suffix}"] = nbytes / seconds / 1e9
         row[f"{name}/floor{suffix}"] = seconds / times["floor"]
+        if times.get("memset"):
+            row[f"{name}/memset{suffix}"] = seconds / times["memset"]
     for name in kernels:
         for baseline in ("hf_style", "eager", "compile(eager)"):
             if times.get(name) and times.get(baseline):
@@ -128,7 +139,7 @@ def add_ratios(row: dict, times: dict, kernels: list[str], nbytes: int, suffix: 
 def run(shapes, repeats: int, warmup: int, bandwidth: float, on_row, profile_path: Path | None = None
         ) -> tuple[list[dict], list[str]]:
     kernels = available_kernel_backends()
-    steps = common.methods(kernels, compile_dynamic=True)
+    steps = {**common.methods(kernels), "memset": memset_step}
     rows = []
     for pairs, positions, dim, dtype in shapes:
         batch = common.make_batch(pairs, positions, dim, dtype, "cuda")
@@ -183,8 +194,9 @@ def main(argv=None):
     common.print_table(rows, ["shape"] + [f"{m} host us" for m in methods + ["floor"]])
     for suffix in ("", " (graph)"):
         print(f"\n== fwd+bwd, {'CUDA graph replay (device time)' if suffix else 'eager Python step (host overhead included)'}")
-        columns = ["shape", "predicted floor us", f"floor us{suffix}"] + [f"{m} us{suffix}" for m in methods] + [
-            f"{m}/floor{suffix}" for m in methods] + [f"hf_style/{k}{suffix}" for k in kernels]
+        columns = (["shape", "predicted floor us", f"floor us{suffix}", f"memset us{suffix}"]
+                   + [f"{m} us{suffix}" for m in methods] + [f"{m}/floor{suffix}" for m in methods]
+                   + [f"{k}/memset{suffix}" for k in kernels] + [f"hf_style/{k}{suffix}" for k in kernels])
         common.print_table(rows, columns)
     print("\npeak extra MB:")
     common.print_table(rows, ["shape", "grad_buffer_MB"] + [f"{m} peak MB" for m in methods + ["floor"]])

@@ -305,6 +305,15 @@ def _new(shape, like: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.empty(shape, device=like.device, dtype=dtype)
 
 
+def _zeros_at_word_speed(like: Tensor) -> Tensor:
+    """A contiguous zero tensor shaped like ``like``, cleared as 4-byte words when its size allows:
+    zero bits are 0.0 in every float type, and PyTorch's fill runs slower on 2-byte types."""
+    out = torch.empty(like.shape, device=like.device, dtype=like.dtype)
+    flat = out.view(-1)
+    (flat.view(torch.int32) if flat.numel() * flat.element_size() % 4 == 0 else flat).zero_()
+    return out
+
+
 def _device(t: Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
@@ -468,8 +477,7 @@ def pool_backward(grad_coef, row_ptr, row_entry, hidden, weight, pooled_pos, nee
     if pooled_pos.dtype != torch.int64 or not pooled_pos.is_contiguous():
         raise RuntimeError("pooled_pos: expected int64")
 
-    grad_hidden = (torch.zeros(hidden.shape, device=hidden.device, dtype=hidden.dtype) if need_grad_hidden
-                   else hidden.new_empty((0,)))
+    grad_hidden = _zeros_at_word_speed(hidden) if need_grad_hidden else hidden.new_empty((0,))
     grad_weight = _new(weight.shape, weight, weight.dtype)  # weight is contiguous
     if K == 0 or D == 0:
         return grad_hidden, grad_weight
