@@ -57,12 +57,16 @@ def run(shapes, repeats: int, warmup: int) -> list[dict]:
 
 def fixed_cost(repeats: int) -> dict:
     """Microseconds per fwd+bwd step of each method at a tiny shape, where nothing but the fixed
-    per-step cost (Python, autograd, dispatch, small allocations) remains."""
+    per-step cost (Python, autograd, dispatch, small allocations) remains: interleaved (caches
+    cold for each method) and each method alone in a loop (warm)."""
     steps = common.methods(["native"])
     batch = common.make_batch(*FIXED_COST_SHAPE, "cpu")
     times = common.time_interleaved(steps, batch, repeats, 20, common.cpu_timer)
+    alone = {name: common.time_interleaved({name: step}, batch, repeats, 20, common.cpu_timer)[name]
+             for name, step in steps.items()}
     return {"shape": "P={} T={} D={} {}".format(*FIXED_COST_SHAPE),
-            **{f"{name} us": seconds * 1e6 for name, seconds in times.items()}}
+            **{f"{name} us": seconds * 1e6 for name, seconds in times.items()},
+            **{f"{name} alone us": seconds * 1e6 for name, seconds in alone.items()}}
 
 
 def main(argv=None):
