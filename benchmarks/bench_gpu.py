@@ -29,7 +29,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
-from machine import RESULTS_DIR  # noqa: E402
 
 from prefkernels import backends  # noqa: E402
 
@@ -185,9 +184,7 @@ def main(argv=None):
     def save(rows):
         return common.write_results("bench_gpu", {"environment": env, "repeats": args.repeats, "rows": rows}, args.out)
 
-    out_dir = Path(args.out or os.environ.get("OUT") or RESULTS_DIR)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    profile_path = out_dir / "bench_gpu_profile.txt"
+    profile_path = common.results_dir(args.out) / "bench_gpu_profile.txt"
     rows, kernels = run(SHAPES, args.repeats, args.warmup, args.bandwidth, save, profile_path)
     methods = kernels + ["eager", "compile(eager)", "hf_style"]
     print("\n== host time of the eager step (Python call only; the value checks' sync included)")

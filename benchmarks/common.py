@@ -148,9 +148,15 @@ def fmt(value) -> str:
     return "" if value is None else str(value)
 
 
-def write_results(name: str, payload: dict, out_dir: Path | None = None) -> Path:
+def results_dir(out_dir: Path | None = None) -> Path:
+    """Where results go: ``out_dir``, else $OUT, else benchmarks/results (created)."""
     out_dir = Path(out_dir or os.environ.get("OUT") or RESULTS_DIR)
     out_dir.mkdir(parents=True, exist_ok=True)
+    return out_dir
+
+
+def write_results(name: str, payload: dict, out_dir: Path | None = None) -> Path:
+    out_dir = results_dir(out_dir)
     path = out_dir / f"{name}.json"
     path.write_text(json.dumps(payload, indent=2))
     return path

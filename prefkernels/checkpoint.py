@@ -19,6 +19,7 @@ the previous version as a hidden ``.old-*`` sibling, which ``locate`` finds for 
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import shutil
@@ -60,11 +61,12 @@ def atomic_directory(target: str | os.PathLike):
 
 def _previous_version(target: Path) -> Path | None:
     """The newest ``.old-*`` sibling of ``target``: a complete version moved aside by ``atomic_directory``."""
-    return max(target.parent.glob(f".{target.name}.old-*"), key=lambda p: p.stat().st_mtime, default=None)
+    return max(target.parent.glob(f".{glob.escape(target.name)}.old-*"), key=lambda p: p.stat().st_mtime,
+               default=None)
 
 
 def locate(path: str | os.PathLike) -> Path:
-    """``path``, or its previous version when a writer was killed (or is) between its two renames."""
+    """``path``, or its previous version when a writer was killed between its two renames."""
     path = Path(path)
     return path if path.exists() else _previous_version(path) or path
 
@@ -75,7 +77,8 @@ def recover(target: str | os.PathLike) -> None:
     target = Path(target)
     if not target.exists() and (previous := _previous_version(target)) is not None:
         os.replace(previous, target)
-    for stale in (*target.parent.glob(f".{target.name}.old-*"), *target.parent.glob(f".{target.name}.tmp-*")):
+    name = glob.escape(target.name)
+    for stale in (*target.parent.glob(f".{name}.old-*"), *target.parent.glob(f".{name}.tmp-*")):
         shutil.rmtree(stale, ignore_errors=True)
 
 

@@ -31,7 +31,8 @@ import torch
 from prefkernels import __version__, checkpoint
 from prefkernels.data import end_token_id, pad_rows
 from prefkernels.model import RewardModel, load_tokenizer
-from prefkernels.scorer import EXPORT_INFO_NAME, UNBOUNDED_MODEL_MAX_LENGTH, Scorer, default_max_length
+from prefkernels.scorer import (EXPORT_INFO_FORMAT, EXPORT_INFO_NAME, UNBOUNDED_MODEL_MAX_LENGTH, Scorer,
+                                default_max_length)
 
 
 class ExportError(ValueError):
@@ -350,7 +351,7 @@ def export_hf(checkpoint_dir: str, out_dir: str, allow_bias_drop: bool = False, 
     bias = model.head.bias.detach().float().cpu().tolist() if model.head.bias is not None else None
     bias_dropped = bias if bias is not None and any(b != 0 for b in bias) else None
     shift = bias_dropped or [0.0] * model.num_heads
-    info = {"format": "prefkernels-hf-export", "library_version": __version__, "append_eos": True,
+    info = {"format": EXPORT_INFO_FORMAT, "library_version": __version__, "append_eos": True,
             "tokenizer_appends_eos": appends_end, "end_token_id": end_id, "max_length": max_length,
             "head_bias_dropped": bias_dropped,
             # statistics of the exported scores, which lack the dropped bias

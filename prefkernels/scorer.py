@@ -49,6 +49,7 @@ LAST_TOKEN_POOLED_CLASSES = frozenset({
 UNBOUNDED_MODEL_MAX_LENGTH = 1_000_000  # tokenizers without a limit report ~1e30
 
 EXPORT_INFO_NAME = "prefkernels_export.json"
+EXPORT_INFO_FORMAT = "prefkernels-hf-export"
 """Written by ``prefkernels export --hf`` next to the HF files: how the model was trained to tokenize
 (``append_eos``, ``max_length``) and its reward statistics, so ``Scorer`` scores the export as the
 checkpoint it came from."""
@@ -313,9 +314,9 @@ def read_export_info(path) -> dict:
     if not file.is_file():
         return {}
     info = json.loads(file.read_text())
-    if not isinstance(info, dict) or info.get("format") != "prefkernels-hf-export":
+    if not isinstance(info, dict) or info.get("format") != EXPORT_INFO_FORMAT:
         raise ValueError(f"path: {file} is not a prefkernels export record (expected a JSON object with "
-                         "format 'prefkernels-hf-export')")
+                         f"format {EXPORT_INFO_FORMAT!r})")
     return info
 
 

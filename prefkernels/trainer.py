@@ -494,6 +494,8 @@ class Trainer:
             path.mkdir(parents=True, exist_ok=True)
             for name in (CHECKPOINT_DIR, BEST_DIR):  # put back what a kill mid-save moved aside
                 checkpoint.recover(path / name)
+            for stale in path.glob(".*.tmp-*"):  # a kill inside atomic_write_text (run.json, eval.json)
+                shutil.rmtree(stale) if stale.is_dir() else stale.unlink(missing_ok=True)
             if saved is not None:
                 with open(path / METRICS_FILE, "r+b") as f:
                     f.truncate(saved["metrics_bytes"])
@@ -523,7 +525,10 @@ class Trainer:
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
         self.state = dict(saved["state"])
-        self.train_sums = saved["train_sums"][self.dist.rank].to(self.device)
+        sums = saved["train_sums"]
+        if isinstance(sums, torch.Tensor):  # saved by prefkernels before 2026-11-26: rank 0's sums only
+            sums = [sums] + [torch.zeros_like(sums)] * (self.dist.world_size - 1)
+        self.train_sums = sums[self.dist.rank].to(self.device)
         set_rng_state(saved["rng"][self.dist.rank])
         self.log(f"resumed from {self.output_dir / CHECKPOINT_DIR} at step {self.state['step']} "
                  f"(epoch {self.state['epoch']}, batch {self.state['batch_in_epoch']})")

@@ -8,7 +8,7 @@ with the schemas of csrc/ops.cpp and the semantics of csrc/cpu/bt_cpu.cpp (the r
   rejected row p + P, computes the K rewards of both and the pair's loss and gradient
   coefficients. Explicit pairs: one program per row (rewards, pooled_pos), then one small
   per-pair kernel. ``pool_forward``: one program per row.
-- Backward: a zero-filled grad buffer (``torch.zeros``), then ONE launch over (row block of up
+- Backward: a zero-filled grad buffer (cleared as 4-byte words, ``_zeros_at_word_speed``), then ONE launch over (row block of up
   to 32 rows, D tile), each program one [rows, D tile] tile: it scatters the pooled rows'
   gradient and writes its row block's partial weight gradient (fp32) to a scratch
   [row_blocks, K, D] buffer, then a fixed-order second-stage sum of the partials into

@@ -303,3 +303,42 @@ def test_real_encoder_on_hh_harmless(hh_harmless, tmp_path):
     assert torch.equal(trained["pooler.dense.weight"], initial["pooler.dense.weight"])  # unused, frozen
     assert not torch.equal(trained["encoder.layer.0.attention.self.query.weight"],
                            initial["encoder.layer.0.attention.self.query.weight"])
+
+
+def test_resume_reads_a_checkpoint_saved_before_per_process_sums(assets, tmp_path, monkeypatch):
+    """A training_state.pt from before each process's train_sums were kept (one tensor, no
+    best_metrics) still resumes, to the same end as an unbroken run (one process)."""
+    options = dict(max_steps=6, save_every=3, eval_every=3)
+    unbroken = train(config(assets, tmp_path / "unbroken", **options), log=quiet)
+    out = tmp_path / "old"
+    stop = Trainer._save_checkpoint
+
+    def save_then_stop(self):
+        stop(self)
+        if self.state["step"] == 3:
+            raise RuntimeError("killed after the step-3 checkpoint")
+
+    monkeypatch.setattr(Trainer, "_save_checkpoint", save_then_stop)
+    with pytest.raises(RuntimeError, match="killed"):
+        train(config(assets, out, **options), log=quiet)
+    monkeypatch.setattr(Trainer, "_save_checkpoint", stop)
+    state_path = out / "checkpoint" / checkpoint.TRAINING_STATE_NAME
+    state = torch.load(state_path, weights_only=False)
+    state["train_sums"] = state["train_sums"][0]
+    state["state"].pop("best_metrics")
+    torch.save(state, state_path)
+    resumed = train(config(assets, out, resume=True, **options), log=quiet)
+    assert resumed.best_step == unbroken.best_step and resumed.metrics == unbroken.metrics
+
+
+def test_locate_and_recover_take_the_name_literally(tmp_path):
+    """A checkpoint name with glob characters still finds its moved-aside previous version."""
+    target = tmp_path / "ckpt-[v2]"
+    previous = tmp_path / ".ckpt-[v2].old-deadbeef"
+    previous.mkdir()
+    (previous / "marker").write_text("previous")
+    (tmp_path / ".ckpt-[v2].tmp-0badf00d").mkdir()
+    assert checkpoint.locate(target) == previous
+    checkpoint.recover(target)
+    assert (target / "marker").read_text() == "previous"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-[v2]"]
