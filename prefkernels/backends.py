@@ -191,6 +191,6 @@ def why_unavailable(name: str, device: torch.device) -> str:
         return "this build of prefkernels._C has no CUDA kernels" if device.type == "cuda" else "unsupported device"
     if triton_ops() is None:
         return "triton is not installed"
-    if device.type == "cpu" and triton_interpreted() and triton_interpreter_problem():
-        return triton_interpreter_problem()
+    if device.type == "cpu" and triton_interpreted() and (problem := triton_interpreter_problem()):
+        return problem
     return "Triton needs CUDA tensors, or TRITON_INTERPRET=1 for CPU tensors"

@@ -10,6 +10,7 @@ import pytest
 from prefkernels.data import synthetic
 from prefkernels.tiny import write_tiny_backbone
 from prefkernels.trainer import TrainConfig, train
+from test_resume import events_without_timing
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -58,13 +59,6 @@ def test_two_process_ddp_matches_single_process_accumulation(tmp_path):
     train_events = [e for e in ddp_events if e["event"] == "train"]
     assert all(e["comparisons"] == 5 * 2 * 8 for e in train_events)  # summed over both processes
     assert json.loads((tmp_path / "ddp" / "eval.json").read_text())["comparisons"] == 60  # gathered from both
-
-
-def events_without_timing(path):
-    events = [json.loads(line) for line in path.read_text().splitlines()]
-    for event in events:
-        event.pop("elapsed_s", None)
-    return events
 
 
 def test_two_process_resume_logs_the_same_metrics_as_an_unbroken_run(tmp_path):
