@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from prefkernels.backends import OpSet
-from prefkernels.checks import num_rows
+from prefkernels.checks import num_rows, value_checks_enabled
 
 _F32, _I64 = torch.float32, torch.int64
 
@@ -57,7 +57,9 @@ def register(ops: OpSet) -> None:
     torch.library.register_fake(qualname("pool_forward"))(_pool_forward_fake)
     torch.library.register_fake(qualname("pool_backward"))(_pool_backward_fake)
 
-    def backward_into_inputs(ctx, hidden, weight, pooled_pos, coef, row_ptr, row_entry):
+    def backward_into_inputs(ctx, hidden, weight, pooled_pos, coef, row_ptr, row_entry, coef_rows=None):
+        """Gradients of hidden, weight, bias from ``coef`` [M, K]: one row per pooled row, or one per
+        pair entry with the entries' rows in ``coef_rows`` [M] and their CSR in row_ptr/row_entry."""
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         if torch.is_grad_enabled() and not torch.compiler.is_compiling():  # backward(create_graph=True)
             raise RuntimeError(f"prefkernels: the {ops.name!r} backend has no double backward (create_graph=True, "
@@ -68,14 +70,24 @@ def register(ops: OpSet) -> None:
                                                          bool(need_hidden))
             grad_hidden = grad_hidden if need_hidden else None
             grad_weight = grad_weight if need_weight else None
-        if need_bias:
+        if need_bias and ctx.rows_may_be_invalid:  # invalid rows add nothing, as in the kernels' gradients
+            rows_pos = pooled_pos[:coef.shape[0]] if coef_rows is None else pooled_pos[coef_rows.clamp(0, ctx.rows - 1)]
+            grad_bias = torch.where((rows_pos >= 0).unsqueeze(1), coef, 0.0).sum(dim=0).to(ctx.bias_dtype)
+        elif need_bias:
             grad_bias = coef.sum(dim=0).to(ctx.bias_dtype)
         return grad_hidden, grad_weight, grad_bias
+
+    def save_head_info(ctx, bias, rows):
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.rows = rows
+        # With the value checks on, the public ops raise right after the forward on any row without
+        # a valid pooled position, so only a backward of an unchecked forward can meet one.
+        ctx.rows_may_be_invalid = not value_checks_enabled()
 
     def pool_setup(ctx, inputs, output):
         hidden, weight, bias = inputs[:3]
         rewards, pooled_pos = output
-        ctx.bias_dtype = None if bias is None else bias.dtype
+        save_head_info(ctx, bias, rewards.shape[0])
         ctx.save_for_backward(hidden, weight, pooled_pos)
         ctx.mark_non_differentiable(pooled_pos)
 
@@ -87,8 +99,7 @@ def register(ops: OpSet) -> None:
         hidden, weight, bias = inputs[:3]
         chosen_index, rejected_index = inputs[6], inputs[7]
         loss, rewards, pair_grad, pooled_pos = output
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.rows = rewards.shape[0]
+        save_head_info(ctx, bias, rewards.shape[0])
         ctx.save_for_backward(hidden, weight, pooled_pos, pair_grad, chosen_index, rejected_index)
         ctx.mark_non_differentiable(rewards, pair_grad, pooled_pos)
 
@@ -96,10 +107,12 @@ def register(ops: OpSet) -> None:
         hidden, weight, pooled_pos, pair_grad, chosen_index, rejected_index = ctx.saved_tensors
         heads = pair_grad.shape[-1]
         coef = (pair_grad * grad_loss.float()).reshape(-1, heads)
-        row_ptr = row_entry = None
+        row_ptr = row_entry = coef_rows = None
         if chosen_index is not None:
             row_ptr, row_entry = rows_csr(chosen_index, rejected_index, ctx.rows)
-        grads = backward_into_inputs(ctx, hidden, weight, pooled_pos, coef, row_ptr, row_entry)
+            if ctx.needs_input_grad[2] and ctx.rows_may_be_invalid:
+                coef_rows = torch.cat([chosen_index, rejected_index])
+        grads = backward_into_inputs(ctx, hidden, weight, pooled_pos, coef, row_ptr, row_entry, coef_rows)
         return (*grads, None, None, None, None, None, None, None, None)
 
     torch.library.register_autograd(qualname("pool_forward"), pool_backward, setup_context=pool_setup)

@@ -9,6 +9,8 @@ bias [K], rewards [N, K] float32, loss float32 (scalar, or [P, K] for reduction=
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -32,10 +34,29 @@ def gather_pooled(hidden, attention_mask=None, last_index=None, cu_seqlens=None)
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), pos]
 
 
+def valid_rows(hidden, pos, cu_seqlens=None):
+    """Bool [N]: rows whose pooled position ``pos`` is a real token (as the kernels decide): in range,
+    and for ``cu_seqlens`` a non-empty sequence. Only inputs that the value checks reject fail it."""
+    positions = hidden.shape[1] if hidden.dim() == 3 else hidden.shape[0]
+    valid = (pos >= 0) & (pos < positions)
+    if cu_seqlens is not None:
+        valid = valid & (cu_seqlens[1:] > cu_seqlens[:-1])
+    return valid
+
+
+def _autocast_off(device):
+    """Autocast disabled on ``device``: under it the head's matmul would run in bfloat16/float16."""
+    if torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def head(pooled, weight, bias=None):
-    """Rewards [N, K] = pooled @ weight.T + bias in float32 (float64 for float64 inputs, for gradcheck)."""
+    """Rewards [N, K] = pooled @ weight.T + bias in float32 (float64 for float64 inputs, for gradcheck),
+    also under autocast."""
     dtype = torch.promote_types(torch.promote_types(pooled.dtype, weight.dtype), torch.float32)
-    rewards = pooled.to(dtype) @ weight.to(dtype).t()
+    with _autocast_off(pooled.device):
+        rewards = pooled.to(dtype) @ weight.to(dtype).t()
     if bias is not None:
         rewards = rewards + bias.to(dtype)
     return rewards
@@ -67,9 +88,15 @@ def pair_loss(rewards, chosen_index, rejected_index, margin=None, label_smoothin
 
 
 def pool_score(hidden, weight, bias=None, *, attention_mask=None, last_index=None, cu_seqlens=None):
-    """Rewards [N, K] float32 of the pooled rows (differentiable w.r.t. hidden, weight, bias)."""
-    pooled = gather_pooled(hidden, attention_mask, last_index, cu_seqlens)
-    return head(pooled, weight, bias)
+    """Rewards [N, K] float32 of the pooled rows (differentiable w.r.t. hidden, weight, bias).
+
+    A row without a valid pooled position (possible only with the value checks off) gets NaN
+    rewards and no gradient, as on the kernel backends, never another token by negative indexing."""
+    pos = pooled_positions(hidden, attention_mask, last_index, cu_seqlens)
+    valid = valid_rows(hidden, pos, cu_seqlens)
+    pos = torch.where(valid, pos, 0)
+    rewards = head(gather_pooled(hidden, last_index=pos), weight, bias)
+    return torch.where(valid.unsqueeze(1), rewards, float("nan"))
 
 
 def fused_bt_loss(hidden, weight, bias=None, *, attention_mask=None, last_index=None,
@@ -87,8 +114,9 @@ def fused_bt_loss(hidden, weight, bias=None, *, attention_mask=None, last_index=
 
 def eager(hidden, weight, bias=None, *, attention_mask=None, margin=None, reduction="mean"):
     """Baseline: gather the last non-pad token, then the head, then the loss (default pairs)."""
-    return fused_bt_loss(hidden, weight, bias, attention_mask=attention_mask, margin=margin,
-                         reduction=reduction)
+    rewards = head(gather_pooled(hidden, attention_mask=attention_mask), weight, bias)
+    chosen, rejected = default_pairs(rewards.shape[0], rewards.device)
+    return pair_loss(rewards, chosen, rejected, margin, reduction=reduction), rewards.detach()
 
 
 def hf_style(hidden, weight, bias=None, *, attention_mask=None, margin=None, reduction="mean"):

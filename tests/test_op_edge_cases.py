@@ -1,0 +1,101 @@
+"""Edge cases of the public ops on every backend: autocast, and invalid rows with the value checks off."""
+import pytest
+import torch
+
+import prefkernels
+from prefkernels import backends
+
+BACKENDS = ["native", "triton", "reference"]
+
+
+def available(name):
+    ops = backends.select(name, torch.device("cpu"))
+    return name == "reference" or (ops is not None and ops.name == name)
+
+
+def leaves(*tensors):
+    return [t.detach().clone().requires_grad_() for t in tensors]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_head_math_stays_float32_under_autocast(backend):
+    """Under bf16 autocast (as the trainer runs) the head is still computed in fp32 on every backend."""
+    if not available(backend):
+        pytest.skip(f"backend {backend!r} not available on cpu")
+    g = torch.Generator().manual_seed(0)
+    hidden, weight, bias = torch.randn(4, 5, 64, generator=g), torch.randn(2, 64, generator=g), torch.randn(2, generator=g)
+    last_index = torch.tensor([4, 2, 0, 3])
+    results = []
+    for autocast in (False, True):
+        h, w, b = leaves(hidden, weight, bias)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss, rewards = prefkernels.fused_bt_loss(h, w, b, last_index=last_index, backend=backend)
+            scored = prefkernels.pool_score(h, w, b, last_index=last_index, backend=backend)
+        (loss + scored.square().mean()).backward()
+        results.append((loss, rewards, scored, h.grad, w.grad, b.grad))
+    for plain, autocast in zip(*results):
+        assert autocast.dtype == plain.dtype
+        torch.testing.assert_close(autocast, plain, rtol=1e-5, atol=1e-6)
+
+
+INVALID_POOLING = {
+    # pooling kwargs, hidden shape, invalid rows
+    "empty_mask_row": (dict(attention_mask=torch.tensor([[1, 1, 0], [0, 0, 0], [1, 0, 0], [0, 0, 0]])), (4, 3, 6), [1, 3]),
+    "last_index_out_of_range": (dict(last_index=torch.tensor([2, -1, 0, 3])), (4, 3, 6), [1, 3]),
+    "empty_sequence": (dict(cu_seqlens=torch.tensor([0, 3, 3, 5, 5])), (7, 6), [1, 3]),
+}
+
+
+def unchecked_step(backend, hidden, weight, bias, pooling):
+    """pool_score + fused_bt_loss (reduction none, NaN entries dropped) with gradients."""
+    h, w, b = leaves(hidden, weight, bias)
+    rewards = prefkernels.pool_score(h, w, b, backend=backend, **pooling)
+    # Pairs (0, 2) valid, (1, 3) both rows invalid: NaN loss there, dropped before the backward.
+    loss, _ = prefkernels.fused_bt_loss(h, w, b, backend=backend, reduction="none", **pooling)
+    upstream = torch.linspace(0.5, 2.0, rewards.numel()).view_as(rewards)
+    total = (rewards.nan_to_num() * upstream).sum() + loss.nan_to_num().sum()
+    total.backward()
+    return rewards.detach(), loss.detach(), h.grad, w.grad, b.grad
+
+
+@pytest.mark.parametrize("case", list(INVALID_POOLING))
+def test_unchecked_invalid_rows_agree_across_backends(monkeypatch, case):
+    """Value checks off (PREFKERNELS_CHECK_VALUES=0, torch.compile): a row without a valid pooled
+    position gets NaN rewards and adds no gradient on every backend; the reference does not pool
+    another token through negative indexing, and no backend's bias gradient counts that row."""
+    monkeypatch.setenv("PREFKERNELS_CHECK_VALUES", "0")
+    pooling, shape, invalid = INVALID_POOLING[case]
+    g = torch.Generator().manual_seed(1)
+    hidden, weight, bias = torch.randn(*shape, generator=g), torch.randn(2, 6, generator=g), torch.randn(2, generator=g)
+    results = {backend: unchecked_step(backend, hidden, weight, bias, pooling) for backend in BACKENDS
+               if available(backend)}
+    rows = torch.zeros(4, dtype=torch.bool)
+    rows[invalid] = True
+    for backend, (rewards, loss, grad_hidden, grad_weight, grad_bias) in results.items():
+        assert rewards[rows].isnan().all() and rewards[~rows].isfinite().all(), backend
+        assert loss[1].isnan().all() and loss[0].isfinite().all(), backend
+        for name, grad in (("hidden", grad_hidden), ("weight", grad_weight), ("bias", grad_bias)):
+            assert grad.isfinite().all(), f"{backend}: grad_{name} {grad}"
+    want = results["reference"]
+    for backend, got in results.items():
+        for name, x, y in zip(("rewards", "loss", "grad_hidden", "grad_weight", "grad_bias"), got, want):
+            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6, equal_nan=True,
+                                       msg=lambda m: f"{backend} {name} vs reference: {m}")
+
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compiled_invalid_rows_add_no_bias_gradient(backend):
+    """Under torch.compile the value checks are skipped, so the backward itself must leave rows
+    without a valid pooled position out of the bias gradient, whatever gradient reaches their
+    (NaN) rewards; eager with the checks on raises before any backward."""
+    if not available(backend):
+        pytest.skip(f"backend {backend!r} not available on cpu")
+    torch._dynamo.reset()
+    pooling, shape, invalid = INVALID_POOLING["empty_mask_row"]
+    g = torch.Generator().manual_seed(2)
+    h, w, b = leaves(torch.randn(*shape, generator=g), torch.randn(2, 6, generator=g), torch.randn(2, generator=g))
+    score = torch.compile(lambda h, w, b: prefkernels.pool_score(h, w, b, backend=backend, **pooling), fullgraph=True)
+    score(h, w, b).backward(torch.ones(shape[0], 2))
+    valid_rows = shape[0] - len(invalid)
+    torch.testing.assert_close(b.grad, torch.full((2,), float(valid_rows)))
