@@ -12,6 +12,13 @@ import torch
 from prefkernels.scorer import Scorer
 
 
+def _check_sequence(value, name: str) -> None:
+    """TypeError unless ``value`` is a list-like of items (a string or dict has a length too)."""
+    if isinstance(value, (str, bytes, dict)) or not hasattr(value, "__len__"):
+        raise TypeError(f"{name}: expected a list with one item per sample, got {type(value).__name__} "
+                        f"{value!r:.60}")
+
+
 def best_of_n(scorer: Scorer, prompts: list, candidates_per_prompt: list[list]) -> tuple[torch.Tensor, torch.Tensor]:
     """Pick the highest-reward candidate for each prompt.
 
@@ -20,6 +27,8 @@ def best_of_n(scorer: Scorer, prompts: list, candidates_per_prompt: list[list]) 
     count and a prompt with fewer candidates has -inf in the unused columns. All candidates are
     scored in one ``scorer.score`` call.
     """
+    _check_sequence(prompts, "prompts")
+    _check_sequence(candidates_per_prompt, "candidates_per_prompt")
     if len(prompts) != len(candidates_per_prompt):
         raise ValueError(f"candidates_per_prompt: expected one list per prompt ({len(prompts)}), "
                          f"got {len(candidates_per_prompt)}")
@@ -44,8 +53,8 @@ class RewardFunction:
     """A reward model as a TRL ``reward_funcs`` callable: ``(prompts, completions, **kwargs) -> list[float]``.
 
     Works with ``GRPOTrainer`` (plain and conversational data) and in any loop. Extra keyword
-    arguments (``completion_ids``, dataset columns, trainer state) are ignored. ``__name__`` (TRL's
-    logging name, ``rewards/<name>/mean``) is ``name``.
+    arguments (``completion_ids``, dataset columns, trainer state) are ignored; no completions give an
+    empty list. ``__name__`` (TRL's logging name, ``rewards/<name>/mean``) is ``name``.
     """
 
     def __init__(self, scorer: Scorer, name: str = "reward_model"):
@@ -53,8 +62,12 @@ class RewardFunction:
         self.__name__ = self.__qualname__ = name
 
     def __call__(self, prompts: list, completions: list, **kwargs) -> list[float]:
+        _check_sequence(prompts, "prompts")
+        _check_sequence(completions, "completions")
         if len(prompts) != len(completions):
             raise ValueError(f"completions: expected one per prompt ({len(prompts)}), got {len(completions)}")
+        if len(prompts) == 0:
+            return []
         return self.scorer.score_detailed(list(zip(prompts, completions))).rewards.mean(dim=1).tolist()
 
     def __repr__(self) -> str:

@@ -271,3 +271,36 @@ def test_fused_model_trains_in_hf_trainer_with_default_column_filter(tmp_path):
         trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=DataCollatorWithPadding(tokenizer))
         losses[fused] = trainer.train().training_loss
     assert losses[True] == pytest.approx(losses[False], rel=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_compiled_fused_model_matches_stock(arch):
+    """torch.compile of a fused model: same logits and score-head gradient as the stock model."""
+    input_ids, attention_mask, pad_id = make_batch("left")
+    stock = make_decoder(arch, 1, pad_id).eval()
+    fused = fuse_sequence_classification(copy.deepcopy(stock))
+    compiled = torch.compile(fused, backend="eager")
+    results = []
+    for model in (stock, compiled):
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        logits.sum().backward()
+        results.append((logits.detach(), stock.score.weight.grad if model is stock else fused.score.weight.grad))
+    torch.testing.assert_close(results[1][0], results[0][0], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(results[1][1], results[0][1], atol=1e-6, rtol=1e-5)
+    assert "forward" not in fused.score.__dict__
+
+
+def test_fused_loss_uses_the_models_loss_function():
+    """A loss_function set on the model (e.g. class weights) is what the stock forward applies to the
+    pooled logits; the fused forward must apply it too."""
+    def weighted_cross_entropy(logits, labels, pooled_logits, config, **kwargs):
+        return torch.nn.functional.cross_entropy(pooled_logits, labels, weight=torch.tensor([1.0, 2.0, 5.0]))
+
+    input_ids, attention_mask, pad_id = make_batch("right")
+    stock = make_decoder("llama", 3, pad_id)
+    stock.loss_function = weighted_cross_entropy
+    fused = fuse_sequence_classification(copy.deepcopy(stock))
+    labels = random_labels(3, input_ids.shape[0])
+    expected = stock(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+    got = fused(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)

@@ -234,6 +234,33 @@ def test_ddp_wrapped_model_matches_stock(find_unused_parameters, tmp_path, fused
     assert len(fused_calls) == 2
 
 
+def test_torch_compile_uses_the_fused_loss(fused_calls):
+    """With torch_compile=True the trainer holds a compiled wrapper; the fused loss must still be used
+    (not the stock fallback for an "unsupported" OptimizedModule), with the stock logs."""
+    dataset = token_dataset(n_pairs=8, with_margin=True)
+    model = make_model("llama")
+    histories = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        for trainer_class, trainer_model, compile_options in (
+                (RewardTrainer, copy.deepcopy(model), {}),
+                (FusedRewardTrainer, model, {"torch_compile": True, "torch_compile_backend": "eager"})):
+            trainer = make_trainer(trainer_class, trainer_model, dataset, max_steps=2, learning_rate=1e-3,
+                                   **compile_options)
+            trainer.train()
+            histories.append([log for log in trainer.state.log_history if "loss" in log])
+    assert len(fused_calls) == 2
+    for stock_log, fused_log in zip(*histories):
+        for key in METRICS:
+            assert fused_log[key] == pytest.approx(stock_log[key], abs=1e-4, rel=1e-4), key
+
+
+@pytest.mark.parametrize("coefficient", [-0.01, float("nan")])
+def test_invalid_center_rewards_coefficient_is_named(coefficient):
+    with pytest.raises(ValueError, match="center_rewards_coefficient: expected None or a finite float >= 0"):
+        make_trainer(FusedRewardTrainer, make_model("llama"), token_dataset(), center_rewards_coefficient=coefficient)
+
+
 def test_predict_returns_stock_rewards():
     dataset = token_dataset(n_pairs=8)
     model = make_model("qwen2")

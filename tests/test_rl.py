@@ -93,3 +93,19 @@ def test_reward_function_drives_grpo_trainer(scorer, tmp_path):
     logged = [h["rewards/prefkernels_rm/mean"] for h in trainer.state.log_history if "rewards/prefkernels_rm/mean" in h]
     assert len(returned) == 3 and all(len(r) == 4 for r in returned)
     assert logged == pytest.approx([sum(r) / len(r) for r in returned], abs=1e-5)
+
+
+def test_reward_function_of_no_completions_is_empty(scorer):
+    assert RewardFunction(scorer)([], []) == []
+
+
+@pytest.mark.parametrize("prompts,completions,name", [("ab", ["x", "y"], "prompts"), (["a", "b"], "xy", "completions")])
+def test_reward_function_rejects_a_string_for_a_list(scorer, prompts, completions, name):
+    """A string has a length too: without the check, each character would be scored as a prompt or completion."""
+    with pytest.raises(TypeError, match=f"{name}: expected a list"):
+        RewardFunction(scorer)(prompts, completions)
+
+
+def test_best_of_n_rejects_a_string_of_prompts(scorer):
+    with pytest.raises(TypeError, match="prompts: expected a list"):
+        best_of_n(scorer, "ab", [["x"], ["y"]])

@@ -96,14 +96,17 @@ class HeadInputCapture:
 
 @contextmanager
 def replaced_forward(module, forward):
-    """Within the block, ``module.forward`` is ``forward`` (module hooks still run); restored after."""
+    """Within the block, ``module.forward`` is ``forward`` (module hooks still run); restored after.
+
+    Restored through ``module.__dict__``: under ``torch.compile``, ``del module.forward`` after the
+    assignment fails (dynamo replays the deletion without the assignment)."""
     previous = module.__dict__.get("forward")
     module.forward = forward
     try:
         yield
     finally:
         if previous is None:
-            del module.forward
+            module.__dict__.pop("forward")
         else:
             module.forward = previous
 
@@ -144,8 +147,9 @@ class FusedForward:
         logits = model.score(gather_pooled(capture.hidden, last_index=capture.pooled_positions(outputs.logits)))
         loss = None
         if labels is not None:
-            from transformers.loss.loss_utils import ForSequenceClassificationLoss
-            loss = ForSequenceClassificationLoss(labels=labels, pooled_logits=logits, config=model.config)
+            # The model's own loss (ForSequenceClassificationLoss unless one was set on the model); the
+            # [N, T, K] logits are never formed, so it gets the pooled logits as ``logits`` too.
+            loss = model.loss_function(logits=logits, labels=labels, pooled_logits=logits, config=model.config)
         outputs = with_loss_and_logits(outputs, loss, logits)
         if return_dict is None:
             return_dict = getattr(model.config, "return_dict", True)

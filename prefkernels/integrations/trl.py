@@ -5,6 +5,7 @@ Importing this module imports trl; ``prefkernels`` and ``prefkernels.integration
 from __future__ import annotations
 
 import functools
+import math
 import warnings
 
 import torch
@@ -50,6 +51,13 @@ class FusedRewardTrainer(RewardTrainer):
 
     _warned_fallback = False
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        coefficient = self.args.center_rewards_coefficient
+        if coefficient is not None and not (math.isfinite(coefficient) and coefficient >= 0):
+            raise ValueError("center_rewards_coefficient: expected None or a finite float >= 0, got "
+                             f"{coefficient}")
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         classifier = self._fusable_classifier(model, inputs)
         if classifier is None:
@@ -65,7 +73,7 @@ class FusedRewardTrainer(RewardTrainer):
 
     def _fusable_classifier(self, model, inputs):
         """The classifier whose score head the fused loss takes over, or None for the stock loss."""
-        classifier = self.accelerator.unwrap_model(model)
+        classifier = self.accelerator.unwrap_model(model, keep_torch_compile=False)
         if is_peft_model(classifier):
             classifier = classifier.get_base_model()
         if is_fused(classifier):
