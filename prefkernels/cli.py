@@ -178,12 +178,10 @@ def add_eval_parser(subparsers) -> None:
 
 
 def run_eval(args) -> int:
-    import torch
-
-    from prefkernels import checkpoint, metrics
+    from prefkernels import backends, checkpoint, metrics
     from prefkernels.data import load_preferences, pad_token_id
     from prefkernels.losses import LossConfig
-    from prefkernels.model import RewardModel, load_tokenizer
+    from prefkernels.model import RewardModel, load_tokenizer, position_limit, resolve_device
     from prefkernels.trainer import autocast_dtype
 
     config = checkpoint.read_config(args.model)
@@ -192,6 +190,12 @@ def run_eval(args) -> int:
         raise ValueError(f"max_length: {args.model} does not record one; pass --max-length")
     if args.output and Path(args.output).exists() and not Path(args.output).is_dir():
         raise ValueError(f"output: {args.output} exists and is not a directory")
+    backends.requested(args.backend)
+    device = resolve_device(args.device)
+    model = RewardModel.from_pretrained(args.model)
+    limit = position_limit(model.backbone.config)
+    if limit is not None and max_length > limit:
+        raise ValueError(f"max_length: {max_length} exceeds the model's {limit} positions")
     tokenizer = load_tokenizer(args.model)
     dataset = load_preferences(args.data, tokenizer, max_length, use_margin=args.use_margin, name="eval",
                                truncate_responses=args.truncate_responses, progress=args.progress)
@@ -199,8 +203,6 @@ def run_eval(args) -> int:
     loss_config = LossConfig(**loss) if loss else LossConfig()
     if dataset.num_ties and loss_config.name == "bt":
         loss_config = LossConfig("davidson")
-    model = RewardModel.from_pretrained(args.model)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(device)
     rewards = metrics.score(model, dataset, batch_size=None if args.max_tokens else args.batch_size,
                             max_tokens=args.max_tokens, device=device, pad_token_id=pad_token_id(tokenizer), backend=args.backend,
@@ -254,8 +256,9 @@ def run_demo(args) -> int:
     from prefkernels.data import synthetic
     from prefkernels.trainer import TrainConfig, check_output_dir, train
 
-    if args.threads < 1:
-        raise ValueError(f"threads: expected >= 1, got {args.threads}")
+    for name in ("threads", "train_pairs", "valid_pairs"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"{name}: expected >= 1, got {getattr(args, name)}")
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     out = Path(args.output)

@@ -328,7 +328,8 @@ def model_card(checkpoint_dir: str, model: RewardModel, tokenizer, info: dict, n
 
 
 def export_hf(checkpoint_dir: str, out_dir: str, allow_bias_drop: bool = False, tolerance: float = 1e-4) -> float:
-    """Write ``out_dir`` (atomically) and verify it by loading it back with plain transformers.
+    """Write ``out_dir`` (atomically; never the checkpoint or a directory holding it) and verify it by
+    loading it back with plain transformers.
 
     Returns the largest score difference between prefkernels' ``Scorer`` on the checkpoint and
     the reloaded directory used the plain-transformers way, on probe texts (and a conversation
@@ -338,6 +339,10 @@ def export_hf(checkpoint_dir: str, out_dir: str, allow_bias_drop: bool = False, 
     """
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    source, target = checkpoint.locate(checkpoint_dir).resolve(), Path(out_dir).resolve()
+    if target == source or target in source.parents:
+        raise ExportError(f"--hf: {out_dir} is or contains the checkpoint being exported, which the export would "
+                          "replace; choose another directory")
     model = RewardModel.from_pretrained(checkpoint_dir)
     tokenizer = load_tokenizer(checkpoint_dir)
     classifier = to_sequence_classification(model, tokenizer, allow_bias_drop)

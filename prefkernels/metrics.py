@@ -290,7 +290,8 @@ def scalar_metrics(metrics: dict) -> dict:
 # ----------------------------------------------------------------------------- output
 
 
-def _fmt(value, digits: int = 4) -> str:
+def format_value(value, digits: int = 4) -> str:
+    """A metric as printed: floats with ``digits`` decimals, "n/a" for None (an undefined metric)."""
     if value is None:
         return "n/a"
     if isinstance(value, float):
@@ -305,33 +306,33 @@ def format_table(metrics: dict, title: str = "evaluation") -> str:
     rows = [
         ("comparisons / pairs / ties", f"{metrics['comparisons']} / {metrics['pairs']} / {metrics['ties']}"),
         ("truncated comparisons", metrics["truncated"]),
-        ("accuracy", _fmt(metrics["accuracy"])),
-        (f"loss ({metrics['loss_name']})", _fmt(metrics["loss"])),
-        ("ECE (10 bins)", _fmt(metrics["ece"])),
-        ("Brier score", _fmt(metrics["brier"])),
-        ("reward gap mean / std", f"{_fmt(gap.get('mean'), 3)} / {_fmt(gap.get('std'), 3)}"),
+        ("accuracy", format_value(metrics["accuracy"])),
+        (f"loss ({metrics['loss_name']})", format_value(metrics["loss"])),
+        ("ECE (10 bins)", format_value(metrics["ece"])),
+        ("Brier score", format_value(metrics["brier"])),
+        ("reward gap mean / std", f"{format_value(gap.get('mean'), 3)} / {format_value(gap.get('std'), 3)}"),
         ("reward gap p05 / median / p95",
-         f"{_fmt(gap.get('p05'), 3)} / {_fmt(gap.get('median'), 3)} / {_fmt(gap.get('p95'), 3)}"),
-        ("length bias (Spearman reward~length)", _fmt(length["spearman_reward_vs_length"])),
+         f"{format_value(gap.get('p05'), 3)} / {format_value(gap.get('median'), 3)} / {format_value(gap.get('p95'), 3)}"),
+        ("length bias (Spearman reward~length)", format_value(length["spearman_reward_vs_length"])),
         ("accuracy, chosen longer / shorter",
-         f"{_fmt(length['accuracy_chosen_longer'])} / {_fmt(length['accuracy_chosen_shorter'])}"),
+         f"{format_value(length['accuracy_chosen_longer'])} / {format_value(length['accuracy_chosen_shorter'])}"),
     ]
     for bucket in length["buckets"]:
         rows.append((f"  accuracy, {bucket['min_tokens']}-{bucket['max_tokens']} tokens",
-                     f"{_fmt(bucket['accuracy'])} ({bucket['pairs']} pairs)"))
+                     f"{format_value(bucket['accuracy'])} ({bucket['pairs']} pairs)"))
     if "margin_spearman" in metrics:
-        rows.append(("Spearman(margin, gap)", _fmt(metrics["margin_spearman"])))
+        rows.append(("Spearman(margin, gap)", format_value(metrics["margin_spearman"])))
     if "ratings" in metrics:
         r = metrics["ratings"]
-        rows.append((f"ratings Spearman / Kendall ({r['responses']})", f"{_fmt(r['spearman'])} / {_fmt(r['kendall'])}"))
+        rows.append((f"ratings Spearman / Kendall ({r['responses']})", f"{format_value(r['spearman'])} / {format_value(r['kendall'])}"))
     if "tie_mean_abs_gap" in metrics:
         rows.append(("mean |gap| ties / decided",
-                     f"{_fmt(metrics['tie_mean_abs_gap'], 3)} / {_fmt(metrics['decided_mean_abs_gap'], 3)}"))
+                     f"{format_value(metrics['tie_mean_abs_gap'], 3)} / {format_value(metrics['decided_mean_abs_gap'], 3)}"))
     if "ensemble" in metrics:
         e = metrics["ensemble"]
-        rows.append((f"ensemble ({metrics['heads']} heads) disagreement", _fmt(e["disagreement"])))
-        rows.append(("ensemble reward std (mean)", _fmt(e["reward_std_mean"])))
-        rows.append(("accuracy per head", " ".join(_fmt(a, 3) for a in e["accuracy_per_head"])))
+        rows.append((f"ensemble ({metrics['heads']} heads) disagreement", format_value(e["disagreement"])))
+        rows.append(("ensemble reward std (mean)", format_value(e["reward_std_mean"])))
+        rows.append(("accuracy per head", " ".join(format_value(a, 3) for a in e["accuracy_per_head"])))
     width = max(len(name) for name, _ in rows)
     lines = [title, "-" * (width + 20)]
     lines += [f"{name:<{width}}  {value}" for name, value in rows]
@@ -357,7 +358,7 @@ def reliability_diagram(metrics: dict, path) -> Path:
     top.bar(centers, [b["accuracy"] or 0.0 for b in bins], width=width * 0.9, edgecolor="black", label="accuracy")
     top.plot([0, 1], [0, 1], "--", color="gray", label="perfect calibration")
     top.set_ylabel("empirical P(preferred)")
-    top.set_title(f"reliability of sigmoid(reward gap)  ECE={_fmt(metrics['ece'], 3)}")
+    top.set_title(f"reliability of sigmoid(reward gap)  ECE={format_value(metrics['ece'], 3)}")
     top.legend(loc="upper left")
     bottom.bar(centers, [b["count"] for b in bins], width=width * 0.9, color="gray")
     bottom.set_xlabel("predicted P(preferred)")

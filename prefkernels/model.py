@@ -113,6 +113,32 @@ class RewardModel(nn.Module):
         return model
 
 
+def resolve_device(name=None, cuda_index: int = 0) -> torch.device:
+    """The torch device ``name`` (default: ``cuda:cuda_index`` when CUDA is available, else cpu);
+    ``ValueError`` naming it when it is no device or is not available on this machine."""
+    if name is None:
+        return torch.device("cuda", cuda_index) if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device: {name!r} is not a torch device ({err})") from None
+    is_available = getattr(getattr(torch, device.type, None), "is_available", None)
+    if is_available is not None and not is_available():
+        raise ValueError(f"device: {device} is not available on this machine (torch {torch.__version__})")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"device: {device} does not exist ({torch.cuda.device_count()} CUDA device(s))")
+    return device
+
+
+def position_limit(config) -> int | None:
+    """The most positions a backbone with this config embeds (``max_position_embeddings`` or
+    ``n_positions``), None when it states none."""
+    for name in ("max_position_embeddings", "n_positions"):
+        if getattr(config, name, None):
+            return int(getattr(config, name))
+    return None
+
+
 def load_tokenizer(path: str):
     """The tokenizer stored in a checkpoint (``tokenizer/``) or at a backbone path."""
     from transformers import AutoTokenizer

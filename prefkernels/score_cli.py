@@ -36,9 +36,11 @@ import os
 import shutil
 import sys
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from prefkernels.model import resolve_device
 from prefkernels.scorer import ACCELERATOR_TOKEN_BUDGET, CPU_TOKEN_BUDGET, Scorer, is_conversation
 
 DEFAULT_CHUNK_ROWS = 2048
@@ -256,7 +258,16 @@ def run_score(args: argparse.Namespace) -> int:
     input_path, output_path = Path(args.input), Path(args.output)
     partial_path = output_path.with_name(f".{output_path.name}.partial")
     if not input_path.is_file():
-        print(f"error: --input: {input_path} does not exist", file=sys.stderr)
+        problem = "is a directory, expected a JSONL file" if input_path.is_dir() else "does not exist"
+        print(f"error: --input: {input_path} {problem}", file=sys.stderr)
+        return 2
+    if output_path.is_dir():
+        print(f"error: --output: {output_path} is a directory; expected the path of the output file "
+              "(.jsonl or .jsonl.gz)", file=sys.stderr)
+        return 2
+    if output_path.resolve() == input_path.resolve():
+        print(f"error: --output: is the --input file ({input_path}), which the output would replace; "
+              "choose another path", file=sys.stderr)
         return 2
     for option, value in (("--chunk-rows", args.chunk_rows), ("--batch-tokens", args.batch_tokens)):
         if value is not None and value < 1:
@@ -267,7 +278,12 @@ def run_score(args: argparse.Namespace) -> int:
               "or delete it to start over", file=sys.stderr)
         return 2
     try:
-        scorer = Scorer.from_pretrained(args.model, device=args.device, max_length=args.max_length,
+        device = resolve_device(args.device)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    try:
+        scorer = Scorer.from_pretrained(args.model, device=device, max_length=args.max_length,
                                         token_budget=args.batch_tokens, normalize=args.normalize, bf16=args.bf16)
     except (FileNotFoundError, ValueError) as err:
         print(f"error: --model {args.model}: {err}", file=sys.stderr)
@@ -300,6 +316,10 @@ def run_score(args: argparse.Namespace) -> int:
         kept = f"; the {summary.rows} rows before it are kept in {partial_path} for --resume" if summary.rows else ""
         print(f"error: {input_path}: {err} (use --skip-invalid to write it as an error row and go on){kept}",
               file=sys.stderr)
+        return 1
+    except (EOFError, gzip.BadGzipFile, zlib.error) as err:
+        kept = f"; the {summary.rows} rows read before it are kept in {partial_path}" if summary.rows else ""
+        print(f"error: --input: {input_path} is not a complete gzip file ({err}){kept}", file=sys.stderr)
         return 1
     finally:
         if partial_path.is_file() and not partial_path.stat().st_size:

@@ -31,7 +31,7 @@ from torch import nn
 
 from prefkernels import checkpoint
 from prefkernels.data import end_token_id, is_messages, pad_rows, pad_token_id
-from prefkernels.model import RewardModel, load_tokenizer
+from prefkernels.model import RewardModel, load_tokenizer, position_limit, resolve_device
 
 CPU_TOKEN_BUDGET = 4096
 ACCELERATOR_TOKEN_BUDGET = 32768
@@ -108,14 +108,13 @@ def special_tokens_around_text(tokenizer) -> tuple[int, int]:
 
 
 def default_max_length(tokenizer, config) -> int | None:
-    """The tokenizer's model_max_length when set, else the backbone's position limit, else None."""
-    limit = getattr(tokenizer, "model_max_length", None)
-    if limit is not None and limit < UNBOUNDED_MODEL_MAX_LENGTH:
-        return int(limit)
-    for name in ("max_position_embeddings", "n_positions"):
-        if getattr(config, name, None):
-            return int(getattr(config, name))
-    return None
+    """The smaller of the tokenizer's model_max_length (when set) and the backbone's position limit
+    (when stated), else None."""
+    limits = [position_limit(config)]
+    tokenizer_limit = getattr(tokenizer, "model_max_length", None)
+    if tokenizer_limit is not None and tokenizer_limit < UNBOUNDED_MODEL_MAX_LENGTH:
+        limits.append(int(tokenizer_limit))
+    return min((limit for limit in limits if limit is not None), default=None)
 
 
 class Scorer:
@@ -138,10 +137,13 @@ class Scorer:
             raise ValueError(f"token_budget: expected >= 1, got {token_budget}")
         if max_length is not None and max_length < 1:
             raise ValueError(f"max_length: expected >= 1 or None, got {max_length}")
+        limit = position_limit(model.backbone.config)
+        if max_length is not None and limit is not None and max_length > limit:
+            raise ValueError(f"max_length: {max_length} exceeds the model's {limit} positions")
         if normalize and (model.reward_mean is None or model.reward_std is None):
             raise ValueError("normalize: the checkpoint stores no reward_mean/reward_std (they are set after "
                              "training); score without normalize")
-        self.device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
         self.tokenizer = tokenizer
         self.special_tokens_around_text = special_tokens_around_text(tokenizer)

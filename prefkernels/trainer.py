@@ -33,11 +33,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from prefkernels import __version__, checkpoint, metrics
+from prefkernels import __version__, backends, checkpoint, metrics
 from prefkernels.data import (LengthGroupedBatchSampler, PreferenceCollator, PreferenceDataset, load_preferences,
                               pad_token_id)
 from prefkernels.losses import LOSSES, LossConfig, check_data, compute_loss
-from prefkernels.model import RewardModel, load_tokenizer
+from prefkernels.model import RewardModel, load_tokenizer, resolve_device
 
 SCHEDULES = ("linear", "cosine", "constant")
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -143,6 +143,7 @@ class TrainConfig:
         need(self.save_every >= 0, "save_every", "an integer >= 0")
         need(self.log_every >= 1, "log_every", "an integer >= 1")
         need(not (self.overwrite and self.resume), "overwrite", "not both overwrite and resume")
+        backends.requested(self.backend)
         self.loss_config()
 
     def loss_config(self) -> LossConfig:
@@ -354,8 +355,7 @@ class Trainer:
     def _setup(self) -> None:
         config = self.config
         self.output_dir = check_output_dir(config)
-        self.device = torch.device(config.device) if config.device else (
-            torch.device("cuda", self.dist.local_rank) if torch.cuda.is_available() else torch.device("cpu"))
+        self.device = resolve_device(config.device, self.dist.local_rank)
         self.autocast_dtype = autocast_dtype(config.precision, self.device)
         saved = self._read_resume_state() if config.resume else None
         set_seed(config.seed)
@@ -367,6 +367,9 @@ class Trainer:
             self.log(note)
         if self.valid_data is not None:
             check_data(self.loss_config, self.valid_data.num_ties, False, "valid")
+            if config.early_stopping_metric == "accuracy" and self.valid_data.num_ties == len(self.valid_data):
+                raise ValueError("early_stopping_metric: every valid comparison is a tie, so validation accuracy "
+                                 "is undefined; use early stopping on the loss (--early-stopping-metric loss)")
         self.sampler = LengthGroupedBatchSampler(
             self.train_data.row_lengths, batch_size=None if config.max_tokens else config.batch_size,
             max_tokens=config.max_tokens, seed=config.seed, num_replicas=self.dist.world_size, rank=self.dist.rank)
@@ -667,8 +670,8 @@ class Trainer:
             state["evals_since_best"] += 1
             if config.patience and state["evals_since_best"] >= config.patience:
                 state["stopped_early"] = True
-        message = (f"step {state['step']}: validation accuracy {result['accuracy']:.4f}, loss {result['loss']:.4f}"
-                   f"{' (best)' if better else ''}")
+        message = (f"step {state['step']}: validation accuracy {metrics.format_value(result['accuracy'])}, "
+                   f"loss {metrics.format_value(result['loss'])}{' (best)' if better else ''}")
         if state["stopped_early"]:
             message += f"; stopping early: no better {config.early_stopping_metric} in {config.patience} evaluations"
         self.log(message)

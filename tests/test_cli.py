@@ -118,3 +118,26 @@ def test_missing_backbone_and_occupied_output_are_refused(demo, tmp_path, capsys
     assert sorted((p.name, p.stat().st_mtime_ns) for p in out.iterdir()) == before
     assert main(["eval", "--model", str(tmp_path / "nothing"), "--data", data]) == 1
     assert "checkpoint: " in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option, message", [
+    (["--max-length", "4096"], "max_length: 4096 exceeds the model's 128 positions"),
+    (["--device", "gpu0"], "device: 'gpu0' is not a torch device"),
+    (["--backend", "fastest"], "backend: expected one of"),
+])
+def test_eval_refuses_bad_options_before_reading_data(tmp_path, capsys, option, message):
+    from _rl_fixtures import save_reward_checkpoint
+
+    model = save_reward_checkpoint(tmp_path / "ckpt", max_length=48)
+    data = write(tmp_path / "valid.jsonl", '{"chosen": "the cat sat", "rejected": "the dog ran"}\n' * 3)
+    assert main(["eval", "--model", str(model), "--data", data, "--no-progress", *option]) == 1
+    err = capsys.readouterr().err
+    assert f"prefkernels eval: error: {message}" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("option", ["--train-pairs", "--valid-pairs", "--threads"])
+def test_demo_refuses_a_count_below_one_and_writes_nothing(tmp_path, capsys, option):
+    assert main(["demo", "--output", str(tmp_path / "demo"), option, "0", "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert f"prefkernels demo: error: {option[2:].replace('-', '_')}: expected >= 1, got 0" in err
+    assert not (tmp_path / "demo").exists()

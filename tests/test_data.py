@@ -157,6 +157,18 @@ def test_invalid_json_empty_file_and_missing_file(tmp_path, tokenizer):
                          tokenizer, 32)
 
 
+def test_truncated_or_corrupt_gzip_names_the_file(tmp_path):
+    rng = random.Random(0)
+    text = "".join(json.dumps({"chosen": sentence(rng, 30), "rejected": sentence(rng, 30)}) + "\n" for _ in range(300))
+    whole = gzip.compress(text.encode())
+    corrupt = bytearray(whole)
+    corrupt[10] = 0xFF  # the first deflate block header (after gzip's 10-byte header): reserved block type
+    for name, data in (("cut.jsonl.gz", whole[:len(whole) // 2]), ("corrupt.jsonl.gz", bytes(corrupt))):
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(DataError, match=f"{name}: cannot be read as UTF-8 JSONL"):
+            list(read_records(tmp_path / name))
+
+
 def test_read_records_reports_locations(tmp_path):
     path = write_jsonl(tmp_path / "x.jsonl", [{"a": 1}, {"a": 2}])
     assert [loc for loc, _ in read_records(path)] == [f"{path}:1", f"{path}:2"]

@@ -220,3 +220,12 @@ def test_cli_export_and_existing_output(tmp_path, capsys):
     assert "--overwrite" in capsys.readouterr().err
     assert cli.main(["export", str(tmp_path / "missing"), "--hf", str(tmp_path / "hf2")]) == 1
     assert "not a directory" in capsys.readouterr().err
+
+
+def test_export_never_replaces_the_checkpoint_it_reads(tmp_path, capsys):
+    path, _, _ = checkpoint(tmp_path)
+    before = sorted(p.name for p in path.iterdir())
+    for target in (path, tmp_path):
+        assert cli.main(["export", str(path), "--hf", str(target), "--overwrite"]) == 1
+        assert "is or contains the checkpoint" in capsys.readouterr().err
+    assert sorted(p.name for p in path.iterdir()) == before

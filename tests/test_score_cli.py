@@ -224,6 +224,50 @@ def test_normalize_and_bad_options(reward_checkpoint, tmp_path, capsys):
     assert "--batch-tokens: expected >= 1" in err and "neither a prefkernels checkpoint" in err
 
 
+def test_output_that_would_replace_the_input_or_a_directory_is_refused_up_front(reward_checkpoint, tmp_path, capsys):
+    source = write_jsonl(tmp_path / "in.jsonl", [{"id": 0, "text": "the cat sat"}])
+    before = source.read_bytes()
+    (tmp_path / "out").mkdir()
+    base = ["--model", str(reward_checkpoint), "--input", str(source), "--quiet"]
+    assert score_cli.main(base + ["--output", str(tmp_path / "out")]) == 2
+    assert score_cli.main(base + ["--output", str(tmp_path / "." / "in.jsonl")]) == 2
+    assert score_cli.main(["--model", str(reward_checkpoint), "--input", str(tmp_path / "out"),
+                           "--output", str(tmp_path / "x.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert f"--output: {tmp_path / 'out'} is a directory" in err and "--output: is the --input file" in err
+    assert f"--input: {tmp_path / 'out'} is a directory, expected a JSONL file" in err
+    assert source.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "out"] and not any((tmp_path / "out").iterdir())
+
+
+@pytest.mark.parametrize("option, message", [
+    (["--max-length", "4096"], "max_length: 4096 exceeds the model's 128 positions"),
+    (["--device", "gpu0"], "device: 'gpu0' is not a torch device"),
+])
+def test_bad_max_length_or_device_is_one_clear_line(reward_checkpoint, tmp_path, capsys, option, message):
+    source = write_jsonl(tmp_path / "in.jsonl", [{"id": 0, "text": "the cat sat"}])
+    code = score_cli.main(["--model", str(reward_checkpoint), "--input", str(source),
+                           "--output", str(tmp_path / "out.jsonl"), "--quiet", *option])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
+
+
+@pytest.mark.parametrize("quiet", [[], ["--quiet"]])
+def test_broken_gzip_input_is_one_clear_line(reward_checkpoint, tmp_path, capsys, quiet):
+    rows = [{"id": i, "text": t} for i, t in enumerate(random_texts(400, random.Random(5), min_words=10))]
+    whole = gzip.compress(b"".join(json.dumps(row).encode() + b"\n" for row in rows))
+    (tmp_path / "cut.jsonl.gz").write_bytes(whole[:len(whole) // 2])
+    write_jsonl(tmp_path / "plain.jsonl", rows[:3]).rename(tmp_path / "plain.jsonl.gz")
+    for name in ("cut.jsonl.gz", "plain.jsonl.gz"):
+        code = score_cli.main(["--model", str(reward_checkpoint), "--input", str(tmp_path / name),
+                               "--output", str(tmp_path / "out.jsonl"), *quiet])
+        err = capsys.readouterr().err
+        assert code == 1 and f"--input: {tmp_path / name} is not a complete gzip file" in err, err
+        assert "Traceback" not in err
+    assert not (tmp_path / "out.jsonl").exists()
+
+
 def test_ensemble_rows_carry_mean_std_and_heads(tmp_path):
     checkpoint = save_reward_checkpoint(tmp_path / "rm3", num_heads=3)
     rows = [{"id": i, "text": t} for i, t in enumerate(random_texts(4, random.Random(5)))]

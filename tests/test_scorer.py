@@ -210,6 +210,15 @@ def test_bad_inputs_raise_clear_errors(reward_checkpoint):
         scorer.score(["the cat", "   "])
 
 
+def test_bad_max_length_and_device_are_refused_when_loading(reward_checkpoint):
+    with pytest.raises(ValueError, match="max_length: 4096 exceeds the model's 128 positions"):
+        Scorer.from_pretrained(reward_checkpoint, max_length=4096)
+    with pytest.raises(ValueError, match="device: 'gpu0' is not a torch device"):
+        Scorer.from_pretrained(reward_checkpoint, device="gpu0")
+    with pytest.raises(ValueError, match="device: cuda:99"):
+        Scorer.from_pretrained(reward_checkpoint, device="cuda:99")
+
+
 @pytest.mark.parametrize("missing", [checkpoint.HEAD_NAME, checkpoint.CONFIG_NAME, checkpoint.BACKBONE_DIR])
 def test_checkpoint_with_missing_file_names_it(reward_checkpoint, tmp_path, missing):
     broken = tmp_path / "broken"

@@ -167,6 +167,20 @@ def test_ties_need_a_tie_aware_loss(assets, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_validation_of_only_ties_needs_the_loss_metric(assets, tmp_path):
+    records = [{"chosen": "the river is clear and kind", "rejected": "the river is vague", "tie": i % 3 == 0}
+               for i in range(12)]
+    ties = [record for record in records if record["tie"]]
+    options = dict(train=records, valid=ties, loss="davidson", max_steps=2, batch_size=4)
+    with pytest.raises(ValueError, match="early_stopping_metric: every valid comparison is a tie"):
+        train(config(assets, tmp_path / "run", **options), log=quiet)
+    assert not (tmp_path / "run").exists()
+    messages = []
+    result = train(config(assets, tmp_path / "run", early_stopping_metric="loss", **options), log=messages.append)
+    assert result.metrics["accuracy"] is None and math.isfinite(result.metrics["loss"])
+    assert any("validation accuracy n/a" in message for message in messages)
+
+
 class Killed(BaseException):
     """A kill, as far as the process can tell: nothing after it runs (no ``except Exception`` catches it)."""
 
@@ -262,6 +276,9 @@ def test_bf16_autocast_runs_on_cpu(assets, tmp_path):
     ("max_length", 100000, "max_length: 100000 exceeds the backbone's max_position_embeddings=512"),
     ("backbone", "/nonexistent/model", "backbone: /nonexistent/model does not exist"),
     ("label_smoothing", 0.7, "label_smoothing: expected a float in"),
+    ("backend", "fastest", "backend: expected one of"),
+    ("device", "gpu0", "device: 'gpu0' is not a torch device"),
+    ("device", "cuda:99", "device: cuda:99"),
 ])
 def test_bad_configuration_is_refused_before_writing(assets, tmp_path, field, value, message):
     overrides = {field: value}

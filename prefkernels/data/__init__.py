@@ -29,6 +29,7 @@ import gzip
 import json
 import math
 import os
+import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -182,7 +183,7 @@ def _read_jsonl(path: Path) -> Iterator[tuple[str, object]]:
                     raise DataError(f"{path}:{line_number}: invalid JSON ({err.msg} at column {err.colno})") from None
                 count += 1
                 yield f"{path}:{line_number}", record
-        except (UnicodeDecodeError, gzip.BadGzipFile, EOFError) as err:
+        except (UnicodeDecodeError, gzip.BadGzipFile, EOFError, zlib.error) as err:
             raise DataError(f"{path}: cannot be read as UTF-8 JSONL ({err})") from None
     if count == 0:
         raise DataError(f"{path}: no records (empty file)")
