@@ -139,7 +139,9 @@ def run_train(args) -> int:
 
     result = train(train_config_from_args(args))
     if int(os.environ.get("RANK", "0")) == 0:
-        print(f"best model: {result.best_dir} (step {result.best_step}); run directory: {result.output_dir}")
+        chosen = (f"best model: {result.best_dir} (step {result.best_step})" if result.best_step is not None
+                  else f"final model (no validation data): {result.best_dir} (step {result.steps})")
+        print(f"{chosen}; run directory: {result.output_dir}")
     return 0
 
 
@@ -166,8 +168,9 @@ def add_eval_parser(subparsers) -> None:
     p.add_argument("--max-length", type=int, metavar="N", help="default: the checkpoint's max_length")
     p.add_argument("--batch-size", type=int, default=32, metavar="PAIRS")
     p.add_argument("--max-tokens", type=int, metavar="T", help="batch by padded tokens instead of --batch-size")
-    p.add_argument("--truncate-responses", action="store_true",
-                   help="cut responses longer than --max-length from the left instead of failing")
+    p.add_argument("--truncate-responses", action=argparse.BooleanOptionalAction, default=None,
+                   help="cut responses longer than --max-length from the left instead of failing "
+                        "(default: as the checkpoint was trained)")
     p.add_argument("--no-margin", dest="use_margin", action="store_false", help="ignore a 'margin' column")
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="auto: bf16 autocast on capable GPUs")
@@ -197,9 +200,13 @@ def run_eval(args) -> int:
     if limit is not None and max_length > limit:
         raise ValueError(f"max_length: {max_length} exceeds the model's {limit} positions")
     tokenizer = load_tokenizer(args.model)
+    training = config.get("training") or {}
+    truncate_responses = args.truncate_responses
+    if truncate_responses is None:
+        truncate_responses = bool(training.get("truncate_responses", False))
     dataset = load_preferences(args.data, tokenizer, max_length, use_margin=args.use_margin, name="eval",
-                               truncate_responses=args.truncate_responses, progress=args.progress)
-    loss = dict((config.get("training") or {}).get("loss") or {})
+                               truncate_responses=truncate_responses, progress=args.progress)
+    loss = dict(training.get("loss") or {})
     loss_config = LossConfig(**loss) if loss else LossConfig()
     if dataset.num_ties and loss_config.name == "bt":
         loss_config = LossConfig("davidson")

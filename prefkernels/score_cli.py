@@ -284,7 +284,8 @@ def run_score(args: argparse.Namespace) -> int:
         return 2
     try:
         scorer = Scorer.from_pretrained(args.model, device=device, max_length=args.max_length,
-                                        token_budget=args.batch_tokens, normalize=args.normalize, bf16=args.bf16)
+                                        token_budget=args.batch_tokens, normalize=args.normalize, bf16=args.bf16,
+                                        append_eos=args.append_eos)
     except (FileNotFoundError, ValueError) as err:
         print(f"error: --model {args.model}: {err}", file=sys.stderr)
         return 2
@@ -352,6 +353,10 @@ def add_score_parser(subparsers) -> argparse.ArgumentParser:
                         help=f"padded tokens per batch (default {CPU_TOKEN_BUDGET} on CPU, "
                              f"{ACCELERATOR_TOKEN_BUDGET} on GPU)")
     parser.add_argument("--bf16", action="store_true", help="run the backbone under bf16 autocast")
+    parser.add_argument("--append-eos", action=argparse.BooleanOptionalAction, default=None,
+                        help="end plain texts with the EOS token (default: as the checkpoint was trained for "
+                             "prefkernels checkpoints and exports, off for other HF ones; TRL's RewardTrainer "
+                             "appends EOS to plain texts, so pass it for a model trained that way)")
     parser.add_argument("--normalize", action="store_true",
                         help="normalize scores with the checkpoint's stored reward mean/std")
     parser.add_argument("--max-length", type=int, default=None,

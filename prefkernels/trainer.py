@@ -150,19 +150,34 @@ class TrainConfig:
         return LossConfig(self.loss, self.label_smoothing, self.center_coef, self.tie_strength, self.backend)
 
     def to_json(self) -> dict:
-        """JSON-able fields; data given as objects is described, not stored."""
+        """JSON-able fields; data given as objects is described, not stored. Local paths are made
+        absolute, so a run resumes from any working directory."""
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         for name in ("train", "valid"):
             out[name] = _describe_data(out[name])
-        out["backbone"], out["output_dir"] = str(self.backbone), str(self.output_dir)
+        out["backbone"], out["output_dir"] = _absolute_if_local(self.backbone), str(Path(self.output_dir).absolute())
         return out
+
+
+def _absolute_if_local(path) -> str:
+    """``path`` made absolute when it names a local file or directory (else, e.g. a hub name, as is)."""
+    return str(Path(path).absolute()) if os.path.exists(path) else str(path)
+
+
+def _same_setting(was, now) -> bool:
+    """Equal run.json values; a relative path stored by an older version equals its absolute form."""
+    if isinstance(was, list) and isinstance(now, list):
+        return len(was) == len(now) and all(map(_same_setting, was, now))
+    if isinstance(was, str) and isinstance(now, str) and was != now:
+        return _absolute_if_local(was) == now
+    return was == now
 
 
 def _describe_data(data):
     if data is None or isinstance(data, (str, os.PathLike)):
-        return None if data is None else str(data)
+        return None if data is None else _absolute_if_local(data)
     if isinstance(data, (list, tuple)) and all(isinstance(d, (str, os.PathLike)) for d in data):
-        return [str(d) for d in data]
+        return [_absolute_if_local(d) for d in data]
     if isinstance(data, (list, tuple)):
         return f"<{len(data)} records>"
     fingerprint = getattr(data, "_fingerprint", None)
@@ -398,7 +413,7 @@ class Trainer:
         run = json.loads((self.output_dir / RUN_FILE).read_text())
         current = self.config.to_json()
         changed = [k for k, v in run["config"].items()
-                   if k not in RESUMABLE_CHANGES and current.get(k) != v]
+                   if k not in RESUMABLE_CHANGES and not _same_setting(v, current.get(k))]
         if changed:
             details = "; ".join(f"{k}: was {run['config'][k]!r}, now {current.get(k)!r}" for k in changed)
             raise RunDirectoryError(f"resume: the configuration differs from the run in {self.output_dir} ({details})")
@@ -709,7 +724,8 @@ class Trainer:
         loss.pop("backend")
         return {"training": {"loss": loss, "step": self.state["step"], "best_step": self.state["best_step"],
                              "early_stopping_metric": self.config.early_stopping_metric,
-                             "best_value": self.state["best_value"]}}
+                             "best_value": self.state["best_value"],
+                             "truncate_responses": self.config.truncate_responses}}
 
     def _event(self, event: dict) -> None:
         if self.dist.is_main:

@@ -103,6 +103,36 @@ def test_bad_training_input_fails_cleanly_and_writes_nothing(demo, tmp_path, cap
     assert not (tmp_path / "run").exists()
 
 
+def test_train_names_the_model_it_kept(demo, tmp_path, capsys):
+    """The last line says which model best/ holds: the best evaluation's step, or the final step
+    when there is no validation data to choose by."""
+    out, _, _ = demo
+    data = write(tmp_path / "train.jsonl", GOOD * 8)
+    base = ["train", "--backbone", str(out / "backbone"), "--train", data, "--max-steps", "2", "--batch-size", "4",
+            "--no-progress"]
+    assert main([*base, "--output", str(tmp_path / "plain")]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].startswith(
+        f"final model (no validation data): {tmp_path / 'plain' / 'best'} (step 2)")
+    assert main([*base, "--valid", data, "--output", str(tmp_path / "validated")]) == 0
+    assert re.match(rf"best model: {re.escape(str(tmp_path / 'validated' / 'best'))} \(step [12]\)",
+                    capsys.readouterr().out.splitlines()[-1])
+
+def test_eval_truncates_responses_as_the_checkpoint_was_trained(demo, tmp_path, capsys):
+    """A model trained with --truncate-responses is evaluated on the same data without repeating
+    the flag (best/ records it); --no-truncate-responses restores the refusal."""
+    out, _, _ = demo
+    long_pair = '{"prompt": "human : hi . assistant :", "chosen": "' + " clear" * 30 + '", "rejected": " vague"}\n'
+    data = write(tmp_path / "train.jsonl", GOOD * 6 + long_pair * 2)
+    run = tmp_path / "run"
+    assert main(["train", "--backbone", str(out / "backbone"), "--train", data, "--valid", data, "--max-length", "16",
+                 "--truncate-responses", "--max-steps", "1", "--output", str(run), "--no-progress"]) == 0
+    eval_args = ["eval", "--model", str(run / "best"), "--data", data, "--no-progress", "--json"]
+    capsys.readouterr()
+    assert main(eval_args) == 0
+    assert json.loads(capsys.readouterr().out)["pairs"] == 8
+    assert main([*eval_args, "--no-truncate-responses"]) == 1
+    assert "--truncate-responses" in capsys.readouterr().err
+
 def test_missing_backbone_and_occupied_output_are_refused(demo, tmp_path, capsys):
     out, _, _ = demo
     data = write(tmp_path / "train.jsonl", GOOD)

@@ -208,6 +208,21 @@ def test_resume_after_interruption_equals_an_unbroken_run(reward_checkpoint, tmp
                                                           "unbroken.jsonl.gz"]
 
 
+@pytest.mark.parametrize("append_eos", [True, False])
+def test_append_eos_option_reaches_the_scorer(reward_checkpoint, tmp_path, append_eos):
+    """--append-eos / --no-append-eos score plain texts as Scorer(append_eos=...) does (e.g. an HF
+    model trained with TRL's RewardTrainer, which appends EOS, needs --append-eos)."""
+    texts = random_texts(4, random.Random(7))
+    source = write_jsonl(tmp_path / "in.jsonl", [{"text": t} for t in texts])
+    flag = "--append-eos" if append_eos else "--no-append-eos"
+    assert score_cli.main(["--model", str(reward_checkpoint), "--input", str(source), "--quiet",
+                           "--output", str(tmp_path / "out.jsonl"), flag]) == 0
+    got = torch.tensor([row["score"] for row in read_jsonl(tmp_path / "out.jsonl")])
+    want = Scorer.from_pretrained(reward_checkpoint, append_eos=append_eos).score(texts)
+    other = Scorer.from_pretrained(reward_checkpoint, append_eos=not append_eos).score(texts)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(got, other, rtol=1e-5, atol=1e-5)
+
 def test_normalize_and_bad_options(reward_checkpoint, tmp_path, capsys):
     rows = [{"id": i, "text": t} for i, t in enumerate(random_texts(5, random.Random(4)))]
     source = write_jsonl(tmp_path / "in.jsonl", rows)

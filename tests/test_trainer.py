@@ -95,6 +95,27 @@ def file_times(path):
     return {p: p.stat().st_mtime_ns for p in path.rglob("*") if p.is_file()}
 
 
+def test_resume_from_another_working_directory(assets, tmp_path, monkeypatch):
+    """run.json stores absolute paths, so a run started with relative ones resumes from anywhere;
+    a run.json of an older version (relative paths) still resumes from its own directory."""
+    root = Path(assets["backbone"]).parent
+    monkeypatch.chdir(root)
+    relative = {"backbone": "backbone", "train": [os.path.relpath(assets["train"][0], root)],
+                "valid": [os.path.relpath(assets["valid"][0], root)]}
+    out = tmp_path / "run"
+    train(config(relative, out, max_steps=2), log=quiet)
+    stored = json.loads((out / "run.json").read_text())["config"]
+    assert stored["backbone"] == assets["backbone"] and stored["train"] == assets["train"]
+    monkeypatch.chdir(tmp_path)
+    assert train(config(assets, "run", max_steps=2, resume=True), log=quiet).steps == 2
+
+    run = json.loads((out / "run.json").read_text())
+    run["config"].update(relative)
+    (out / "run.json").write_text(json.dumps(run))
+    monkeypatch.chdir(root)
+    assert train(config(relative, out, max_steps=2, resume=True), log=quiet).steps == 2
+
+
 def test_finish_reuses_the_best_evaluation_also_after_resume(assets, tmp_path, monkeypatch):
     """_finish evaluates nothing again and leaves best/ as written at the best evaluation."""
     evaluated, times_at_finish = [], []
