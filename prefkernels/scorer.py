@@ -185,8 +185,8 @@ class Scorer:
                 tokenizer = load_tokenizer(str(path))
             max_length = max_length or model.max_length
         elif (path / "config.json").is_file():
-            model, pad_pooling_token_id = _load_hf_sequence_classifier(path)
             info = read_export_info(path)
+            model, pad_pooling_token_id = _load_hf_sequence_classifier(path, exported=bool(info))
             # A prefkernels export: as trained (its tokenizer appends EOS itself where it could, which
             # makes appending a no-op). Otherwise unknown: score the tokenizer's ids, as HF does.
             trained_with_eos = bool(info.get("append_eos", False))
@@ -322,9 +322,21 @@ def read_export_info(path) -> dict:
     return info
 
 
-def _load_hf_sequence_classifier(path: Path) -> tuple[RewardModel, int | None]:
+def _class_labels(config) -> list[str]:
+    """The named classes of a classifier config with several outputs ([] for a reward model: one
+    output, or outputs with HF's default names LABEL_i and no classification problem_type)."""
+    labels = [str(label) for _, label in sorted((int(i), label) for i, label in (config.id2label or {}).items())]
+    if config.num_labels == 1:
+        return []
+    named = any(label != f"LABEL_{i}" for i, label in enumerate(labels))
+    classification = config.problem_type in ("single_label_classification", "multi_label_classification")
+    return labels if named or classification else []
+
+
+def _load_hf_sequence_classifier(path: Path, exported: bool = False) -> tuple[RewardModel, int | None]:
     """A RewardModel holding an HF last-token-pooled classifier's backbone and ``score`` weights,
-    and the pad token id HF pools by (None when the config has none)."""
+    and the pad token id HF pools by (None when the config has none). Its K outputs are K reward
+    heads (a prefkernels export of an ensemble); a classifier of named classes is refused."""
     from transformers import AutoModelForSequenceClassification
 
     architectures = json.loads((path / "config.json").read_text()).get("architectures") or []
@@ -332,6 +344,10 @@ def _load_hf_sequence_classifier(path: Path) -> tuple[RewardModel, int | None]:
         raise ValueError(f"path: {path}/config.json lists architectures {architectures}, not a "
                          "*ForSequenceClassification model; train a reward head with prefkernels first")
     classifier = AutoModelForSequenceClassification.from_pretrained(str(path))
+    labels = [] if exported else _class_labels(classifier.config)
+    if labels:
+        raise ValueError(f"path: {path} is a classifier of {len(labels)} classes ({', '.join(labels[:5])}), not a "
+                         "reward model (one score per text, or K reward heads named LABEL_i)")
     score = getattr(classifier, "score", None)
     name = type(classifier).__name__
     if name not in LAST_TOKEN_POOLED_CLASSES or not isinstance(score, nn.Linear):

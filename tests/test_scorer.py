@@ -77,6 +77,20 @@ def test_hf_sequence_classifier_scores_equal_hf_logits(tmp_path, arch, num_label
     torch.testing.assert_close(scores, logits[:, 0] if num_labels == 1 else logits, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("labels", [
+    dict(id2label={0: "negative", 1: "positive"}, label2id={"negative": 0, "positive": 1}),
+    dict(problem_type="single_label_classification"),
+])
+def test_a_classifier_of_named_classes_is_not_scored_as_an_ensemble(tmp_path, labels):
+    """Several outputs are K reward heads only when nothing names them as classes."""
+    import json
+
+    path = save_hf_classifier(tmp_path / "llama", num_labels=2, **labels)
+    with pytest.raises(ValueError, match="classifier of 2 classes .*not a reward model"):
+        Scorer.from_pretrained(path)
+    (path / EXPORT_INFO_NAME).write_text(json.dumps({"format": "prefkernels-hf-export", "append_eos": True}))
+    assert Scorer.from_pretrained(path).num_heads == 2  # a prefkernels export names what its outputs are
+
 def test_prefkernels_export_record_restores_training_tokenization(tmp_path):
     """An HF directory with prefkernels_export.json (written by ``prefkernels export --hf``) is scored
     as trained: EOS appended to plain texts its tokenizer leaves without one, the recorded max_length."""
