@@ -68,7 +68,8 @@ class RewardFunction:
             raise ValueError(f"completions: expected one per prompt ({len(prompts)}), got {len(completions)}")
         if len(prompts) == 0:
             return []
-        return self.scorer.score_detailed(list(zip(prompts, completions))).rewards.mean(dim=1).tolist()
+        pairs = list(zip(prompts, completions))
+        return self.scorer.score_detailed(pairs, name="(prompts, completions)").rewards.mean(dim=1).tolist()
 
     def __repr__(self) -> str:
         return f"RewardFunction(name={self.__name__!r}, num_heads={self.scorer.num_heads})"

@@ -284,18 +284,18 @@ class Scorer:
         rewards[torch.tensor([i for batch in batches for i in batch])] = torch.cat(batch_rewards_on_device).cpu()
         return self.model.normalize(rewards) if self.normalize else rewards
 
-    def score_detailed(self, inputs, progress: bool = False) -> ScoreResult:
-        """Rewards [N, K] float32 and truncated [N] bool, in input order."""
+    def score_detailed(self, inputs, progress: bool = False, name: str = "inputs") -> ScoreResult:
+        """Rewards [N, K] float32 and truncated [N] bool, in input order. Errors call the list ``name``."""
         if isinstance(inputs, (str, dict)) or not hasattr(inputs, "__len__"):
-            raise TypeError("inputs: expected a list of texts, (prompt, response) pairs or conversations, "
+            raise TypeError(f"{name}: expected a list of texts, (prompt, response) pairs or conversations, "
                             f"got {_describe(inputs)}")
         if len(inputs) == 0:
-            raise ValueError("inputs: empty list, nothing to score")
-        rendered = [self.render(item, where=f"inputs[{i}]") for i, item in enumerate(inputs)]
+            raise ValueError(f"{name}: empty list, nothing to score")
+        rendered = [self.render(item, where=f"{name}[{i}]") for i, item in enumerate(inputs)]
         token_ids, truncated = self.encode(rendered)
         empty = [i for i, ids in enumerate(token_ids) if not ids]
         if empty:
-            raise ValueError(f"inputs[{empty[0]}]: no tokens besides special tokens after tokenization "
+            raise ValueError(f"{name}[{empty[0]}]: no tokens besides special tokens after tokenization "
                              f"(empty or blank text?); {len(empty)} such inputs")
         return ScoreResult(self.score_token_ids(token_ids, progress=progress), torch.tensor(truncated))
 

@@ -109,3 +109,10 @@ def test_reward_function_rejects_a_string_for_a_list(scorer, prompts, completion
 def test_best_of_n_rejects_a_string_of_prompts(scorer):
     with pytest.raises(TypeError, match="prompts: expected a list"):
         best_of_n(scorer, "ab", [["x"], ["y"]])
+
+
+def test_reward_function_errors_name_the_callers_lists(scorer):
+    """A bad item is named by its place in the caller's prompts/completions, not an internal list."""
+    messages = [{"role": "user", "content": "hi"}]
+    with pytest.raises(TypeError, match=r"^\(prompts, completions\)\[1\]: expected a text"):
+        RewardFunction(scorer)(["a", "b"], [" x", messages])
