@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import prefkernels
-from prefkernels import backends
+from prefkernels import backends, reference
 from op_cases import Case, assert_matches, make_inputs, poison_allocator, public, reference_float64, run_op
 from test_ops import VARIANTS
 
@@ -97,3 +97,162 @@ def test_auto_picks_native_cuda_then_triton():
     ops = backends.select("auto", torch.device("cuda"))
     expected = "native" if backends.native_has_cuda() else ("triton" if backends.triton_ops() else None)
     assert (ops.name if ops else None) == expected
+
+
+# ---------------------------------------------------------------------------------------------
+# Op level against the native CPU ops (the semantic reference): the vector/scalar path choice
+# (data pointer 2 bytes off 16, row strides off the vector width, storage offsets), invalid rows
+# (empty cu_seqlens sequences, empty mask rows, last_index out of range: NaN rewards,
+# pooled_pos -1, no gradient), mask dtypes with multi-step scans (T > 1024), K = 64, more rows
+# than 256 * 4 (row blocks of several rows, a partial last block), the CSR of explicit pairs
+# (a row in several pairs, a row in none, out-of-range pairs), and the memset-cleared grad buffer
+# (poisoned allocator; every element outside the pooled rows must be exactly 0).
+# ---------------------------------------------------------------------------------------------
+def edge_op_case(name, device="cpu"):
+    """(hidden, weight, bias, attention_mask, last_index, cu_seqlens) on ``device``, the same values
+    on every device. Views are taken on the device (``.to`` would copy a view contiguous)."""
+    g = torch.Generator().manual_seed(41)
+
+    def randn(*shape, dtype=torch.float32):
+        return torch.randn(*shape, generator=g).to(dtype).to(device)
+
+    def on(t):
+        return t.to(device)
+
+    bf16, f16 = torch.bfloat16, torch.float16
+    if name == "packed_empty_unaligned":  # 2 bytes off 16; rows 1, 4 empty, row 5 past total
+        D = 64
+        hidden = randn(14, D + 8, dtype=bf16)[1:, 1:1 + D]
+        cu = on(torch.tensor([1, 4, 4, 9, 13, 13, 14]))
+        return hidden, randn(3, D, dtype=bf16) / 8, randn(3, dtype=bf16), None, None, cu
+    if name == "packed_empty_offset_vec":  # storage offset, 16-byte aligned: vector path
+        D = 64
+        hidden = randn(15, D + 8, dtype=f16)[2:, 8:8 + D]
+        cu = on(torch.tensor([0, 5, 5, 6, 13]))
+        return hidden, randn(2, D) / 8, randn(2), None, None, cu
+    if name == "padded_unaligned_int32_mask":  # 2 bytes off 16, stride_t 257; row 2 has no 1
+        N, T, D = 4, 1500, 256
+        hidden = randn(N, T, D + 1, dtype=f16)[..., 1:]
+        lengths = torch.tensor([T, 3, 0, 1025])
+        mask = on((torch.arange(T) < lengths[:, None]).int())
+        return hidden, randn(2, D) / 16, randn(2), mask, None, None
+    if name == "padded_vec_bool_left_k64":  # vector path, stride_n (T+3)*D; row 2 has no 1
+        N, T, D, K = 4, 2100, 512, 64
+        hidden = randn(N, T + 3, D, dtype=bf16)[:, :T]
+        lengths = torch.tensor([T, 1, 0, 700])
+        mask = on(torch.arange(T) >= (T - lengths)[:, None])
+        return hidden, randn(K, D, dtype=bf16) / 16, randn(K, dtype=bf16), mask, None, None
+    if name == "fp32_odd_stride_last_index":  # D % 4 == 0 but stride_t 37: scalar path
+        N, T, D = 6, 9, 36
+        hidden = randn(N, T, D + 1)[..., :D]
+        return hidden, randn(5, D) / 6, randn(5), None, on(torch.tensor([8, -1, 0, 9, 4, 8])), None
+    if name == "fp32_many_rows_int64_mask":  # 2050 rows: 256 row blocks of 9 rows, partial last one
+        N, T, D = 2050, 5, 128
+        lengths = torch.randint(0, T + 1, (N,), generator=g)
+        mask = on((torch.arange(T) < lengths[:, None]).long())
+        return randn(N, T, D), randn(3, D) / 11, randn(3), mask, None, None
+    raise AssertionError(name)
+
+
+EDGE_OP_CASES = ["packed_empty_unaligned", "packed_empty_offset_vec", "padded_unaligned_int32_mask",
+                 "padded_vec_bool_left_k64", "fp32_odd_stride_last_index", "fp32_many_rows_int64_mask"]
+EDGE_TOL = {torch.float32: (2e-5, 2e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1e-2)}
+
+
+def _to(args, device):
+    return tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
+
+
+def _same(got, want, what):
+    assert got.dtype == want.dtype and got.shape == want.shape, f"{what}: {got.dtype}{tuple(got.shape)}"
+    got = got.cpu()
+    if not want.is_floating_point():
+        assert torch.equal(got, want), f"{what}: {got.tolist()[:16]} != {want.tolist()[:16]}"
+        return
+    assert torch.equal(got.isnan(), want.isnan()), f"{what}: NaN at different places"
+    if what.endswith("grad_hidden"):
+        assert torch.equal(got == 0, want == 0), f"{what}: zeros at different places (buffer not cleared, skipped row written)"
+    rtol, atol = EDGE_TOL[want.dtype]
+    scale = max(1.0, float(want.abs().nan_to_num().max())) if want.numel() else 1.0
+    torch.testing.assert_close(got, want, rtol=rtol, atol=atol * scale, equal_nan=True, msg=lambda m: f"{what}: {m}")
+
+
+def check_edge_ops(ops, native_cpu, case, device):
+    """``ops`` on ``device`` against the native CPU ops, for pool_forward, bt_forward (default and
+    explicit pairs) and pool_backward (dense and CSR coefficients, with and without grad_hidden)."""
+    from prefkernels.autograd import rows_csr
+    args = edge_op_case(case)
+    dev_args = edge_op_case(case, device)
+    assert dev_args[0].stride() == args[0].stride() and dev_args[0].storage_offset() == args[0].storage_offset()
+    want_rewards, want_pos = native_cpu.pool_forward(*args)
+    got = ops.pool_forward(*dev_args)
+    _same(got[0], want_rewards, f"{case} pool_forward rewards")
+    _same(got[1], want_pos, f"{case} pool_forward pooled_pos")
+    invalid = want_pos < 0
+    assert invalid.any() or case == "packed_empty_offset_vec", case
+    N, K = want_rewards.shape
+    g = torch.Generator().manual_seed(43)
+    margin = torch.rand(N // 2, generator=g)
+    forwards = [(None, None, margin, 0.1, 0.02)]
+    # Rows in several pairs (as chosen and as rejected, row 2 against itself), rows 3 .. N-1 in
+    # none, two out-of-range pairs (NaN loss, zero pair_grad, no CSR entry).
+    chosen = torch.tensor([0, 1, 1, 2, 0, -1, 0])
+    rejected = torch.tensor([1, 0, 2, 2, N, 0, 2])
+    forwards.append((chosen, rejected, None, 0.0, 0.0))
+    for c, r, m, ls, cc in forwards:
+        extra = (c, r, m, ls, cc)
+        want = native_cpu.bt_forward(*args, *extra)
+        got = ops.bt_forward(*dev_args, *_to(extra, device))
+        for i, name in enumerate(("loss", "rewards", "pair_grad", "pooled_pos")):
+            _same(got[i], want[i], f"{case} bt_forward {'explicit' if c is not None else 'default'} {name}")
+    dense = torch.randn(N, K, generator=g)
+    dense[invalid] = float("nan")  # skipped rows contribute nothing, even a NaN coefficient
+    entries = torch.cat([chosen, rejected]).clamp(0, N - 1)
+    row_ptr, row_entry = rows_csr(chosen, rejected, N)  # out-of-range entries belong to no row
+    csr_coef = torch.randn(entries.shape[0], K, generator=g)
+    csr_coef[invalid[entries]] = float("nan")
+    for need in (True, False):
+        for coef, rp, re in ((dense, None, None), (csr_coef, row_ptr, row_entry)):
+            want = native_cpu.pool_backward(coef, rp, re, args[0], args[1], want_pos, need)
+            poison_allocator(device, sizes=(1 << 10, 1 << 16, 1 << 20, 1 << 23))
+            got = ops.pool_backward(*_to((coef, rp, re), device), dev_args[0], dev_args[1], want_pos.to(device), need)
+            what = f"{case} pool_backward need={need} csr={rp is not None}"
+            _same(got[0], want[0], f"{what} grad_hidden")
+            _same(got[1], want[1], f"{what} grad_weight")
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("case", EDGE_OP_CASES)
+def test_cuda_edge_layouts_and_invalid_rows_match_native_cpu(backend, case):
+    ops = require(backend)
+    check_edge_ops(ops, backends.native_ops(), case, "cuda")
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_cuda_unchecked_empty_sequence_matches_reference(backend, monkeypatch):
+    """Public op with the value checks off: empty cu_seqlens sequences (rows 1, 4) and a sequence
+    past the packed rows (row 5) are invalid rows: NaN rewards, no gradient (bias included), as
+    the reference decides. Invalid rows are paired with invalid rows only, so every other
+    gradient stays finite."""
+    require(backend)
+    monkeypatch.setenv("PREFKERNELS_CHECK_VALUES", "0")
+    check_unchecked_empty_sequence(backend, "cuda")
+
+
+def check_unchecked_empty_sequence(backend, device):
+    pairs = dict(chosen_index=torch.tensor([0, 1, 2, 5]), rejected_index=torch.tensor([3, 4, 3, 1]))
+    results = {}
+    for name, device, dtype in (("kernel", device, None), ("reference", "cpu", torch.float64)):
+        hidden, weight, bias, _, _, cu = edge_op_case("packed_empty_unaligned", device)
+        leaves = [(t.to(dtype) if dtype else t).detach().requires_grad_() for t in (hidden, weight, bias)]
+        fn = public(backend) if name == "kernel" else reference.fused_bt_loss  # float64: the reference itself
+        loss, rewards = fn(*leaves, cu_seqlens=cu, reduction="none", **{k: v.to(device) for k, v in pairs.items()})
+        loss.nan_to_num().sum().backward()
+        results[name] = [loss.detach(), rewards] + [t.grad for t in leaves]
+    assert results["reference"][1][[1, 4, 5]].isnan().all() and results["reference"][1][[0, 2, 3]].isfinite().all()
+    for i, (got, want) in enumerate(zip(*results.values())):
+        assert torch.equal(got.isnan().cpu(), want.isnan()), i
+        if i >= 2:
+            assert want.isfinite().all(), i
+        rtol, atol = EDGE_TOL[torch.bfloat16]
+        torch.testing.assert_close(got.cpu().double(), want.double(), rtol=rtol, atol=atol, equal_nan=True)
