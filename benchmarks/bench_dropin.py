@@ -4,7 +4,9 @@ Both trainers get copies of the same randomly initialized Llama classifier and t
 right-padded preference pairs; steps alternate between them (interleaved, order swapped every
 step) and the table reports medians. A second table isolates the part the trainers differ in: the
 head + loss forward and backward on the same last hidden states (stock: ``score`` over every token,
-gather, BT loss; fused: ``fused_bt_loss``). Writes benchmarks/results/bench_dropin.json.
+gather, BT loss; fused: ``fused_bt_loss``). On CUDA, "peak MiB" is the most memory a timed step
+allocates above what is held before it (activations, gradients, optimizer temporaries). Writes
+benchmarks/results/bench_dropin.json.
 
     python benchmarks/bench_dropin.py                          # CPU-sized default, < 3 minutes
     python benchmarks/bench_dropin.py --hidden 1024 --layers 8 --seq-len 512 --bf16   # on a GPU
@@ -136,11 +138,15 @@ def main():
         order = list(trainers) if step % 2 == 0 else list(reversed(trainers))
         for name in order:
             if device.type == "cuda":
+                # Both trainers' models and optimizer states stay resident: count what the step adds
+                # above them, not the absolute peak (which would include the other trainer's).
+                torch.cuda.synchronize()
+                held = torch.cuda.memory_allocated()
                 torch.cuda.reset_peak_memory_stats()
             seconds, loss = timed_step(trainers[name], batch, device)
             first_loss.setdefault(name, loss)
-            if device.type == "cuda":
-                peak_memory[name] = max(peak_memory.get(name, 0), torch.cuda.max_memory_allocated())
+            if device.type == "cuda" and step >= args.warmup:
+                peak_memory[name] = max(peak_memory.get(name, 0), torch.cuda.max_memory_allocated() - held)
             if step >= args.warmup:
                 times[name].append(seconds)
 

