@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One GPU check, < 6 minutes on one H100/H200: build the CUDA extension, run the GPU tests
-# (pytest -m gpu), then the GPU benchmark. Logs and JSON go to $OUT (else benchmarks/results).
+# (pytest -m gpu), then the GPU benchmark. Logs and JSON go to $OUT (else benchmarks/results),
+# each phase's exit status and seconds to gpu_check_summary.txt there.
 #   GPU_TESTS_K   pytest -k expression for the GPU tests (default: all)
 #   BENCH_ARGS    extra arguments of benchmarks/bench_gpu.py
 #   BUILD_TIMEOUT, GPU_TESTS_TIMEOUT, BENCH_TIMEOUT  seconds per phase (default 240 + 150 + 180,
@@ -9,6 +10,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR="${OUT:-benchmarks/results}"
 mkdir -p "$OUT_DIR"
+: > "$OUT_DIR/gpu_check_summary.txt"
+summary() { echo "$*" | tee -a "$OUT_DIR/gpu_check_summary.txt"; }  # each phase's rc and seconds
 export PYTHONUNBUFFERED=1 MAX_JOBS="${MAX_JOBS:-16}" PREFKERNELS_BUILD_CUDA=1
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$(python3 -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())')}"
 {
@@ -19,7 +22,7 @@ export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$(python3 -c 'import torch;
 start=$(date +%s)
 timeout "${BUILD_TIMEOUT:-240}" python3 -m pip install -e . --no-build-isolation --no-deps -q > "$OUT_DIR/gpu_build.log" 2>&1
 build_rc=$?
-echo "build rc=$build_rc in $(( $(date +%s) - start ))s"
+summary "build rc=$build_rc in $(( $(date +%s) - start ))s"
 if [ $build_rc -ne 0 ]; then tail -60 "$OUT_DIR/gpu_build.log"; exit $build_rc; fi
 python3 -c 'from prefkernels import backends; print("native CUDA:", backends.native_has_cuda(), "triton:", backends.triton_ops() is not None)'
 
@@ -28,10 +31,10 @@ timeout "${GPU_TESTS_TIMEOUT:-150}" python3 -m pytest -m gpu -q --maxfail=15 -p 
   -k "${GPU_TESTS_K:-}" ${GPU_TEST_FILES:-tests/test_gpu.py tests/test_triton.py} > "$OUT_DIR/gpu_tests.log" 2>&1
 tests_rc=$?
 grep -E "passed|failed|Error|error" "$OUT_DIR/gpu_tests.log" | tail -25
-echo "gpu tests rc=$tests_rc in $(( $(date +%s) - start ))s"
+summary "gpu tests rc=$tests_rc in $(( $(date +%s) - start ))s"
 
 start=$(date +%s)
 timeout "${BENCH_TIMEOUT:-180}" python3 benchmarks/bench_gpu.py --out "$OUT_DIR" ${BENCH_ARGS:-} 2>&1 | tee "$OUT_DIR/gpu_bench.log"
 bench_rc=${PIPESTATUS[0]}
-echo "bench rc=$bench_rc in $(( $(date +%s) - start ))s"
+summary "bench rc=$bench_rc in $(( $(date +%s) - start ))s"
 exit $(( tests_rc || bench_rc ))
