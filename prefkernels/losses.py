@@ -75,12 +75,14 @@ def davidson_nll(gap: torch.Tensor, tie: torch.Tensor | None, nu: float) -> torc
 
     gap [P, K] float32 = r_chosen - r_rejected; tie [P] bool or None. Returns [P, K].
     """
-    log_nu = torch.full_like(gap, math.log(nu))
-    log_z = torch.logsumexp(torch.stack([gap / 2, -gap / 2, log_nu]), dim=0)
-    win = gap / 2 - log_z
+    log_nu = math.log(nu)
+    # -log P = log(1 + ...) as softplus(logsumexp(...)): full relative precision when P is near 1
+    # (d/2 - log Z would cancel to 0 in float32 for gaps beyond ~25)
+    win = -F.softplus(torch.logsumexp(torch.stack([-gap, log_nu - gap / 2]), dim=0))
     if tie is None:
         return -win
-    return -torch.where(tie.unsqueeze(1), log_nu - log_z, win)
+    tied = -F.softplus(torch.logsumexp(torch.stack([gap / 2 - log_nu, -gap / 2 - log_nu]), dim=0))
+    return -torch.where(tie.unsqueeze(1), tied, win)
 
 
 def rao_kupper_nll(gap: torch.Tensor, tie: torch.Tensor | None, theta: float) -> torch.Tensor:
@@ -90,7 +92,8 @@ def rao_kupper_nll(gap: torch.Tensor, tie: torch.Tensor | None, theta: float) ->
     win = -F.softplus(eta - gap)
     if tie is None:
         return -win
-    tied = math.log(math.expm1(2 * eta)) + win - F.softplus(eta + gap)
+    log_theta2_minus_1 = 2 * eta + math.log(-math.expm1(-2 * eta))  # log(theta^2 - 1) without overflow
+    tied = log_theta2_minus_1 + win - F.softplus(eta + gap)
     return -torch.where(tie.unsqueeze(1), tied, win)
 
 
@@ -100,13 +103,19 @@ def plackett_luce_nll(rewards: torch.Tensor, ranking: torch.Tensor) -> torch.Ten
     rewards [N, K] float32; ranking [G, L] int64 row indices best first, -1 padding. Returns [G, K].
     """
     valid = ranking >= 0
-    scores = rewards[ranking.clamp_min(0)]  # [G, L, K]
+    scores = rewards[ranking.clamp_min(0)]  # [G, L, K]; padding gathers row 0, masked out below
     width = ranking.shape[1]
-    later = torch.ones(width, width, dtype=torch.bool, device=rewards.device).triu()  # [i, j]: j >= i
-    include = (later.unsqueeze(0) & valid.unsqueeze(1)) | torch.eye(width, dtype=torch.bool, device=rewards.device)
-    table = scores.unsqueeze(1).expand(-1, width, -1, -1).masked_fill(~include.unsqueeze(-1), float("-inf"))
-    terms = torch.logsumexp(table, dim=2) - scores  # [G, L, K]
-    return (terms * valid.unsqueeze(-1)).sum(dim=1)
+    later = torch.ones(width, width, dtype=torch.bool, device=rewards.device).triu(1)  # [i, j]: j > i
+    include = later.unsqueeze(0) & valid.unsqueeze(1)  # [G, i, j]
+    counted = valid & include.any(dim=2)  # [G, i]: a real position with a later response
+    # term i = softplus(logsumexp_{j > i} (r_j - r_i)) = log(1 + sum_{j > i} e^{r_j - r_i}): from
+    # differences, so softplus(-d) (BT) on pairs, at any reward offset; positions without a term
+    # (the last, padding) get a finite dummy row, so padding's NaN/inf never reaches the loss or
+    # a gradient
+    table = (scores.unsqueeze(1) - scores.unsqueeze(2)).masked_fill(~include.unsqueeze(-1), float("-inf"))
+    table = table.masked_fill(~counted[:, :, None, None], 0.0)
+    terms = F.softplus(torch.logsumexp(table, dim=2))  # [G, L, K]
+    return torch.where(counted.unsqueeze(-1), terms, 0.0).sum(dim=1)
 
 
 def comparison_loss(rewards: torch.Tensor, config: LossConfig, *, ranking: torch.Tensor,

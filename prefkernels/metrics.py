@@ -76,6 +76,8 @@ def score(model, dataset: PreferenceDataset, *, batch_size: int | None = None, m
 def rankdata(x: np.ndarray) -> np.ndarray:
     """Ranks 1..n with ties given their average rank (as scipy.stats.rankdata)."""
     x = np.asarray(x, dtype=np.float64)
+    if np.isnan(x).any():  # scipy's nan_policy="propagate": a NaN has no rank
+        return np.full(len(x), math.nan)
     order = np.argsort(x, kind="mergesort")
     sorted_x = x[order]
     starts = np.flatnonzero(np.r_[True, sorted_x[1:] != sorted_x[:-1]])
@@ -95,20 +97,26 @@ def pearson(x, y) -> float:
 
 
 def spearman(x, y) -> float:
-    """Spearman rank correlation (NaN when either side is constant or n < 2)."""
+    """Spearman rank correlation (NaN when either side is constant, holds a NaN, or n < 2)."""
     return pearson(rankdata(x), rankdata(y)) if len(x) >= 2 else math.nan
 
 
+def _pair_signs(rows: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """sign(rows[i] - x[j]) [len(rows), len(x)] int8, by comparison: a difference would make tied
+    infinities NaN."""
+    return (rows[:, None] > x[None, :]).astype(np.int8) - (rows[:, None] < x[None, :])
+
+
 def kendall_tau(x, y, chunk: int = 1024) -> float:
-    """Kendall tau-b (ties corrected), O(n^2) in chunks; NaN when either side is constant."""
+    """Kendall tau-b (ties corrected), O(n^2) in chunks; NaN when either side is constant or holds a NaN."""
     x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
     n = len(x)
-    if n < 2:
+    if n < 2 or np.isnan(x).any() or np.isnan(y).any():
         return math.nan
     concordance = tied_x = tied_y = 0.0
     for start in range(0, n, chunk):
-        dx = np.sign(x[start:start + chunk, None] - x[None, :])
-        dy = np.sign(y[start:start + chunk, None] - y[None, :])
+        dx = _pair_signs(x[start:start + chunk], x)
+        dy = _pair_signs(y[start:start + chunk], y)
         concordance += float((dx * dy).sum())
         tied_x += float((dx == 0).sum())
         tied_y += float((dy == 0).sum())
@@ -208,7 +216,7 @@ def preference_metrics(dataset: PreferenceDataset, rewards: dict[int, np.ndarray
         "responses": len(mean_reward), "heads": per_head.shape[1], "truncated": flat["truncated"],
         "accuracy": _accuracy(d), "loss": float(loss.mean()), "loss_name": loss_config.name,
     }
-    probabilities = 1.0 / (1.0 + np.exp(-d.astype(np.float64)))
+    probabilities = torch.sigmoid(torch.from_numpy(d.astype(np.float64))).numpy()  # no overflow for huge gaps
     cal = calibration(probabilities, bins)
     metrics.update(ece=cal["ece"], brier=cal["brier"])
     metrics["reward_gap"] = _quantiles(d)

@@ -129,3 +129,35 @@ def test_loss_config_and_data_checks_name_the_problem():
     zero, tie = torch.zeros(1, 1, dtype=torch.float64), torch.ones(1, dtype=torch.bool)
     assert math.isclose(float(torch.exp(-davidson_nll(zero, tie, LossConfig("davidson").strength))), 1 / 3)
     assert math.isclose(float(torch.exp(-rao_kupper_nll(zero, tie, LossConfig("rao-kupper").strength))), 1 / 3)
+
+
+def test_plackett_luce_padding_is_isolated_and_pairs_keep_bt_precision():
+    # padded slots gather row 0: a NaN there must not reach another ranking's loss
+    rewards = torch.tensor([[float("nan")], [0.0], [1.0], [2.0], [0.5]])
+    got = plackett_luce_nll(rewards, torch.tensor([[0, 1, -1], [2, 3, 4], [3, 2, -1]]))
+    assert torch.isnan(got[0]).all() and torch.isfinite(got[1:]).all()
+    torch.testing.assert_close(got[2], torch.nn.functional.softplus(-(rewards[3] - rewards[2])))
+    # on pairs it is BT to float32 precision, also far from 0
+    rewards = torch.tensor([[1000.0 + 10.0], [1000.0], [30.0], [0.0], [1.0], [float("-inf")]])
+    pairs = torch.tensor([[0, 1], [2, 3]])
+    bt = torch.nn.functional.softplus(-(rewards[pairs[:, 0]] - rewards[pairs[:, 1]]).double()).float()
+    torch.testing.assert_close(plackett_luce_nll(rewards, pairs), bt, rtol=1e-5, atol=0)
+    # a worst response at -inf is certainly last: its ranking costs 0, not NaN
+    assert plackett_luce_nll(rewards, torch.tensor([[2, 3, 5]])).item() == pytest.approx(math.log1p(math.exp(-30)), rel=1e-5)
+
+
+def test_davidson_keeps_precision_for_large_gaps():
+    gap = torch.tensor([[5.0], [20.0], [30.0], [-30.0], [60.0]])
+    ties = torch.tensor([False, False, False, True, True])
+    for tie in (None, ties):
+        got = davidson_nll(gap, tie, 0.8)
+        torch.testing.assert_close(got, davidson_nll(gap.double(), tie, 0.8).float(), rtol=1e-5, atol=0)
+    assert float(davidson_nll(gap, None, 0.8)[2]) > 0  # -log P(win) of a 30 gap is 3e-7, not 0
+
+
+def test_rao_kupper_accepts_any_finite_theta():
+    zero, tie = torch.zeros(1, 1, dtype=torch.float64), torch.ones(1, dtype=torch.bool)
+    for theta in (1 + 1e-12, 1e200, 1e308):
+        LossConfig("rao-kupper", tie_strength=theta)
+        p_tie = torch.exp(-rao_kupper_nll(zero, tie, theta))  # (theta - 1) / (theta + 1) at equal rewards
+        assert math.isclose(float(p_tie), (theta - 1) / (theta + 1), rel_tol=1e-9)

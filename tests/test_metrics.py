@@ -2,6 +2,7 @@
 import json
 import math
 import random
+import warnings
 
 import numpy as np
 import pytest
@@ -118,3 +119,26 @@ def test_plots_are_written(tmp_path):
     for name in ("reliability.png", "curves.png"):
         content = (tmp_path / name).read_bytes()
         assert content.startswith(PNG_MAGIC) and len(content) > 5000
+
+
+def test_rank_correlations_propagate_nan_and_rank_infinities_like_scipy():
+    stats = pytest.importorskip("scipy.stats")
+    x = np.array([1.0, 2.0, np.inf, 4.0, -np.inf, 2.0, np.inf])
+    y = np.array([3.0, 1.0, 2.0, 5.0, 0.0, 1.0, 4.0])
+    assert metrics.kendall_tau(x, y) == pytest.approx(stats.kendalltau(x, y).statistic, abs=1e-12)
+    assert metrics.spearman(x, y) == pytest.approx(stats.spearmanr(x, y).statistic, abs=1e-12)
+    x[1] = np.nan  # a NaN reward makes the correlation undefined (scipy's nan_policy="propagate")
+    assert math.isnan(metrics.spearman(x, y)) and math.isnan(metrics.kendall_tau(x, y))
+    assert np.isnan(metrics.rankdata(x)).all()
+
+
+def test_calibration_of_huge_gaps_is_exact_and_silent():
+    from prefkernels.data import PreferenceDataset, PreferenceExample
+    data = PreferenceDataset([PreferenceExample(i, [[1, 2], [1]], [2, 1], None, False, [math.nan] * 2, False, "x")
+                              for i in range(4)], None)
+    rewards = {i: np.array([[1e4 * (-1) ** i], [0.0]], np.float32) for i in range(4)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = metrics.preference_metrics(data, rewards)
+    assert result["accuracy"] == 0.5 and result["brier"] == 0.5 and result["ece"] == 0.5
+    assert result["loss"] == pytest.approx(5000.0)
