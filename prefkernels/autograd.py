@@ -77,17 +77,19 @@ def register(ops: OpSet) -> None:
             grad_bias = coef.sum(dim=0).to(ctx.bias_dtype)
         return grad_hidden, grad_weight, grad_bias
 
-    def save_head_info(ctx, bias, rows):
+    def save_head_info(ctx, bias, pooled_pos):
         ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.rows = rows
+        ctx.rows = pooled_pos.shape[0]
         # With the value checks on, the public ops raise right after the forward on any row without
-        # a valid pooled position, so only a backward of an unchecked forward can meet one.
-        ctx.rows_may_be_invalid = not value_checks_enabled()
+        # a valid pooled position, so only a backward of an unchecked forward can meet one. A traced
+        # forward is unchecked: torch.compile's autograd tracing passes tensor subclasses (fake or
+        # functional tensors), where torch < 2.7 does not report is_compiling().
+        ctx.rows_may_be_invalid = not value_checks_enabled() or type(pooled_pos) is not torch.Tensor
 
     def pool_setup(ctx, inputs, output):
         hidden, weight, bias = inputs[:3]
         rewards, pooled_pos = output
-        save_head_info(ctx, bias, rewards.shape[0])
+        save_head_info(ctx, bias, pooled_pos)
         ctx.save_for_backward(hidden, weight, pooled_pos)
         ctx.mark_non_differentiable(pooled_pos)
 
@@ -99,7 +101,7 @@ def register(ops: OpSet) -> None:
         hidden, weight, bias = inputs[:3]
         chosen_index, rejected_index = inputs[6], inputs[7]
         loss, rewards, pair_grad, pooled_pos = output
-        save_head_info(ctx, bias, rewards.shape[0])
+        save_head_info(ctx, bias, pooled_pos)
         ctx.save_for_backward(hidden, weight, pooled_pos, pair_grad, chosen_index, rejected_index)
         ctx.mark_non_differentiable(rewards, pair_grad, pooled_pos)
 

@@ -44,9 +44,13 @@ def valid_rows(hidden, pos, cu_seqlens=None):
     return valid
 
 
+AUTOCAST_DEVICE_TYPES = ("cpu", "cuda", "xpu", "mps")
+
+
 def _autocast_off(device):
-    """Autocast disabled on ``device``: under it the head's matmul would run in bfloat16/float16."""
-    if torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type):
+    """Autocast disabled on ``device``: under it the head's matmul would run in bfloat16/float16.
+    (A fixed list of device types: ``torch.amp.is_autocast_available`` breaks torch<2.7's dynamo.)"""
+    if device.type in AUTOCAST_DEVICE_TYPES and torch.is_autocast_enabled(device.type):
         return torch.autocast(device.type, enabled=False)
     return contextlib.nullcontext()
 

@@ -273,6 +273,8 @@ def test_fused_model_trains_in_hf_trainer_with_default_column_filter(tmp_path):
     assert losses[True] == pytest.approx(losses[False], rel=1e-5)
 
 
+@pytest.mark.skipif(not hasattr(torch.compiler, "is_exporting"),
+                    reason="transformers compiles its models only on torch >= 2.7 (it calls torch.compiler.is_exporting)")
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_compiled_fused_model_matches_stock(arch):
     """torch.compile of a fused model: same logits and score-head gradient as the stock model."""
