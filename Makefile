@@ -3,7 +3,7 @@
 # requirement would pull a multi-GB CUDA build), then build prefkernels against that torch
 # (without build isolation, so the build tools setuptools and wheel are installed first).
 ifdef VIRTUAL_ENV
-PYTHON := python
+PYTHON := $(VIRTUAL_ENV)/bin/python
 else
 PYTHON := .venv/bin/python
 endif

@@ -7,6 +7,7 @@ kernels in the build) degrades to the next one with a single warning saying why.
 """
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
 import warnings
@@ -64,8 +65,9 @@ def native_ops() -> OpSet | None:
 
 
 def _load_native() -> OpSet | None:
-    try:
-        from prefkernels import _C  # noqa: F401  (loading registers torch.ops.prefkernels.*)
+    try:  # import_module: inside the package's own import, `from prefkernels import _C` words a
+        # missing file as a circular import
+        importlib.import_module("prefkernels._C")  # loading registers torch.ops.prefkernels.*
     except ImportError as err:
         warn_once(f"prefkernels: compiled extension prefkernels._C is not available ({err}); "
                   "using the pure-PyTorch reference backend. Build it with "

@@ -364,7 +364,7 @@ def add_score_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--chunk-rows", type=int, default=DEFAULT_CHUNK_ROWS,
                         help="rows read, sorted and scored at a time (default %(default)s)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--quiet", "--no-progress", dest="quiet", action="store_true", help="no progress bar")
     parser.set_defaults(handler=run_score)
     return parser
 

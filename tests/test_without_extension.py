@@ -8,8 +8,8 @@ import importlib.abc, sys, warnings
 
 class BlockExtension(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
-        if name == "prefkernels._C":
-            raise ImportError("simulated: extension not built")
+        if name == "prefkernels._C":  # as when the .so is missing
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
         return None
 
 sys.meta_path.insert(0, BlockExtension())
@@ -28,6 +28,7 @@ with warnings.catch_warnings(record=True) as caught:
 messages = [str(w.message) for w in caught]
 assert len(messages) == 1, messages
 assert "prefkernels._C" in messages[0] and "reference" in messages[0] and "pip install" in messages[0], messages
+assert "No module named 'prefkernels._C'" in messages[0], messages  # the real reason, not "partially initialized"
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     prefkernels.pool_score(hidden, weight, attention_mask=mask, backend="native")

@@ -456,7 +456,8 @@ def load_preferences(sources, tokenizer, max_length: int, *, use_margin: bool = 
         raise DataError(f"{name}: max_length={max_length} is too small for {len(too_long)} of "
                         f"{sum(len(t) for t, _ in rendered)} texts: a row keeps its whole response, its special "
                         f"tokens and at least one prompt token (only the prompt is cut, from the left). "
-                        f"First: {too_long[0]}. Raise max_length, or allow cutting such responses from the left "
+                        f"First: {too_long[0]}. Raise max_length (where the backbone has more positions), or allow "
+                        f"cutting such responses from the left "
                         f"(--truncate-responses, truncate_responses=True).")
     formats = sorted({p.fmt for p in parsed})
     return PreferenceDataset(examples, _report(name, formats, examples, max_length))
