@@ -7,7 +7,8 @@ PYTHON := $(VIRTUAL_ENV)/bin/python
 else
 PYTHON := .venv/bin/python
 endif
-STAMP := $(dir $(PYTHON)).prefkernels-installed
+# one install stamp per checkout: an active virtualenv may serve several
+STAMP := $(dir $(PYTHON)).prefkernels-installed$(subst /,_,$(CURDIR))
 SOURCES := pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cuda/*)
 PYTEST_ARGS ?=
 

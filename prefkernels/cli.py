@@ -139,8 +139,8 @@ def run_train(args) -> int:
 
     result = train(train_config_from_args(args))
     if int(os.environ.get("RANK", "0")) == 0:
-        chosen = (f"best model: {result.best_dir} (step {result.best_step})" if result.best_step is not None
-                  else f"final model (no validation data): {result.best_dir} (step {result.steps})")
+        chosen = (f"final model (no validation data): {result.best_dir} (step {result.steps})" if result.metrics is None
+                  else f"best model: {result.best_dir} (step {result.best_step})")
         print(f"{chosen}; run directory: {result.output_dir}")
     return 0
 
@@ -184,7 +184,7 @@ def run_eval(args) -> int:
     from prefkernels import backends, checkpoint, metrics
     from prefkernels.data import load_preferences, pad_token_id
     from prefkernels.losses import LossConfig
-    from prefkernels.model import RewardModel, load_tokenizer, position_limit, resolve_device
+    from prefkernels.model import RewardModel, check_max_length, load_tokenizer, resolve_device
     from prefkernels.trainer import autocast_dtype
 
     config = checkpoint.read_config(args.model)
@@ -196,9 +196,7 @@ def run_eval(args) -> int:
     backends.requested(args.backend)
     device = resolve_device(args.device)
     model = RewardModel.from_pretrained(args.model)
-    limit = position_limit(model.backbone.config)
-    if limit is not None and max_length > limit:
-        raise ValueError(f"max_length: {max_length} exceeds the model's {limit} positions")
+    check_max_length(max_length, model.backbone.config)
     tokenizer = load_tokenizer(args.model)
     training = config.get("training") or {}
     truncate_responses = args.truncate_responses

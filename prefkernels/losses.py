@@ -111,11 +111,13 @@ def plackett_luce_nll(rewards: torch.Tensor, ranking: torch.Tensor) -> torch.Ten
     # term i = softplus(logsumexp_{j > i} (r_j - r_i)) = log(1 + sum_{j > i} e^{r_j - r_i}): from
     # differences, so softplus(-d) (BT) on pairs, at any reward offset; positions without a term
     # (the last, padding) get a finite dummy row, so padding's NaN/inf never reaches the loss or
-    # a gradient
+    # a gradient; so does a term whose later responses all sit at -inf (it is softplus(-inf) = 0,
+    # but logsumexp of an all -inf row has a NaN gradient)
     table = (scores.unsqueeze(1) - scores.unsqueeze(2)).masked_fill(~include.unsqueeze(-1), float("-inf"))
-    table = table.masked_fill(~counted[:, :, None, None], 0.0)
+    certain = torch.isneginf(table).all(dim=2)  # [G, L, K]: nothing later can win
+    table = table.masked_fill(~counted[:, :, None, None] | certain.unsqueeze(2), 0.0)
     terms = F.softplus(torch.logsumexp(table, dim=2))  # [G, L, K]
-    return torch.where(counted.unsqueeze(-1), terms, 0.0).sum(dim=1)
+    return torch.where(counted.unsqueeze(-1) & ~certain, terms, 0.0).sum(dim=1)
 
 
 def comparison_loss(rewards: torch.Tensor, config: LossConfig, *, ranking: torch.Tensor,

@@ -139,6 +139,13 @@ def position_limit(config) -> int | None:
     return None
 
 
+def check_max_length(max_length: int, config) -> None:
+    """``ValueError`` when ``max_length`` tokens exceed the positions of a backbone with ``config``."""
+    limit = position_limit(config)
+    if limit is not None and max_length > limit:
+        raise ValueError(f"max_length: {max_length} exceeds the backbone's {limit} positions")
+
+
 def load_tokenizer(path: str):
     """The tokenizer stored in a checkpoint (``tokenizer/``) or at a backbone path."""
     from transformers import AutoTokenizer

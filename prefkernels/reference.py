@@ -14,6 +14,8 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
+AUTOCAST_DEVICE_TYPES = ("cpu", "cuda", "xpu", "mps")
+
 
 def pooled_positions(hidden, attention_mask=None, last_index=None, cu_seqlens=None):
     """Index [N] int64 of the pooled token: a position in T (padded) or a row of the packed batch."""
@@ -42,9 +44,6 @@ def valid_rows(hidden, pos, cu_seqlens=None):
     if cu_seqlens is not None:
         valid = valid & (cu_seqlens[1:] > cu_seqlens[:-1])
     return valid
-
-
-AUTOCAST_DEVICE_TYPES = ("cpu", "cuda", "xpu", "mps")
 
 
 def _autocast_off(device):
@@ -117,7 +116,9 @@ def fused_bt_loss(hidden, weight, bias=None, *, attention_mask=None, last_index=
 
 
 def eager(hidden, weight, bias=None, *, attention_mask=None, margin=None, reduction="mean"):
-    """Baseline: gather the last non-pad token, then the head, then the loss (default pairs)."""
+    """Baseline: gather the last non-pad token, then the head, then the loss (default pairs): the
+    way people compute it today, without ``pool_score``'s invalid-row masking (the benchmarks'
+    baseline)."""
     rewards = head(gather_pooled(hidden, attention_mask=attention_mask), weight, bias)
     chosen, rejected = default_pairs(rewards.shape[0], rewards.device)
     return pair_loss(rewards, chosen, rejected, margin, reduction=reduction), rewards.detach()

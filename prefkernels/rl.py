@@ -9,14 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from prefkernels.scorer import Scorer
-
-
-def _check_sequence(value, name: str) -> None:
-    """TypeError unless ``value`` is a list-like of items (a string or dict has a length too)."""
-    if isinstance(value, (str, bytes, dict)) or not hasattr(value, "__len__"):
-        raise TypeError(f"{name}: expected a list with one item per sample, got {type(value).__name__} "
-                        f"{value!r:.60}")
+from prefkernels.scorer import Scorer, require_list
 
 
 def best_of_n(scorer: Scorer, prompts: list, candidates_per_prompt: list[list]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -27,20 +20,20 @@ def best_of_n(scorer: Scorer, prompts: list, candidates_per_prompt: list[list]) 
     count and a prompt with fewer candidates has -inf in the unused columns. All candidates are
     scored in one ``scorer.score`` call.
     """
-    _check_sequence(prompts, "prompts")
-    _check_sequence(candidates_per_prompt, "candidates_per_prompt")
+    require_list(prompts, "prompts", "a list with one prompt per sample")
+    require_list(candidates_per_prompt, "candidates_per_prompt", "a list with one list of candidates per prompt")
     if len(prompts) != len(candidates_per_prompt):
         raise ValueError(f"candidates_per_prompt: expected one list per prompt ({len(prompts)}), "
                          f"got {len(candidates_per_prompt)}")
     if len(prompts) == 0:
         raise ValueError("prompts: empty list, nothing to select")
     for index, candidates in enumerate(candidates_per_prompt):
-        if isinstance(candidates, str) or len(candidates) == 0:
-            raise ValueError(f"candidates_per_prompt[{index}]: expected a non-empty list of candidates, "
-                             f"got {candidates!r:.60}")
+        require_list(candidates, f"candidates_per_prompt[{index}]", "a non-empty list of candidates")
+        if len(candidates) == 0:
+            raise ValueError(f"candidates_per_prompt[{index}]: expected a non-empty list of candidates, got []")
     pairs = [(prompt, candidate) for prompt, candidates in zip(prompts, candidates_per_prompt)
              for candidate in candidates]
-    flat_scores = scorer.score_detailed(pairs).rewards.mean(dim=1)
+    flat_scores = scorer.score_detailed(pairs, name="(prompt, candidate) pairs, prompt by prompt").rewards.mean(dim=1)
     scores = torch.full((len(prompts), max(len(c) for c in candidates_per_prompt)), float("-inf"))
     offset = 0
     for row, candidates in enumerate(candidates_per_prompt):
@@ -62,8 +55,8 @@ class RewardFunction:
         self.__name__ = self.__qualname__ = name
 
     def __call__(self, prompts: list, completions: list, **kwargs) -> list[float]:
-        _check_sequence(prompts, "prompts")
-        _check_sequence(completions, "completions")
+        require_list(prompts, "prompts", "a list with one prompt per sample")
+        require_list(completions, "completions", "a list with one completion per prompt")
         if len(prompts) != len(completions):
             raise ValueError(f"completions: expected one per prompt ({len(prompts)}), got {len(completions)}")
         if len(prompts) == 0:

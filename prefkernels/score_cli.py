@@ -36,11 +36,10 @@ import os
 import shutil
 import sys
 import time
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from prefkernels.model import resolve_device
+from prefkernels.data import GZIP_ERRORS
 from prefkernels.scorer import ACCELERATOR_TOKEN_BUDGET, CPU_TOKEN_BUDGET, Scorer, is_conversation
 
 DEFAULT_CHUNK_ROWS = 2048
@@ -266,7 +265,7 @@ def run_score(args: argparse.Namespace) -> int:
               "(.jsonl or .jsonl.gz)", file=sys.stderr)
         return 2
     if output_path.resolve() == input_path.resolve():
-        print(f"error: --output: is the --input file ({input_path}), which the output would replace; "
+        print(f"error: --output: {output_path} is the --input file, which the output would replace; "
               "choose another path", file=sys.stderr)
         return 2
     for option, value in (("--chunk-rows", args.chunk_rows), ("--batch-tokens", args.batch_tokens)):
@@ -277,17 +276,12 @@ def run_score(args: argparse.Namespace) -> int:
         print(f"error: {partial_path} holds the rows of an unfinished run: pass --resume to continue it, "
               "or delete it to start over", file=sys.stderr)
         return 2
-    try:
-        device = resolve_device(args.device)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    try:
-        scorer = Scorer.from_pretrained(args.model, device=device, max_length=args.max_length,
+    try:  # the errors name their argument (path: the --model directory)
+        scorer = Scorer.from_pretrained(args.model, device=args.device, max_length=args.max_length,
                                         token_budget=args.batch_tokens, normalize=args.normalize, bf16=args.bf16,
                                         append_eos=args.append_eos)
     except (FileNotFoundError, ValueError) as err:
-        print(f"error: --model {args.model}: {err}", file=sys.stderr)
+        print(f"error: {err}", file=sys.stderr)
         return 2
     output_path.parent.mkdir(parents=True, exist_ok=True)
     summary = RunSummary()
@@ -318,9 +312,10 @@ def run_score(args: argparse.Namespace) -> int:
         print(f"error: {input_path}: {err} (use --skip-invalid to write it as an error row and go on){kept}",
               file=sys.stderr)
         return 1
-    except (EOFError, gzip.BadGzipFile, zlib.error) as err:
+    except GZIP_ERRORS as err:
         kept = f"; the {summary.rows} rows read before it are kept in {partial_path}" if summary.rows else ""
-        print(f"error: --input: {input_path} is not a complete gzip file ({err}){kept}", file=sys.stderr)
+        print(f"error: --input: {input_path} cannot be read as gzip (truncated, or not gzip: {err}){kept}",
+              file=sys.stderr)
         return 1
     finally:
         if partial_path.is_file() and not partial_path.stat().st_size:

@@ -31,7 +31,7 @@ from torch import nn
 
 from prefkernels import checkpoint
 from prefkernels.data import end_token_id, is_messages, pad_rows, pad_token_id
-from prefkernels.model import RewardModel, load_tokenizer, position_limit, resolve_device
+from prefkernels.model import RewardModel, check_max_length, load_tokenizer, position_limit, resolve_device
 
 CPU_TOKEN_BUDGET = 4096
 ACCELERATOR_TOKEN_BUDGET = 32768
@@ -137,9 +137,8 @@ class Scorer:
             raise ValueError(f"token_budget: expected >= 1, got {token_budget}")
         if max_length is not None and max_length < 1:
             raise ValueError(f"max_length: expected >= 1 or None, got {max_length}")
-        limit = position_limit(model.backbone.config)
-        if max_length is not None and limit is not None and max_length > limit:
-            raise ValueError(f"max_length: {max_length} exceeds the model's {limit} positions")
+        if max_length is not None:
+            check_max_length(max_length, model.backbone.config)
         if normalize and (model.reward_mean is None or model.reward_std is None):
             raise ValueError("normalize: the checkpoint stores no reward_mean/reward_std (they are set after "
                              "training); score without normalize")
@@ -167,11 +166,12 @@ class Scorer:
         """Load a prefkernels checkpoint or an HF ``*ForSequenceClassification`` checkpoint directory.
 
         ``dtype`` casts the backbone (the head stays float32); ``bf16`` runs it under bf16 autocast.
-        ``max_length`` defaults to the checkpoint's (a prefkernels export records it), then the
-        tokenizer's, then the model's position limit. ``tokenizer`` defaults to the one stored with the
+        ``max_length`` defaults to the checkpoint's (a prefkernels export records it), else the
+        smaller of the tokenizer's and the model's position limit. ``tokenizer`` defaults to the one stored with the
         checkpoint. ``append_eos`` defaults to True for prefkernels checkpoints and their exports (as
         trained) and False for other HF ones (HF's own scoring).
         """
+        device = resolve_device(device)  # before loading any weights
         path = checkpoint.locate(path)
         if not path.is_dir():
             raise FileNotFoundError(f"path: {path} is not a directory")
@@ -286,9 +286,7 @@ class Scorer:
 
     def score_detailed(self, inputs, progress: bool = False, name: str = "inputs") -> ScoreResult:
         """Rewards [N, K] float32 and truncated [N] bool, in input order. Errors call the list ``name``."""
-        if isinstance(inputs, (str, dict)) or not hasattr(inputs, "__len__"):
-            raise TypeError(f"{name}: expected a list of texts, (prompt, response) pairs or conversations, "
-                            f"got {_describe(inputs)}")
+        require_list(inputs, name, "a list of texts, (prompt, response) pairs or conversations")
         if len(inputs) == 0:
             raise ValueError(f"{name}: empty list, nothing to score")
         rendered = [self.render(item, where=f"{name}[{i}]") for i, item in enumerate(inputs)]
@@ -324,30 +322,38 @@ def read_export_info(path) -> dict:
 
 def _class_labels(config) -> list[str]:
     """The named classes of a classifier config with several outputs ([] for a reward model: one
-    output, or outputs with HF's default names LABEL_i and no classification problem_type)."""
+    output, regression outputs (a multi-objective reward model may name them), or outputs with
+    HF's default names LABEL_i and no classification problem_type)."""
     labels = [str(label) for _, label in sorted((int(i), label) for i, label in (config.id2label or {}).items())]
-    if config.num_labels == 1:
+    if config.num_labels == 1 or config.problem_type == "regression":
         return []
     named = any(label != f"LABEL_{i}" for i, label in enumerate(labels))
     classification = config.problem_type in ("single_label_classification", "multi_label_classification")
     return labels if named or classification else []
 
 
+def require_list(value, name: str, expected: str) -> None:
+    """``TypeError`` naming ``name`` unless ``value`` is a list-like of items (a string, bytes or a
+    dict has a length too, and would be read item by item)."""
+    if isinstance(value, (str, bytes, dict)) or not hasattr(value, "__len__"):
+        raise TypeError(f"{name}: expected {expected}, got {_describe(value)}")
+
+
 def _load_hf_sequence_classifier(path: Path, exported: bool = False) -> tuple[RewardModel, int | None]:
     """A RewardModel holding an HF last-token-pooled classifier's backbone and ``score`` weights,
     and the pad token id HF pools by (None when the config has none). Its K outputs are K reward
     heads (a prefkernels export of an ensemble); a classifier of named classes is refused."""
-    from transformers import AutoModelForSequenceClassification
+    from transformers import AutoConfig, AutoModelForSequenceClassification
 
     architectures = json.loads((path / "config.json").read_text()).get("architectures") or []
     if not any(name.endswith("ForSequenceClassification") for name in architectures):
         raise ValueError(f"path: {path}/config.json lists architectures {architectures}, not a "
                          "*ForSequenceClassification model; train a reward head with prefkernels first")
-    classifier = AutoModelForSequenceClassification.from_pretrained(str(path))
-    labels = [] if exported else _class_labels(classifier.config)
+    labels = [] if exported else _class_labels(AutoConfig.from_pretrained(str(path)))
     if labels:
         raise ValueError(f"path: {path} is a classifier of {len(labels)} classes ({', '.join(labels[:5])}), not a "
-                         "reward model (one score per text, or K reward heads named LABEL_i)")
+                         "reward model (one score per text, K reward heads, or named regression outputs)")
+    classifier = AutoModelForSequenceClassification.from_pretrained(str(path))
     score = getattr(classifier, "score", None)
     name = type(classifier).__name__
     if name not in LAST_TOKEN_POOLED_CLASSES or not isinstance(score, nn.Linear):

@@ -37,7 +37,7 @@ from prefkernels import __version__, backends, checkpoint, metrics
 from prefkernels.data import (LengthGroupedBatchSampler, PreferenceCollator, PreferenceDataset, load_preferences,
                               pad_token_id)
 from prefkernels.losses import LOSSES, LossConfig, check_data, compute_loss
-from prefkernels.model import RewardModel, load_tokenizer, resolve_device
+from prefkernels.model import RewardModel, check_max_length, load_tokenizer, position_limit, resolve_device
 
 SCHEDULES = ("linear", "cosine", "constant")
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -48,7 +48,8 @@ CURVES_FILE, RELIABILITY_FILE = "curves.png", "reliability.png"
 RUN_MARKERS = (RUN_FILE, METRICS_FILE, CHECKPOINT_DIR, BEST_DIR)
 RUN_ARTIFACTS = (*RUN_MARKERS, EVAL_FILE, CURVES_FILE, RELIABILITY_FILE)
 # Fields that may change when resuming; any other difference from run.json is refused.
-RESUMABLE_CHANGES = ("patience", "progress", "resume", "overwrite", "device", "backend")
+RESUMABLE_CHANGES = ("patience", "progress", "resume", "overwrite", "device", "backend", "output_dir", "resolved")
+PATH_SETTINGS = ("backbone", "train", "valid")  # the same when typed alike or resolved alike
 MAX_DEFAULT_LENGTH = 1024
 
 
@@ -150,34 +151,31 @@ class TrainConfig:
         return LossConfig(self.loss, self.label_smoothing, self.center_coef, self.tie_strength, self.backend)
 
     def to_json(self) -> dict:
-        """JSON-able fields; data given as objects is described, not stored. Local paths are made
-        absolute, so a run resumes from any working directory."""
+        """JSON-able fields; data given as objects is described, not stored. ``resolved`` adds the
+        absolute form of the local paths, so a resume matches a path by what was typed (a moved
+        project) or by where it points (another working directory)."""
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         for name in ("train", "valid"):
             out[name] = _describe_data(out[name])
-        out["backbone"], out["output_dir"] = _absolute_if_local(self.backbone), str(Path(self.output_dir).absolute())
+        out["backbone"], out["output_dir"] = str(self.backbone), str(self.output_dir)
+        out["resolved"] = {name: _resolved(out[name]) for name in PATH_SETTINGS}
         return out
 
 
-def _absolute_if_local(path) -> str:
-    """``path`` made absolute when it names a local file or directory (else, e.g. a hub name, as is)."""
-    return str(Path(path).absolute()) if os.path.exists(path) else str(path)
-
-
-def _same_setting(was, now) -> bool:
-    """Equal run.json values; a relative path stored by an older version equals its absolute form."""
-    if isinstance(was, list) and isinstance(now, list):
-        return len(was) == len(now) and all(map(_same_setting, was, now))
-    if isinstance(was, str) and isinstance(now, str) and was != now:
-        return _absolute_if_local(was) == now
-    return was == now
+def _resolved(value):
+    """``value`` (a path, a list of paths, or a description) with local paths made absolute."""
+    if isinstance(value, list):
+        return [_resolved(v) for v in value]
+    if isinstance(value, str) and os.path.exists(value):
+        return str(Path(value).absolute())
+    return value
 
 
 def _describe_data(data):
     if data is None or isinstance(data, (str, os.PathLike)):
-        return None if data is None else _absolute_if_local(data)
+        return None if data is None else str(data)
     if isinstance(data, (list, tuple)) and all(isinstance(d, (str, os.PathLike)) for d in data):
-        return [_absolute_if_local(d) for d in data]
+        return [str(d) for d in data]
     if isinstance(data, (list, tuple)):
         return f"<{len(data)} records>"
     fingerprint = getattr(data, "_fingerprint", None)
@@ -412,8 +410,10 @@ class Trainer:
     def _read_resume_state(self) -> dict:
         run = json.loads((self.output_dir / RUN_FILE).read_text())
         current = self.config.to_json()
+        resolved_before = run["config"].get("resolved", {})  # absent in run.json of older versions
         changed = [k for k, v in run["config"].items()
-                   if k not in RESUMABLE_CHANGES and not _same_setting(v, current.get(k))]
+                   if k not in RESUMABLE_CHANGES and v != current.get(k)
+                   and not (k in PATH_SETTINGS and k in resolved_before and resolved_before[k] == current["resolved"][k])]
         if changed:
             details = "; ".join(f"{k}: was {run['config'][k]!r}, now {current.get(k)!r}" for k in changed)
             raise RunDirectoryError(f"resume: the configuration differs from the run in {self.output_dir} ({details})")
@@ -463,13 +463,10 @@ class Trainer:
         return tokenizer, model
 
     def _max_length(self, model: RewardModel, tokenizer) -> int:
-        limit = getattr(model.backbone.config, "max_position_embeddings", None)
         if self.config.max_length is not None:
-            if limit is not None and self.config.max_length > limit:
-                raise ValueError(f"max_length: {self.config.max_length} exceeds the backbone's "
-                                 f"max_position_embeddings={limit}")
+            check_max_length(self.config.max_length, model.backbone.config)
             return self.config.max_length
-        candidates = [MAX_DEFAULT_LENGTH, limit, tokenizer.model_max_length]
+        candidates = [MAX_DEFAULT_LENGTH, position_limit(model.backbone.config), tokenizer.model_max_length]
         return int(min(c for c in candidates if isinstance(c, int) and c > 0))
 
     def _load_data(self) -> tuple[PreferenceDataset, PreferenceDataset | None]:
@@ -700,8 +697,9 @@ class Trainer:
                 "state": dict(self.state), "train_sums": list(sums),
                 "metrics_bytes": (self.output_dir / METRICS_FILE).stat().st_size,
                 "world_size": self.dist.world_size}
-            self.model.save_pretrained(str(self.output_dir / CHECKPOINT_DIR), self.tokenizer,
-                                       extra={"step": self.state["step"]}, training_state=training_state)
+            extra = {"step": self.state["step"], "training": {"truncate_responses": self.config.truncate_responses}}
+            self.model.save_pretrained(str(self.output_dir / CHECKPOINT_DIR), self.tokenizer, extra=extra,
+                                       training_state=training_state)
         self.dist.barrier()
 
     def _save_best(self, result: dict, split: str) -> None:

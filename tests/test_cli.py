@@ -117,6 +117,7 @@ def test_train_names_the_model_it_kept(demo, tmp_path, capsys):
     assert re.match(rf"best model: {re.escape(str(tmp_path / 'validated' / 'best'))} \(step [12]\)",
                     capsys.readouterr().out.splitlines()[-1])
 
+
 def test_eval_truncates_responses_as_the_checkpoint_was_trained(demo, tmp_path, capsys):
     """A model trained with --truncate-responses is evaluated on the same data without repeating
     the flag (best/ records it); --no-truncate-responses restores the refusal."""
@@ -132,6 +133,7 @@ def test_eval_truncates_responses_as_the_checkpoint_was_trained(demo, tmp_path, 
     assert json.loads(capsys.readouterr().out)["pairs"] == 8
     assert main([*eval_args, "--no-truncate-responses"]) == 1
     assert "--truncate-responses" in capsys.readouterr().err
+
 
 def test_missing_backbone_and_occupied_output_are_refused(demo, tmp_path, capsys):
     out, _, _ = demo
@@ -151,7 +153,7 @@ def test_missing_backbone_and_occupied_output_are_refused(demo, tmp_path, capsys
 
 
 @pytest.mark.parametrize("option, message", [
-    (["--max-length", "4096"], "max_length: 4096 exceeds the model's 128 positions"),
+    (["--max-length", "4096"], "max_length: 4096 exceeds the backbone's 128 positions"),
     (["--device", "gpu0"], "device: 'gpu0' is not a torch device"),
     (["--backend", "fastest"], "backend: expected one of"),
 ])
@@ -159,8 +161,8 @@ def test_eval_refuses_bad_options_before_reading_data(tmp_path, capsys, option, 
     from _rl_fixtures import save_reward_checkpoint
 
     model = save_reward_checkpoint(tmp_path / "ckpt", max_length=48)
-    data = write(tmp_path / "valid.jsonl", '{"chosen": "the cat sat", "rejected": "the dog ran"}\n' * 3)
-    assert main(["eval", "--model", str(model), "--data", data, "--no-progress", *option]) == 1
+    missing_data = str(tmp_path / "not-written-yet.jsonl")  # read after the options are checked, or the error names it
+    assert main(["eval", "--model", str(model), "--data", missing_data, "--no-progress", *option]) == 1
     err = capsys.readouterr().err
     assert f"prefkernels eval: error: {message}" in err and "Traceback" not in err
 

@@ -242,11 +242,11 @@ def test_cuda_unchecked_empty_sequence_matches_reference(backend, monkeypatch):
 def check_unchecked_empty_sequence(backend, device):
     pairs = dict(chosen_index=torch.tensor([0, 1, 2, 5]), rejected_index=torch.tensor([3, 4, 3, 1]))
     results = {}
-    for name, device, dtype in (("kernel", device, None), ("reference", "cpu", torch.float64)):
-        hidden, weight, bias, _, _, cu = edge_op_case("packed_empty_unaligned", device)
+    for name, where, dtype in (("kernel", device, None), ("reference", "cpu", torch.float64)):
+        hidden, weight, bias, _, _, cu = edge_op_case("packed_empty_unaligned", where)
         leaves = [(t.to(dtype) if dtype else t).detach().requires_grad_() for t in (hidden, weight, bias)]
         fn = public(backend) if name == "kernel" else reference.fused_bt_loss  # float64: the reference itself
-        loss, rewards = fn(*leaves, cu_seqlens=cu, reduction="none", **{k: v.to(device) for k, v in pairs.items()})
+        loss, rewards = fn(*leaves, cu_seqlens=cu, reduction="none", **{k: v.to(where) for k, v in pairs.items()})
         loss.nan_to_num().sum().backward()
         results[name] = [loss.detach(), rewards] + [t.grad for t in leaves]
     assert results["reference"][1][[1, 4, 5]].isnan().all() and results["reference"][1][[0, 2, 3]].isfinite().all()

@@ -142,8 +142,12 @@ def test_plackett_luce_padding_is_isolated_and_pairs_keep_bt_precision():
     pairs = torch.tensor([[0, 1], [2, 3]])
     bt = torch.nn.functional.softplus(-(rewards[pairs[:, 0]] - rewards[pairs[:, 1]]).double()).float()
     torch.testing.assert_close(plackett_luce_nll(rewards, pairs), bt, rtol=1e-5, atol=0)
-    # a worst response at -inf is certainly last: its ranking costs 0, not NaN
+    # a worst response at -inf is certainly last: its ranking costs 0, not NaN, and so does its
+    # gradient (BT's on the pair: 0)
     assert plackett_luce_nll(rewards, torch.tensor([[2, 3, 5]])).item() == pytest.approx(math.log1p(math.exp(-30)), rel=1e-5)
+    leaf = torch.tensor([[0.0], [float("-inf")]], requires_grad=True)
+    plackett_luce_nll(leaf, torch.tensor([[0, 1]])).sum().backward()
+    assert torch.equal(leaf.grad, torch.zeros(2, 1))
 
 
 def test_davidson_keeps_precision_for_large_gaps():

@@ -83,7 +83,6 @@ def test_unchecked_invalid_rows_agree_across_backends(monkeypatch, case):
                                        msg=lambda m: f"{backend} {name} vs reference: {m}")
 
 
-
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_compiled_invalid_rows_add_no_bias_gradient(backend):
     """Under torch.compile the value checks are skipped, so the backward itself must leave rows

@@ -106,9 +106,11 @@ def test_reward_function_rejects_a_string_for_a_list(scorer, prompts, completion
         RewardFunction(scorer)(prompts, completions)
 
 
-def test_best_of_n_rejects_a_string_of_prompts(scorer):
+def test_best_of_n_rejects_a_string_of_prompts_or_candidates(scorer):
     with pytest.raises(TypeError, match="prompts: expected a list"):
         best_of_n(scorer, "ab", [["x"], ["y"]])
+    with pytest.raises(TypeError, match=r"candidates_per_prompt\[1\]: expected a non-empty list"):
+        best_of_n(scorer, ["a", "b"], [["x"], "yz"])
 
 
 def test_reward_function_errors_name_the_callers_lists(scorer):

@@ -223,6 +223,7 @@ def test_append_eos_option_reaches_the_scorer(reward_checkpoint, tmp_path, appen
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(got, other, rtol=1e-5, atol=1e-5)
 
+
 def test_normalize_and_bad_options(reward_checkpoint, tmp_path, capsys):
     rows = [{"id": i, "text": t} for i, t in enumerate(random_texts(5, random.Random(4)))]
     source = write_jsonl(tmp_path / "in.jsonl", rows)
@@ -249,14 +250,14 @@ def test_output_that_would_replace_the_input_or_a_directory_is_refused_up_front(
     assert score_cli.main(["--model", str(reward_checkpoint), "--input", str(tmp_path / "out"),
                            "--output", str(tmp_path / "x.jsonl")]) == 2
     err = capsys.readouterr().err
-    assert f"--output: {tmp_path / 'out'} is a directory" in err and "--output: is the --input file" in err
+    assert f"--output: {tmp_path / 'out'} is a directory" in err and "in.jsonl is the --input file" in err
     assert f"--input: {tmp_path / 'out'} is a directory, expected a JSONL file" in err
     assert source.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "out"] and not any((tmp_path / "out").iterdir())
 
 
 @pytest.mark.parametrize("option, message", [
-    (["--max-length", "4096"], "max_length: 4096 exceeds the model's 128 positions"),
+    (["--max-length", "4096"], "max_length: 4096 exceeds the backbone's 128 positions"),
     (["--device", "gpu0"], "device: 'gpu0' is not a torch device"),
 ])
 def test_bad_max_length_or_device_is_one_clear_line(reward_checkpoint, tmp_path, capsys, option, message):
@@ -278,7 +279,7 @@ def test_broken_gzip_input_is_one_clear_line(reward_checkpoint, tmp_path, capsys
         code = score_cli.main(["--model", str(reward_checkpoint), "--input", str(tmp_path / name),
                                "--output", str(tmp_path / "out.jsonl"), *quiet])
         err = capsys.readouterr().err
-        assert code == 1 and f"--input: {tmp_path / name} is not a complete gzip file" in err, err
+        assert code == 1 and f"--input: {tmp_path / name} cannot be read as gzip (truncated, or not gzip" in err, err
         assert "Traceback" not in err
     assert not (tmp_path / "out.jsonl").exists()
 

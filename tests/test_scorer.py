@@ -91,6 +91,15 @@ def test_a_classifier_of_named_classes_is_not_scored_as_an_ensemble(tmp_path, la
     (path / EXPORT_INFO_NAME).write_text(json.dumps({"format": "prefkernels-hf-export", "append_eos": True}))
     assert Scorer.from_pretrained(path).num_heads == 2  # a prefkernels export names what its outputs are
 
+
+def test_named_regression_outputs_are_reward_heads(tmp_path):
+    """A multi-objective reward model names its regression outputs: scored as K heads, not refused."""
+    path = save_hf_classifier(tmp_path / "llama", num_labels=2, problem_type="regression",
+                              id2label={0: "helpfulness", 1: "harmlessness"},
+                              label2id={"helpfulness": 0, "harmlessness": 1})
+    assert Scorer.from_pretrained(path).num_heads == 2
+
+
 def test_prefkernels_export_record_restores_training_tokenization(tmp_path):
     """An HF directory with prefkernels_export.json (written by ``prefkernels export --hf``) is scored
     as trained: EOS appended to plain texts its tokenizer leaves without one, the recorded max_length."""
@@ -225,7 +234,7 @@ def test_bad_inputs_raise_clear_errors(reward_checkpoint):
 
 
 def test_bad_max_length_and_device_are_refused_when_loading(reward_checkpoint):
-    with pytest.raises(ValueError, match="max_length: 4096 exceeds the model's 128 positions"):
+    with pytest.raises(ValueError, match="max_length: 4096 exceeds the backbone's 128 positions"):
         Scorer.from_pretrained(reward_checkpoint, max_length=4096)
     with pytest.raises(ValueError, match="device: 'gpu0' is not a torch device"):
         Scorer.from_pretrained(reward_checkpoint, device="gpu0")

@@ -95,25 +95,35 @@ def file_times(path):
     return {p: p.stat().st_mtime_ns for p in path.rglob("*") if p.is_file()}
 
 
-def test_resume_from_another_working_directory(assets, tmp_path, monkeypatch):
-    """run.json stores absolute paths, so a run started with relative ones resumes from anywhere;
-    a run.json of an older version (relative paths) still resumes from its own directory."""
-    root = Path(assets["backbone"]).parent
-    monkeypatch.chdir(root)
-    relative = {"backbone": "backbone", "train": [os.path.relpath(assets["train"][0], root)],
-                "valid": [os.path.relpath(assets["valid"][0], root)]}
-    out = tmp_path / "run"
-    train(config(relative, out, max_steps=2), log=quiet)
-    stored = json.loads((out / "run.json").read_text())["config"]
-    assert stored["backbone"] == assets["backbone"] and stored["train"] == assets["train"]
-    monkeypatch.chdir(tmp_path)
-    assert train(config(assets, "run", max_steps=2, resume=True), log=quiet).steps == 2
+def test_resume_from_another_working_directory_or_a_moved_project(assets, tmp_path, monkeypatch):
+    """A path setting resumes when typed alike (the project moved, same relative paths) or when it
+    resolves alike (another working directory); run.json of older versions (no ``resolved``)
+    compares what was typed."""
+    project = tmp_path / "project"
+    shutil.copytree(Path(assets["backbone"]).parent, project)
+    relative = {"backbone": "backbone", "train": [os.path.relpath(assets["train"][0], Path(assets["backbone"]).parent)],
+                "valid": [os.path.relpath(assets["valid"][0], Path(assets["backbone"]).parent)]}
+    monkeypatch.chdir(project)
+    train(config(relative, "run", max_steps=2), log=quiet)
+    stored = json.loads((project / "run" / "run.json").read_text())["config"]
+    assert stored["backbone"] == "backbone" and stored["resolved"]["backbone"] == str(project / "backbone")
 
-    run = json.loads((out / "run.json").read_text())
-    run["config"].update(relative)
-    (out / "run.json").write_text(json.dumps(run))
-    monkeypatch.chdir(root)
-    assert train(config(relative, out, max_steps=2, resume=True), log=quiet).steps == 2
+    monkeypatch.chdir(tmp_path)  # another working directory, paths typed from there
+    elsewhere = {name: (f"project/{v}" if isinstance(v, str) else [f"project/{p}" for p in v])
+                 for name, v in relative.items()}
+    assert train(config(elsewhere, "project/run", max_steps=2, resume=True), log=quiet).steps == 2
+
+    moved = tmp_path / "moved"
+    project.rename(moved)  # the whole project moved, same relative paths
+    monkeypatch.chdir(moved)
+    assert train(config(relative, "run", max_steps=2, resume=True), log=quiet).steps == 2
+
+    run = json.loads((moved / "run" / "run.json").read_text())
+    del run["config"]["resolved"]  # as written by an older version
+    (moved / "run" / "run.json").write_text(json.dumps(run))
+    assert train(config(relative, "run", max_steps=2, resume=True), log=quiet).steps == 2
+    with pytest.raises(RunDirectoryError, match="backbone: was 'backbone'"):
+        train(config(elsewhere | {"backbone": str(moved / "backbone")}, "run", max_steps=2, resume=True), log=quiet)
 
 
 def test_finish_reuses_the_best_evaluation_also_after_resume(assets, tmp_path, monkeypatch):
@@ -294,7 +304,7 @@ def test_bf16_autocast_runs_on_cpu(assets, tmp_path):
     ("batch_size", 0, "batch_size: expected an integer >= 1"),
     ("schedule", "step", "schedule: expected one of"),
     ("patience", 2, "patience: expected validation data"),
-    ("max_length", 100000, "max_length: 100000 exceeds the backbone's max_position_embeddings=512"),
+    ("max_length", 100000, "max_length: 100000 exceeds the backbone's 512 positions"),
     ("backbone", "/nonexistent/model", "backbone: /nonexistent/model does not exist"),
     ("label_smoothing", 0.7, "label_smoothing: expected a float in"),
     ("backend", "fastest", "backend: expected one of"),

@@ -41,6 +41,7 @@ PAIR_RATING_COLUMNS = (("chosen_rating", "rejected_rating"), ("score_chosen", "s
                        ("chosen_score", "rejected_score"))
 RANKING_RATING_COLUMNS = ("ratings", "scores")
 TOKENIZE_CHUNK = 512
+GZIP_ERRORS = (EOFError, gzip.BadGzipFile, zlib.error)  # a .gz file cut short, or not gzip at all
 
 
 class DataError(ValueError):
@@ -183,7 +184,7 @@ def _read_jsonl(path: Path) -> Iterator[tuple[str, object]]:
                     raise DataError(f"{path}:{line_number}: invalid JSON ({err.msg} at column {err.colno})") from None
                 count += 1
                 yield f"{path}:{line_number}", record
-        except (UnicodeDecodeError, gzip.BadGzipFile, EOFError, zlib.error) as err:
+        except (UnicodeDecodeError, *GZIP_ERRORS) as err:
             raise DataError(f"{path}: cannot be read as UTF-8 JSONL ({err})") from None
     if count == 0:
         raise DataError(f"{path}: no records (empty file)")
@@ -457,8 +458,7 @@ def load_preferences(sources, tokenizer, max_length: int, *, use_margin: bool = 
                         f"{sum(len(t) for t, _ in rendered)} texts: a row keeps its whole response, its special "
                         f"tokens and at least one prompt token (only the prompt is cut, from the left). "
                         f"First: {too_long[0]}. Raise max_length (where the backbone has more positions), or allow "
-                        f"cutting such responses from the left "
-                        f"(--truncate-responses, truncate_responses=True).")
+                        "cutting such responses from the left (--truncate-responses, truncate_responses=True).")
     formats = sorted({p.fmt for p in parsed})
     return PreferenceDataset(examples, _report(name, formats, examples, max_length))
 
