@@ -51,12 +51,12 @@ class FusedRewardTrainer(RewardTrainer):
 
     _warned_fallback = False
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        coefficient = self.args.center_rewards_coefficient
+    def __init__(self, model=None, args=None, *rest, **kwargs):
+        coefficient = getattr(args, "center_rewards_coefficient", None)  # checked before the trainer is built
         if coefficient is not None and not (math.isfinite(coefficient) and coefficient >= 0):
             raise ValueError("center_rewards_coefficient: expected None or a finite float >= 0, got "
                              f"{coefficient}")
+        super().__init__(model, args, *rest, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         classifier = self._fusable_classifier(model, inputs)
