@@ -92,6 +92,17 @@ def _describe(value) -> str:
     return f"{type(value).__name__} {text[:80] + '...' if len(text) > 80 else text}"
 
 
+def require_unicode(text: str, where: str) -> str:
+    """``text``, or ``ValueError`` naming ``where`` when it holds a lone surrogate (e.g. from a JSON
+    escape "\\ud83d" cut from its pair): not valid Unicode, so no tokenizer can encode it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(f"{where}: invalid Unicode: lone surrogate {text[err.start]!r} at character "
+                         f"{err.start}") from None
+    return text
+
+
 def default_token_budget(device: torch.device) -> int:
     return CPU_TOKEN_BUDGET if device.type == "cpu" else ACCELERATOR_TOKEN_BUDGET
 
@@ -183,7 +194,7 @@ class Scorer:
                     raise FileNotFoundError(f"path: {path} has no {checkpoint.TOKENIZER_DIR}/ directory; "
                                             "pass tokenizer=")
                 tokenizer = load_tokenizer(str(path))
-            max_length = max_length or model.max_length
+            max_length = model.max_length if max_length is None else max_length
         elif (path / "config.json").is_file():
             info = read_export_info(path)
             model, pad_pooling_token_id = _load_hf_sequence_classifier(path, exported=bool(info))
@@ -192,7 +203,7 @@ class Scorer:
             trained_with_eos = bool(info.get("append_eos", False))
             if info.get("reward_mean") is not None and info.get("reward_std") is not None:
                 model.reward_mean, model.reward_std = info["reward_mean"], info["reward_std"]
-            max_length = max_length or info.get("max_length")
+            max_length = info.get("max_length") if max_length is None else max_length
             tokenizer = tokenizer if tokenizer is not None else load_tokenizer(str(path))
         else:
             raise FileNotFoundError(
@@ -200,7 +211,8 @@ class Scorer:
                 "nor a transformers checkpoint (config.json)")
         if dtype is not None:
             model.backbone.to(dtype)
-        max_length = max_length or default_max_length(tokenizer, model.backbone.config)
+        if max_length is None:
+            max_length = default_max_length(tokenizer, model.backbone.config)
         return cls(model, tokenizer, device=device, max_length=max_length, token_budget=token_budget,
                    normalize=normalize, bf16=bf16, append_eos=trained_with_eos if append_eos is None else append_eos,
                    pad_pooling_token_id=pad_pooling_token_id)
@@ -208,17 +220,17 @@ class Scorer:
     def render(self, item, where: str = "input") -> tuple[str, bool]:
         """(text, add_special_tokens) of one input; ``where`` names it in errors."""
         if isinstance(item, str):
-            return item, True
+            return require_unicode(item, where), True
         if is_conversation(item):
-            return self._apply_chat_template(item, where), False
+            return require_unicode(self._apply_chat_template(item, where), where), False
         if isinstance(item, (tuple, list)) and len(item) == 2:
             prompt, response = item
             if isinstance(prompt, str) and isinstance(response, str):
-                return prompt + response, True
+                return require_unicode(prompt + response, where), True
             if is_conversation(prompt):
                 response = [{"role": "assistant", "content": response}] if isinstance(response, str) else response
                 if is_conversation(response):
-                    return self._apply_chat_template(prompt + response, where), False
+                    return require_unicode(self._apply_chat_template(prompt + response, where), where), False
         raise TypeError(f"{where}: expected a text (str), a (prompt, response) pair or a conversation "
                         f"(list of {{'role', 'content'}} dicts), got {_describe(item)}")
 

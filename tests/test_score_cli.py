@@ -116,6 +116,7 @@ BAD_LINES = {
     '{"id": ' + "9" * 4301 + ', "text": "x"}': "invalid JSON: Exceeds the limit (4300 digits)",
     "[" * 100_000: "invalid JSON: maximum recursion depth",
     b'{"text": "caf\xe9"}': "invalid UTF-8: invalid continuation byte at byte 14",
+    '{"id": 12, "text": "the \\ud83d cat"}': "'text': invalid Unicode: lone surrogate '\\ud83d' at character 4",
 }
 
 
@@ -258,6 +259,7 @@ def test_output_that_would_replace_the_input_or_a_directory_is_refused_up_front(
 
 @pytest.mark.parametrize("option, message", [
     (["--max-length", "4096"], "max_length: 4096 exceeds the backbone's 128 positions"),
+    (["--max-length", "0"], "max_length: expected >= 1 or None, got 0"),
     (["--device", "gpu0"], "device: 'gpu0' is not a torch device"),
 ])
 def test_bad_max_length_or_device_is_one_clear_line(reward_checkpoint, tmp_path, capsys, option, message):

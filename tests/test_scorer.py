@@ -231,6 +231,8 @@ def test_bad_inputs_raise_clear_errors(reward_checkpoint):
         no_template.score([[{"role": "user", "content": "hi"}]])
     with pytest.raises(ValueError, match=r"inputs\[1\]: no tokens besides special tokens"):
         scorer.score(["the cat", "   "])
+    with pytest.raises(ValueError, match=r"inputs\[1\]: invalid Unicode: lone surrogate"):
+        scorer.score(["the cat", ("the", " cat \ud83d")])
 
 
 def test_bad_max_length_and_device_are_refused_when_loading(reward_checkpoint):
