@@ -23,6 +23,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import numbers
 import os
 import random
 import shutil
@@ -111,22 +112,28 @@ class TrainConfig:
             if not ok:
                 raise ValueError(f"{name}: expected {expected}, got {getattr(self, name)!r}")
 
+        def integer(name, lowest, optional=False):  # numbers.Integral: NumPy integers too, not bool
+            value = getattr(self, name)
+            whole = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+            need((optional and value is None) or (whole and value >= lowest), name, f"an integer >= {lowest}")
+            if whole:
+                setattr(self, name, int(value))  # plain int for run.json
+
         need(isinstance(self.backbone, (str, os.PathLike)) and str(self.backbone), "backbone", "a local path")
         need(isinstance(self.output_dir, (str, os.PathLike)) and str(self.output_dir), "output_dir", "a path")
         need(self.train is not None, "train", "training data")
         need(0.0 <= self.valid_fraction < 1.0, "valid_fraction", "a float in [0, 1)")
         need(not (self.valid is not None and self.valid_fraction), "valid_fraction",
              "0 when validation data is given")
-        need(isinstance(self.num_heads, int) and self.num_heads >= 1, "num_heads", "an integer >= 1")
-        need(self.max_length is None or (isinstance(self.max_length, int) and self.max_length >= 2), "max_length",
-             "an integer >= 2")
+        integer("num_heads", 1)
+        integer("max_length", 2, optional=True)
         need(self.loss in LOSSES, "loss", f"one of {LOSSES}")
-        need(isinstance(self.epochs, int) and self.epochs >= 1, "epochs", "an integer >= 1")
-        need(self.max_steps is None or self.max_steps >= 1, "max_steps", "an integer >= 1")
-        need(isinstance(self.batch_size, int) and self.batch_size >= 1, "batch_size", "an integer >= 1")
-        need(self.max_tokens is None or self.max_tokens >= 2, "max_tokens", "an integer >= 2")
-        need(self.eval_batch_size is None or self.eval_batch_size >= 1, "eval_batch_size", "an integer >= 1")
-        need(isinstance(self.grad_accum, int) and self.grad_accum >= 1, "grad_accum", "an integer >= 1")
+        integer("epochs", 1)
+        integer("max_steps", 1, optional=True)
+        integer("batch_size", 1)
+        integer("max_tokens", 2, optional=True)
+        integer("eval_batch_size", 1, optional=True)
+        integer("grad_accum", 1)
         need(self.lr > 0 and math.isfinite(self.lr), "lr", "a finite float > 0")
         need(self.head_lr is None or (self.head_lr > 0 and math.isfinite(self.head_lr)), "head_lr",
              "a finite float > 0")
@@ -135,14 +142,14 @@ class TrainConfig:
         need(self.schedule in SCHEDULES, "schedule", f"one of {SCHEDULES}")
         need(self.max_grad_norm >= 0, "max_grad_norm", "a float >= 0 (0: no clipping)")
         need(self.precision in PRECISIONS, "precision", f"one of {PRECISIONS}")
-        need(self.eval_every >= 0, "eval_every", "an integer >= 0")
+        integer("eval_every", 0)
         need(self.early_stopping_metric in EARLY_STOPPING_METRICS, "early_stopping_metric",
              f"one of {EARLY_STOPPING_METRICS}")
-        need(self.patience is None or self.patience >= 1, "patience", "an integer >= 1")
+        integer("patience", 1, optional=True)
         need(self.patience is None or self.valid is not None or self.valid_fraction, "patience",
              "validation data (valid or valid_fraction) for early stopping")
-        need(self.save_every >= 0, "save_every", "an integer >= 0")
-        need(self.log_every >= 1, "log_every", "an integer >= 1")
+        integer("save_every", 0)
+        integer("log_every", 1)
         need(not (self.overwrite and self.resume), "overwrite", "not both overwrite and resume")
         backends.requested(self.backend)
         self.loss_config()

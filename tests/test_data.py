@@ -1,6 +1,7 @@
 """Preference data: formats, tokenization, truncation, bad input, batching, the generated data set."""
 import gzip
 import json
+import math
 import random
 
 import numpy as np
@@ -70,6 +71,19 @@ def test_conversational_records_use_the_chat_template(tokenizer):
     assert data.report.formats == ["conversational explicit prompt"]
 
 
+def test_conversational_responses_that_start_alike_stay_responses(tokenizer):
+    """The prompt is the prompt messages, not the common prefix of the rendered texts: a tight
+    max_length may not cut the shared opening words of the responses unless truncate_responses."""
+    prompt = [{"role": "user", "content": "tell me about the river"}]
+    chosen = [{"role": "assistant", "content": "the river is clear and kind"}]
+    rejected = [{"role": "assistant", "content": "the river is wrong"}]
+    explicit = load_preferences([{"prompt": prompt, "chosen": chosen, "rejected": rejected}], tokenizer, 64)
+    implicit = load_preferences([{"chosen": prompt + chosen, "rejected": prompt + rejected}], tokenizer, 64)
+    assert explicit[0].response_lengths == implicit[0].response_lengths == [6, 4]
+    with pytest.raises(DataError, match="max_length=5 is too small"):
+        load_preferences([{"prompt": prompt, "chosen": chosen, "rejected": rejected}], tokenizer, 5)
+
+
 def test_optional_columns_margin_ratings_ties_rankings(tokenizer):
     rng = random.Random(2)
     pairs = [{"chosen": sentence(rng, 5), "rejected": sentence(rng, 5), "margin": rng.uniform(0, 2),
@@ -92,6 +106,26 @@ def test_datasets_objects_are_accepted(tokenizer):
     assert [e.input_ids for e in data] == [e.input_ids for e in load_preferences(rows, tokenizer, 32)]
     with pytest.raises(DataError, match="DatasetDict.*pass one split"):
         load_preferences(datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)}), tokenizer, 32)
+
+
+def test_null_columns_of_a_datasets_table_count_as_absent(tokenizer):
+    """A table that mixes pairs with rankings, or rated with unrated rows, holds nulls where a row
+    lacks a column: each row loads as it would from a list of dicts."""
+    datasets = pytest.importorskip("datasets")
+    rng = random.Random(5)
+    rows = [{"prompt": "human : hi", "chosen": sentence(rng, 3), "rejected": sentence(rng, 4), "chosen_rating": 2.0,
+             "rejected_rating": 1.0},
+            {"prompt": "human : hi", "chosen": sentence(rng, 3), "rejected": sentence(rng, 4)},
+            {"prompt": "human : hi", "responses": [sentence(rng, 3), sentence(rng, 4), sentence(rng, 2)],
+             "ratings": [3, 2, 1]},
+            {"prompt": "human : hi", "responses": [sentence(rng, 3), sentence(rng, 4)]}]
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    table = datasets.Dataset.from_dict({k: [row.get(k) for row in rows] for k in columns})
+    data = load_preferences(table, tokenizer, 32)
+    assert [e.input_ids for e in data] == [e.input_ids for e in load_preferences(rows, tokenizer, 32)]
+    assert [e.ratings for e in data][::2] == [[2.0, 1.0], [3.0, 2.0, 1.0]] and math.isnan(data[1].ratings[0])
+    with pytest.raises(DataError, match="column 'rejected_rating': expected a finite number, got None"):
+        load_preferences([{**rows[0], "rejected_rating": None}], tokenizer, 32)
 
 
 # ----------------------------------------------------------------------------- truncation

@@ -310,6 +310,9 @@ def test_bf16_autocast_runs_on_cpu(assets, tmp_path):
     ("backend", "fastest", "backend: expected one of"),
     ("device", "gpu0", "device: 'gpu0' is not a torch device"),
     ("device", "cuda:99", "device: cuda:99"),
+    ("max_steps", 2.5, "max_steps: expected an integer >= 1, got 2.5"),
+    ("eval_every", 2.5, "eval_every: expected an integer >= 0"),
+    ("max_tokens", 600.5, "max_tokens: expected an integer >= 2"),
 ])
 def test_bad_configuration_is_refused_before_writing(assets, tmp_path, field, value, message):
     overrides = {field: value}

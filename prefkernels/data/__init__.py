@@ -252,7 +252,8 @@ def parse_record(location: str, record, use_margin: bool = True) -> _Parsed:
     """Validate one record in any supported format; raises ``DataError`` naming the column."""
     if not isinstance(record, dict):
         raise DataError(f"{location}: expected a JSON object with preference columns, got {type(record).__name__}")
-    if "responses" in record:
+    ranking = record.get("responses") is not None  # a null column (a pair in a datasets table) is absent
+    if ranking:
         responses = record["responses"]
         if not isinstance(responses, list) or len(responses) < 2:
             raise DataError(f"{location}: column 'responses': expected a list of >= 2 responses ordered best "
@@ -282,20 +283,20 @@ def parse_record(location: str, record, use_margin: bool = True) -> _Parsed:
     ratings = [math.nan] * len(responses)
     if len(responses) == 2:
         for chosen_column, rejected_column in PAIR_RATING_COLUMNS:
-            if chosen_column in record or rejected_column in record:
-                for column in (chosen_column, rejected_column):
-                    if record.get(column) is None:
-                        raise _missing_column(location, column, record, f" (needed with {chosen_column!r})")
+            if record.get(chosen_column) is not None or record.get(rejected_column) is not None:
+                for column, other in ((chosen_column, rejected_column), (rejected_column, chosen_column)):
+                    if column not in record:
+                        raise _missing_column(location, column, record, f" (needed with {other!r})")
                 ratings = [_number(location, c, record[c]) for c in (chosen_column, rejected_column)]
                 break
     for column in RANKING_RATING_COLUMNS:
-        if column in record and "responses" in record:
+        if ranking and record.get(column) is not None:
             values = record[column]
             if not isinstance(values, list) or len(values) != len(responses):
                 raise DataError(f"{location}: column {column!r}: expected {len(responses)} numbers, one per "
                                 f"response, got {values!r:.80}")
             ratings = [_number(location, column, v) for v in values]
-    fmt = ("ranking" if "responses" in record else "explicit prompt" if prompt is not None else "implicit prompt")
+    fmt = ("ranking" if ranking else "explicit prompt" if prompt is not None else "implicit prompt")
     if conversational:
         fmt = "conversational " + fmt
     return _Parsed(location, prompt, list(responses), conversational, margin, tie, ratings, fmt, columns)
@@ -327,12 +328,26 @@ def render(parsed: _Parsed, tokenizer) -> tuple[list[str], int]:
         if not getattr(tokenizer, "chat_template", None):
             raise DataError(f"{parsed.location}: conversational records need a tokenizer with a chat template; "
                             f"{type(tokenizer).__name__} has none")
-        prompt = parsed.prompt or []
-        texts = [tokenizer.apply_chat_template(prompt + response, tokenize=False) for response in parsed.responses]
-        return texts, len(os.path.commonprefix(texts))
+        conversations = [(parsed.prompt or []) + response for response in parsed.responses]
+        shared = len(parsed.prompt) if parsed.prompt else _shared_messages(conversations)
+        texts = [tokenizer.apply_chat_template(conversation, tokenize=False) for conversation in conversations]
+        # The prompt ends where its own rendering (with the assistant header) stops matching: texts that
+        # merely start alike ("the river is ...") must not move response words into the prompt
+        prompt = tokenizer.apply_chat_template(conversations[0][:shared], tokenize=False,
+                                               add_generation_prompt=True) if shared else ""
+        return texts, len(os.path.commonprefix([*texts, prompt]))
     if parsed.prompt is not None:
         return [parsed.prompt + response for response in parsed.responses], len(parsed.prompt)
     return list(parsed.responses), len(os.path.commonprefix(parsed.responses))
+
+
+def _shared_messages(conversations: list[list]) -> int:
+    """How many leading messages every conversation shares, leaving each at least one (the implicit
+    prompt, as TRL's ``extract_prompt`` finds it)."""
+    shared = 0
+    while all(len(c) > shared + 1 and c[shared] == conversations[0][shared] for c in conversations):
+        shared += 1
+    return shared
 
 
 @dataclass
