@@ -140,7 +140,6 @@ def main():
             if device.type == "cuda":
                 # Both trainers' models and optimizer states stay resident: count what the step adds
                 # above them, not the absolute peak (which would include the other trainer's).
-                torch.cuda.synchronize()
                 held = torch.cuda.memory_allocated()
                 torch.cuda.reset_peak_memory_stats()
             seconds, loss = timed_step(trainers[name], batch, device)

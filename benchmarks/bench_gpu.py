@@ -24,6 +24,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -75,9 +76,9 @@ def profile_table(steps: dict, batch: dict, rows: int = 20) -> str:
 
 def graphed(step, batch):
     """Capture ``step`` in a CUDA graph (after warm-up on a side stream); return its replay."""
-    previous = os.environ.get("PREFKERNELS_CHECK_VALUES")
-    os.environ["PREFKERNELS_CHECK_VALUES"] = "0"
-    try:
+    # value checks off (no host sync in a capture); the caller's setting is back afterwards: the
+    # eager timings of the next shape use it
+    with mock.patch.dict(os.environ, {"PREFKERNELS_CHECK_VALUES": "0"}):
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -90,11 +91,6 @@ def graphed(step, batch):
         with torch.cuda.graph(graph):
             step(batch)
         torch.cuda.synchronize()
-    finally:  # restore the caller's setting: the eager timings of the next shape use it
-        if previous is None:
-            os.environ.pop("PREFKERNELS_CHECK_VALUES", None)
-        else:
-            os.environ["PREFKERNELS_CHECK_VALUES"] = previous
     return lambda _batch: graph.replay()
 
 

@@ -46,7 +46,7 @@ def run(shapes, repeats: int, warmup: int) -> list[dict]:
         row["(native+read)/(floor+read)"] = times["native+read"] / times["floor+read"]
         row["(eager+read)/(floor+read)"] = times["eager+read"] / times["floor+read"]
         for name in ALONE_METHODS:
-            alone = common.time_interleaved({name: steps[name]}, batch, repeats, warmup, common.cpu_timer)[name]
+            alone = common.time_alone(steps[name], batch, repeats, warmup, common.cpu_timer)
             row[f"{name} alone ms"] = alone * 1e3
         for name in ALONE_METHODS[1:]:
             row[f"{name}/floor alone"] = row[f"{name} alone ms"] / row["floor alone ms"]
@@ -62,8 +62,7 @@ def fixed_cost(repeats: int) -> dict:
     steps = common.methods(["native"])
     batch = common.make_batch(*FIXED_COST_SHAPE, "cpu")
     times = common.time_interleaved(steps, batch, repeats, 20, common.cpu_timer)
-    alone = {name: common.time_interleaved({name: step}, batch, repeats, 20, common.cpu_timer)[name]
-             for name, step in steps.items()}
+    alone = {name: common.time_alone(step, batch, repeats, 20, common.cpu_timer) for name, step in steps.items()}
     return {"shape": "P={} T={} D={} {}".format(*FIXED_COST_SHAPE),
             **{f"{name} us": seconds * 1e6 for name, seconds in times.items()},
             **{f"{name} alone us": seconds * 1e6 for name, seconds in alone.items()}}

@@ -328,7 +328,7 @@ def evaluate_prefkernels(trainer) -> dict:
 # ----------------------------------------------------------------------------- TRL
 
 
-def trl_trainer(args, backbone: str, train_pairs, output_dir: Path, clock: StepClock):
+def trl_trainer(args, backbone: str, train_pairs, output_dir: Path, clock: StepClock, warmup_steps: int):
     """Stock ``trl.RewardTrainer``; a callback feeds ``clock`` and the stock collator is wrapped to count tokens."""
     import torch
     import transformers
@@ -359,8 +359,7 @@ def trl_trainer(args, backbone: str, train_pairs, output_dir: Path, clock: StepC
         output_dir=str(output_dir), per_device_train_batch_size=args.batch_size,
         per_device_eval_batch_size=2 * args.batch_size, learning_rate=args.lr, num_train_epochs=args.epochs,
         seed=args.seed, weight_decay=WEIGHT_DECAY, lr_scheduler_type="linear",
-        # prefkernels' count: round(5% of the steps); a float here would be ceil'ed by transformers
-        warmup_steps=round(WARMUP_RATIO * math.ceil(len(train_pairs) / args.batch_size) * args.epochs),
+        warmup_steps=warmup_steps,  # prefkernels' count; a float ratio here would be ceil'ed by transformers
         max_grad_norm=MAX_GRAD_NORM, bf16=False, fp16=False, activation_checkpointing=False,
         gradient_checkpointing=False, report_to=[], eval_strategy="no", save_strategy="no",
         dataloader_num_workers=0, use_cpu=True, max_length=512, eos_token=trl_eos_token(tokenizer),
@@ -569,7 +568,8 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench_train-") as tmp:
         pk, pk_log = prefkernels_trainer(args, backbone, train_pairs, valid_pairs, Path(tmp) / "prefkernels",
                                          clocks["prefkernels"])
-        trl_run = trl_trainer(args, backbone, train_pairs, Path(tmp) / "trl", clocks["trl"])
+        trl_run = trl_trainer(args, backbone, train_pairs, Path(tmp) / "trl", clocks["trl"],
+                              warmup_steps=round(WARMUP_RATIO * pk.total_steps))  # as prefkernels' trainer
         mode = "back to back (TRL first)" if args.sequential else "interleaved step by step"
         print(f"training {args.epochs} epoch(s), batch {args.batch_size} pairs, lr {args.lr:g}, seed {args.seed}, "
               f"{args.threads} threads, {mode} ...", flush=True)

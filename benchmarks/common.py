@@ -80,6 +80,8 @@ def time_interleaved(steps: dict, batch: dict, repeats: int, warmup: int, timer)
     """Median seconds per step, methods interleaved within each repeat (noise hits all alike).
     The order rotates by one method per repeat, so no method always runs after the same one
     (on CPU the heap state a step leaves changes the next step's allocation cost)."""
+    if not steps:
+        return {}
     for step in steps.values():
         for _ in range(warmup):
             reset(batch)
@@ -92,6 +94,11 @@ def time_interleaved(steps: dict, batch: dict, repeats: int, warmup: int, timer)
             reset(batch)
             samples[name].append(timer(steps[name], batch))
     return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def time_alone(step, batch: dict, repeats: int, warmup: int, timer) -> float:
+    """Median seconds per step of ``step`` run alone in a loop (the heap stays warm for it)."""
+    return time_interleaved({"alone": step}, batch, repeats, warmup, timer)["alone"]
 
 
 def cpu_timer(step, batch) -> float:

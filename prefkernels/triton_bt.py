@@ -308,7 +308,7 @@ def _new(shape, like: Tensor, dtype: torch.dtype) -> Tensor:
 def _zeros_at_word_speed(like: Tensor) -> Tensor:
     """A contiguous zero tensor shaped like ``like``, cleared as 4-byte words when its size allows:
     zero bits are 0.0 in every float type, and PyTorch's fill runs slower on 2-byte types."""
-    out = torch.empty(like.shape, device=like.device, dtype=like.dtype)
+    out = _new(like.shape, like, like.dtype)
     flat = out.view(-1)
     (flat.view(torch.int32) if flat.numel() * flat.element_size() % 4 == 0 else flat).zero_()
     return out
