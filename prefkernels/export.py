@@ -32,7 +32,7 @@ from prefkernels import __version__, checkpoint
 from prefkernels.data import end_token_id, pad_rows
 from prefkernels.model import RewardModel, load_tokenizer
 from prefkernels.scorer import (EXPORT_INFO_FORMAT, EXPORT_INFO_NAME, UNBOUNDED_MODEL_MAX_LENGTH, Scorer,
-                                default_max_length)
+                                default_max_length, read_export_info)
 
 
 class ExportError(ValueError):
@@ -418,7 +418,7 @@ def run_export(args) -> int:
             print(f"prefkernels export: warning: {warning.message}", file=sys.stderr)
         else:
             warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
-    info = json.loads((out / EXPORT_INFO_NAME).read_text())
+    info = read_export_info(out)
     ending = ("the tokenizer appends EOS to plain texts" if info["tokenizer_appends_eos"]
               else "EOS must be appended by hand (see README.md)")
     print(f"exported {args.checkpoint} -> {out} (AutoModelForSequenceClassification); {ending}, max_length "

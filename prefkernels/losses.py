@@ -106,18 +106,18 @@ def plackett_luce_nll(rewards: torch.Tensor, ranking: torch.Tensor) -> torch.Ten
     scores = rewards[ranking.clamp_min(0)]  # [G, L, K]; padding gathers row 0, masked out below
     width = ranking.shape[1]
     later = torch.ones(width, width, dtype=torch.bool, device=rewards.device).triu(1)  # [i, j]: j > i
-    include = later.unsqueeze(0) & valid.unsqueeze(1)  # [G, i, j]
-    counted = valid & include.any(dim=2)  # [G, i]: a real position with a later response
+    include = later.unsqueeze(0) & valid.unsqueeze(1) & valid.unsqueeze(2)  # [G, i, j]: both real, j > i
     # term i = softplus(logsumexp_{j > i} (r_j - r_i)) = log(1 + sum_{j > i} e^{r_j - r_i}): from
     # differences, so softplus(-d) (BT) on pairs, at any reward offset; positions without a term
     # (the last, padding) get a finite dummy row, so padding's NaN/inf never reaches the loss or
     # a gradient; so does a term whose later responses all sit at -inf (it is softplus(-inf) = 0,
     # but logsumexp of an all -inf row has a NaN gradient)
     table = (scores.unsqueeze(1) - scores.unsqueeze(2)).masked_fill(~include.unsqueeze(-1), float("-inf"))
-    certain = torch.isneginf(table).all(dim=2)  # [G, L, K]: nothing later can win
-    table = table.masked_fill(~counted[:, :, None, None] | certain.unsqueeze(2), 0.0)
-    terms = F.softplus(torch.logsumexp(table, dim=2))  # [G, L, K]
-    return torch.where(counted.unsqueeze(-1) & ~certain, terms, 0.0).sum(dim=1)
+    # [G, L, K]: no later response can win, which includes every position without a term (the
+    # last response, padding: nothing included)
+    certain = torch.isneginf(table).all(dim=2)
+    terms = F.softplus(torch.logsumexp(table.masked_fill(certain.unsqueeze(2), 0.0), dim=2))
+    return torch.where(certain, 0.0, terms).sum(dim=1)
 
 
 def comparison_loss(rewards: torch.Tensor, config: LossConfig, *, ranking: torch.Tensor,

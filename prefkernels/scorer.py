@@ -219,18 +219,22 @@ class Scorer:
 
     def render(self, item, where: str = "input") -> tuple[str, bool]:
         """(text, add_special_tokens) of one input; ``where`` names it in errors."""
+        text, add_special_tokens = self._render(item, where)
+        return require_unicode(text, where), add_special_tokens
+
+    def _render(self, item, where: str) -> tuple[str, bool]:
         if isinstance(item, str):
-            return require_unicode(item, where), True
+            return item, True
         if is_conversation(item):
-            return require_unicode(self._apply_chat_template(item, where), where), False
+            return self._apply_chat_template(item, where), False
         if isinstance(item, (tuple, list)) and len(item) == 2:
             prompt, response = item
             if isinstance(prompt, str) and isinstance(response, str):
-                return require_unicode(prompt + response, where), True
+                return prompt + response, True
             if is_conversation(prompt):
                 response = [{"role": "assistant", "content": response}] if isinstance(response, str) else response
                 if is_conversation(response):
-                    return require_unicode(self._apply_chat_template(prompt + response, where), where), False
+                    return self._apply_chat_template(prompt + response, where), False
         raise TypeError(f"{where}: expected a text (str), a (prompt, response) pair or a conversation "
                         f"(list of {{'role', 'content'}} dicts), got {_describe(item)}")
 
@@ -361,11 +365,12 @@ def _load_hf_sequence_classifier(path: Path, exported: bool = False) -> tuple[Re
     if not any(name.endswith("ForSequenceClassification") for name in architectures):
         raise ValueError(f"path: {path}/config.json lists architectures {architectures}, not a "
                          "*ForSequenceClassification model; train a reward head with prefkernels first")
-    labels = [] if exported else _class_labels(AutoConfig.from_pretrained(str(path)))
+    classifier_config = AutoConfig.from_pretrained(str(path))  # read once: checked, then given to the model
+    labels = [] if exported else _class_labels(classifier_config)
     if labels:
         raise ValueError(f"path: {path} is a classifier of {len(labels)} classes ({', '.join(labels[:5])}), not a "
                          "reward model (one score per text, K reward heads, or named regression outputs)")
-    classifier = AutoModelForSequenceClassification.from_pretrained(str(path))
+    classifier = AutoModelForSequenceClassification.from_pretrained(str(path), config=classifier_config)
     score = getattr(classifier, "score", None)
     name = type(classifier).__name__
     if name not in LAST_TOKEN_POOLED_CLASSES or not isinstance(score, nn.Linear):

@@ -509,9 +509,9 @@ class Trainer:
 
     def _prepare_output_dir(self, saved: dict | None) -> None:
         """The first write of the run (rank 0); every input has been validated by now."""
-        grouped = self.sampler.padding_fraction(0)
         self.dist.barrier()  # every process has read the checkpoint, maybe from its .old-* sibling (resume)
         if self.dist.is_main:
+            grouped = self.sampler.padding_fraction(0)  # logged by rank 0 only
             path = self.output_dir
             path.mkdir(parents=True, exist_ok=True)
             for name in (CHECKPOINT_DIR, BEST_DIR):  # put back what a kill mid-save moved aside
@@ -711,15 +711,10 @@ class Trainer:
 
     def _save_best(self, result: dict, split: str) -> None:
         """Write best/ from the current model with reward mean/std of ``result`` (measured on ``split``)."""
-        previous = self.model.reward_mean, self.model.reward_std
-        self.model.reward_mean, self.model.reward_std = result["reward_mean"], result["reward_std"]
-        try:
-            if self.dist.is_main:
-                extra = {**self._extra(), "reward_stats_split": split}
-                self.model.save_pretrained(str(self.output_dir / BEST_DIR), self.tokenizer, extra=extra)
-        finally:
-            # the stats belong to best/'s weights only; checkpoint/ keeps the training model without them
-            self.model.reward_mean, self.model.reward_std = previous
+        if self.dist.is_main:  # the stats go into best/'s config only, not onto the training model
+            extra = {**self._extra(), "reward_stats_split": split,
+                     "reward_mean": result["reward_mean"], "reward_std": result["reward_std"]}
+            self.model.save_pretrained(str(self.output_dir / BEST_DIR), self.tokenizer, extra=extra)
         self.dist.barrier()
 
     def _extra(self) -> dict:
