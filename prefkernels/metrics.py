@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from prefkernels.data import LengthGroupedBatchSampler, PreferenceCollator, PreferenceDataset, ranking_layout
+from prefkernels.data import (LengthGroupedBatchSampler, PreferenceCollator, PreferenceDataset, pair_owners,
+                             ranking_layout)
 from prefkernels.losses import LossConfig, comparison_loss
 
 CALIBRATION_BINS = 10
@@ -172,7 +173,7 @@ def _flatten(dataset: PreferenceDataset, rewards: dict[int, np.ndarray]) -> dict
     examples = [dataset[i] for i in indices]
     counts = [len(e.input_ids) for e in examples]
     ranking, chosen, rejected = ranking_layout(counts)
-    pair_of = np.repeat(np.arange(len(examples)), [n * (n - 1) // 2 for n in counts])
+    pair_of = pair_owners(counts).numpy()
     return {
         "rewards": np.concatenate([rewards[i] for i in indices]).astype(np.float32),
         "lengths": np.array([n for e in examples for n in e.response_lengths], dtype=np.float64),

@@ -572,6 +572,13 @@ def ranking_layout(num_responses: Sequence[int]) -> tuple[torch.Tensor, torch.Te
     return ranking, torch.tensor(chosen, dtype=torch.long), torch.tensor(rejected, dtype=torch.long)
 
 
+def pair_owners(num_responses: Sequence[int]) -> torch.Tensor:
+    """Comparison index [P] int64 of each ordered pair, in ``ranking_layout``'s order (a comparison
+    of n responses holds n(n-1)/2 pairs)."""
+    pairs = torch.tensor([n * (n - 1) // 2 for n in num_responses], dtype=torch.long)
+    return torch.repeat_interleave(torch.arange(len(num_responses)), pairs)
+
+
 class PreferenceCollator:
     """Pads a list of ``PreferenceExample`` into a ``PreferenceBatch`` (TRL layout for pairs)."""
 
@@ -592,9 +599,8 @@ class PreferenceCollator:
         margin = tie = None
         if chosen is None and examples[0].margin is not None:
             margin = torch.tensor([e.margin for e in examples], dtype=torch.float32)
-        if any(e.tie for e in examples):  # one flag per ordered pair (a ranking holds n(n-1)/2, never ties)
-            tie = torch.tensor([e.tie for e, n in zip(examples, counts) for _ in range(n * (n - 1) // 2)],
-                               dtype=torch.bool)
+        if any(e.tie for e in examples):  # one flag per ordered pair (rankings are never ties)
+            tie = torch.tensor([e.tie for e in examples], dtype=torch.bool)[pair_owners(counts)]
         return PreferenceBatch(input_ids, attention_mask, ranking, torch.tensor([e.index for e in examples]),
                                chosen, rejected, margin, tie)
 
