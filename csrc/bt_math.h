@@ -35,11 +35,14 @@ PK_HOST_DEVICE PairLossResult bt_pair_loss(float r_chosen, float r_rejected, flo
                                            float label_smoothing, float center_coef) {
   const float gap = r_chosen - r_rejected - margin;
   const float sum = r_chosen + r_rejected;
+  // A term whose weight is 0 is left out, not multiplied by 0: with an infinite reward it would
+  // be 0 * inf = NaN where the loss is 0 (TRL's -logsigmoid(gap) at gap = +inf).
+  const bool smoothed = label_smoothing > 0.f, centered = center_coef > 0.f;
   PairLossResult out;
-  out.loss = (1.f - label_smoothing) * stable_softplus(-gap) + label_smoothing * stable_softplus(gap)
-             + center_coef * sum * sum;
+  out.loss = (1.f - label_smoothing) * stable_softplus(-gap) + (smoothed ? label_smoothing * stable_softplus(gap) : 0.f)
+             + (centered ? center_coef * sum * sum : 0.f);
   const float d_gap = -(1.f - label_smoothing) * stable_sigmoid(-gap) + label_smoothing * stable_sigmoid(gap);
-  const float d_center = 2.f * center_coef * sum;
+  const float d_center = centered ? 2.f * center_coef * sum : 0.f;
   out.grad_chosen = d_gap + d_center;
   out.grad_rejected = -d_gap + d_center;
   return out;

@@ -80,7 +80,11 @@ def pair_loss(rewards, chosen_index, rejected_index, margin=None, label_smoothin
     gap = r_chosen - r_rejected
     if margin is not None:
         gap = gap - margin.to(gap.dtype).unsqueeze(1)
-    loss = (1.0 - label_smoothing) * F.softplus(-gap) + label_smoothing * F.softplus(gap)
+    loss = (1.0 - label_smoothing) * F.softplus(-gap)
+    # Terms of weight 0 are left out, not multiplied by 0: for an infinite reward that would be
+    # 0 * inf = NaN where the loss is 0 (TRL's -logsigmoid(gap) at gap = +inf).
+    if label_smoothing:
+        loss = loss + label_smoothing * F.softplus(gap)
     if center_coef:
         loss = loss + center_coef * (r_chosen + r_rejected) ** 2
     if reduction == "mean":

@@ -66,10 +66,12 @@ def _bt_pair(r_chosen, r_rejected, margin, label_smoothing, center_coef):
     """(loss, d loss/d r_chosen, d loss/d r_rejected), as bt_pair_loss in csrc/bt_math.h."""
     gap = r_chosen - r_rejected - margin
     total = r_chosen + r_rejected
-    loss = ((1.0 - label_smoothing) * _softplus(-gap) + label_smoothing * _softplus(gap)
-            + center_coef * total * total)
+    # zero-weight terms are left out (0 * inf would be NaN for an infinite reward)
+    loss = ((1.0 - label_smoothing) * _softplus(-gap)
+            + tl.where(label_smoothing > 0.0, label_smoothing * _softplus(gap), 0.0)
+            + tl.where(center_coef > 0.0, center_coef * total * total, 0.0))
     d_gap = -(1.0 - label_smoothing) * _sigmoid(-gap) + label_smoothing * _sigmoid(gap)
-    d_center = 2.0 * center_coef * total
+    d_center = tl.where(center_coef > 0.0, 2.0 * center_coef * total, 0.0)
     return loss, d_gap + d_center, -d_gap + d_center
 
 

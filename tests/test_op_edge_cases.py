@@ -98,3 +98,26 @@ def test_compiled_invalid_rows_add_no_bias_gradient(backend):
     score(h, w, b).backward(torch.ones(shape[0], 2))
     valid_rows = shape[0] - len(invalid)
     torch.testing.assert_close(b.grad, torch.full((2,), float(valid_rows)))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("label_smoothing,center_coef", [(0.0, 0.0), (0.1, 0.0), (0.0, 0.05)])
+def test_infinite_gap_loss_is_its_limit(backend, label_smoothing, center_coef):
+    """An infinite reward gap gives the loss's limit, never NaN: a term of weight 0 is left out
+    rather than computed as 0 * inf. gap = +inf (margin -inf): loss 0 when unsmoothed, as TRL's
+    -logsigmoid; smoothed, +inf. gap = -inf (margin +inf): +inf. Gradients stay finite."""
+    if not available(backend):
+        pytest.skip(f"backend {backend!r} not available on cpu")
+    g = torch.Generator().manual_seed(3)
+    h, w, b = leaves(torch.randn(6, 4, 8, generator=g), torch.randn(1, 8, generator=g), torch.randn(1, generator=g))
+    margin = torch.tensor([-float("inf"), float("inf"), 0.5])
+    loss, rewards = prefkernels.fused_bt_loss(h, w, b, last_index=torch.tensor([3, 1, 2, 0, 3, 2]), margin=margin,
+                                              label_smoothing=label_smoothing, center_coef=center_coef,
+                                              reduction="none", backend=backend)
+    assert not loss.isnan().any(), loss
+    center = center_coef * (rewards[0, 0] + rewards[3, 0]) ** 2
+    torch.testing.assert_close(loss[0, 0].detach(), torch.tensor(float("inf")) if label_smoothing else center)
+    assert loss[1, 0] == float("inf") and loss[2, 0].isfinite()
+    loss[[0, 2]].sum().backward()
+    for name, grad in (("hidden", h.grad), ("weight", w.grad), ("bias", b.grad)):
+        assert grad.isfinite().all(), f"grad_{name} {grad}"
