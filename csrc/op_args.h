@@ -8,24 +8,26 @@
 
 namespace prefkernels {
 
-inline HiddenLayout hidden_layout(const at::Tensor& hidden, const c10::optional<at::Tensor>& cu_seqlens) {
+// Hidden as rows of D elements with `rows` pooled rows: padded [N, T, D], or packed [total, D]
+// as one sequence of `total` positions (stride_n = 0).
+inline HiddenLayout layout_of(const at::Tensor& hidden, int64_t rows) {
+  TORCH_CHECK(hidden.dim() == 2 || hidden.dim() == 3, "hidden: expected [N, T, D] or packed [total, D]");
   TORCH_CHECK(hidden.stride(-1) == 1, "hidden: last dimension must be contiguous");
+  const bool packed = hidden.dim() == 2;
   HiddenLayout l;
-  if (hidden.dim() == 2) {
-    TORCH_CHECK(cu_seqlens.has_value(), "hidden: a 2-D (packed) hidden needs cu_seqlens");
-    l.rows = cu_seqlens->size(0) - 1;
-    l.positions = hidden.size(0);
-    l.dim = hidden.size(1);
-    l.stride_n = 0;
-    l.stride_t = hidden.stride(0);
-  } else {
-    TORCH_CHECK(hidden.dim() == 3, "hidden: expected [N, T, D] or packed [total, D]");
-    l.rows = hidden.size(0);
-    l.positions = hidden.size(1);
-    l.dim = hidden.size(2);
-    l.stride_n = hidden.stride(0);
-    l.stride_t = hidden.stride(1);
-  }
+  l.rows = rows;
+  l.positions = hidden.size(packed ? 0 : 1);
+  l.dim = hidden.size(-1);
+  l.stride_n = packed ? 0 : hidden.stride(0);
+  l.stride_t = hidden.stride(packed ? 0 : 1);
+  return l;
+}
+
+// The forward's layout: N = rows of padded hidden, or the sequences of cu_seqlens when packed.
+inline HiddenLayout hidden_layout(const at::Tensor& hidden, const c10::optional<at::Tensor>& cu_seqlens) {
+  TORCH_CHECK(hidden.dim() != 2 || cu_seqlens.has_value(), "hidden: a 2-D (packed) hidden needs cu_seqlens");
+  HiddenLayout l = layout_of(hidden, 0);
+  l.rows = hidden.dim() == 2 ? cu_seqlens->size(0) - 1 : hidden.size(0);
   return l;
 }
 
@@ -95,14 +97,8 @@ inline void check_margin(const c10::optional<at::Tensor>& margin, int64_t pairs)
 inline HiddenLayout backward_layout(const at::Tensor& grad_coef, const c10::optional<at::Tensor>& row_ptr,
                                     const c10::optional<at::Tensor>& row_entry, const at::Tensor& hidden,
                                     const at::Tensor& weight, const at::Tensor& pooled_pos) {
-  TORCH_CHECK(hidden.dim() == 2 || hidden.dim() == 3, "hidden: expected [N, T, D] or packed [total, D]");
-  TORCH_CHECK(hidden.stride(-1) == 1, "hidden: last dimension must be contiguous");
-  HiddenLayout l;
-  l.dim = hidden.size(-1);
-  l.rows = pooled_pos.size(0);
-  l.positions = hidden.dim() == 3 ? hidden.size(1) : hidden.size(0);
-  l.stride_n = hidden.dim() == 3 ? hidden.stride(0) : 0;
-  l.stride_t = hidden.dim() == 3 ? hidden.stride(1) : hidden.stride(0);
+  TORCH_CHECK(pooled_pos.dim() == 1, "pooled_pos: expected [N]");
+  const HiddenLayout l = layout_of(hidden, pooled_pos.size(0));
   TORCH_CHECK(hidden.dim() == 2 || hidden.size(0) == l.rows, "pooled_pos: expected one position per row of hidden");
   const int64_t heads = weight.size(0);
   TORCH_CHECK(grad_coef.scalar_type() == at::kFloat && grad_coef.is_contiguous() && grad_coef.dim() == 2 &&

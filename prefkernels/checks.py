@@ -12,6 +12,7 @@ output, instead of scanning the mask: the inputs are re-read only to word an err
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from dataclasses import dataclass
 
@@ -164,11 +165,14 @@ def check_pairs(inputs: OpInputs, chosen_index, rejected_index, margin, label_sm
             raise TypeError(f"margin: expected a floating-point tensor, got {margin.dtype}")
         _require_shape("margin", margin, [P], "one margin per pair")
         margin = margin.detach().float().contiguous()  # a constant of the loss: no gradient on any backend
+    for name, value in (("label_smoothing", label_smoothing), ("center_coef", center_coef)):
+        if not isinstance(value, numbers.Real):  # Python and NumPy numbers; not tensors
+            raise TypeError(f"{name}: expected a float, got {type(value).__name__}")
     # Plain comparisons (NaN fails them all) rather than math.isfinite: under torch.compile with
     # dynamic shapes these floats are symbolic, and comparisons are what it can guard on.
-    if not isinstance(label_smoothing, (int, float)) or not 0.0 <= label_smoothing <= 0.5:
+    if not 0.0 <= label_smoothing <= 0.5:
         raise ValueError(f"label_smoothing: expected a float in [0, 0.5], got {label_smoothing!r}")
-    if not isinstance(center_coef, (int, float)) or not 0.0 <= center_coef < math.inf:
+    if not 0.0 <= center_coef < math.inf:
         raise ValueError(f"center_coef: expected a finite float >= 0, got {center_coef!r}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")

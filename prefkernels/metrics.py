@@ -138,7 +138,11 @@ def calibration(probabilities: np.ndarray, bins: int = CALIBRATION_BINS) -> dict
         return {"ece": math.nan, "brier": math.nan, "bins": []}
     confidence = np.concatenate([p, 1.0 - p])
     outcome = np.concatenate([np.ones_like(p), np.zeros_like(p)])
-    which = np.clip((confidence * bins).astype(int), 0, bins - 1)
+    # bin b holds [b/bins, (b+1)/bins), the last also 1.0; a NaN p (a NaN gap) falls in none and
+    # makes the ECE NaN, as it does the Brier score
+    which = np.searchsorted(np.arange(1, bins) / bins, confidence, side="right")
+    known = ~np.isnan(confidence)
+    which[~known] = -1
     table, ece = [], 0.0
     for b in range(bins):
         in_bin = which == b
@@ -149,7 +153,7 @@ def calibration(probabilities: np.ndarray, bins: int = CALIBRATION_BINS) -> dict
         if count:
             ece += count / len(confidence) * abs(row["accuracy"] - row["confidence"])
         table.append(row)
-    return {"ece": float(ece), "brier": float(np.mean((1.0 - p) ** 2)), "bins": table}
+    return {"ece": float(ece) if known.all() else math.nan, "brier": float(np.mean((1.0 - p) ** 2)), "bins": table}
 
 
 def _accuracy(gap: np.ndarray) -> float:
@@ -253,7 +257,8 @@ def preference_metrics(dataset: PreferenceDataset, rewards: dict[int, np.ndarray
             "accuracy_per_head": [_accuracy(gap_heads[decided][:, k]) for k in range(per_head.shape[1])],
             "reward_std_mean": float(per_head.std(axis=1).mean()),
             "gap_std_mean": float(gap_heads[decided].std(axis=1).mean()) if len(d) else math.nan,
-            "disagreement": float((np.abs(signs.sum(axis=1)) < signs.shape[1]).mean()) if len(d) else math.nan,
+            # agreed: every head's gap of one strict sign (a NaN gap has none)
+            "disagreement": float((np.abs(signs.sum(axis=1)) != signs.shape[1]).mean()) if len(d) else math.nan,
         }
     metrics["calibration_bins"] = cal["bins"]
     return json_safe(metrics)

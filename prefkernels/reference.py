@@ -87,6 +87,11 @@ def pair_loss(rewards, chosen_index, rejected_index, margin=None, label_smoothin
         loss = loss + label_smoothing * F.softplus(gap)
     if center_coef:
         loss = loss + center_coef * (r_chosen + r_rejected) ** 2
+    return reduce_loss(loss, reduction)
+
+
+def reduce_loss(loss, reduction):
+    """loss [P, K] reduced: "mean" over P*K, "sum", or "none" (unchanged)."""
     if reduction == "mean":
         return loss.mean()
     if reduction == "sum":
@@ -114,9 +119,16 @@ def fused_bt_loss(hidden, weight, bias=None, *, attention_mask=None, last_index=
                          last_index=last_index, cu_seqlens=cu_seqlens)
     if chosen_index is None:
         chosen_index, rejected_index = default_pairs(rewards.shape[0], rewards.device)
-    loss = pair_loss(rewards, chosen_index, rejected_index, margin, label_smoothing,
-                     center_coef, reduction)
-    return loss, rewards.detach()
+        loss = pair_loss(rewards, chosen_index, rejected_index, margin, label_smoothing, center_coef, reduction)
+        return loss, rewards.detach()
+    # A pair index out of range (possible only with the value checks off) gives that pair a NaN
+    # loss and no gradient, as on the kernel backends, never an IndexError or another row.
+    rows = rewards.shape[0]
+    valid = (chosen_index >= 0) & (chosen_index < rows) & (rejected_index >= 0) & (rejected_index < rows)
+    loss = pair_loss(rewards, chosen_index.clamp(0, rows - 1), rejected_index.clamp(0, rows - 1), margin,
+                     label_smoothing, center_coef, reduction="none")
+    loss = torch.where(valid.unsqueeze(1), loss, float("nan"))
+    return reduce_loss(loss, reduction), rewards.detach()
 
 
 def eager(hidden, weight, bias=None, *, attention_mask=None, margin=None, reduction="mean"):

@@ -68,6 +68,8 @@ BAD = {
     "label_smoothing_negative": (with_(label_smoothing=-0.1), ValueError, "label_smoothing"),
     "center_coef_negative": (with_(center_coef=-1.0), ValueError, "center_coef"),
     "center_coef_nan": (with_(center_coef=float("nan")), ValueError, "center_coef"),
+    "label_smoothing_tensor": (with_(label_smoothing=torch.tensor(0.1)), TypeError, "label_smoothing: expected a float"),
+    "center_coef_string": (with_(center_coef="0.1"), TypeError, "center_coef: expected a float"),
     "reduction": (with_(reduction="avg"), ValueError, "reduction"),
 }
 
@@ -168,3 +170,12 @@ def test_margin_gets_no_gradient(backend):
                    margin=margin)
     loss.backward()
     assert margin.grad is None and args["hidden"].grad is not None
+
+
+def test_numpy_loss_options_are_floats():
+    """label_smoothing/center_coef of NumPy float32 (as a config read with NumPy gives) are floats."""
+    import numpy as np
+    args = base()
+    want, _ = call("native", **args, label_smoothing=0.1, center_coef=0.25)
+    got, _ = call("native", **args, label_smoothing=np.float32(0.1), center_coef=np.float32(0.25))
+    torch.testing.assert_close(got, want)

@@ -142,3 +142,26 @@ def test_calibration_of_huge_gaps_is_exact_and_silent():
         result = metrics.preference_metrics(data, rewards)
     assert result["accuracy"] == 0.5 and result["brier"] == 0.5 and result["ece"] == 0.5
     assert result["loss"] == pytest.approx(5000.0)
+
+
+def test_calibration_bins_exact_edges_and_nan():
+    """Bin b holds [b/10, (b+1)/10) even one rounding step below an edge; a NaN p is in no bin
+    and makes the ECE NaN, like the Brier score."""
+    below = np.nextafter(0.9, 0.0)
+    bins = metrics.calibration(np.array([below, 0.9, 1.0]))["bins"]
+    # p: bin 8, then 0.9 and 1.0 in bin 9; 1 - p: just above 0.1 in bin 1, 1 - 0.9 (just below
+    # 0.1 in floats) and 0.0 in bin 0
+    assert [b["count"] for b in bins] == [2, 1, 0, 0, 0, 0, 0, 0, 1, 2]
+    with_nan = metrics.calibration(np.array([np.nan, 0.95]))
+    assert sum(b["count"] for b in with_nan["bins"]) == 2
+    assert with_nan["bins"][0]["count"] == 1 and with_nan["bins"][0]["confidence"] == pytest.approx(0.05)
+    assert math.isnan(with_nan["ece"]) and math.isnan(with_nan["brier"])
+
+
+def test_ensemble_disagreement_counts_a_nan_head():
+    """A pair agrees only when every head's gap has the same strict sign: a NaN gap has none."""
+    tokenizer = build_tiny_tokenizer()
+    rewards = {0: np.array([[1.0, np.nan], [0.0, 0.0]], np.float32), 1: np.array([[1.0, 1.0], [0.0, 0.0]], np.float32)}
+    records = [{"chosen": "a b", "rejected": "c d"}, {"chosen": "a c", "rejected": "b d"}]
+    data = load_preferences(records, tokenizer, 64)
+    assert metrics.preference_metrics(data, rewards)["ensemble"]["disagreement"] == pytest.approx(0.5)

@@ -121,3 +121,26 @@ def test_infinite_gap_loss_is_its_limit(backend, label_smoothing, center_coef):
     loss[[0, 2]].sum().backward()
     for name, grad in (("hidden", h.grad), ("weight", w.grad), ("bias", b.grad)):
         assert grad.isfinite().all(), f"grad_{name} {grad}"
+
+
+def test_unchecked_out_of_range_pairs_agree_across_backends(monkeypatch):
+    """Value checks off: a pair index out of range gives that pair a NaN loss and no gradient on
+    every backend (the reference neither raises an IndexError nor reads another row)."""
+    monkeypatch.setenv("PREFKERNELS_CHECK_VALUES", "0")
+    g = torch.Generator().manual_seed(4)
+    hidden, weight, bias = torch.randn(4, 3, 6, generator=g), torch.randn(2, 6, generator=g), torch.randn(2, generator=g)
+    pairs = dict(chosen_index=torch.tensor([0, 5, 2, -1]), rejected_index=torch.tensor([1, 3, 3, 0]))
+    results = {}
+    for backend in BACKENDS:
+        if not available(backend):
+            continue
+        h, w, b = leaves(hidden, weight, bias)
+        loss, _ = prefkernels.fused_bt_loss(h, w, b, last_index=torch.tensor([2, 1, 0, 2]), reduction="none",
+                                            backend=backend, **pairs)
+        assert loss[[1, 3]].isnan().all() and loss[[0, 2]].isfinite().all(), backend
+        loss.nan_to_num().sum().backward()
+        results[backend] = (loss.detach(), h.grad, w.grad, b.grad)
+    for backend, got in results.items():
+        for name, x, y in zip(("loss", "grad_hidden", "grad_weight", "grad_bias"), got, results["reference"]):
+            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6, equal_nan=True,
+                                       msg=lambda m: f"{backend} {name} vs reference: {m}")
