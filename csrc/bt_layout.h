@@ -3,6 +3,8 @@
 #pragma once
 #include <cstdint>
 
+#include "host_device.h"
+
 namespace prefkernels {
 
 // How the pooled token of each row is found.
@@ -29,5 +31,17 @@ struct PoolSpec {
   int mask_kind;         // MaskKind
   const int64_t* index;  // last_index [N] or cu_seqlens [N+1], int64 contiguous
 };
+
+// Row n's pooled position under an index spec: last_index[n], or the last row of sequence n of
+// cu_seqlens (-1 for an empty sequence).
+PK_HOST_DEVICE int64_t indexed_position(const PoolSpec& spec, int64_t n) {
+  if (spec.mode == kPoolLastIndex) return spec.index[n];
+  return spec.index[n + 1] > spec.index[n] ? spec.index[n + 1] - 1 : -1;
+}
+
+// pos if it is a position of hidden, [0, positions); else -1: the row is invalid (NaN rewards).
+PK_HOST_DEVICE int64_t valid_position(int64_t pos, int64_t positions) {
+  return (pos >= 0 && pos < positions) ? pos : -1;
+}
 
 }  // namespace prefkernels

@@ -4,11 +4,7 @@
 #include <cmath>
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define PK_HOST_DEVICE __host__ __device__ __forceinline__
-#else
-#define PK_HOST_DEVICE inline
-#endif
+#include "host_device.h"
 
 namespace prefkernels {
 

@@ -224,16 +224,18 @@ def _bt_pairs_kernel(
 def _pool_backward_kernel(
     grad_coef_ptr, row_ptr_ptr, row_entry_ptr, hidden_ptr, weight_ptr, pooled_pos_ptr,
     grad_hidden_ptr, partial_ptr,
-    N, D, K, stride_n, stride_t, grad_stride_n,
+    N, D, K, positions, coef_rows, entries, stride_n, stride_t, grad_stride_n,
     HAS_CSR: tl.constexpr, NEED_GRAD_HIDDEN: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Program (b, j): rows [b*BLOCK_N, (b+1)*BLOCK_N) x D tile j, as one [BLOCK_N, BLOCK_D] tile.
 
     coef[n, :] = grad_coef[n, :], or the sum of the row's CSR entries in order (as the CPU op);
-    grad_hidden[n, pos_n, d] = sum_k coef[n, k] * weight[k, d] for rows with pos_n >= 0;
-    partial[b, k, d] = sum over the block's rows with pos_n >= 0 of coef[n, k] * hidden[n, pos_n, d].
+    grad_hidden[n, pos_n, d] = sum_k coef[n, k] * weight[k, d] for rows with pos_n in [0, positions);
+    partial[b, k, d] = sum over the block's such rows of coef[n, k] * hidden[n, pos_n, d].
     ``partial_ptr`` is grad_weight itself (cast to its dtype) when there is a single row block.
+    CSR segment bounds and entries outside [0, entries) / [0, coef_rows) are skipped, as by the
+    CPU and CUDA ops.
     """
     pid_b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
@@ -244,18 +246,19 @@ def _pool_backward_kernel(
     k_mask = offs_k < K
     d_mask = offs_d < D
     pos = tl.load(pooled_pos_ptr + offs_n, mask=n_mask, other=-1)
-    valid = pos >= 0
-    safe_pos = tl.maximum(pos, 0)
+    valid = (pos >= 0) & (pos < positions)
+    safe_pos = tl.where(valid, pos, 0)
     if HAS_CSR:
-        start = tl.load(row_ptr_ptr + offs_n, mask=n_mask, other=0)
-        end = tl.load(row_ptr_ptr + offs_n + 1, mask=n_mask, other=0)
+        start = tl.maximum(tl.load(row_ptr_ptr + offs_n, mask=n_mask, other=0), 0)
+        end = tl.minimum(tl.load(row_ptr_ptr + offs_n + 1, mask=n_mask, other=0), entries)
         coef = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         for j in range(0, tl.max(end - start, axis=0)):
             # [BLOCK_N, BLOCK_K] throughout (the entry index repeated over k): a [BLOCK_N] load here
             # crashes Triton 3.6's layout pass for some BLOCK_N/num_warps.
             in_segment = (start + j < end)[:, None] & k_mask[None, :]
-            entry = tl.load(row_entry_ptr + (start + j)[:, None] + 0 * offs_k[None, :], mask=in_segment, other=0)
-            coef += tl.load(grad_coef_ptr + entry * K + offs_k[None, :], mask=in_segment, other=0.0)
+            entry = tl.load(row_entry_ptr + (start + j)[:, None] + 0 * offs_k[None, :], mask=in_segment, other=-1)
+            in_range = in_segment & (entry >= 0) & (entry < coef_rows)
+            coef += tl.load(grad_coef_ptr + entry * K + offs_k[None, :], mask=in_range, other=0.0)
     else:
         coef = tl.load(grad_coef_ptr + offs_n[:, None] * K + offs_k[None, :],
                        mask=n_mask[:, None] & k_mask[None, :], other=0.0)
@@ -497,7 +500,8 @@ def pool_backward(grad_coef, row_ptr, row_entry, hidden, weight, pooled_pos, nee
             grad_coef, row_ptr if row_ptr is not None else grad_coef,
             row_entry if row_entry is not None else grad_coef,
             hidden, weight, pooled_pos, grad_hidden if need_grad_hidden else grad_coef, partial,
-            rows, D, K, stride_n, stride_t, positions * D if hidden.dim() == 3 else 0,
+            rows, D, K, positions, grad_coef.shape[0], row_entry.shape[0] if row_entry is not None else 0,
+            stride_n, stride_t, positions * D if hidden.dim() == 3 else 0,
             HAS_CSR=row_ptr is not None, NEED_GRAD_HIDDEN=bool(need_grad_hidden),
             BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=block_d, num_warps=_warps(block_n * block_d),
         )

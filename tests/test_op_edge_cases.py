@@ -144,3 +144,33 @@ def test_unchecked_out_of_range_pairs_agree_across_backends(monkeypatch):
         for name, x, y in zip(("loss", "grad_hidden", "grad_weight", "grad_bias"), got, results["reference"]):
             torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6, equal_nan=True,
                                        msg=lambda m: f"{backend} {name} vs reference: {m}")
+
+
+@pytest.mark.parametrize("backend", ["native", "triton"])
+@pytest.mark.parametrize("csr", [False, True])
+def test_direct_pool_backward_skips_out_of_range_positions_and_entries(backend, csr):
+    """A direct call of the ``pool_backward`` op with pooled positions outside [0, T), or a CSR
+    whose segment bounds or entries are out of range, touches no memory out of bounds (as the
+    CUDA op): those positions, bounds and entries add nothing."""
+    ops = backends.select(backend, torch.device("cpu"))
+    if ops is None or ops.name != backend:
+        pytest.skip(f"backend {backend!r} not available on cpu")
+    g = torch.Generator().manual_seed(5)
+    hidden, weight = torch.randn(4, 5, 8, generator=g), torch.randn(2, 8, generator=g)
+    pooled_pos = torch.tensor([2, 5, -1, 4])  # row 1: T (out of range), row 2: invalid
+    if csr:
+        grad_coef = torch.randn(6, 2, generator=g)
+        row_ptr = torch.tensor([-3, 2, 4, 5, 100])  # clipped to [0, 6): segments [0,2) [2,4) [4,5) [5,6)
+        row_entry = torch.tensor([0, 7, 1, -2, 3, 5])  # entries 7 and -2 are out of range
+        coef = torch.stack([grad_coef[0], grad_coef[1], grad_coef[3], grad_coef[5]])
+    else:
+        grad_coef = row_ptr = row_entry = None
+        coef = grad_coef = torch.randn(4, 2, generator=g)
+    grad_hidden, grad_weight = ops.pool_backward(grad_coef, row_ptr, row_entry, hidden, weight, pooled_pos, True)
+    want_hidden = torch.zeros_like(hidden)
+    want_weight = torch.zeros_like(weight)
+    for n, pos in ((0, 2), (3, 4)):  # the rows with a position in range
+        want_hidden[n, pos] = coef[n] @ weight
+        want_weight += coef[n].unsqueeze(1) * hidden[n, pos]
+    torch.testing.assert_close(grad_hidden, want_hidden)
+    torch.testing.assert_close(grad_weight, want_weight)

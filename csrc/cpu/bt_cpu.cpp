@@ -38,12 +38,10 @@ int64_t pooled_position(const PoolSpec& spec, const HiddenLayout& l, int64_t n) 
       case kMaskInt32: pos = last_set_position(static_cast<const int32_t*>(spec.mask) + offset, l.positions); break;
       default: pos = last_set_position(static_cast<const int64_t*>(spec.mask) + offset, l.positions); break;
     }
-  } else if (spec.mode == kPoolLastIndex) {
-    pos = spec.index[n];
-  } else {  // the last row of sequence n; none when the sequence is empty
-    pos = spec.index[n + 1] > spec.index[n] ? spec.index[n + 1] - 1 : -1;
+  } else {
+    pos = indexed_position(spec, n);
   }
-  return (pos >= 0 && pos < l.positions) ? pos : -1;
+  return valid_position(pos, l.positions);
 }
 
 // rewards[n, k] = <hidden[n, pos_n, :], weight[k, :]> + bias[k] in fp32; NaN for invalid rows.
@@ -143,9 +141,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bt_forward_cpu(
   return {loss, rewards, pair_grad, pooled_pos};
 }
 
-// coef[n, k] = grad_coef[n, k], or the sum of grad_coef[row_entry[j], k] over the row's CSR segment.
-void row_coefficients(const float* grad_coef, const int64_t* row_ptr, const int64_t* row_entry, int64_t rows,
-                      int64_t heads, float* coef) {
+// coef[n, k] = grad_coef[n, k], or the sum of grad_coef[row_entry[j], k] over the row's CSR segment
+// in order. Segment bounds and entries outside row_entry / grad_coef's rows are skipped (as in the
+// CUDA kernel): a direct call with a bad CSR reads nothing out of bounds.
+void row_coefficients(const float* grad_coef, int64_t coef_rows, const int64_t* row_ptr, const int64_t* row_entry,
+                      int64_t entries, int64_t rows, int64_t heads, float* coef) {
   at::parallel_for(0, rows, 256, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
       for (int64_t k = 0; k < heads; ++k) {
@@ -153,7 +153,10 @@ void row_coefficients(const float* grad_coef, const int64_t* row_ptr, const int6
         if (row_ptr == nullptr) {
           acc = grad_coef[n * heads + k];
         } else {
-          for (int64_t j = row_ptr[n]; j < row_ptr[n + 1]; ++j) acc += grad_coef[row_entry[j] * heads + k];
+          for (int64_t j = std::max<int64_t>(row_ptr[n], 0); j < std::min(row_ptr[n + 1], entries); ++j) {
+            const int64_t e = row_entry[j];
+            if (e >= 0 && e < coef_rows) acc += grad_coef[e * heads + k];
+          }
         }
         coef[n * heads + k] = acc;
       }
@@ -167,7 +170,7 @@ void scatter_rows(const float* coef, const weight_t* weight, const int64_t* pool
   at::parallel_for(0, l.rows, 16, [&](int64_t begin, int64_t end) {
     std::vector<float> acc(l.dim);
     for (int64_t n = begin; n < end; ++n) {
-      const int64_t pos = pooled_pos[n];
+      const int64_t pos = valid_position(pooled_pos[n], l.positions);
       if (pos < 0) continue;
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t k = 0; k < heads; ++k) {
@@ -188,7 +191,7 @@ void weight_gradient(const float* coef, const hidden_t* hidden, const int64_t* p
   at::parallel_for(0, l.dim, 256, [&](int64_t d0, int64_t d1) {
     std::vector<float> acc((d1 - d0) * heads, 0.f);
     for (int64_t n = 0; n < l.rows; ++n) {
-      const int64_t pos = pooled_pos[n];
+      const int64_t pos = valid_position(pooled_pos[n], l.positions);
       if (pos < 0) continue;
       const hidden_t* row = hidden + n * l.stride_n + pos * l.stride_t;
       for (int64_t k = 0; k < heads; ++k) {
@@ -232,8 +235,9 @@ std::tuple<at::Tensor, at::Tensor> pool_backward_cpu(const at::Tensor& grad_coef
   const HiddenLayout l = backward_layout(grad_coef, row_ptr, row_entry, hidden, weight, pooled_pos);
   const int64_t heads = weight.size(0);
   auto coef = at::empty({l.rows, heads}, grad_coef.options());
-  row_coefficients(grad_coef.data_ptr<float>(), optional_ptr<int64_t>(row_ptr), optional_ptr<int64_t>(row_entry), l.rows,
-                   heads, coef.data_ptr<float>());
+  row_coefficients(grad_coef.data_ptr<float>(), grad_coef.size(0), optional_ptr<int64_t>(row_ptr),
+                   optional_ptr<int64_t>(row_entry), row_entry.has_value() ? row_entry->size(0) : 0, l.rows, heads,
+                   coef.data_ptr<float>());
   auto grad_hidden = need_grad_hidden ? zeroed_buffer(hidden.sizes(), hidden.options()) : at::empty({0}, hidden.options());
   auto grad_weight = at::empty_like(weight);
   dispatch_hidden_weight(hidden, weight, [&](auto h, auto w) {

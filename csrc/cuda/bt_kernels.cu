@@ -192,12 +192,10 @@ __device__ int64_t pooled_position(const PoolSpec& pool, int64_t n, int64_t posi
         pos = last_set_position(static_cast<const int64_t*>(pool.mask) + offset, positions, smem);
         break;
     }
-  } else if (pool.mode == kPoolLastIndex) {
-    pos = pool.index[n];
-  } else {  // the last row of sequence n; none when the sequence is empty
-    pos = pool.index[n + 1] > pool.index[n] ? pool.index[n + 1] - 1 : -1;
+  } else {
+    pos = indexed_position(pool, n);
   }
-  return (pos >= 0 && pos < positions) ? pos : -1;
+  return valid_position(pos, positions);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -449,8 +447,8 @@ __global__ void __launch_bounds__(kBackwardThreads) pool_backward_kernel(const B
   if (p.grad_hidden != nullptr) {
     H* __restrict__ grad_hidden = static_cast<H*>(p.grad_hidden);
     for (int64_t n = n_begin; n < n_end; ++n) {
-      const int64_t pos = p.pooled_pos[n];
-      if (pos < 0 || pos >= hs.positions) continue;
+      const int64_t pos = valid_position(p.pooled_pos[n], hs.positions);
+      if (pos < 0) continue;
       const int64_t seg_begin = row_ptr != nullptr ? row_ptr[n] : 0;
       const int64_t seg_end = row_ptr != nullptr ? row_ptr[n + 1] : 0;
       float acc[kV];
@@ -478,8 +476,8 @@ __global__ void __launch_bounds__(kBackwardThreads) pool_backward_kernel(const B
       for (int i = 0; i < kV; ++i) acc[j][i] = 0.f;
     }
     for (int64_t n = n_begin; n < n_end; ++n) {
-      const int64_t pos = p.pooled_pos[n];
-      if (pos < 0 || pos >= hs.positions) continue;
+      const int64_t pos = valid_position(p.pooled_pos[n], hs.positions);
+      if (pos < 0) continue;
       const int64_t seg_begin = row_ptr != nullptr ? row_ptr[n] : 0;
       const int64_t seg_end = row_ptr != nullptr ? row_ptr[n + 1] : 0;
       float h[kV];
