@@ -690,7 +690,8 @@ class LengthGroupedBatchSampler(torch.utils.data.Sampler):
     def _sharded(self) -> list[list[int]]:
         batches = self.epoch_batches()
         padding = -len(batches) % self.num_replicas
-        batches = batches + batches[:padding]
+        # cycled: with fewer batches than processes, the padding repeats some more than once
+        batches = batches + [batches[i % len(batches)] for i in range(padding)]
         return batches[self.rank::self.num_replicas]
 
     def __iter__(self) -> Iterator[list[int]]:
