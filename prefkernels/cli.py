@@ -273,7 +273,7 @@ def run_demo(args) -> int:
         output_dir=str(out), overwrite=args.overwrite, max_length=64, batch_size=32, epochs=args.epochs,
         lr=2e-3, warmup_ratio=0.1, eval_every=0, log_every=10, seed=args.seed, progress=args.progress)
     config.validate()
-    check_output_dir(config)
+    check_output_dir(config, resumable=False)
     if args.overwrite:
         for stale in (data_dir, backbone_dir):
             shutil.rmtree(stale, ignore_errors=True)
@@ -329,7 +329,7 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print(f"prefkernels {args.command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except (ValueError, OSError) as err:
+    except (ValueError, OSError, FloatingPointError) as err:  # FloatingPointError: a diverged training run
         if os.environ.get("PREFKERNELS_DEBUG") == "1":
             raise
         print(f"prefkernels {args.command}: error: {err}", file=sys.stderr)

@@ -12,6 +12,7 @@ their mean over comparisons and heads (each head of an ensemble is trained on th
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +37,11 @@ class LossConfig:
     backend: str | None = None
 
     def __post_init__(self):
+        for name in ("label_smoothing", "center_coef", "tie_strength"):
+            value = getattr(self, name)
+            if (value is not None or name != "tie_strength") and (
+                    isinstance(value, bool) or not isinstance(value, numbers.Real)):
+                raise TypeError(f"{name}: expected a float, got {type(value).__name__}")
         if self.name not in LOSSES:
             raise ValueError(f"loss: expected one of {LOSSES}, got {self.name!r}")
         if not 0.0 <= self.label_smoothing <= 0.5:

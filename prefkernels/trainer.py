@@ -119,6 +119,18 @@ class TrainConfig:
             if whole:
                 setattr(self, name, int(value))  # plain int for run.json
 
+        def real(name, optional=False):  # checked before any comparison (a str would raise a bare TypeError)
+            value = getattr(self, name)
+            if optional and value is None:
+                return
+            need(isinstance(value, numbers.Real) and not isinstance(value, bool), name, "a number")
+            setattr(self, name, float(value))  # plain float for run.json
+
+        for name in ("valid_fraction", "label_smoothing", "center_coef", "lr", "weight_decay", "warmup_ratio",
+                     "max_grad_norm"):
+            real(name)
+        real("tie_strength", optional=True)
+        real("head_lr", optional=True)
         need(isinstance(self.backbone, (str, os.PathLike)) and str(self.backbone), "backbone", "a local path")
         need(isinstance(self.output_dir, (str, os.PathLike)) and str(self.output_dir), "output_dir", "a path")
         need(self.train is not None, "train", "training data")
@@ -321,8 +333,9 @@ def holds_run(path: Path) -> list[str]:
     return [name for name in RUN_MARKERS if (path / name).exists()]
 
 
-def check_output_dir(config: TrainConfig) -> Path:
-    """Refuse a directory that holds another run unless overwrite or resume; resume needs a checkpoint."""
+def check_output_dir(config: TrainConfig, resumable: bool = True) -> Path:
+    """Refuse a directory that holds another run unless overwrite or resume; resume needs a checkpoint.
+    ``resumable=False``: the caller (the demo) has no resume, so the refusal offers only overwrite."""
     path = Path(config.output_dir)
     if path.exists() and not path.is_dir():
         raise RunDirectoryError(f"output_dir: {path} exists and is not a directory")
@@ -333,7 +346,7 @@ def check_output_dir(config: TrainConfig) -> Path:
                                     f"(expected {path / CHECKPOINT_DIR} and {path / RUN_FILE})")
     elif found and not config.overwrite:
         raise RunDirectoryError(f"output_dir: {path} holds another run ({', '.join(found)}); pass --overwrite "
-                                "to replace it or --resume to continue it")
+                                "to replace it" + (" or --resume to continue it" if resumable else ""))
     return path
 
 
@@ -440,11 +453,11 @@ class Trainer:
             tokenizer = load_tokenizer(str(backbone))
         except (OSError, ValueError, TypeError) as err:
             raise ValueError(f"backbone: cannot load a tokenizer from {backbone} ({err})") from None
-        try:
+        try:  # float32 weights whatever dtype the backbone was saved in: bf16 is autocast only
             if config.resume:
-                model = RewardModel.from_pretrained(str(self.output_dir / CHECKPOINT_DIR))
+                model = RewardModel.from_pretrained(str(self.output_dir / CHECKPOINT_DIR), dtype=torch.float32)
             else:
-                model = RewardModel.from_backbone(str(backbone), num_heads=config.num_heads)
+                model = RewardModel.from_backbone(str(backbone), num_heads=config.num_heads, dtype=torch.float32)
         except (OSError, ValueError, KeyError) as err:
             raise ValueError(f"backbone: cannot load a transformers model from {backbone} ({err})") from None
         model.max_length = self._max_length(model, tokenizer)
@@ -655,8 +668,10 @@ class Trainer:
             return
         loss = sums[0] / sums[1]
         if not math.isfinite(loss):
-            raise FloatingPointError(f"loss: not finite ({loss}) at step {self.state['step']}; lower lr or use "
-                                     "precision fp32")
+            advice = "lower lr or use precision fp32" if self.autocast_dtype is not None else "lower lr"
+            if not self.config.max_grad_norm:
+                advice += " or clip gradients (max_grad_norm)"
+            raise FloatingPointError(f"loss: not finite ({loss}) at step {self.state['step']}; {advice}")
         event = {"event": "train", "step": self.state["step"], "epoch": self.state["epoch"], "loss": loss,
                  "accuracy": sums[2] / sums[3] if sums[3] else None, "lr": self.scheduler.get_last_lr()[0],
                  "grad_norm": float(grad_norm), "comparisons": int(sums[1]),
@@ -704,7 +719,8 @@ class Trainer:
                 "state": dict(self.state), "train_sums": list(sums),
                 "metrics_bytes": (self.output_dir / METRICS_FILE).stat().st_size,
                 "world_size": self.dist.world_size}
-            extra = {"step": self.state["step"], "training": {"truncate_responses": self.config.truncate_responses}}
+            extra = {"step": self.state["step"],
+                     "training": {"loss": self._loss_record(), "truncate_responses": self.config.truncate_responses}}
             self.model.save_pretrained(str(self.output_dir / CHECKPOINT_DIR), self.tokenizer, extra=extra,
                                        training_state=training_state)
         self.dist.barrier()
@@ -720,12 +736,17 @@ class Trainer:
     def _extra(self) -> dict:
         """best/'s ``training`` fields, as of the save: ``step`` is the step of the saved weights
         (equal to ``best_step`` with validation data, the last step without)."""
-        loss = dataclasses.asdict(self.loss_config)
-        loss.pop("backend")
-        return {"training": {"loss": loss, "step": self.state["step"], "best_step": self.state["best_step"],
+        return {"training": {"loss": self._loss_record(), "step": self.state["step"], "best_step": self.state["best_step"],
                              "early_stopping_metric": self.config.early_stopping_metric,
                              "best_value": self.state["best_value"],
                              "truncate_responses": self.config.truncate_responses}}
+
+    def _loss_record(self) -> dict:
+        """The loss as checkpoints record it (``LossConfig`` fields but the backend), so ``eval``
+        measures the loss the model was trained with."""
+        loss = dataclasses.asdict(self.loss_config)
+        loss.pop("backend")
+        return loss
 
     def _event(self, event: dict) -> None:
         if self.dist.is_main:

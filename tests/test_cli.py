@@ -118,6 +118,18 @@ def test_train_names_the_model_it_kept(demo, tmp_path, capsys):
                     capsys.readouterr().out.splitlines()[-1])
 
 
+def test_a_diverging_run_ends_with_one_error_line(demo, tmp_path, capsys):
+    out, _, _ = demo
+    data = write(tmp_path / "train.jsonl", GOOD * 8)
+    code = main(["train", "--backbone", str(out / "backbone"), "--train", data, "--batch-size", "4", "--lr", "1e12",
+                 "--max-grad-norm", "0", "--warmup-ratio", "0", "--precision", "fp32", "--log-every", "1",
+                 "--output", str(tmp_path / "run"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err, err
+    assert re.fullmatch(r"prefkernels train: error: loss: not finite \(nan\) at step \d+; lower lr or clip "
+                        r"gradients \(max_grad_norm\)\n", err), err
+
+
 def test_eval_truncates_responses_as_the_checkpoint_was_trained(demo, tmp_path, capsys):
     """A model trained with --truncate-responses is evaluated on the same data without repeating
     the flag (best/ records it); --no-truncate-responses restores the refusal."""
@@ -146,7 +158,8 @@ def test_missing_backbone_and_occupied_output_are_refused(demo, tmp_path, capsys
                  "--no-progress"]) == 1
     assert "holds another run" in capsys.readouterr().err
     assert main(["demo", "--output", str(out), "--no-progress"]) == 1
-    assert "--overwrite" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--overwrite" in err and "--resume" not in err  # the demo has no --resume
     assert sorted((p.name, p.stat().st_mtime_ns) for p in out.iterdir()) == before
     assert main(["eval", "--model", str(tmp_path / "nothing"), "--data", data]) == 1
     assert "checkpoint: " in capsys.readouterr().err

@@ -121,6 +121,10 @@ def test_loss_config_and_data_checks_name_the_problem():
         LossConfig("rao-kupper", tie_strength=0.5)
     with pytest.raises(ValueError, match="center_coef: supported by the pairwise losses"):
         LossConfig("plackett-luce", center_coef=0.1)
+    with pytest.raises(TypeError, match="label_smoothing: expected a float, got str"):
+        LossConfig("bt", label_smoothing="0.1")
+    with pytest.raises(TypeError, match="tie_strength: expected a float, got str"):
+        LossConfig("davidson", tie_strength="1")
     with pytest.raises(ValueError, match="train has 3 tie pairs"):
         check_data(LossConfig("bt"), num_ties=3, has_margin=False, name="train")
     assert check_data(LossConfig("davidson"), num_ties=3, has_margin=True, name="train")[0].startswith("train: the")

@@ -189,6 +189,25 @@ def test_tie_aware_and_listwise_training(assets, tmp_path, loss, records):
         assert result.metrics["ties"] == 3
     else:
         assert result.metrics["pairs"] == 27  # three ordered pairs per ranking
+    for saved in ("best", "checkpoint"):  # eval of either measures the loss trained with
+        assert checkpoint.read_config(tmp_path / "run" / saved)["training"]["loss"]["name"] == loss
+
+
+def test_a_bf16_backbone_trains_in_float32(assets, tmp_path):
+    """A backbone saved in bf16 (as most LLM checkpoints are) is trained with float32 weights:
+    bf16 is autocast only, and updates far below bf16's resolution still move every weight."""
+    bf16 = RewardModel.from_backbone(assets["backbone"], dtype=torch.bfloat16).backbone
+    assert next(bf16.parameters()).dtype == torch.bfloat16
+    bf16.save_pretrained(tmp_path / "bf16")
+    shutil.copytree(Path(assets["backbone"]), tmp_path / "bf16", dirs_exist_ok=True,
+                    ignore=shutil.ignore_patterns("*.safetensors", "config.json"))
+    result = train(config(assets, tmp_path / "run", backbone=str(tmp_path / "bf16"), max_steps=2, valid=None,
+                          lr=1e-5, warmup_ratio=0.0, precision="fp32"), log=quiet)
+    trained = RewardModel.from_pretrained(str(result.best_dir)).backbone
+    start = RewardModel.from_backbone(str(tmp_path / "bf16")).backbone.state_dict()
+    norms = [name for name, weight in trained.state_dict().items() if "norm" in name]
+    assert norms and all(trained.state_dict()[name].dtype == torch.float32 for name in norms)
+    assert all(not torch.equal(trained.state_dict()[name], start[name].float()) for name in norms)
 
 
 def test_ties_need_a_tie_aware_loss(assets, tmp_path):
@@ -313,6 +332,10 @@ def test_bf16_autocast_runs_on_cpu(assets, tmp_path):
     ("max_steps", 2.5, "max_steps: expected an integer >= 1, got 2.5"),
     ("eval_every", 2.5, "eval_every: expected an integer >= 0"),
     ("max_tokens", 600.5, "max_tokens: expected an integer >= 2"),
+    ("lr", "3e-3", "lr: expected a number, got '3e-3'"),  # as YAML reads 3e-3
+    ("max_grad_norm", None, "max_grad_norm: expected a number, got None"),
+    ("weight_decay", "0", "weight_decay: expected a number"),
+    ("tie_strength", "2", "tie_strength: expected a number"),
 ])
 def test_bad_configuration_is_refused_before_writing(assets, tmp_path, field, value, message):
     overrides = {field: value}
