@@ -1,4 +1,5 @@
 """Preference data: formats, tokenization, truncation, bad input, batching, the generated data set."""
+import copy
 import gzip
 import json
 import math
@@ -141,6 +142,22 @@ def test_truncation_cuts_the_prompt_from_the_left_and_keeps_the_response(tokeniz
         assert len(row) == 20 and row[0] == tokenizer.bos_token_id
         assert row[1:] == full_row[len(full_row) - 19:]  # the tail (response + EOS) is intact
     assert cut[0].truncated and not cut[1].truncated and cut.report.truncated == 1
+
+
+def test_truncating_a_conversation_keeps_the_bos_its_chat_template_writes(tokenizer):
+    """Templates such as Llama's write BOS into the text (it then has real offsets): a left cut
+    keeps it, as it keeps a BOS the tokenizer adds, while the template's other markup is text."""
+    bos_tokenizer = copy.deepcopy(tokenizer)
+    bos_tokenizer.chat_template = "{{ bos_token }}" + tokenizer.chat_template
+    prompt = [{"role": "user", "content": "the river is clear " * 10}]
+    record = {"prompt": prompt, "chosen": [{"role": "assistant", "content": "clear kind"}],
+              "rejected": [{"role": "assistant", "content": "vague"}]}
+    full = load_preferences([record], bos_tokenizer, 512)[0]
+    cut = load_preferences([record], bos_tokenizer, 20)[0]
+    assert cut.truncated
+    for full_row, row in zip(full.input_ids, cut.input_ids):
+        assert full_row[0] == row[0] == bos_tokenizer.bos_token_id
+        assert len(row) == 20 and row[1:] == full_row[len(full_row) - 19:]
 
 
 def test_max_length_that_leaves_no_prompt_is_an_error_unless_responses_may_be_cut(tokenizer):

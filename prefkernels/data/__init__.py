@@ -363,6 +363,9 @@ class _Encoded:
 def _encode(tokenizer, texts: list[str], prompt_chars: list[int], add_special_tokens: bool,
             progress=None) -> list[_Encoded]:
     special = set(tokenizer.all_special_ids)
+    # BOS/CLS lead a row whether the tokenizer added them (offsets (0, 0)) or a chat template wrote
+    # them into the text; other special tokens lead only when added (a template's own markup is text)
+    prefix = {tokenizer.bos_token_id, tokenizer.cls_token_id} - {None}
     out = []
     for start in range(0, len(texts), TOKENIZE_CHUNK):
         if progress is not None:
@@ -378,7 +381,8 @@ def _encode(tokenizer, texts: list[str], prompt_chars: list[int], add_special_to
         for text, n_prompt_chars, ids, offsets in zip(chunk, chunk_prompt, enc["input_ids"], offsets_list):
             ids = list(ids)
             lead = 0
-            while lead < len(ids) and ids[lead] in special and (offsets is None or tuple(offsets[lead]) == (0, 0)):
+            while lead < len(ids) and ids[lead] in special and (
+                    offsets is None or tuple(offsets[lead]) == (0, 0) or ids[lead] in prefix):
                 lead += 1
             trail = 0
             while trail < len(ids) - lead and ids[-1 - trail] in special and \
