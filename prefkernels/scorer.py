@@ -12,8 +12,9 @@ Token ids follow the prefkernels trainer (``prefkernels.data``): a plain text th
 the end token (EOS, else SEP) gets one appended (``append_eos``; on for prefkernels checkpoints and
 directories written by ``prefkernels export --hf``, whose tokenizer appends it itself where it can;
 off for other HF checkpoints, which score the tokenizer's ids as HF does). A row longer than ``max_length``
-keeps its leading special tokens and its end, losing tokens right after the leading special tokens
-(left truncation, as training and HF's ``truncation_side="left"`` do); truncated texts are counted.
+keeps its leading special tokens (for a conversation, the BOS/CLS its template writes) and its end,
+losing tokens right after them (left truncation, as training and HF's ``truncation_side="left"``
+do); truncated texts are counted.
 
 Throughput: texts are tokenized in one call, sorted by length (longest first) and cut into dynamic
 batches whose padded size stays under a token budget; the backbone runs under ``torch.inference_mode``
@@ -30,7 +31,7 @@ import torch
 from torch import nn
 
 from prefkernels import checkpoint
-from prefkernels.data import end_token_id, is_messages, pad_rows, pad_token_id
+from prefkernels.data import end_token_id, is_messages, pad_rows, pad_token_id, prefix_token_ids
 from prefkernels.model import RewardModel, check_max_length, load_tokenizer, position_limit, resolve_device
 
 CPU_TOKEN_BUDGET = 4096
@@ -157,6 +158,7 @@ class Scorer:
         self.model = model.to(self.device).eval()
         self.tokenizer = tokenizer
         self.special_tokens_around_text = special_tokens_around_text(tokenizer)
+        self.prefix_token_ids = prefix_token_ids(tokenizer)
         self.end_token_id = end_token_id(tokenizer) if append_eos else None
         self.max_length = max_length
         self.token_budget = token_budget or default_token_budget(self.device)
@@ -260,6 +262,8 @@ class Scorer:
                                      verbose=False)["input_ids"]
             lead, trail = self.special_tokens_around_text if add_special_tokens else (0, 0)
             for i, ids in zip(indices, encoded):
+                if not add_special_tokens:  # a rendered conversation: keep the BOS its template wrote
+                    lead = next((j for j, token in enumerate(ids) if token not in self.prefix_token_ids), len(ids))
                 if len(ids) <= lead + trail:
                     continue
                 ids = list(ids)

@@ -194,6 +194,21 @@ def test_long_texts_keep_their_end_and_are_counted(reward_checkpoint):
     torch.testing.assert_close(result.rewards[[0, 2, 4]], expected, atol=1e-5, rtol=1e-5)
 
 
+def test_a_long_conversation_is_cut_as_training_cuts_it(reward_checkpoint):
+    """A conversation whose template writes BOS keeps that BOS and its end when cut to max_length,
+    token for token the row the trainer builds from it."""
+    from prefkernels.data import load_preferences
+
+    scorer = Scorer.from_pretrained(reward_checkpoint)  # max_length 48
+    rng = random.Random(6)
+    prompt = [{"role": "user", "content": " ".join(random_texts(8, rng))}]
+    chosen, rejected = [{"role": "assistant", "content": "yes"}], [{"role": "assistant", "content": "no"}]
+    ids, truncated = scorer.encode([scorer.render(prompt + chosen)])
+    trained = load_preferences([{"prompt": prompt, "chosen": chosen, "rejected": rejected}], scorer.tokenizer, 48)[0]
+    assert truncated == [True] and trained.truncated
+    assert ids[0][0] == scorer.tokenizer.bos_token_id and ids[0] == trained.input_ids[0]
+
+
 def test_ensemble_mean_std_and_normalization(ensemble_checkpoint):
     texts = random_texts(11, random.Random(2))
     raw = Scorer.from_pretrained(ensemble_checkpoint).score(texts)

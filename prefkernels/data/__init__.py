@@ -360,12 +360,17 @@ class _Encoded:
     prompt_tokens: int
 
 
+def prefix_token_ids(tokenizer) -> set[int]:
+    """BOS/CLS: special tokens that a left-truncated row keeps at its start whether the tokenizer
+    added them (offsets (0, 0)) or a chat template wrote them into the text. Other special tokens
+    lead a row only when the tokenizer added them (a template's own markup is text)."""
+    return {tokenizer.bos_token_id, tokenizer.cls_token_id} - {None}
+
+
 def _encode(tokenizer, texts: list[str], prompt_chars: list[int], add_special_tokens: bool,
             progress=None) -> list[_Encoded]:
     special = set(tokenizer.all_special_ids)
-    # BOS/CLS lead a row whether the tokenizer added them (offsets (0, 0)) or a chat template wrote
-    # them into the text; other special tokens lead only when added (a template's own markup is text)
-    prefix = {tokenizer.bos_token_id, tokenizer.cls_token_id} - {None}
+    prefix = prefix_token_ids(tokenizer)
     out = []
     for start in range(0, len(texts), TOKENIZE_CHUNK):
         if progress is not None:
