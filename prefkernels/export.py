@@ -43,7 +43,10 @@ class ExportWarning(UserWarning):
     """The export works, but plain transformers needs an extra step to score as prefkernels does."""
 
 
-PROBE_TEXTS = ["a short text", "a somewhat longer text that needs more tokens than the first one", "x"]
+# Lowercase words, a long text, a single letter, and digits/punctuation/capitals/non-ASCII (where
+# pre-tokenizers differ most, e.g. when AutoTokenizer swaps in the model type's own class).
+PROBE_TEXTS = ["a short text", "a somewhat longer text that needs more tokens than the first one", "x",
+               "Call 555-1234, OK? Naïve café: 12 dogs!"]
 PROBE_CONVERSATION = [{"role": "user", "content": "what is a short text"},
                       {"role": "assistant", "content": "a short text is a text with few words"}]
 
@@ -203,8 +206,12 @@ def _first_mismatch(reference: Scorer, tokenizer, texts, conversations, append_e
     for item, want, have in zip(texts + conversations, expected, got):
         if want != have:
             shown = repr(item)[:60] + ("..." if len(repr(item)) > 60 else "")
+            swapped = ("" if type(tokenizer) is type(reference.tokenizer) else
+                       f"; AutoTokenizer loads it as {type(tokenizer).__name__} (the model type's own class), "
+                       f"training used {type(reference.tokenizer).__name__}; a model trained with the "
+                       "tokenizer AutoTokenizer loads beside its config, as `prefkernels train` does, exports")
             return (f"{shown}: prefkernels ids end {want[-6:]} ({len(want)} tokens), "
-                    f"transformers ids end {have[-6:]} ({len(have)} tokens)")
+                    f"transformers ids end {have[-6:]} ({len(have)} tokens){swapped}")
     return None
 
 
@@ -231,6 +238,8 @@ def export_tokenizer(checkpoint_dir: str, reference: Scorer, max_length: int | N
                 continue
             _set_length_limits(candidate, max_length)
             candidate.save_pretrained(f"{scratch}/{i}")
+            # beside the model's config.json, as in DIR: AutoTokenizer may pick its class by model type
+            reference.model.backbone.config.save_pretrained(f"{scratch}/{i}")
             mismatch = _first_mismatch(reference, AutoTokenizer.from_pretrained(f"{scratch}/{i}"), texts, conversations)
             if mismatch is None:
                 return candidate, True, None

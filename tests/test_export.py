@@ -31,7 +31,7 @@ def checkpoint(tmp_path, tokenizer=None, bias=0.0, backbone=None, max_length=Non
     return path, model, tokenizer
 
 
-def byte_level_tokenizer():
+def byte_level_tokenizer(corpus=TEXTS):
     """GPT-2 style: byte-level BPE whose post-processor (ByteLevel) adds no special tokens."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
@@ -42,7 +42,7 @@ def byte_level_tokenizer():
     backend.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|pad|>", "<|endoftext|>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    backend.train_from_iterator(TEXTS * 10, trainer)
+    backend.train_from_iterator(list(corpus) * 10, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>", pad_token="<|pad|>")
 
 
@@ -229,3 +229,21 @@ def test_export_never_replaces_the_checkpoint_it_reads(tmp_path, capsys):
         assert cli.main(["export", str(path), "--hf", str(target), "--overwrite"]) == 1
         assert "is or contains the checkpoint" in capsys.readouterr().err
     assert sorted(p.name for p in path.iterdir()) == before
+
+
+def test_a_tokenizer_that_autotokenizer_swaps_for_the_model_types_class_is_refused(tmp_path):
+    """Beside a qwen2 config.json, AutoTokenizer loads Qwen2Tokenizer whatever class was saved, and its
+    pre-tokenizer splits digits one by one: a checkpoint trained with a generic fast tokenizer whose
+    merges join digits cannot be exported faithfully. The probe with digits finds it, and the error
+    names both classes instead of exporting a model that scores other token ids."""
+    from transformers import Qwen2Config, Qwen2Model
+
+    tokenizer = byte_level_tokenizer(TEXTS + ["call 555 1234 or 12 dogs"])
+    torch.manual_seed(0)
+    backbone = Qwen2Model(Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=128, pad_token_id=tokenizer.pad_token_id))
+    path, _, _ = checkpoint(tmp_path, tokenizer=tokenizer, backbone=backbone, max_length=MAX_LENGTH)
+    with pytest.warns(ExportWarning), pytest.raises(ExportError, match="loads it as Qwen2Tokenizer.*training used"):
+        export_hf(str(path), str(tmp_path / "hf"))
+    assert not (tmp_path / "hf").exists()
