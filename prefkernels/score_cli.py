@@ -211,6 +211,8 @@ def score_chunk(scorer: Scorer, lines: list[tuple[int, bytes]], skip_invalid: bo
     parsed: list[ParsedRow | InvalidRow] = []
     rendered: list = []
     spans: list[range] = []  # spans[row_index]: the row's indices into rendered (empty if it failed to parse/render)
+    first_unparsed = None  # without skip_invalid: the first line that failed to parse, raised after the
+    # rows before it are checked for texts without tokens (so the first bad line is the one reported)
     for number, line in lines:
         try:
             row = parse_line(line)
@@ -221,7 +223,8 @@ def score_chunk(scorer: Scorer, lines: list[tuple[int, bytes]], skip_invalid: bo
         except InvalidRow as err:
             row, row_rendered = err, []
         if isinstance(row, InvalidRow) and not skip_invalid:
-            raise InvalidRow(f"line {number}: {row}")
+            first_unparsed = InvalidRow(f"line {number}: {row}")
+            break
         parsed.append(row)
         spans.append(range(len(rendered), len(rendered) + len(row_rendered)))
         rendered.extend(row_rendered)
@@ -233,6 +236,8 @@ def score_chunk(scorer: Scorer, lines: list[tuple[int, bytes]], skip_invalid: bo
             if not skip_invalid:
                 raise InvalidRow(f"line {lines[row_index][0]}: {error}")
             parsed[row_index] = error
+    if first_unparsed is not None:
+        raise first_unparsed
     kept = [token_ids[i] for row, span in zip(parsed, spans) if not isinstance(row, InvalidRow) for i in span]
     # The valid rows' rewards in row order, consumed as the loop below writes those rows.
     rewards = iter(scorer.score_token_ids(kept) if kept else ())

@@ -135,6 +135,17 @@ def test_malformed_line_stops_with_its_number_and_leaves_no_output(reward_checkp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "out.jsonl"]  # no temporary file left
 
 
+def test_the_first_bad_line_is_the_one_reported(reward_checkpoint, tmp_path, capsys):
+    """A text without tokens (found after tokenizing) before a line that does not parse: the
+    error names the earlier line, so fixing lines in the order reported ends in a clean run."""
+    source = write_jsonl(tmp_path / "in.jsonl", [{"id": 1, "text": "the cat"}, {"id": 2, "text": ""},
+                                                 {"id": 3, "txt": "typo"}])
+    status = score_cli.main(["--model", str(reward_checkpoint), "--input", str(source),
+                             "--output", str(tmp_path / "out.jsonl"), "--quiet"])
+    err = capsys.readouterr().err
+    assert status != 0 and "line 2:" in err and "no tokens" in err and "line 3" not in err
+
+
 @pytest.mark.parametrize("suffix", [".jsonl", ".jsonl.gz"])
 def test_skip_invalid_writes_error_rows_and_loses_none(reward_checkpoint, tmp_path, capsys, suffix):
     good = [{"id": i, "text": t} for i, t in enumerate(random_texts(6, random.Random(3)))]
