@@ -567,6 +567,14 @@ class Trainer:
         set_rng_state(saved["rng"][self.dist.rank])
         self.log(f"resumed from {self.output_dir / CHECKPOINT_DIR} at step {self.state['step']} "
                  f"(epoch {self.state['epoch']}, batch {self.state['batch_in_epoch']})")
+        patience = self.config.patience
+        if self.state["stopped_early"] and not (patience and self.state["evals_since_best"] >= patience):
+            # stopped early, resumed with a patience that would not have stopped it: train on, as an
+            # unbroken run with this patience would have
+            self.state["stopped_early"] = False
+            self.state["done"] = self._final_step()
+            self.log(f"the run had stopped early after {self.state['evals_since_best']} evaluations without a "
+                     f"better {self.config.early_stopping_metric}; patience is now {patience}: training on")
 
     # --- training
 
@@ -646,7 +654,7 @@ class Trainer:
     def _after_step(self, grad_norm: torch.Tensor, end_of_epoch: bool, bar) -> None:
         config, state = self.config, self.state
         step = state["step"]
-        final = step >= self.total_steps or (not config.max_steps and state["epoch"] >= config.epochs)
+        final = self._final_step()
         bar.update(1)
         if step % config.log_every == 0 or final:
             self._log_train(grad_norm, bar)
@@ -660,6 +668,11 @@ class Trainer:
         if (config.save_every and step % config.save_every == 0) or state["done"] or (
                 not config.save_every and (evaluated or end_of_epoch)):
             self._save_checkpoint()
+
+    def _final_step(self) -> bool:
+        """The current step ends training (the step budget, or the last epoch without max_steps)."""
+        config, state = self.config, self.state
+        return state["step"] >= self.total_steps or (not config.max_steps and state["epoch"] >= config.epochs)
 
     def _log_train(self, grad_norm: torch.Tensor, bar) -> None:
         sums = self.dist.sum(self.train_sums.clone()).tolist()

@@ -91,6 +91,22 @@ def test_early_stopping_keeps_the_best_checkpoint(assets, tmp_path):
     assert checkpoint.read_config(out / "best")["training"]["best_step"] == 1
 
 
+def test_a_run_stopped_early_trains_on_when_resumed_with_more_patience(assets, tmp_path):
+    """patience may change on resume: a larger one continues the run as an unbroken run with it would."""
+    options = dict(lr=1e-12, warmup_ratio=0.0, eval_every=1, max_steps=6)
+    stopped = train(config(assets, tmp_path / "run", patience=2, **options), log=quiet)
+    assert stopped.stopped_early and stopped.steps == 3
+    messages = []
+    resumed = train(config(assets, tmp_path / "run", patience=10, resume=True, **options), log=messages.append)
+    assert not resumed.stopped_early and resumed.steps == 6
+    assert any("patience is now 10: training on" in message for message in messages)
+    unbroken = train(config(assets, tmp_path / "unbroken", patience=10, **options), log=quiet)
+    a, b = final_weights(tmp_path / "run"), final_weights(tmp_path / "unbroken")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    again = train(config(assets, tmp_path / "run", patience=10, resume=True, **options), log=quiet)
+    assert again.steps == 6  # a finished run stays finished
+
+
 def file_times(path):
     return {p: p.stat().st_mtime_ns for p in path.rglob("*") if p.is_file()}
 
