@@ -30,9 +30,8 @@ import torch
 
 from prefkernels import __version__, checkpoint
 from prefkernels.data import end_token_id, pad_rows
-from prefkernels.model import RewardModel, load_tokenizer
-from prefkernels.scorer import (EXPORT_INFO_FORMAT, EXPORT_INFO_NAME, UNBOUNDED_MODEL_MAX_LENGTH, Scorer,
-                                default_max_length, read_export_info)
+from prefkernels.model import UNBOUNDED_MODEL_MAX_LENGTH, RewardModel, default_max_length, load_tokenizer
+from prefkernels.scorer import EXPORT_INFO_FORMAT, EXPORT_INFO_NAME, Scorer, read_export_info
 
 
 class ExportError(ValueError):

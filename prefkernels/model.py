@@ -139,6 +139,19 @@ def position_limit(config) -> int | None:
     return None
 
 
+UNBOUNDED_MODEL_MAX_LENGTH = 1_000_000  # tokenizers without a limit report ~1e30
+
+
+def default_max_length(tokenizer, config) -> int | None:
+    """The smaller of the tokenizer's model_max_length (when set: a positive int below
+    ``UNBOUNDED_MODEL_MAX_LENGTH``) and the backbone's position limit (when stated), else None."""
+    limits = [position_limit(config)]
+    tokenizer_limit = getattr(tokenizer, "model_max_length", None)
+    if isinstance(tokenizer_limit, int) and 0 < tokenizer_limit < UNBOUNDED_MODEL_MAX_LENGTH:
+        limits.append(tokenizer_limit)
+    return min((limit for limit in limits if limit is not None), default=None)
+
+
 def check_max_length(max_length: int, config) -> None:
     """``ValueError`` when ``max_length`` tokens exceed the positions of a backbone with ``config``."""
     limit = position_limit(config)

@@ -32,7 +32,7 @@ from torch import nn
 
 from prefkernels import checkpoint
 from prefkernels.data import end_token_id, is_messages, pad_rows, pad_token_id, prefix_token_ids
-from prefkernels.model import RewardModel, check_max_length, load_tokenizer, position_limit, resolve_device
+from prefkernels.model import RewardModel, check_max_length, default_max_length, load_tokenizer, resolve_device
 
 CPU_TOKEN_BUDGET = 4096
 ACCELERATOR_TOKEN_BUDGET = 32768
@@ -47,7 +47,6 @@ LAST_TOKEN_POOLED_CLASSES = frozenset({
 })
 """HF classes whose head is ``score`` (a Linear) applied at the last non-pad token: loadable by ``Scorer``."""
 
-UNBOUNDED_MODEL_MAX_LENGTH = 1_000_000  # tokenizers without a limit report ~1e30
 
 EXPORT_INFO_NAME = "prefkernels_export.json"
 EXPORT_INFO_FORMAT = "prefkernels-hf-export"
@@ -117,16 +116,6 @@ def special_tokens_around_text(tokenizer) -> tuple[int, int]:
         if with_special[start:start + len(without)] == without:
             return start, len(with_special) - start - len(without)
     return 0, 0
-
-
-def default_max_length(tokenizer, config) -> int | None:
-    """The smaller of the tokenizer's model_max_length (when set) and the backbone's position limit
-    (when stated), else None."""
-    limits = [position_limit(config)]
-    tokenizer_limit = getattr(tokenizer, "model_max_length", None)
-    if tokenizer_limit is not None and tokenizer_limit < UNBOUNDED_MODEL_MAX_LENGTH:
-        limits.append(int(tokenizer_limit))
-    return min((limit for limit in limits if limit is not None), default=None)
 
 
 class Scorer:

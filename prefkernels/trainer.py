@@ -38,7 +38,7 @@ from prefkernels import __version__, backends, checkpoint, metrics
 from prefkernels.data import (LengthGroupedBatchSampler, PreferenceCollator, PreferenceDataset, load_preferences,
                               pad_token_id)
 from prefkernels.losses import LOSSES, LossConfig, check_data, compute_loss
-from prefkernels.model import RewardModel, check_max_length, load_tokenizer, position_limit, resolve_device
+from prefkernels.model import RewardModel, check_max_length, default_max_length, load_tokenizer, resolve_device
 
 SCHEDULES = ("linear", "cosine", "constant")
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -486,8 +486,7 @@ class Trainer:
         if self.config.max_length is not None:
             check_max_length(self.config.max_length, model.backbone.config)
             return self.config.max_length
-        candidates = [MAX_DEFAULT_LENGTH, position_limit(model.backbone.config), tokenizer.model_max_length]
-        return int(min(c for c in candidates if isinstance(c, int) and c > 0))
+        return min(MAX_DEFAULT_LENGTH, default_max_length(tokenizer, model.backbone.config) or MAX_DEFAULT_LENGTH)
 
     def _load_data(self) -> tuple[PreferenceDataset, PreferenceDataset | None]:
         config, show = self.config, self.config.progress and self.dist.is_main

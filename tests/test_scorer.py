@@ -274,3 +274,16 @@ def test_path_that_is_no_checkpoint_is_rejected(tmp_path):
         Scorer.from_pretrained(tmp_path)
     with pytest.raises(FileNotFoundError, match="is not a directory"):
         Scorer.from_pretrained(tmp_path / "absent")
+
+
+def test_default_max_length_is_one_rule_for_training_and_scoring():
+    """The smaller of the backbone's positions and a set tokenizer limit; an unset (huge) or
+    non-positive tokenizer limit is no limit. Training caps it at 1024 on top."""
+    from types import SimpleNamespace
+
+    from prefkernels.model import default_max_length
+
+    config = SimpleNamespace(max_position_embeddings=512)
+    for tokenizer_limit, want in ((128, 128), (int(1e30), 512), (0, 512), (-1, 512), (None, 512)):
+        assert default_max_length(SimpleNamespace(model_max_length=tokenizer_limit), config) == want
+    assert default_max_length(SimpleNamespace(model_max_length=int(1e30)), SimpleNamespace()) is None
