@@ -126,7 +126,8 @@ def add_ratios(row: dict, times: dict, kernels: list[str], nbytes: int, suffix: 
             continue
         row[f"{name} us{suffix}"] = seconds * 1e6
         row[f"{name} GB/s{suffix}"] = nbytes / seconds / 1e9
-        row[f"{name}/floor{suffix}"] = seconds / times["floor"]
+        if times.get("floor"):  # None when its capture failed
+            row[f"{name}/floor{suffix}"] = seconds / times["floor"]
         if times.get("memset"):
             row[f"{name}/memset{suffix}"] = seconds / times["memset"]
     for name in kernels:

@@ -4,8 +4,9 @@
 # each phase's exit status and seconds to gpu_check_summary.txt there.
 #   GPU_TESTS_K   pytest -k expression for the GPU tests (default: all)
 #   BENCH_ARGS    extra arguments of benchmarks/bench_gpu.py
-#   BUILD_TIMEOUT, GPU_TESTS_TIMEOUT, BENCH_TIMEOUT  seconds per phase (default 240 + 150 + 180,
-#                 under the device tool's 600 s per command)
+#   BUILD_TIMEOUT, GPU_TESTS_TIMEOUT, BENCH_TIMEOUT  seconds per phase (default 150 + 240 + 180,
+#                 under the device tool's 600 s per command; the build took 59 s on the H200). A
+#                 phase past its limit gets SIGINT, so pytest still prints which tests failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR="${OUT:-benchmarks/results}"
@@ -20,21 +21,23 @@ export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$(python3 -c 'import torch;
 } 2>&1 | tee "$OUT_DIR/gpu_env.txt"
 
 start=$(date +%s)
-timeout "${BUILD_TIMEOUT:-240}" python3 -m pip install -e . --no-build-isolation --no-deps -q > "$OUT_DIR/gpu_build.log" 2>&1
+timeout "${BUILD_TIMEOUT:-150}" python3 -m pip install -e . --no-build-isolation --no-deps -q \
+  --disable-pip-version-check > "$OUT_DIR/gpu_build.log" 2>&1
 build_rc=$?
 summary "build rc=$build_rc in $(( $(date +%s) - start ))s"
 if [ $build_rc -ne 0 ]; then tail -60 "$OUT_DIR/gpu_build.log"; exit $build_rc; fi
 python3 -c 'from prefkernels import backends; print("native CUDA:", backends.native_has_cuda(), "triton:", backends.triton_ops() is not None)'
 
 start=$(date +%s)
-timeout "${GPU_TESTS_TIMEOUT:-150}" python3 -m pytest -m gpu -q --maxfail=15 -p no:cacheprovider \
-  -k "${GPU_TESTS_K:-}" ${GPU_TEST_FILES:-tests/test_gpu.py tests/test_triton.py} > "$OUT_DIR/gpu_tests.log" 2>&1
+timeout -s INT -k 15 "${GPU_TESTS_TIMEOUT:-240}" python3 -m pytest -m gpu -q --maxfail=15 -p no:cacheprovider \
+  --durations=15 -k "${GPU_TESTS_K:-}" ${GPU_TEST_FILES:-tests/test_gpu.py tests/test_triton.py} \
+  > "$OUT_DIR/gpu_tests.log" 2>&1
 tests_rc=$?
 grep -E "passed|failed|Error|error" "$OUT_DIR/gpu_tests.log" | tail -25
 summary "gpu tests rc=$tests_rc in $(( $(date +%s) - start ))s"
 
 start=$(date +%s)
-timeout "${BENCH_TIMEOUT:-180}" python3 benchmarks/bench_gpu.py --out "$OUT_DIR" ${BENCH_ARGS:-} 2>&1 | tee "$OUT_DIR/gpu_bench.log"
+timeout -s INT -k 15 "${BENCH_TIMEOUT:-180}" python3 benchmarks/bench_gpu.py --out "$OUT_DIR" ${BENCH_ARGS:-} 2>&1 | tee "$OUT_DIR/gpu_bench.log"
 bench_rc=${PIPESTATUS[0]}
 summary "bench rc=$bench_rc in $(( $(date +%s) - start ))s"
 exit $(( tests_rc || bench_rc ))

@@ -45,7 +45,8 @@ class Case:
 
 
 def make_inputs(case: Case, device="cpu", seed=0) -> dict:
-    """Tensors and kwargs for ``fused_bt_loss`` (random, never zeros)."""
+    """Tensors and kwargs for ``fused_bt_loss`` (random, never zeros). Strided and transposed
+    layouts are made on ``device`` (moving a strided tensor would make it contiguous)."""
     g = torch.Generator().manual_seed(seed)
     N, T, D, K = case.rows, case.positions, case.dim, case.heads
     lengths = torch.randint(1, T + 1, (N,), generator=g)
@@ -57,9 +58,9 @@ def make_inputs(case: Case, device="cpu", seed=0) -> dict:
         pool = {"cu_seqlens": cu}
     else:
         if case.layout == "strided_t":
-            hidden = torch.randn(N, 2 * T, D, generator=g)[:, ::2]
+            hidden = torch.randn(N, 2 * T, D, generator=g).to(device, case.dtype)[:, ::2]
         elif case.layout == "transposed":
-            hidden = torch.randn(T, N, D, generator=g).transpose(0, 1)
+            hidden = torch.randn(T, N, D, generator=g).to(device, case.dtype).transpose(0, 1)
         else:
             hidden = torch.randn(N, T, D, generator=g)
         pos = torch.arange(T)
@@ -73,7 +74,7 @@ def make_inputs(case: Case, device="cpu", seed=0) -> dict:
             pool = {"last_index": lengths - 1}
         else:
             pool = {"attention_mask": mask}
-    hidden = hidden.to(case.dtype)
+    hidden = hidden.to(case.dtype)  # a no-op for the layouts made on the device in their dtype
     wdtype = torch.float32 if case.weight_fp32 else case.dtype
     weight = (torch.randn(K, D, generator=g) / D ** 0.5).to(wdtype)
     bias = torch.randn(K, generator=g).to(wdtype) if case.bias else None
@@ -97,7 +98,7 @@ def make_inputs(case: Case, device="cpu", seed=0) -> dict:
 def to_device(inputs: dict, device) -> dict:
     def move(v):
         return v.to(device) if isinstance(v, torch.Tensor) else v
-    return {"hidden": inputs["hidden"].to(device), "weight": inputs["weight"].to(device),
+    return {"hidden": move(inputs["hidden"]), "weight": move(inputs["weight"]),
             "bias": move(inputs["bias"]), "kwargs": {k: move(v) for k, v in inputs["kwargs"].items()}}
 
 

@@ -1,5 +1,7 @@
 """GPU checks (pytest -m gpu, run by benchmarks/gpu_check.sh): native CUDA and Triton against
 the float64 reference on the op table, realistic shapes, opcheck, torch.compile, determinism."""
+import zlib
+
 import pytest
 import torch
 
@@ -26,7 +28,7 @@ def require(backend):
 def test_cuda_matches_float64_reference(backend, variant, dtype, heads):
     require(backend)
     case = Case(dtype=dtype, heads=heads).with_(**VARIANTS[variant])
-    inputs = make_inputs(case, device="cuda", seed=hash(variant) % 1000)
+    inputs = make_inputs(case, device="cuda", seed=zlib.crc32(variant.encode()) % 1000)
     expected = reference_float64(inputs)
     poison_allocator("cuda")
     assert_matches(run_op(public(backend), inputs), expected, inputs, what=f"{backend} {case}: ")

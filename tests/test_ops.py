@@ -2,6 +2,7 @@
 dtypes x heads x options, plus gradcheck, opcheck, torch.compile and numerics."""
 import subprocess
 import sys
+import zlib
 
 import pytest
 import torch
@@ -59,7 +60,7 @@ def shrink_for(backend, case):
 def test_backend_matches_float64_reference(backend, variant, dtype, heads):
     require_backend(backend, "cpu")
     case = shrink_for(backend, Case(dtype=dtype, heads=heads).with_(**VARIANTS[variant]))
-    inputs = make_inputs(case, seed=hash(variant) % 1000)
+    inputs = make_inputs(case, seed=zlib.crc32(variant.encode()) % 1000)
     expected = reference_float64(inputs)
     poison_allocator("cpu")
     result = run_op(public(backend), inputs)
