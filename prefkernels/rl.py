@@ -18,7 +18,8 @@ def best_of_n(scorer: Scorer, prompts: list, candidates_per_prompt: list[list]) 
     ``candidates_per_prompt[p]`` holds prompt p's candidates (any number >= 1). Returns
     ``(best_index [P] int64, scores [P, N_max] float32)`` where ``N_max`` is the largest candidate
     count and a prompt with fewer candidates has -inf in the unused columns. All candidates are
-    scored in one ``scorer.score`` call.
+    scored in one ``scorer.score`` call. A NaN score (kept in ``scores``) is never picked over a
+    number; ties go to the first candidate.
     """
     require_list(prompts, "prompts", "a list with one prompt per sample")
     require_list(candidates_per_prompt, "candidates_per_prompt", "a list with one list of candidates per prompt")
@@ -39,7 +40,7 @@ def best_of_n(scorer: Scorer, prompts: list, candidates_per_prompt: list[list]) 
     for row, candidates in enumerate(candidates_per_prompt):
         scores[row, :len(candidates)] = flat_scores[offset:offset + len(candidates)]
         offset += len(candidates)
-    return scores.argmax(dim=1), scores
+    return torch.where(scores.isnan(), float("-inf"), scores).argmax(dim=1), scores
 
 
 class RewardFunction:

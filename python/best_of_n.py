@@ -148,7 +148,8 @@ def main(argv: list[str] | None = None) -> None:
     chosen = [cands[i] for cands, i in zip(candidates, best.tolist())]
     first = [cands[0] for cands in candidates]
     rows = [("one sample", scores[:, 0].mean().item(), sum(map(rule_reward, first)) / len(first)),
-            (f"best of {args.n}", scores.max(dim=1).values.mean().item(), sum(map(rule_reward, chosen)) / len(chosen))]
+            (f"best of {args.n}", scores.gather(1, best.unsqueeze(1)).mean().item(),
+             sum(map(rule_reward, chosen)) / len(chosen))]
     print(f"{'selection':<12} {'mean reward':>12} {'good - bad':>11}")
     for name, reward, rule in rows:
         print(f"{name:<12} {reward:>12.3f} {rule:>11.3f}")

@@ -42,6 +42,17 @@ def test_best_of_n_with_an_ensemble_uses_the_head_mean(ensemble_scorer):
     assert best.tolist() == means.view(3, 4).argmax(dim=1).tolist()
 
 
+def test_best_of_n_never_picks_a_nan_score(scorer, monkeypatch):
+    """argmax ranks NaN above every number: best_of_n must not return a NaN-scored candidate."""
+    from prefkernels.scorer import ScoreResult
+
+    flat = torch.tensor([1.0, float("nan"), 3.0, 2.0, float("nan"), float("nan")])
+    monkeypatch.setattr(scorer, "score_detailed", lambda items, name=None: ScoreResult(
+        flat[:len(items)].unsqueeze(1), torch.zeros(len(items), dtype=torch.bool)))
+    best, scores = best_of_n(scorer, ["a", "b"], [["w", "x", "y", "z"], ["u", "v"]])
+    assert best.tolist() == [2, 0] and scores[0, 1].isnan()  # all NaN: the first candidate
+
+
 def test_best_of_n_rejects_bad_shapes(scorer):
     with pytest.raises(ValueError, match="candidates_per_prompt: expected one list per prompt"):
         best_of_n(scorer, ["a", "b"], [["x"]])
