@@ -52,6 +52,10 @@ _loaded: dict[str, OpSet | None] = {}
 
 
 def warn_once(message: str) -> None:
+    """Warn once per message; silent while torch.compile traces (a warning would break a
+    fullgraph trace), so a fallback is reported by the first eager call that meets it."""
+    if torch.compiler.is_compiling():
+        return
     if message not in _warned:
         _warned.add(message)
         warnings.warn(message, RuntimeWarning, stacklevel=3)
@@ -191,7 +195,7 @@ def why_unavailable(name: str, device: torch.device) -> str:
         if native_ops() is None:
             return "prefkernels._C is not built"
         return "this build of prefkernels._C has no CUDA kernels" if device.type == "cuda" else "unsupported device"
-    if triton_ops() is None:
+    if importlib.util.find_spec("triton") is None:  # not triton_ops(): loading it registers ops, not traceable
         return "triton is not installed"
     if device.type == "cpu" and triton_interpreted() and (problem := triton_interpreter_problem()):
         return problem

@@ -1,5 +1,6 @@
 """Every kernel backend against the float64 reference: forward and all gradients over a table of
 dtypes x heads x options, plus gradcheck, opcheck, torch.compile and numerics."""
+import os
 import subprocess
 import sys
 import zlib
@@ -211,6 +212,26 @@ def test_torch_compile_fullgraph_matches_eager(reduction):
         grads[name] = (out.detach(), rewards, hidden.grad, weight.grad)
     for got, want in zip(grads["compiled"], grads["eager"]):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+COMPILED_FALLBACK_FIRST = r"""
+import os, torch, prefkernels
+f = torch.compile(lambda h, w, m: prefkernels.fused_bt_loss(h, w, attention_mask=m, backend="triton")[0],
+                  fullgraph=True)
+h, w, m = torch.randn(4, 5, 8), torch.randn(1, 8), torch.ones(4, 5, dtype=torch.long)
+torch.testing.assert_close(f(h, w, m), prefkernels.fused_bt_loss(h, w, attention_mask=m, backend="native")[0])
+print("ok")
+"""
+
+
+def test_compiled_first_call_that_falls_back_to_another_backend():
+    """backend='triton' on CPU tensors (no interpreter) falls back to native: also when the first
+    call is traced by torch.compile(fullgraph=True), where the fallback's warning and Triton's
+    loading must stay out of the trace."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", COMPILED_FALLBACK_FIRST], capture_output=True, text=True,
+                            timeout=300, env=env)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stdout[-2000:] + result.stderr[-3000:]
 
 
 COMPILED_FIRST = r"""
