@@ -5,6 +5,7 @@ hidden state, pooled at the last non-pad token (attention mask) by the fused ker
 """
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 
@@ -21,6 +22,10 @@ class RewardModel(nn.Module):
     def __init__(self, backbone: nn.Module, num_heads: int = 1, max_length: int | None = None):
         super().__init__()
         self.backbone = backbone
+        self._takes_position_ids = "position_ids" in inspect.signature(backbone.forward).parameters
+        pooler = getattr(backbone, "pooler", None)  # BERT's [CLS] pooler: rewards never use it, and
+        if isinstance(pooler, nn.Module):           # DDP needs every trained parameter used
+            pooler.requires_grad_(False)
         self.head = RewardHead(backbone.config.hidden_size, num_heads)
         self.max_length = max_length
         self.reward_mean: list[float] | None = None
@@ -40,8 +45,14 @@ class RewardModel(nn.Module):
         return cls(AutoModel.from_pretrained(name_or_path, **kwargs), num_heads=num_heads, max_length=max_length)
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Last hidden state [N, T, D] of the backbone."""
-        return self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        """Last hidden state [N, T, D] of the backbone. Positions count the real tokens (the mask's
+        cumulative sum), so a text gets the same positions padded on the left or on the right:
+        absolute-position backbones (BERT, GPT-2) would otherwise score a left-padded text
+        differently; for right padding they equal the backbone's default positions."""
+        kwargs = {}
+        if self._takes_position_ids:
+            kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+        return self.backbone(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, backend: str | None = None):
         """Rewards [N, K] float32 at each row's last non-pad token."""

@@ -463,9 +463,6 @@ class Trainer:
         model.max_length = self._max_length(model, tokenizer)
         if not config.dropout:
             disable_dropout(model)
-        pooler = getattr(model.backbone, "pooler", None)
-        if isinstance(pooler, torch.nn.Module):
-            pooler.requires_grad_(False)  # the rewards never use it; DDP needs every trained parameter used
         if model.head.bias is not None and not config.center_coef:
             # Pairwise losses see only reward differences: the bias's true gradient is zero, and
             # training it would only let Adam amplify rounding noise (and block a clean HF export).

