@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import numbers
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ import torch
 
 from prefkernels.data import (LengthGroupedBatchSampler, PreferenceCollator, PreferenceDataset, pair_owners,
                              ranking_layout)
-from prefkernels.losses import LossConfig, comparison_loss
+from prefkernels.losses import LossConfig, check_data, comparison_loss
 
 CALIBRATION_BINS = 10
 LENGTH_BUCKETS = 4
@@ -88,8 +89,16 @@ def rankdata(x: np.ndarray) -> np.ndarray:
     return ranks
 
 
-def pearson(x, y) -> float:
+def _paired(x, y) -> tuple[np.ndarray, np.ndarray]:
+    """x and y as 1-D float64 arrays of one length (ValueError naming the mismatch)."""
     x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    if x.ndim != 1 or y.shape != x.shape:
+        raise ValueError(f"x, y: expected two 1-D sequences of one length, got shapes {list(x.shape)} and {list(y.shape)}")
+    return x, y
+
+
+def pearson(x, y) -> float:
+    x, y = _paired(x, y)
     if len(x) < 2:
         return math.nan
     x, y = x - x.mean(), y - y.mean()
@@ -99,6 +108,7 @@ def pearson(x, y) -> float:
 
 def spearman(x, y) -> float:
     """Spearman rank correlation (NaN when either side is constant, holds a NaN, or n < 2)."""
+    x, y = _paired(x, y)
     return pearson(rankdata(x), rankdata(y)) if len(x) >= 2 else math.nan
 
 
@@ -110,7 +120,7 @@ def _pair_signs(rows: np.ndarray, x: np.ndarray) -> np.ndarray:
 
 def kendall_tau(x, y, chunk: int = 1024) -> float:
     """Kendall tau-b (ties corrected), O(n^2) in chunks; NaN when either side is constant or holds a NaN."""
-    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    x, y = _paired(x, y)
     n = len(x)
     if n < 2 or np.isnan(x).any() or np.isnan(y).any():
         return math.nan
@@ -171,6 +181,25 @@ def _quantiles(values: np.ndarray) -> dict:
 # ----------------------------------------------------------------------------- metrics
 
 
+def _reward_rows(dataset: PreferenceDataset, rewards: dict) -> dict[int, np.ndarray]:
+    """``rewards`` as float32 arrays [rows, K], each checked against its example (one row per
+    response) and all with one K; arrays, lists or tensors (detached) in."""
+    out, heads = {}, None
+    for index, value in rewards.items():
+        if not isinstance(index, numbers.Integral) or not 0 <= index < len(dataset):
+            raise ValueError(f"rewards: key {index!r} is not an example index of the dataset [0, {len(dataset)})")
+        if isinstance(value, torch.Tensor):
+            value = value.detach().cpu()
+        value = np.asarray(value, dtype=np.float32)
+        rows = len(dataset[index].input_ids)
+        if value.ndim != 2 or value.shape[0] != rows or (heads is not None and value.shape[1] != heads):
+            raise ValueError(f"rewards[{index}]: expected shape [{rows}, {heads or 'K'}] (one row per response "
+                             f"of example {index}, one column per head), got {list(value.shape)}")
+        heads = value.shape[1]
+        out[int(index)] = value
+    return out
+
+
 def _flatten(dataset: PreferenceDataset, rewards: dict[int, np.ndarray]) -> dict:
     """Responses and ordered pairs of the scored examples as flat arrays."""
     indices = sorted(rewards)
@@ -195,11 +224,13 @@ def preference_metrics(dataset: PreferenceDataset, rewards: dict[int, np.ndarray
                        loss_config: LossConfig | None = None, bins: int = CALIBRATION_BINS) -> dict:
     """All evaluation metrics (a JSON-able dict) of ``rewards`` from ``score`` on ``dataset``.
 
-    Gaps use the ensemble mean over the K heads. ``loss`` is ``loss_config``'s loss (default
-    Bradley-Terry) averaged over comparisons and heads.
+    Gaps use the ensemble mean over the K heads. ``loss`` is ``loss_config``'s loss averaged over
+    comparisons and heads (default: Bradley-Terry, Davidson when the data has ties; a loss without
+    a tie model is refused for data with ties, as in training).
     """
     if not rewards:
         raise ValueError("rewards: nothing was scored")
+    rewards = _reward_rows(dataset, rewards)
     flat = _flatten(dataset, rewards)
     per_head = flat["rewards"]  # [R, K]
     mean_reward = per_head.mean(axis=1)
@@ -209,7 +240,8 @@ def preference_metrics(dataset: PreferenceDataset, rewards: dict[int, np.ndarray
     decided = ~tie
     d = gap[decided]
 
-    loss_config = loss_config or LossConfig()
+    loss_config = loss_config or LossConfig("davidson" if tie.any() else "bt")
+    check_data(loss_config, int(tie.sum()), False, "dataset")
     margin = flat["margin"]
     with torch.no_grad():
         loss = comparison_loss(torch.from_numpy(per_head), loss_config, ranking=flat["ranking"],

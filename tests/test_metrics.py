@@ -165,3 +165,27 @@ def test_ensemble_disagreement_counts_a_nan_head():
     records = [{"chosen": "a b", "rejected": "c d"}, {"chosen": "a c", "rejected": "b d"}]
     data = load_preferences(records, tokenizer, 64)
     assert metrics.preference_metrics(data, rewards)["ensemble"]["disagreement"] == pytest.approx(0.5)
+
+
+def test_preference_metrics_checks_rewards_and_the_loss_of_ties():
+    """Rewards are checked against the dataset (one row per response, one K) instead of silently
+    misaligned; data with ties gets Davidson by default and refuses a loss without a tie model."""
+    tokenizer = build_tiny_tokenizer()
+    data = load_preferences([{"chosen": "a b", "rejected": "c d"}, {"chosen": "a c", "rejected": "b d", "tie": True}],
+                            tokenizer, 64)
+    good = {0: np.array([[1.0], [0.0]], np.float32), 1: torch.tensor([[0.5], [0.5]], requires_grad=True)}
+    assert metrics.preference_metrics(data, good)["loss_name"] == "davidson"
+    with pytest.raises(ValueError, match="loss: dataset has 1 tie pairs"):
+        metrics.preference_metrics(data, good, LossConfig("bt"))
+    for bad, message in (({0: np.array([[1.0], [0.0], [2.0]], np.float32)}, r"rewards\[0\]: expected shape \[2, K\]"),
+                         ({0: np.array([1.0, 0.0])}, r"rewards\[0\]: expected shape"),
+                         ({0: np.ones((2, 1)), 1: np.ones((2, 2))}, r"rewards\[1\]: expected shape \[2, 1\]"),
+                         ({5: np.ones((2, 1))}, "rewards: key 5 is not an example index")):
+        with pytest.raises(ValueError, match=message):
+            metrics.preference_metrics(data, bad)
+
+
+def test_rank_correlations_refuse_sequences_of_different_lengths():
+    for correlation in (metrics.spearman, metrics.kendall_tau, metrics.pearson):
+        with pytest.raises(ValueError, match="x, y: expected two 1-D sequences of one length"):
+            correlation([1, 2, 3], [5])
