@@ -166,7 +166,7 @@ def check_pairs(inputs: OpInputs, chosen_index, rejected_index, margin, label_sm
         _require_shape("margin", margin, [P], "one margin per pair")
         margin = margin.detach().float().contiguous()  # a constant of the loss: no gradient on any backend
     for name, value in (("label_smoothing", label_smoothing), ("center_coef", center_coef)):
-        if not isinstance(value, numbers.Real):  # Python and NumPy numbers; not tensors
+        if not isinstance(value, numbers.Real) or isinstance(value, bool):  # Python and NumPy numbers
             raise TypeError(f"{name}: expected a float, got {type(value).__name__}")
     # Plain comparisons (NaN fails them all) rather than math.isfinite: under torch.compile with
     # dynamic shapes these floats are symbolic, and comparisons are what it can guard on.

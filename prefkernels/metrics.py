@@ -23,6 +23,7 @@ import torch
 from prefkernels.data import (LengthGroupedBatchSampler, PreferenceCollator, PreferenceDataset, pair_owners,
                              ranking_layout)
 from prefkernels.losses import LossConfig, check_data, comparison_loss
+from prefkernels.model import eval_mode
 
 CALIBRATION_BINS = 10
 LENGTH_BUCKETS = 4
@@ -56,19 +57,15 @@ def score(model, dataset: PreferenceDataset, *, batch_size: int | None = None, m
     if progress:
         from tqdm.auto import tqdm
         batches = tqdm(batches, desc="scoring", leave=False)
-    was_training = model.training
-    model.eval()
     out = {}
     autocast = autocast_context(device, autocast_dtype)
-    try:
+    with eval_mode(model):
         for positions in batches:
             batch = collate([dataset[indices[p]] for p in positions]).to(device)
             with autocast:
                 rewards = model(batch.input_ids, batch.attention_mask, backend=backend).float().cpu().numpy()
             for example, rows in zip(batch.example_index.tolist(), batch.ranking.cpu().numpy()):
                 out[example] = rewards[rows[rows >= 0]]
-    finally:
-        model.train(was_training)
     return out
 
 

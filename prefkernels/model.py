@@ -5,6 +5,7 @@ hidden state, pooled at the last non-pad token (attention mask) by the fused ker
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 from pathlib import Path
@@ -122,6 +123,18 @@ class RewardModel(nn.Module):
         model.reward_mean, model.reward_std = config.get("reward_mean"), config.get("reward_std")
         model.config = config
         return model
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """``model.eval()`` for the block, then back to the mode it had: scoring in the middle of
+    training leaves dropout as it was."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 def resolve_device(name=None, cuda_index: int = 0) -> torch.device:

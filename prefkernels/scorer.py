@@ -32,7 +32,8 @@ from torch import nn
 
 from prefkernels import checkpoint
 from prefkernels.data import end_token_id, is_messages, pad_rows, pad_token_id, prefix_token_ids
-from prefkernels.model import RewardModel, check_max_length, default_max_length, load_tokenizer, resolve_device
+from prefkernels.model import (RewardModel, check_max_length, default_max_length, eval_mode, load_tokenizer,
+                               resolve_device)
 
 CPU_TOKEN_BUDGET = 4096
 ACCELERATOR_TOKEN_BUDGET = 32768
@@ -144,7 +145,7 @@ class Scorer:
             raise ValueError("normalize: the checkpoint stores no reward_mean/reward_std (they are set after "
                              "training); score without normalize")
         self.device = resolve_device(device)
-        self.model = model.to(self.device).eval()
+        self.model = model.to(self.device)  # in eval mode while it scores, then back to its mode
         self.tokenizer = tokenizer
         self.special_tokens_around_text = special_tokens_around_text(tokenizer)
         self.prefix_token_ids = prefix_token_ids(tokenizer)
@@ -274,8 +275,8 @@ class Scorer:
         batches = plan_batches(lengths, self.token_budget)
         batch_rewards_on_device = []  # copied back once at the end: no device sync per batch
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
-        with torch.inference_mode(), autocast, tqdm(total=len(token_ids), unit="text", disable=not progress,
-                                                    desc="scoring") as bar:
+        with torch.inference_mode(), eval_mode(self.model), autocast, tqdm(
+                total=len(token_ids), unit="text", disable=not progress, desc="scoring") as bar:
             for batch in batches:
                 input_ids, attention_mask = pad_rows([token_ids[index] for index in batch], self.pad_token_id)
                 width = input_ids.shape[1]

@@ -70,6 +70,7 @@ BAD = {
     "center_coef_nan": (with_(center_coef=float("nan")), ValueError, "center_coef"),
     "label_smoothing_tensor": (with_(label_smoothing=torch.tensor(0.1)), TypeError, "label_smoothing: expected a float"),
     "center_coef_string": (with_(center_coef="0.1"), TypeError, "center_coef: expected a float"),
+    "center_coef_bool": (with_(center_coef=True), TypeError, "center_coef: expected a float"),
     "reduction": (with_(reduction="avg"), ValueError, "reduction"),
 }
 
@@ -179,3 +180,17 @@ def test_numpy_loss_options_are_floats():
     want, _ = call("native", **args, label_smoothing=0.1, center_coef=0.25)
     got, _ = call("native", **args, label_smoothing=np.float32(0.1), center_coef=np.float32(0.25))
     torch.testing.assert_close(got, want)
+
+
+def test_reward_head_names_a_bad_size_and_is_callable():
+    for args, name in (((8, 2.5), "num_heads"), ((8.0,), "hidden_size"), (("8",), "hidden_size"),
+                       ((True,), "hidden_size"), ((8, 0), "num_heads")):
+        with pytest.raises(ValueError, match=f"{name}: expected an integer >= 1"):
+            prefkernels.RewardHead(*args)
+    head = prefkernels.RewardHead(8, num_heads=2)
+    seen = []
+    head.register_forward_hook(lambda module, inputs, output: seen.append(output.shape))
+    args = base(D=8)
+    rewards = head(args["hidden"], attention_mask=args["attention_mask"])  # forward is score
+    torch.testing.assert_close(rewards, head.score(args["hidden"], attention_mask=args["attention_mask"]))
+    assert seen == [torch.Size([4, 2])]

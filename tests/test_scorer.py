@@ -287,3 +287,12 @@ def test_default_max_length_is_one_rule_for_training_and_scoring():
     for tokenizer_limit, want in ((128, 128), (int(1e30), 512), (0, 512), (-1, 512), (None, 512)):
         assert default_max_length(SimpleNamespace(model_max_length=tokenizer_limit), config) == want
     assert default_max_length(SimpleNamespace(model_max_length=int(1e30)), SimpleNamespace()) is None
+
+
+def test_scoring_leaves_the_models_training_mode_as_it_was(reward_checkpoint):
+    """A Scorer over a model that is being trained scores in eval mode, then gives the mode back."""
+    model = RewardModel.from_pretrained(str(reward_checkpoint)).train()
+    scorer = Scorer(model, Scorer.from_pretrained(reward_checkpoint).tokenizer, device="cpu", max_length=48)
+    scores = scorer.score(["the cat sat", "a dog"])
+    assert model.training and all(m.training for m in model.modules())
+    torch.testing.assert_close(scores, Scorer.from_pretrained(reward_checkpoint).score(["the cat sat", "a dog"]))

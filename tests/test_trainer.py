@@ -352,6 +352,7 @@ def test_bf16_autocast_runs_on_cpu(assets, tmp_path):
     ("max_grad_norm", None, "max_grad_norm: expected a number, got None"),
     ("weight_decay", "0", "weight_decay: expected a number"),
     ("tie_strength", "2", "tie_strength: expected a number"),
+    ("valid", [], "valid: expected a path, a dataset, records or a list of these, got an empty list"),
 ])
 def test_bad_configuration_is_refused_before_writing(assets, tmp_path, field, value, message):
     overrides = {field: value}

@@ -190,14 +190,15 @@ def _read_jsonl(path: Path) -> Iterator[tuple[str, object]]:
         raise DataError(f"{path}: no records (empty file)")
 
 
-def _sources(sources) -> list:
-    """A single source, or a list of sources; a list of dicts is one source."""
+def _sources(sources, name: str) -> list:
+    """A single source, or a list of sources; a list of dicts is one source. ``name`` (e.g.
+    "train") names the argument in the error for an empty list."""
     if isinstance(sources, (str, os.PathLike)) or not isinstance(sources, (list, tuple)):
         return [sources]
     if sources and all(isinstance(item, dict) for item in sources):
         return [sources]
     if not sources:
-        raise DataError("data: no sources given")
+        raise DataError(f"{name}: expected a path, a dataset, records or a list of these, got an empty list")
     return list(sources)
 
 
@@ -438,7 +439,7 @@ def load_preferences(sources, tokenizer, max_length: int, *, use_margin: bool = 
     if not isinstance(max_length, int) or max_length < 2:
         raise ValueError(f"max_length: expected an integer >= 2, got {max_length!r}")
     parsed: list[_Parsed] = []
-    for source in _sources(sources):
+    for source in _sources(sources, name):
         for location, record in read_records(source, name=name):
             parsed.append(parse_record(location, record, use_margin=use_margin))
     with_margin = sum(p.margin is not None for p in parsed)
