@@ -306,3 +306,49 @@ def test_fused_loss_uses_the_models_loss_function():
     expected = stock(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
     got = fused(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+
+
+def test_a_score_head_wrapped_by_peft_is_named_as_the_reason():
+    model = make_decoder("llama", 1, PAD)
+    model.score = torch.nn.Sequential(model.score)  # as PEFT's ModulesToSaveWrapper: no longer an nn.Linear
+    with pytest.raises(TypeError, match="score head of LlamaForSequenceClassification is a Sequential, not an nn.Linear"):
+        fuse_sequence_classification(model)
+
+
+def test_gpt2_loss_ignores_a_custom_loss_function_as_stock_does():
+    """Stock GPT-2 computes its loss inline and never calls ``model.loss_function``; so does fused."""
+    input_ids, attention_mask, pad = make_batch("right")
+    labels = random_labels(3, input_ids.shape[0])
+    losses = []
+    for fuse in (False, True):
+        model = make_decoder("gpt2", 3, pad)
+        model.loss_function = lambda logits, labels, **kwargs: torch.nn.functional.cross_entropy(
+            logits, labels, weight=torch.tensor([1.0, 3.0, 0.5]))
+        if fuse:
+            fuse_sequence_classification(model)
+        losses.append(model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss)
+    torch.testing.assert_close(losses[1], losses[0])
+
+
+def test_accelerate_mixed_precision_wraps_and_unwraps_a_fused_model():
+    """accelerate's prepare rebinds ``forward.__func__`` under autocast, and unwrap_model(keep_fp32_wrapper=
+    False) rebinds the innermost function: both call the fused forward with the model, as stock."""
+    accelerate = pytest.importorskip("accelerate")
+    input_ids, attention_mask, pad = make_batch("right")
+    results = []
+    for fuse in (False, True):
+        model = make_decoder("llama", 1, pad)
+        if fuse:
+            fuse_sequence_classification(model)
+        prepared = accelerate.Accelerator(mixed_precision="bf16", cpu=True).prepare(model)
+        with torch.no_grad():
+            wrapped = prepared(input_ids=input_ids, attention_mask=attention_mask).logits
+            if fuse:
+                with pytest.raises(RuntimeError, match="forward was replaced after fusion"):
+                    unfuse(prepared)
+            unwrapped = accelerate.utils.extract_model_from_parallel(prepared, keep_fp32_wrapper=False)
+            results.append((wrapped, unwrapped(input_ids=input_ids, attention_mask=attention_mask).logits))
+        if fuse:
+            assert not is_fused(unfuse(unwrapped))
+    for fused, stock in zip(results[1], results[0]):
+        torch.testing.assert_close(fused, stock, rtol=2e-2, atol=2e-2)

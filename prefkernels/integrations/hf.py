@@ -60,6 +60,17 @@ def has_score_head(model) -> bool:
     return generic is not None and isinstance(model, generic) and type(model).forward is generic.forward
 
 
+def why_no_score_head(model) -> str:
+    """Why ``has_score_head(model)`` is False, for messages."""
+    score = getattr(model, "score", None)
+    if score is not None and not isinstance(score, nn.Linear):
+        return (f"the score head of {type(model).__name__} is a {type(score).__name__}, not an nn.Linear (PEFT "
+                "wraps it with task_type='SEQ_CLS' or modules_to_save; fuse before PEFT wraps the model)")
+    supported = sorted(SCORE_HEAD_CLASSES | NATIVELY_POOLED_CLASSES)
+    return (f"{type(model).__name__} is not supported; expected one of {supported} or a subclass of "
+            "transformers' GenericForSequenceClassification")
+
+
 def is_natively_pooled(model) -> bool:
     """True for classifiers whose head already runs on the [CLS] vector only (BERT family)."""
     return type(model).__name__ in NATIVELY_POOLED_CLASSES
@@ -126,12 +137,41 @@ def with_loss_and_logits(outputs, loss, logits):
     return type(outputs)(loss=loss, logits=logits, **rest)
 
 
-class FusedForward:
-    """``forward`` of a fused decoder classifier: same outputs, head on the pooled rows only.
+# Classifiers whose stock forward computes its loss inline and ignores ``model.loss_function``.
+INLINE_LOSS_CLASSES = frozenset({"GPT2ForSequenceClassification"})
 
-    A callable object rather than a bound function, so a fused model still pickles (``torch.save``
-    of the whole model), and ``inspect.signature`` sees the unfused forward's parameters (HF
-    Trainer keeps only the dataset columns that forward accepts)."""
+
+def fused_forward(model, *args, labels=None, return_dict=None, **kwargs):
+    """``forward`` of a fused decoder classifier ``model``: same outputs, head on the pooled rows only."""
+    with capture_head_input(model) as capture:
+            outputs = model.__dict__[UNFUSED_FORWARD](*args, return_dict=True, **kwargs)
+    logits = model.score(gather_pooled(capture.hidden, last_index=capture.pooled_positions(outputs.logits)))
+    loss = None
+    if labels is not None:
+        # The loss stock computes: the model's loss_function (ForSequenceClassificationLoss unless one was
+        # set on the model), or transformers' standard one for classes that compute it inline. The [N, T, K]
+        # logits are never formed, so it gets the pooled logits as ``logits`` too.
+        if type(model).__name__ in INLINE_LOSS_CLASSES:
+            from transformers.loss.loss_utils import ForSequenceClassificationLoss as loss_function
+        else:
+            loss_function = model.loss_function
+        loss = loss_function(logits=logits, labels=labels, pooled_logits=logits, config=model.config)
+    outputs = with_loss_and_logits(outputs, loss, logits)
+    if return_dict is None:
+        return_dict = getattr(model.config, "return_dict", True)
+    return outputs if return_dict else outputs.to_tuple()
+
+
+class FusedForward:
+    """``model.forward`` once fused: ``fused_forward`` bound to the model.
+
+    A callable object rather than a bound method, so a fused model still pickles (``torch.save`` of
+    the whole model), and ``inspect.signature`` sees the unfused forward's parameters (HF Trainer
+    keeps only the dataset columns that forward accepts). ``__func__`` is the plain function, as on a
+    bound method: wrappers that rebind ``forward.__func__`` to the model (accelerate's mixed
+    precision, and its ``unwrap_model``) then call ``fused_forward(model, ...)`` correctly."""
+
+    __func__ = staticmethod(fused_forward)
 
     def __init__(self, model):
         self.model = model
@@ -140,20 +180,8 @@ class FusedForward:
     def __signature__(self):
         return inspect.signature(self.model.__dict__[UNFUSED_FORWARD])
 
-    def __call__(self, *args, labels=None, return_dict=None, **kwargs):
-        model = self.model
-        with capture_head_input(model) as capture:
-            outputs = model.__dict__[UNFUSED_FORWARD](*args, return_dict=True, **kwargs)
-        logits = model.score(gather_pooled(capture.hidden, last_index=capture.pooled_positions(outputs.logits)))
-        loss = None
-        if labels is not None:
-            # The model's own loss (ForSequenceClassificationLoss unless one was set on the model); the
-            # [N, T, K] logits are never formed, so it gets the pooled logits as ``logits`` too.
-            loss = model.loss_function(logits=logits, labels=labels, pooled_logits=logits, config=model.config)
-        outputs = with_loss_and_logits(outputs, loss, logits)
-        if return_dict is None:
-            return_dict = getattr(model.config, "return_dict", True)
-        return outputs if return_dict else outputs.to_tuple()
+    def __call__(self, *args, **kwargs):
+        return fused_forward(self.model, *args, **kwargs)
 
 
 def fuse_sequence_classification(model):
@@ -167,9 +195,7 @@ def fuse_sequence_classification(model):
     if is_fused(model) or is_natively_pooled(model):
         return model
     if not has_score_head(model):
-        supported = sorted(SCORE_HEAD_CLASSES | NATIVELY_POOLED_CLASSES)
-        raise TypeError(f"model: {type(model).__name__} is not supported; expected one of {supported} or a "
-                        "subclass of transformers' GenericForSequenceClassification")
+        raise TypeError(f"model: {why_no_score_head(model)}")
     model.__dict__[UNFUSED_FORWARD] = model.forward
     model.__dict__[INSTANCE_FORWARD] = model.__dict__.get("forward")
     model.forward = FusedForward(model)
@@ -177,9 +203,16 @@ def fuse_sequence_classification(model):
 
 
 def unfuse(model):
-    """Undo ``fuse_sequence_classification``; returns ``model`` (a no-op if it is not fused)."""
+    """Undo ``fuse_sequence_classification``; returns ``model`` (a no-op if it is not fused).
+
+    Raises RuntimeError when ``model.forward`` was replaced after fusion (e.g. by accelerate's
+    mixed-precision ``prepare``): restoring the stock forward would silently drop that wrapper."""
     if not is_fused(model):
         return model
+    forward = model.__dict__.get("forward")
+    if not (isinstance(forward, FusedForward) or getattr(forward, "__func__", None) is fused_forward):
+        raise RuntimeError(f"model: its forward was replaced after fusion ({model.forward!r}); unfuse before "
+                           "wrapping it (e.g. before accelerate's prepare)")
     previous = model.__dict__.pop(INSTANCE_FORWARD)
     del model.__dict__[UNFUSED_FORWARD]
     if previous is None:

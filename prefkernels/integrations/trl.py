@@ -13,7 +13,7 @@ from accelerate.utils import is_peft_model
 from trl import RewardTrainer
 
 from prefkernels.integrations.hf import (capture_head_input, has_score_head, is_fused, replaced_forward,
-                                         with_loss_and_logits)
+                                         why_no_score_head, with_loss_and_logits)
 from prefkernels.ops import fused_bt_loss
 
 
@@ -80,7 +80,7 @@ class FusedRewardTrainer(RewardTrainer):
             return None
         reason = None
         if not has_score_head(classifier):
-            reason = f"model {type(classifier).__name__} has no supported score head"
+            reason = f"model: {why_no_score_head(classifier)}"
         elif getattr(self, "is_fsdp_enabled", False):
             reason = "FSDP shards the score head's weight"
         elif getattr(self, "is_deepspeed_enabled", False) and \
