@@ -334,13 +334,19 @@ def test_accelerate_mixed_precision_wraps_and_unwraps_a_fused_model():
     """accelerate's prepare rebinds ``forward.__func__`` under autocast, and unwrap_model(keep_fp32_wrapper=
     False) rebinds the innermost function: both call the fused forward with the model, as stock."""
     accelerate = pytest.importorskip("accelerate")
+    from accelerate.state import AcceleratorState
+
     input_ids, attention_mask, pad = make_batch("right")
     results = []
     for fuse in (False, True):
         model = make_decoder("llama", 1, pad)
         if fuse:
             fuse_sequence_classification(model)
-        prepared = accelerate.Accelerator(mixed_precision="bf16", cpu=True).prepare(model)
+        AcceleratorState._reset_state(reset_partial_state=True)  # a process-wide singleton other tests set up
+        try:
+            prepared = accelerate.Accelerator(mixed_precision="bf16", cpu=True).prepare(model)
+        finally:
+            AcceleratorState._reset_state(reset_partial_state=True)
         with torch.no_grad():
             wrapped = prepared(input_ids=input_ids, attention_mask=attention_mask).logits
             if fuse:
