@@ -59,6 +59,36 @@ def test_eos_appended_only_when_missing(tokenizer):
     chosen, rejected = data[0].input_ids
     assert chosen.count(tokenizer.eos_token_id) == 1 and chosen[-1] == tokenizer.eos_token_id
     assert rejected[-1] == tokenizer.eos_token_id and len(rejected) == len(chosen)
+    assert data[0].response_lengths == [1, 1]  # an EOS in the text is no response token, as an appended one
+
+
+def byte_level_tokenizer():
+    """Byte-level BPE whose offsets keep the leading space (trim_offsets=False, as Llama-3/Qwen2)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|pad|>", "<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator(["Question: what? Answer: Yes I can help", "No you cannot"] * 20, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>", pad_token="<|pad|>")
+
+
+def test_a_token_across_the_prompt_boundary_is_a_response_token():
+    """' Yes' starts on an explicit prompt's trailing space (offsets keep the space): it holds
+    response text, so it counts in the response, while a lone ' ' token is the prompt's own. An
+    implicit prompt ends before the space where the texts part, as TRL's extract_prompt has it."""
+    tokenizer = byte_level_tokenizer()
+    prompt = "Question: what? Answer: "
+    explicit, implicit = load_preferences([{"prompt": prompt, "chosen": "Yes I can help", "rejected": "No"},
+                                           {"chosen": prompt + "Yes", "rejected": prompt + "No you cannot"}],
+                                          tokenizer, 64)
+    assert explicit.response_lengths == [4, 1]  # ' Yes', ' I', ' can', ' help' | 'No' (after the prompt's ' ')
+    bare = len(tokenizer(prompt.rstrip(" "))["input_ids"])
+    assert implicit.response_lengths == [len(row) - 1 - bare for row in implicit.input_ids]  # minus the EOS
 
 
 def test_conversational_records_use_the_chat_template(tokenizer):
@@ -347,3 +377,45 @@ def test_hh_harmless_subset_with_a_real_tokenizer(hh_harmless):
     batch = PreferenceCollator(tokenizer.pad_token_id)([data[i] for i in range(4)])
     assert batch.input_ids.dtype == torch.long and batch.attention_mask.sum() == sum(
         len(r) for i in range(4) for r in data[i].input_ids)
+
+
+def test_bad_values_inside_records_are_data_errors_with_their_location(tmp_path):
+    tokenizer = build_tiny_tokenizer()
+    cases = [
+        ({"chosen": "the cat \ud800", "rejected": "a dog"}, r"row 0: column 'chosen': invalid Unicode: lone surrogate"),
+        ({"chosen": "a", "rejected": "b", "margin": 10 ** 400}, r"row 0: column 'margin': expected a finite number"),
+        ({"chosen": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None}],
+          "rejected": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "no"}]},
+         r"row 0: column 'chosen' message 1: expected a string 'content', got NoneType"),
+    ]
+    for record, message in cases:
+        with pytest.raises(DataError, match=message):
+            load_preferences([record], tokenizer, 32, name="train")
+    strict = copy.deepcopy(tokenizer)
+    strict.chat_template = ("{% for m in messages %}{% if loop.index0 > 0 and m['role'] == messages[loop.index0 - 1]"
+                            "['role'] %}{{ raise_exception('roles must alternate') }}{% endif %}"
+                            "{{ m['role'] }} : {{ m['content'] }} {% endfor %}")
+    twice = [{"role": "user", "content": "hi"}, {"role": "user", "content": "again"}]
+    with pytest.raises(DataError, match=r"row 0: the chat template refused the conversation.*roles must alternate"):
+        load_preferences([{"chosen": twice + [{"role": "assistant", "content": "a"}],
+                           "rejected": twice + [{"role": "assistant", "content": "b"}]}], strict, 32, name="train")
+
+
+def test_a_byte_order_mark_is_skipped(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps({"chosen": "the cat", "rejected": "a dog"}).encode() + b"\n")
+    assert len(load_preferences(str(path), build_tiny_tokenizer(), 32)) == 1
+
+
+def test_conversations_from_a_datasets_table_keep_their_shared_prompt():
+    """A datasets table gives every message each key of its column (None when unset): the shared
+    user turn still counts as the prompt, as in the same records given as a list."""
+    datasets = pytest.importorskip("datasets")
+    tokenizer = build_tiny_tokenizer()
+    user = {"role": "user", "content": "tell me about the river"}
+    records = [{"chosen": [user, {"role": "assistant", "content": "the river is clear", "name": "bot"}],
+                "rejected": [user, {"role": "assistant", "content": "vague"}]}]
+    table = load_preferences(datasets.Dataset.from_list(records), tokenizer, 64)
+    listed = load_preferences(records, tokenizer, 64)
+    assert table[0].response_lengths == listed[0].response_lengths
+    assert table[0].input_ids == listed[0].input_ids

@@ -173,7 +173,8 @@ def _read_jsonl(path: Path) -> Iterator[tuple[str, object]]:
     with open(path, "rb") as f:
         gzipped = f.read(2) == b"\x1f\x8b"
     count = 0
-    with (gzip.open(path, "rt", encoding="utf-8") if gzipped else open(path, encoding="utf-8")) as f:
+    # utf-8-sig: a leading byte-order mark is skipped (as datasets.load_dataset("json") does)
+    with (gzip.open(path, "rt", encoding="utf-8-sig") if gzipped else open(path, encoding="utf-8-sig")) as f:
         try:
             for line_number, line in enumerate(f, start=1):
                 if not line.strip():
@@ -224,14 +225,34 @@ def _check_text(location: str, column: str, value, conversational: bool):
         if not is_messages(value) or not value:
             raise DataError(f"{location}: column {column!r}: expected a non-empty list of "
                             f"{{'role', 'content'}} messages (conversational format), got {type(value).__name__}")
+        for index, message in enumerate(value):
+            if not isinstance(message["content"], str):
+                raise DataError(f"{location}: column {column!r} message {index}: expected a string 'content', got "
+                                f"{type(message['content']).__name__}")
+            _check_unicode(location, f"{column!r} message {index}", message["content"])
     elif not isinstance(value, str):
         raise DataError(f"{location}: column {column!r}: expected a string, got {type(value).__name__}")
+    else:
+        _check_unicode(location, repr(column), value)
+
+
+def _check_unicode(location: str, where: str, text: str) -> None:
+    """A lone surrogate (possible in JSON escapes) cannot be tokenized: name it instead of crashing."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise DataError(f"{location}: column {where}: invalid Unicode: lone surrogate {text[err.start]!r} at "
+                        f"character {err.start}") from None
 
 
 def _number(location: str, column: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise DataError(f"{location}: column {column!r}: expected a finite number, got {value!r}")
-    return float(value)
+    try:  # float() first: an integer beyond float range (1e400 written out) overflows
+        number = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+    except OverflowError:
+        number = math.inf
+    if not math.isfinite(number):
+        raise DataError(f"{location}: column {column!r}: expected a finite number, got {value!r:.80}")
+    return number
 
 
 @dataclass
@@ -331,22 +352,32 @@ def render(parsed: _Parsed, tokenizer) -> tuple[list[str], int]:
                             f"{type(tokenizer).__name__} has none")
         conversations = [(parsed.prompt or []) + response for response in parsed.responses]
         shared = len(parsed.prompt) if parsed.prompt else _shared_messages(conversations)
-        texts = [tokenizer.apply_chat_template(conversation, tokenize=False) for conversation in conversations]
-        # The prompt ends where its own rendering (with the assistant header) stops matching: texts that
-        # merely start alike ("the river is ...") must not move response words into the prompt
-        prompt = tokenizer.apply_chat_template(conversations[0][:shared], tokenize=False,
-                                               add_generation_prompt=True) if shared else ""
+        try:
+            texts = [tokenizer.apply_chat_template(conversation, tokenize=False) for conversation in conversations]
+            # The prompt ends where its own rendering (with the assistant header) stops matching: texts that
+            # merely start alike ("the river is ...") must not move response words into the prompt
+            prompt = tokenizer.apply_chat_template(conversations[0][:shared], tokenize=False,
+                                                   add_generation_prompt=True) if shared else ""
+        except Exception as err:  # noqa: BLE001 - templates raise anything (jinja's TemplateError, ...)
+            raise DataError(f"{parsed.location}: the chat template refused the conversation "
+                            f"({type(err).__name__}: {err})") from None
         return texts, len(os.path.commonprefix([*texts, prompt]))
     if parsed.prompt is not None:
         return [parsed.prompt + response for response in parsed.responses], len(parsed.prompt)
-    return list(parsed.responses), len(os.path.commonprefix(parsed.responses))
+    shared = len(os.path.commonprefix(parsed.responses))
+    if 0 < shared < min(map(len, parsed.responses)) and parsed.responses[0][shared - 1] == " ":
+        shared -= 1  # the space before the first difference starts the responses, as TRL's extract_prompt has it
+    return list(parsed.responses), shared
 
 
 def _shared_messages(conversations: list[list]) -> int:
     """How many leading messages every conversation shares, leaving each at least one (the implicit
     prompt, as TRL's ``extract_prompt`` finds it)."""
+    def content(message):  # a datasets table gives every message each key of the column, None when unset
+        return {key: value for key, value in message.items() if value is not None}
+
     shared = 0
-    while all(len(c) > shared + 1 and c[shared] == conversations[0][shared] for c in conversations):
+    while all(len(c) > shared + 1 and content(c[shared]) == content(conversations[0][shared]) for c in conversations):
         shared += 1
     return shared
 
@@ -368,10 +399,20 @@ def prefix_token_ids(tokenizer) -> set[int]:
     return {tokenizer.bos_token_id, tokenizer.cls_token_id} - {None}
 
 
+def suffix_token_ids(tokenizer) -> set[int]:
+    """EOS/SEP: end tokens that count as the row's trailer, not as response tokens, whether the
+    tokenizer added them, training appended them, or the text already ended with one."""
+    return {tokenizer.eos_token_id, tokenizer.sep_token_id} - {None}
+
+
 def _encode(tokenizer, texts: list[str], prompt_chars: list[int], add_special_tokens: bool,
             progress=None) -> list[_Encoded]:
     special = set(tokenizer.all_special_ids)
-    prefix = prefix_token_ids(tokenizer)
+    prefix, suffix = prefix_token_ids(tokenizer), suffix_token_ids(tokenizer)
+
+    def added(ids, offsets, index):  # a special token the tokenizer added: offsets (0, 0); unknown without offsets
+        return offsets is not None and ids[index] in special and tuple(offsets[index]) == (0, 0)
+
     out = []
     for start in range(0, len(texts), TOKENIZE_CHUNK):
         if progress is not None:
@@ -387,15 +428,15 @@ def _encode(tokenizer, texts: list[str], prompt_chars: list[int], add_special_to
         for text, n_prompt_chars, ids, offsets in zip(chunk, chunk_prompt, enc["input_ids"], offsets_list):
             ids = list(ids)
             lead = 0
-            while lead < len(ids) and ids[lead] in special and (
-                    offsets is None or tuple(offsets[lead]) == (0, 0) or ids[lead] in prefix):
+            while lead < len(ids) and (ids[lead] in prefix or added(ids, offsets, lead)):
                 lead += 1
             trail = 0
-            while trail < len(ids) - lead and ids[-1 - trail] in special and \
-                    (offsets is None or tuple(offsets[-1 - trail]) == (0, 0)):
+            while trail < len(ids) - lead and (ids[-1 - trail] in suffix or added(ids, offsets, len(ids) - 1 - trail)):
                 trail += 1
             if offsets is not None:
-                prompt_tokens = sum(1 for s, _ in offsets[lead:len(ids) - trail] if s < n_prompt_chars)
+                # a prompt token lies wholly in the prompt: one that straddles the boundary (a byte-level
+                # ' Yes' starting on the prompt's trailing space) holds response text, as TRL counts it
+                prompt_tokens = sum(1 for _, e in offsets[lead:len(ids) - trail] if e <= n_prompt_chars)
             elif n_prompt_chars:
                 prompt_tokens = len(tokenizer(text[:n_prompt_chars], add_special_tokens=False,
                                               verbose=False)["input_ids"])
