@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import random
 import statistics
 import time
 from pathlib import Path
@@ -78,8 +79,8 @@ def methods(kernel_backends: list[str]) -> dict:
 
 def time_interleaved(steps: dict, batch: dict, repeats: int, warmup: int, timer) -> dict:
     """Median seconds per step, methods interleaved within each repeat (noise hits all alike).
-    The order rotates by one method per repeat, so no method always runs after the same one
-    (on CPU the heap state a step leaves changes the next step's allocation cost)."""
+    The order is shuffled every repeat (seeded by the repeat), so no method keeps the same
+    predecessor (on CPU the heap state a step leaves changes the next step's allocation cost)."""
     if not steps:
         return {}
     for step in steps.values():
@@ -89,8 +90,7 @@ def time_interleaved(steps: dict, batch: dict, repeats: int, warmup: int, timer)
     names = list(steps)
     samples = {name: [] for name in names}
     for repeat in range(repeats):
-        shift = repeat % len(names)
-        for name in names[shift:] + names[:shift]:
+        for name in random.Random(repeat).sample(names, len(names)):
             reset(batch)
             samples[name].append(timer(steps[name], batch))
     return {name: statistics.median(values) for name, values in samples.items()}
@@ -175,6 +175,8 @@ def plot_ratios(rows: list[dict], methods_shown: list[str], title: str, path: Pa
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if not methods_shown:  # e.g. no floor time (its CUDA graph capture failed): nothing to plot
+        return
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(rows)), 4))
     width = 0.8 / len(methods_shown)
     for i, method in enumerate(methods_shown):
