@@ -18,6 +18,7 @@ import torch
 
 BACKENDS = ("auto", "native", "triton", "reference")
 ENV_VAR = "PREFKERNELS_BACKEND"
+TRITON_INSTALLED = importlib.util.find_spec("triton") is not None  # at import: find_spec is not traceable
 
 
 @dataclass(frozen=True)
@@ -113,7 +114,7 @@ def preload() -> None:
     for a first call that may be inside a compiled function. Triton is loaded only where it
     can run (CUDA available, or TRITON_INTERPRET=1), so a CPU-only import stays light."""
     native_ops()
-    if importlib.util.find_spec("triton") is not None and (triton_interpreted() or torch.cuda.is_available()):
+    if TRITON_INSTALLED and (triton_interpreted() or torch.cuda.is_available()):
         triton_ops()
 
 
@@ -195,7 +196,7 @@ def why_unavailable(name: str, device: torch.device) -> str:
         if native_ops() is None:
             return "prefkernels._C is not built"
         return "this build of prefkernels._C has no CUDA kernels" if device.type == "cuda" else "unsupported device"
-    if importlib.util.find_spec("triton") is None:  # not triton_ops(): loading it registers ops, not traceable
+    if not TRITON_INSTALLED:  # not triton_ops(): loading it registers ops, which a compiled call cannot trace
         return "triton is not installed"
     if device.type == "cpu" and triton_interpreted() and (problem := triton_interpreter_problem()):
         return problem
