@@ -23,7 +23,7 @@ class RewardModel(nn.Module):
     def __init__(self, backbone: nn.Module, num_heads: int = 1, max_length: int | None = None):
         super().__init__()
         self.backbone = backbone
-        self._takes_position_ids = "position_ids" in inspect.signature(backbone.forward).parameters
+        self._positions_from_mask = counts_positions_from_mask(backbone)
         pooler = getattr(backbone, "pooler", None)  # BERT's [CLS] pooler: rewards never use it, and
         if isinstance(pooler, nn.Module):           # DDP needs every trained parameter used
             pooler.requires_grad_(False)
@@ -47,11 +47,10 @@ class RewardModel(nn.Module):
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Last hidden state [N, T, D] of the backbone. Positions count the real tokens (the mask's
-        cumulative sum), so a text gets the same positions padded on the left or on the right:
-        absolute-position backbones (BERT, GPT-2) would otherwise score a left-padded text
-        differently; for right padding they equal the backbone's default positions."""
+        cumulative sum) where ``counts_positions_from_mask`` says so, so a text gets the same positions
+        padded on the left or on the right; for right padding they equal the backbone's defaults."""
         kwargs = {}
-        if self._takes_position_ids:
+        if self._positions_from_mask:
             kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
         return self.backbone(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
 
@@ -123,6 +122,17 @@ class RewardModel(nn.Module):
         model.reward_mean, model.reward_std = config.get("reward_mean"), config.get("reward_std")
         model.config = config
         return model
+
+
+def counts_positions_from_mask(backbone: nn.Module) -> bool:
+    """Whether ``RewardModel`` passes 0-based positions counted from the attention mask: backbones
+    whose forward takes ``position_ids`` (absolute-position ones such as BERT and GPT-2 would
+    otherwise score a left-padded text differently), except those whose embeddings derive positions
+    from the input ids themselves (the RoBERTa family, offset by padding_idx + 1, already alike
+    on either side)."""
+    if getattr(getattr(backbone, "embeddings", None), "padding_idx", None) is not None:
+        return False
+    return "position_ids" in inspect.signature(backbone.forward).parameters
 
 
 @contextlib.contextmanager

