@@ -4,7 +4,7 @@
 # each phase's exit status and seconds to gpu_check_summary.txt there.
 #   GPU_TESTS_K   pytest -k expression for the GPU tests (default: all)
 #   BENCH_ARGS    extra arguments of benchmarks/bench_gpu.py
-#   BUILD_TIMEOUT, GPU_TESTS_TIMEOUT, BENCH_TIMEOUT  seconds per phase (default 150 + 240 + 180,
+#   BUILD_TIMEOUT, GPU_TESTS_TIMEOUT, BENCH_TIMEOUT  seconds per phase (default 150 + 240 + 160,
 #                 under the device tool's 600 s per command; the build took 59 s on the H200). A
 #                 phase past its limit gets SIGINT, so pytest still prints which tests failed.
 set -uo pipefail
@@ -37,7 +37,7 @@ grep -E "passed|failed|Error|error" "$OUT_DIR/gpu_tests.log" | tail -25
 summary "gpu tests rc=$tests_rc in $(( $(date +%s) - start ))s"
 
 start=$(date +%s)
-timeout -s INT -k 15 "${BENCH_TIMEOUT:-180}" python3 benchmarks/bench_gpu.py --out "$OUT_DIR" ${BENCH_ARGS:-} 2>&1 | tee "$OUT_DIR/gpu_bench.log"
+timeout -s INT -k 15 "${BENCH_TIMEOUT:-160}" python3 benchmarks/bench_gpu.py --out "$OUT_DIR" ${BENCH_ARGS:-} 2>&1 | tee "$OUT_DIR/gpu_bench.log"
 bench_rc=${PIPESTATUS[0]}
 summary "bench rc=$bench_rc in $(( $(date +%s) - start ))s"
 exit $(( tests_rc || bench_rc ))

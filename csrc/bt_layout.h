@@ -39,6 +39,20 @@ PK_HOST_DEVICE int64_t indexed_position(const PoolSpec& spec, int64_t n) {
   return spec.index[n + 1] > spec.index[n] ? spec.index[n + 1] - 1 : -1;
 }
 
+// sum over j in [begin, end) of grad_coef[row_entry[j], k] ([M, K] float32), in order: the CSR segment
+// of one row. Bounds outside [0, entries) and entries outside [0, coef_rows) are skipped, so a direct
+// call of pool_backward with a bad CSR reads nothing out of bounds.
+PK_HOST_DEVICE float csr_segment_sum(const float* grad_coef, int64_t coef_rows, int64_t heads,
+                                     const int64_t* row_entry, int64_t entries, int64_t begin, int64_t end,
+                                     int64_t k) {
+  float acc = 0.f;
+  for (int64_t j = begin > 0 ? begin : 0; j < (end < entries ? end : entries); ++j) {
+    const int64_t e = row_entry[j];
+    if (e >= 0 && e < coef_rows) acc += grad_coef[e * heads + k];
+  }
+  return acc;
+}
+
 // pos if it is a position of hidden, [0, positions); else -1: the row is invalid (NaN rewards).
 PK_HOST_DEVICE int64_t valid_position(int64_t pos, int64_t positions) {
   return (pos >= 0 && pos < positions) ? pos : -1;

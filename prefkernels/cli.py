@@ -183,7 +183,7 @@ def add_eval_parser(subparsers) -> None:
 def run_eval(args) -> int:
     from prefkernels import backends, checkpoint, metrics
     from prefkernels.data import load_preferences, pad_token_id
-    from prefkernels.losses import LossConfig
+    from prefkernels.losses import TIE_LOSSES, LossConfig
     from prefkernels.model import RewardModel, check_max_length, load_tokenizer, resolve_device
     from prefkernels.trainer import autocast_dtype
 
@@ -205,9 +205,9 @@ def run_eval(args) -> int:
     dataset = load_preferences(args.data, tokenizer, max_length, use_margin=args.use_margin, name="eval",
                                truncate_responses=truncate_responses, progress=args.progress)
     loss = dict(training.get("loss") or {})
-    loss_config = LossConfig(**loss) if loss else LossConfig()
-    if dataset.num_ties and loss_config.name == "bt":
-        loss_config = LossConfig("davidson")
+    loss_config = LossConfig(**loss) if loss else None  # None: preference_metrics' default for the data
+    if dataset.num_ties and loss_config is not None and loss_config.name not in TIE_LOSSES:
+        loss_config = None  # trained without a tie model: measure the loss with preference_metrics' default
     model.to(device)
     rewards = metrics.score(model, dataset, batch_size=None if args.max_tokens else args.batch_size,
                             max_tokens=args.max_tokens, device=device, pad_token_id=pad_token_id(tokenizer), backend=args.backend,

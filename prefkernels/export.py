@@ -169,15 +169,16 @@ def _long_probe(max_length: int | None) -> list[str]:
     return [] if max_length is None else [PROBE_TEXTS[1] + " and" * (max_length + 8)]
 
 
-def _chat_probe(tokenizer) -> list[list[dict]]:
-    """The probe conversation when the tokenizer has a chat template that renders it."""
+def _chat_probe(tokenizer, max_length: int | None) -> list[list[dict]]:
+    """The probe conversation when the tokenizer has a chat template that renders it within
+    ``max_length`` tokens (a cut conversation may differ by a template-written BOS, as documented)."""
     if not getattr(tokenizer, "chat_template", None):
         return []
     try:
-        tokenizer.apply_chat_template(PROBE_CONVERSATION, tokenize=False)
+        ids = tokenizer.apply_chat_template(PROBE_CONVERSATION, tokenize=True, return_dict=True)["input_ids"]
     except Exception:  # noqa: BLE001 - templates raise anything (e.g. roles they refuse); then skip the probe
         return []
-    return [PROBE_CONVERSATION]
+    return [PROBE_CONVERSATION] if max_length is None or len(ids) <= max_length else []
 
 
 def plain_transformers_ids(tokenizer, texts: list[str], conversations: list[list[dict]],
@@ -224,7 +225,7 @@ def export_tokenizer(checkpoint_dir: str, reference: Scorer, max_length: int | N
 
     texts = PROBE_TEXTS + _long_probe(max_length)
     tokenizer = load_tokenizer(checkpoint_dir)
-    conversations = _chat_probe(tokenizer)
+    conversations = _chat_probe(tokenizer, max_length)
     end_id = end_token_id(tokenizer)
     needs_end = end_id is not None and any(row[-1] != end_id for row in tokenizer(PROBE_TEXTS)["input_ids"])
     methods = list(END_TOKEN_METHODS.items()) if needs_end else [("none", lambda tokenizer, token_id: True)]
@@ -378,7 +379,7 @@ def export_hf(checkpoint_dir: str, out_dir: str, allow_bias_drop: bool = False, 
         # The check reads the directory as a user will, before it is renamed into place.
         hf_tokenizer = AutoTokenizer.from_pretrained(tmp)
         reloaded = AutoModelForSequenceClassification.from_pretrained(tmp)
-        texts, conversations = PROBE_TEXTS + _long_probe(max_length), _chat_probe(hf_tokenizer)
+        texts, conversations = PROBE_TEXTS + _long_probe(max_length), _chat_probe(hf_tokenizer, max_length)
         append_end = None if appends_end else end_id
         mismatch = _first_mismatch(reference, hf_tokenizer, texts, conversations, append_end)
         if mismatch is not None:

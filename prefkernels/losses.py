@@ -37,10 +37,11 @@ class LossConfig:
     backend: str | None = None
 
     def __post_init__(self):
-        for name in ("label_smoothing", "center_coef", "tie_strength"):
-            value = getattr(self, name)
-            if (value is not None or name != "tie_strength") and (
-                    isinstance(value, bool) or not isinstance(value, numbers.Real)):
+        numbers_given = {"label_smoothing": self.label_smoothing, "center_coef": self.center_coef}
+        if self.tie_strength is not None:
+            numbers_given["tie_strength"] = self.tie_strength
+        for name, value in numbers_given.items():
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
                 raise TypeError(f"{name}: expected a float, got {type(value).__name__}")
         if self.name not in LOSSES:
             raise ValueError(f"loss: expected one of {LOSSES}, got {self.name!r}")

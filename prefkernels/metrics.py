@@ -186,7 +186,7 @@ def _reward_rows(dataset: PreferenceDataset, rewards: dict) -> dict[int, np.ndar
         if not isinstance(index, numbers.Integral) or not 0 <= index < len(dataset):
             raise ValueError(f"rewards: key {index!r} is not an example index of the dataset [0, {len(dataset)})")
         if isinstance(value, torch.Tensor):
-            value = value.detach().cpu()
+            value = value.detach().float().cpu()  # float(): NumPy has no bfloat16
         value = np.asarray(value, dtype=np.float32)
         rows = len(dataset[index].input_ids)
         if value.ndim != 2 or value.shape[0] != rows or (heads is not None and value.shape[1] != heads):

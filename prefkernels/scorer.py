@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from prefkernels import checkpoint
-from prefkernels.data import end_token_id, is_messages, pad_rows, pad_token_id, prefix_token_ids
+from prefkernels.data import end_token_id, is_messages, pad_rows, pad_token_id, prefix_token_ids, require_unicode
 from prefkernels.model import (RewardModel, check_max_length, default_max_length, eval_mode, load_tokenizer,
                                resolve_device)
 
@@ -91,17 +91,6 @@ def is_conversation(value) -> bool:
 def _describe(value) -> str:
     text = repr(value)
     return f"{type(value).__name__} {text[:80] + '...' if len(text) > 80 else text}"
-
-
-def require_unicode(text: str, where: str) -> str:
-    """``text``, or ``ValueError`` naming ``where`` when it holds a lone surrogate (e.g. from a JSON
-    escape "\\ud83d" cut from its pair): not valid Unicode, so no tokenizer can encode it."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as err:
-        raise ValueError(f"{where}: invalid Unicode: lone surrogate {text[err.start]!r} at character "
-                         f"{err.start}") from None
-    return text
 
 
 def default_token_budget(device: torch.device) -> int:

@@ -563,14 +563,19 @@ class Trainer:
         set_rng_state(saved["rng"][self.dist.rank])
         self.log(f"resumed from {self.output_dir / CHECKPOINT_DIR} at step {self.state['step']} "
                  f"(epoch {self.state['epoch']}, batch {self.state['batch_in_epoch']})")
-        patience = self.config.patience
-        if self.state["stopped_early"] and not (patience and self.state["evals_since_best"] >= patience):
+        patience, state = self.config.patience, self.state
+        exhausted = bool(patience) and state["evals_since_best"] >= patience
+        if state["stopped_early"] and not exhausted:
             # stopped early, resumed with a patience that would not have stopped it: train on, as an
             # unbroken run with this patience would have
-            self.state["stopped_early"] = False
-            self.state["done"] = self._final_step()
-            self.log(f"the run had stopped early after {self.state['evals_since_best']} evaluations without a "
+            state["stopped_early"] = False
+            state["done"] = self._final_step()
+            self.log(f"the run had stopped early after {state['evals_since_best']} evaluations without a "
                      f"better {self.config.early_stopping_metric}; patience is now {patience}: training on")
+        elif exhausted and not state["done"]:  # resumed with a patience this run has already used up
+            state["stopped_early"] = state["done"] = True
+            self.log(f"{state['evals_since_best']} evaluations without a better {self.config.early_stopping_metric} "
+                     f"already exceed patience {patience}: stopping early")
 
     # --- training
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from _tokenizers import byte_level_tokenizer
 from prefkernels.data import (DataError, LengthGroupedBatchSampler, PreferenceCollator, load_preferences,
                               read_records, synthetic)
 from prefkernels.tiny import build_tiny_tokenizer
@@ -62,26 +63,11 @@ def test_eos_appended_only_when_missing(tokenizer):
     assert data[0].response_lengths == [1, 1]  # an EOS in the text is no response token, as an appended one
 
 
-def byte_level_tokenizer():
-    """Byte-level BPE whose offsets keep the leading space (trim_offsets=False, as Llama-3/Qwen2)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    backend.post_processor = processors.ByteLevel(trim_offsets=False)
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|pad|>", "<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    backend.train_from_iterator(["Question: what? Answer: Yes I can help", "No you cannot"] * 20, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>", pad_token="<|pad|>")
-
-
 def test_a_token_across_the_prompt_boundary_is_a_response_token():
     """' Yes' starts on an explicit prompt's trailing space (offsets keep the space): it holds
     response text, so it counts in the response, while a lone ' ' token is the prompt's own. An
     implicit prompt ends before the space where the texts part, as TRL's extract_prompt has it."""
-    tokenizer = byte_level_tokenizer()
+    tokenizer = byte_level_tokenizer(["Question: what? Answer: Yes I can help", "No you cannot"])
     prompt = "Question: what? Answer: "
     explicit, implicit = load_preferences([{"prompt": prompt, "chosen": "Yes I can help", "rejected": "No"},
                                            {"chosen": prompt + "Yes", "rejected": prompt + "No you cannot"}],
@@ -334,8 +320,8 @@ def test_sharding_across_processes_and_resuming_mid_epoch(tokenizer):
 def test_every_process_runs_as_many_batches_with_fewer_batches_than_processes(tokenizer, replicas):
     """One or two batches over more processes: the padding cycles, so no process runs fewer
     steps than the others (DDP would wait forever in its all-reduce)."""
-    data = random_dataset(tokenizer, 6, seed=9)
-    shards = [LengthGroupedBatchSampler(data.row_lengths, batch_size=4, seed=3, num_replicas=replicas, rank=r)
+    data = random_dataset(tokenizer, 6, seed=9)  # one batch of 8 pairs
+    shards = [LengthGroupedBatchSampler(data.row_lengths, batch_size=8, seed=3, num_replicas=replicas, rank=r)
               for r in range(replicas)]
     assert [len(list(s)) for s in shards] == [len(shards[0])] * replicas == [1] * replicas
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertModel
 
+import _tokenizers
 from prefkernels import cli, tiny
 from prefkernels.export import ExportError, ExportWarning, export_hf, max_score_difference
 from prefkernels.model import RewardModel
@@ -33,17 +34,7 @@ def checkpoint(tmp_path, tokenizer=None, bias=0.0, backbone=None, max_length=Non
 
 def byte_level_tokenizer(corpus=TEXTS):
     """GPT-2 style: byte-level BPE whose post-processor (ByteLevel) adds no special tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    backend.post_processor = processors.ByteLevel(trim_offsets=False)
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|pad|>", "<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    backend.train_from_iterator(list(corpus) * 10, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>", pad_token="<|pad|>")
+    return _tokenizers.byte_level_tokenizer(corpus)
 
 
 def llama_tokenizer():
@@ -247,3 +238,12 @@ def test_a_tokenizer_that_autotokenizer_swaps_for_the_model_types_class_is_refus
     with pytest.warns(ExportWarning), pytest.raises(ExportError, match="loads it as Qwen2Tokenizer.*training used"):
         export_hf(str(path), str(tmp_path / "hf"))
     assert not (tmp_path / "hf").exists()
+
+
+def test_a_short_max_length_leaves_the_conversation_probe_out(tmp_path):
+    """With a max_length shorter than the probe conversation the probe would be cut, where training
+    keeps the BOS its template writes and HF does not (a documented difference): it is left out, and
+    the export proceeds as before."""
+    tokenizer, backbone = tokenizer_and_backbone("llama")
+    path, _, _ = checkpoint(tmp_path, tokenizer=tokenizer, backbone=backbone, max_length=8)
+    assert export_hf(str(path), str(tmp_path / "hf")) < 1e-4

@@ -173,7 +173,7 @@ def test_preference_metrics_checks_rewards_and_the_loss_of_ties():
     tokenizer = build_tiny_tokenizer()
     data = load_preferences([{"chosen": "a b", "rejected": "c d"}, {"chosen": "a c", "rejected": "b d", "tie": True}],
                             tokenizer, 64)
-    good = {0: np.array([[1.0], [0.0]], np.float32), 1: torch.tensor([[0.5], [0.5]], requires_grad=True)}
+    good = {0: np.array([[1.0], [0.0]], np.float32), 1: torch.tensor([[0.5], [0.5]], requires_grad=True).bfloat16()}
     assert metrics.preference_metrics(data, good)["loss_name"] == "davidson"
     with pytest.raises(ValueError, match="loss: dataset has 1 tie pairs"):
         metrics.preference_metrics(data, good, LossConfig("bt"))

@@ -160,8 +160,8 @@ def test_direct_pool_backward_skips_out_of_range_positions_and_entries(backend, 
     pooled_pos = torch.tensor([2, 5, -1, 4])  # row 1: T (out of range), row 2: invalid
     if csr:
         grad_coef = torch.randn(6, 2, generator=g)
-        row_ptr = torch.tensor([-3, 2, 4, 5, 100])  # clipped to [0, 6): segments [0,2) [2,4) [4,5) [5,6)
-        row_entry = torch.tensor([0, 7, 1, -2, 3, 5])  # entries 7 and -2 are out of range
+        row_ptr = torch.tensor([-3, 2, 3, 4, 100])  # clipped to [0, 6): segments [0,2) [2,3) [3,4) [4,6)
+        row_entry = torch.tensor([0, 7, 1, 3, -2, 5])  # entries 7 (row 0) and -2 (row 3) are out of range
         coef = torch.stack([grad_coef[0], grad_coef[1], grad_coef[3], grad_coef[5]])
     else:
         grad_coef = row_ptr = row_entry = None

@@ -100,11 +100,31 @@ def test_a_run_stopped_early_trains_on_when_resumed_with_more_patience(assets, t
     resumed = train(config(assets, tmp_path / "run", patience=10, resume=True, **options), log=messages.append)
     assert not resumed.stopped_early and resumed.steps == 6
     assert any("patience is now 10: training on" in message for message in messages)
-    unbroken = train(config(assets, tmp_path / "unbroken", patience=10, **options), log=quiet)
+    train(config(assets, tmp_path / "unbroken", patience=10, **options), log=quiet)
     a, b = final_weights(tmp_path / "run"), final_weights(tmp_path / "unbroken")
     assert all(torch.equal(a[k], b[k]) for k in a)
     again = train(config(assets, tmp_path / "run", patience=10, resume=True, **options), log=quiet)
     assert again.steps == 6  # a finished run stays finished
+
+
+def test_a_run_resumed_with_a_patience_it_has_used_up_stops(assets, tmp_path, monkeypatch):
+    options = dict(lr=1e-12, warmup_ratio=0.0, eval_every=1, max_steps=8, save_every=1)
+    out = tmp_path / "run"
+    with monkeypatch.context() as patch:  # killed after the step-4 checkpoint, 3 evaluations past the best
+        original = Trainer._save_checkpoint
+
+        def save_then_kill(self):
+            original(self)
+            if self.state["step"] == 4:
+                raise Killed
+
+        patch.setattr(Trainer, "_save_checkpoint", save_then_kill)
+        with pytest.raises(Killed):
+            train(config(assets, out, patience=10, **options), log=quiet)
+    messages = []
+    resumed = train(config(assets, out, patience=2, resume=True, **options), log=messages.append)
+    assert resumed.stopped_early and resumed.steps == 4
+    assert any("already exceed patience 2: stopping early" in message for message in messages)
 
 
 def file_times(path):
@@ -197,7 +217,7 @@ def test_finish_reuses_the_best_evaluation_also_after_resume(assets, tmp_path, m
     ("plackett-luce", [{"prompt": "human : describe the robot", "responses": [" clear kind", " the robot", " rude"]}
                        for _ in range(24)]),
 ])
-def test_tie_aware_and_listwise_training(assets, tmp_path, loss, records):
+def test_tie_aware_and_listwise_training(assets, tmp_path, loss, records, capsys):
     result = train(config(assets, tmp_path / "run", train=records, valid=records[:9], loss=loss, max_steps=4,
                           batch_size=4, eval_every=2, num_heads=2), log=quiet)
     assert result.steps == 4 and math.isfinite(result.metrics["loss"]) and result.metrics["loss_name"] == loss
@@ -207,6 +227,14 @@ def test_tie_aware_and_listwise_training(assets, tmp_path, loss, records):
         assert result.metrics["pairs"] == 27  # three ordered pairs per ranking
     for saved in ("best", "checkpoint"):  # eval of either measures the loss trained with
         assert checkpoint.read_config(tmp_path / "run" / saved)["training"]["loss"]["name"] == loss
+    if loss == "plackett-luce":  # data with ties: the loss of a model trained without a tie model is Davidson's
+        ties = tmp_path / "ties.jsonl"
+        ties.write_text(json.dumps({"chosen": "the river is clear", "rejected": "the river is vague", "tie": True})
+                        + "\n" + json.dumps({"chosen": "clear kind", "rejected": "rude"}) + "\n")
+        capsys.readouterr()
+        assert cli.main(["eval", "--model", str(tmp_path / "run" / "best"), "--data", str(ties), "--json",
+                         "--no-progress"]) == 0
+        assert json.loads(capsys.readouterr().out)["loss_name"] == "davidson"
 
 
 def test_a_bf16_backbone_trains_in_float32(assets, tmp_path):

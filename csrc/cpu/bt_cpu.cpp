@@ -141,24 +141,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bt_forward_cpu(
   return {loss, rewards, pair_grad, pooled_pos};
 }
 
-// coef[n, k] = grad_coef[n, k], or the sum of grad_coef[row_entry[j], k] over the row's CSR segment
-// in order. Segment bounds and entries outside row_entry / grad_coef's rows are skipped (as in the
-// CUDA kernel): a direct call with a bad CSR reads nothing out of bounds.
+// coef[n, k] = grad_coef[n, k], or the sum over the row's CSR segment (csr_segment_sum).
 void row_coefficients(const float* grad_coef, int64_t coef_rows, const int64_t* row_ptr, const int64_t* row_entry,
                       int64_t entries, int64_t rows, int64_t heads, float* coef) {
   at::parallel_for(0, rows, 256, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
       for (int64_t k = 0; k < heads; ++k) {
-        float acc = 0.f;
-        if (row_ptr == nullptr) {
-          acc = grad_coef[n * heads + k];
-        } else {
-          for (int64_t j = std::max<int64_t>(row_ptr[n], 0); j < std::min(row_ptr[n + 1], entries); ++j) {
-            const int64_t e = row_entry[j];
-            if (e >= 0 && e < coef_rows) acc += grad_coef[e * heads + k];
-          }
-        }
-        coef[n * heads + k] = acc;
+        coef[n * heads + k] = row_ptr == nullptr ? grad_coef[n * heads + k]
+                                                 : csr_segment_sum(grad_coef, coef_rows, heads, row_entry, entries,
+                                                                   row_ptr[n], row_ptr[n + 1], k);
       }
     }
   });

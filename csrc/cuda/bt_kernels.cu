@@ -386,12 +386,7 @@ struct BackwardParams {
 __device__ __forceinline__ float row_coef(const CoefArgs& c, int64_t heads, int64_t n, int64_t seg_begin,
                                           int64_t seg_end, int64_t k) {
   if (c.row_ptr == nullptr) return c.grad_coef[n * heads + k];
-  float acc = 0.f;
-  for (int64_t j = max64(seg_begin, 0); j < min64(seg_end, c.entries); ++j) {
-    const int64_t e = c.row_entry[j];
-    if (e >= 0 && e < c.coef_rows) acc += c.grad_coef[e * heads + k];
-  }
-  return acc;
+  return csr_segment_sum(c.grad_coef, c.coef_rows, heads, c.row_entry, c.entries, seg_begin, seg_end, k);
 }
 
 // The kV columns of one thread within a D tile: kVec: kV consecutive columns (all in range or

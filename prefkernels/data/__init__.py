@@ -229,20 +229,21 @@ def _check_text(location: str, column: str, value, conversational: bool):
             if not isinstance(message["content"], str):
                 raise DataError(f"{location}: column {column!r} message {index}: expected a string 'content', got "
                                 f"{type(message['content']).__name__}")
-            _check_unicode(location, f"{column!r} message {index}", message["content"])
+            require_unicode(message["content"], f"{location}: column {column!r} message {index}", DataError)
     elif not isinstance(value, str):
         raise DataError(f"{location}: column {column!r}: expected a string, got {type(value).__name__}")
     else:
-        _check_unicode(location, repr(column), value)
+        require_unicode(value, f"{location}: column {column!r}", DataError)
 
 
-def _check_unicode(location: str, where: str, text: str) -> None:
-    """A lone surrogate (possible in JSON escapes) cannot be tokenized: name it instead of crashing."""
+def require_unicode(text: str, where: str, error: type[ValueError] = ValueError) -> str:
+    """``text``, or ``error`` naming ``where`` when it holds a lone surrogate (e.g. from a JSON escape
+    "\\ud83d" cut from its pair): not valid Unicode, so no tokenizer can encode it."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as err:
-        raise DataError(f"{location}: column {where}: invalid Unicode: lone surrogate {text[err.start]!r} at "
-                        f"character {err.start}") from None
+        raise error(f"{where}: invalid Unicode: lone surrogate {text[err.start]!r} at character {err.start}") from None
+    return text
 
 
 def _number(location: str, column: str, value) -> float:
