@@ -215,6 +215,11 @@ def _first_mismatch(reference: Scorer, tokenizer, texts, conversations, append_e
     return None
 
 
+def appends_end_itself(tokenizer, end_id: int | None) -> bool:
+    """Whether ``tokenizer`` already ends every probe text with ``end_id`` (or there is no end token)."""
+    return end_id is None or all(row[-1] == end_id for row in tokenizer(PROBE_TEXTS)["input_ids"])
+
+
 def export_tokenizer(checkpoint_dir: str, reference: Scorer, max_length: int | None):
     """(tokenizer, appends_end, note): the checkpoint's tokenizer made to tokenize plain texts as
     training did, checked by saving and reloading it with ``AutoTokenizer``.
@@ -227,7 +232,7 @@ def export_tokenizer(checkpoint_dir: str, reference: Scorer, max_length: int | N
     tokenizer = load_tokenizer(checkpoint_dir)
     conversations = _chat_probe(tokenizer, max_length)
     end_id = end_token_id(tokenizer)
-    needs_end = end_id is not None and any(row[-1] != end_id for row in tokenizer(PROBE_TEXTS)["input_ids"])
+    needs_end = not appends_end_itself(tokenizer, end_id)
     methods = list(END_TOKEN_METHODS.items()) if needs_end else [("none", lambda tokenizer, token_id: True)]
     tried = []
     with tempfile.TemporaryDirectory(prefix="prefkernels-export-tokenizer-") as scratch:
@@ -367,6 +372,8 @@ def export_hf(checkpoint_dir: str, out_dir: str, allow_bias_drop: bool = False, 
     shift = bias_dropped or [0.0] * model.num_heads
     info = {"format": EXPORT_INFO_FORMAT, "library_version": __version__, "append_eos": True,
             "tokenizer_appends_eos": appends_end, "end_token_id": end_id, "max_length": max_length,
+            # the export made it append (training's did not): a text ending with EOS gets a second one
+            "eos_appended_by_export": appends_end and not appends_end_itself(tokenizer, end_id),
             "head_bias_dropped": bias_dropped,
             # statistics of the exported scores, which lack the dropped bias
             "reward_mean": None if model.reward_mean is None else [m - b for m, b in zip(model.reward_mean, shift)],

@@ -108,8 +108,8 @@ def id_fields(row: dict) -> dict:
 
 def parse_line(line: bytes) -> ParsedRow:
     """One JSONL line -> ParsedRow; raises InvalidRow naming what is wrong."""
-    try:
-        row = json.loads(line.decode("utf-8"))
+    try:  # a byte-order mark (the file's first line) is skipped, as the training data loader does
+        row = json.loads(line.removeprefix(b"\xef\xbb\xbf").decode("utf-8"))
     except UnicodeDecodeError as err:
         raise InvalidRow(f"invalid UTF-8: {err.reason} at byte {err.start + 1}") from None
     except json.JSONDecodeError as err:

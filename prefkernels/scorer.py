@@ -31,7 +31,8 @@ import torch
 from torch import nn
 
 from prefkernels import checkpoint
-from prefkernels.data import end_token_id, is_messages, pad_rows, pad_token_id, prefix_token_ids, require_unicode
+from prefkernels.data import (end_token_id, is_messages, pad_rows, pad_token_id, prefix_token_ids, require_unicode,
+                              suffix_token_ids)
 from prefkernels.model import (RewardModel, check_max_length, default_max_length, eval_mode, load_tokenizer,
                                resolve_device)
 
@@ -118,12 +119,15 @@ class Scorer:
 
     def __init__(self, model: RewardModel, tokenizer, *, device=None, max_length: int | None = None,
                  token_budget: int | None = None, normalize: bool = False, bf16: bool = False,
-                 append_eos: bool = True, pad_pooling_token_id: int | None = None):
+                 append_eos: bool = True, pad_pooling_token_id: int | None = None,
+                 tokenizer_appends_end: bool = False):
         """``max_length``: longer rows are left-truncated to it (None: no limit). ``token_budget``:
         padded tokens per batch (default ``default_token_budget(device)``). ``append_eos``: end plain
         texts with the end token, as the trainer does. ``pad_pooling_token_id``: pool at the last
         token that is not this id (HF's rule for ``*ForSequenceClassification``) instead of the last
-        attended token."""
+        attended token. ``tokenizer_appends_end``: the tokenizer appends the end token itself where
+        training's did not (an export made it): a text that already ended with it keeps one, as in
+        training."""
         if token_budget is not None and token_budget < 1:
             raise ValueError(f"token_budget: expected >= 1, got {token_budget}")
         if max_length is not None and max_length < 1:
@@ -137,8 +141,9 @@ class Scorer:
         self.model = model.to(self.device)  # in eval mode while it scores, then back to its mode
         self.tokenizer = tokenizer
         self.special_tokens_around_text = special_tokens_around_text(tokenizer)
-        self.prefix_token_ids = prefix_token_ids(tokenizer)
+        self.prefix_token_ids, self.suffix_token_ids = prefix_token_ids(tokenizer), suffix_token_ids(tokenizer)
         self.end_token_id = end_token_id(tokenizer) if append_eos else None
+        self.tokenizer_appends_end = tokenizer_appends_end
         self.max_length = max_length
         self.token_budget = token_budget or default_token_budget(self.device)
         self.normalize = normalize
@@ -169,7 +174,7 @@ class Scorer:
             raise FileNotFoundError(f"path: {path} is not a directory")
         if any((path / name).exists() for name in checkpoint.REQUIRED_FILES):
             model = RewardModel.from_pretrained(str(path))  # clear error when one of the files is missing
-            pad_pooling_token_id, trained_with_eos = None, True
+            pad_pooling_token_id, trained_with_eos, tokenizer_appends_end = None, True, False
             if tokenizer is None:
                 if not (path / checkpoint.TOKENIZER_DIR).is_dir():
                     raise FileNotFoundError(f"path: {path} has no {checkpoint.TOKENIZER_DIR}/ directory; "
@@ -179,6 +184,7 @@ class Scorer:
         elif (path / "config.json").is_file():
             info = read_export_info(path)
             model, pad_pooling_token_id = _load_hf_sequence_classifier(path, exported=bool(info))
+            tokenizer_appends_end = bool(info.get("eos_appended_by_export", False))
             # A prefkernels export: as trained (its tokenizer appends EOS itself where it could, which
             # makes appending a no-op). Otherwise unknown: score the tokenizer's ids, as HF does.
             trained_with_eos = bool(info.get("append_eos", False))
@@ -196,7 +202,7 @@ class Scorer:
             max_length = default_max_length(tokenizer, model.backbone.config)
         return cls(model, tokenizer, device=device, max_length=max_length, token_budget=token_budget,
                    normalize=normalize, bf16=bf16, append_eos=trained_with_eos if append_eos is None else append_eos,
-                   pad_pooling_token_id=pad_pooling_token_id)
+                   pad_pooling_token_id=pad_pooling_token_id, tokenizer_appends_end=tokenizer_appends_end)
 
     def render(self, item, where: str = "input") -> tuple[str, bool]:
         """(text, add_special_tokens) of one input; ``where`` names it in errors."""
@@ -239,13 +245,21 @@ class Scorer:
                 continue
             encoded = self.tokenizer([rendered[i][0] for i in indices], add_special_tokens=add_special_tokens,
                                      verbose=False)["input_ids"]
-            lead, trail = self.special_tokens_around_text if add_special_tokens else (0, 0)
+            added_lead, added_trail = self.special_tokens_around_text if add_special_tokens else (0, 0)
             for i, ids in zip(indices, encoded):
-                if not add_special_tokens:  # a rendered conversation: keep the BOS its template wrote
-                    lead = next((j for j, token in enumerate(ids) if token not in self.prefix_token_ids), len(ids))
+                ids = list(ids)
+                if (add_special_tokens and self.tokenizer_appends_end and len(ids) >= 2
+                        and ids[-1] == ids[-2] == self.end_token_id):
+                    ids.pop()  # the text ended with the end token already: training did not append another
+                # as training: the tokens the tokenizer adds, then any BOS/CLS written into the text, lead
+                # the row (kept by a cut); EOS/SEP ending it are no text
+                lead, trail = added_lead, added_trail
+                while lead < len(ids) and ids[lead] in self.prefix_token_ids:
+                    lead += 1
+                while trail < len(ids) - lead and ids[-1 - trail] in self.suffix_token_ids:
+                    trail += 1
                 if len(ids) <= lead + trail:
                     continue
-                ids = list(ids)
                 if add_special_tokens and self.end_token_id is not None and ids[-1] != self.end_token_id:
                     ids.append(self.end_token_id)
                 excess = len(ids) - self.max_length if self.max_length else 0

@@ -247,3 +247,15 @@ def test_a_short_max_length_leaves_the_conversation_probe_out(tmp_path):
     tokenizer, backbone = tokenizer_and_backbone("llama")
     path, _, _ = checkpoint(tmp_path, tokenizer=tokenizer, backbone=backbone, max_length=8)
     assert export_hf(str(path), str(tmp_path / "hf")) < 1e-4
+
+
+def test_scorer_on_an_export_keeps_one_eos_after_a_text_ending_with_it(tmp_path):
+    """The export makes the tokenizer append EOS, which training appended only when missing: Scorer on
+    the export directory drops the second one, so both score as trained."""
+    path, _, tokenizer = checkpoint(tmp_path, max_length=MAX_LENGTH)
+    export_hf(str(path), str(tmp_path / "hf"))
+    texts = [TEXTS[0] + " " + tokenizer.eos_token, TEXTS[1]]
+    ours, theirs = Scorer.from_pretrained(path), Scorer.from_pretrained(tmp_path / "hf")
+    rendered = [(text, True) for text in texts]
+    assert theirs.encode(rendered)[0] == ours.encode(rendered)[0]
+    assert ours.encode(rendered)[0][0].count(tokenizer.eos_token_id) == 1

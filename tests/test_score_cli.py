@@ -135,6 +135,14 @@ def test_malformed_line_stops_with_its_number_and_leaves_no_output(reward_checkp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "out.jsonl"]  # no temporary file left
 
 
+def test_a_byte_order_mark_is_skipped(reward_checkpoint, tmp_path):
+    source = tmp_path / "in.jsonl"
+    source.write_bytes(b"\xef\xbb\xbf" + b'{"id": 1, "text": "the cat"}\n')
+    assert score_cli.main(["--model", str(reward_checkpoint), "--input", str(source),
+                           "--output", str(tmp_path / "out.jsonl"), "--quiet"]) == 0
+    assert len((tmp_path / "out.jsonl").read_text().splitlines()) == 1
+
+
 def test_the_first_bad_line_is_the_one_reported(reward_checkpoint, tmp_path, capsys):
     """A text without tokens (found after tokenizing) before a line that does not parse: the
     error names the earlier line, so fixing lines in the order reported ends in a clean run."""

@@ -296,3 +296,19 @@ def test_scoring_leaves_the_models_training_mode_as_it_was(reward_checkpoint):
     scores = scorer.score(["the cat sat", "a dog"])
     assert model.training and all(m.training for m in model.modules())
     torch.testing.assert_close(scores, Scorer.from_pretrained(reward_checkpoint).score(["the cat sat", "a dog"]))
+
+
+def test_leading_bos_and_a_lone_end_token_are_treated_as_in_training(reward_checkpoint):
+    """A text that itself starts with BOS keeps it (after the tokenizer's own) when cut, and a text of
+    only the end token has no text: the trainer's rules, token for token."""
+    from prefkernels.data import DataError, load_preferences
+
+    scorer = Scorer.from_pretrained(reward_checkpoint)  # max_length 48
+    tokenizer, rng = scorer.tokenizer, random.Random(7)
+    prompt = tokenizer.bos_token + " " + " ".join(random_texts(8, rng))
+    ids, truncated = scorer.encode([scorer.render((prompt, " yes"))])
+    trained = load_preferences([{"prompt": prompt, "chosen": " yes", "rejected": " no"}], tokenizer, 48)[0]
+    assert truncated == [True] and ids[0] == trained.input_ids[0] and ids[0][:2] == [tokenizer.bos_token_id] * 2
+    assert scorer.encode([scorer.render(tokenizer.eos_token)])[0] == [[]]
+    with pytest.raises(DataError, match="tokenizes to nothing"):
+        load_preferences([{"chosen": tokenizer.eos_token, "rejected": "a b"}], tokenizer, 48)
