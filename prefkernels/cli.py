@@ -171,7 +171,8 @@ def add_eval_parser(subparsers) -> None:
     p.add_argument("--truncate-responses", action=argparse.BooleanOptionalAction, default=None,
                    help="cut responses longer than --max-length from the left instead of failing "
                         "(default: as the checkpoint was trained)")
-    p.add_argument("--no-margin", dest="use_margin", action="store_false", help="ignore a 'margin' column")
+    p.add_argument("--margin", dest="use_margin", action=argparse.BooleanOptionalAction, default=None,
+                   help="use a 'margin' column in the loss (default: as the checkpoint was trained)")
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="auto: bf16 autocast on capable GPUs")
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
@@ -202,7 +203,8 @@ def run_eval(args) -> int:
     truncate_responses = args.truncate_responses
     if truncate_responses is None:
         truncate_responses = bool(training.get("truncate_responses", False))
-    dataset = load_preferences(args.data, tokenizer, max_length, use_margin=args.use_margin, name="eval",
+    use_margin = args.use_margin if args.use_margin is not None else bool(training.get("use_margin", True))
+    dataset = load_preferences(args.data, tokenizer, max_length, use_margin=use_margin, name="eval",
                                truncate_responses=truncate_responses, progress=args.progress)
     loss = dict(training.get("loss") or {})
     loss_config = LossConfig(**loss) if loss else None  # None: preference_metrics' default for the data

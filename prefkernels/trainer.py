@@ -414,7 +414,7 @@ class Trainer:
             from torch.nn.parallel import DistributedDataParallel
             self.train_module = DistributedDataParallel(self.loss_module, device_ids=None)
         self.optimizer = self._optimizer()
-        warmup = round(config.warmup_ratio * self.total_steps)
+        warmup = math.ceil(config.warmup_ratio * self.total_steps)  # as transformers' get_warmup_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, WarmupSchedule(self.total_steps, warmup, config.schedule))
         # best_metrics: the full validation result of the best model (plain JSON-able values), kept so
@@ -646,6 +646,7 @@ class Trainer:
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         max_norm = self.config.max_grad_norm or float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        self.step_lr = self.scheduler.get_last_lr()[0]  # the rate this step uses (logged, as HF logs it)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -657,7 +658,8 @@ class Trainer:
         step = state["step"]
         final = self._final_step()
         bar.update(1)
-        if step % config.log_every == 0 or final:
+        logged = step % config.log_every == 0 or final
+        if logged:
             self._log_train(grad_norm, bar)
         evaluated = False
         if self.valid_data is not None and (
@@ -665,6 +667,8 @@ class Trainer:
                 or (not config.eval_every and end_of_epoch) or final):
             self._evaluate_and_keep_best(bar)
             evaluated = True
+        if state["stopped_early"] and not logged:  # the last partial window, as a run that ends on schedule
+            self._log_train(grad_norm, bar)
         state["done"] = final or state["stopped_early"]
         if (config.save_every and step % config.save_every == 0) or state["done"] or (
                 not config.save_every and (evaluated or end_of_epoch)):
@@ -687,7 +691,7 @@ class Trainer:
                 advice += " or clip gradients (max_grad_norm)"
             raise FloatingPointError(f"loss: not finite ({loss}) at step {self.state['step']}; {advice}")
         event = {"event": "train", "step": self.state["step"], "epoch": self.state["epoch"], "loss": loss,
-                 "accuracy": sums[2] / sums[3] if sums[3] else None, "lr": self.scheduler.get_last_lr()[0],
+                 "accuracy": sums[2] / sums[3] if sums[3] else None, "lr": self.step_lr,
                  "grad_norm": float(grad_norm), "comparisons": int(sums[1]),
                  "elapsed_s": round(time.perf_counter() - self.started, 3)}
         self._event(event)
@@ -733,8 +737,7 @@ class Trainer:
                 "state": dict(self.state), "train_sums": list(sums),
                 "metrics_bytes": (self.output_dir / METRICS_FILE).stat().st_size,
                 "world_size": self.dist.world_size}
-            extra = {"step": self.state["step"],
-                     "training": {"loss": self._loss_record(), "truncate_responses": self.config.truncate_responses}}
+            extra = {"step": self.state["step"], "training": {"loss": self._loss_record(), **self._data_record()}}
             self.model.save_pretrained(str(self.output_dir / CHECKPOINT_DIR), self.tokenizer, extra=extra,
                                        training_state=training_state)
         self.dist.barrier()
@@ -752,8 +755,11 @@ class Trainer:
         (equal to ``best_step`` with validation data, the last step without)."""
         return {"training": {"loss": self._loss_record(), "step": self.state["step"], "best_step": self.state["best_step"],
                              "early_stopping_metric": self.config.early_stopping_metric,
-                             "best_value": self.state["best_value"],
-                             "truncate_responses": self.config.truncate_responses}}
+                             "best_value": self.state["best_value"], **self._data_record()}}
+
+    def _data_record(self) -> dict:
+        """How training read its data, which ``eval`` of a checkpoint follows unless told otherwise."""
+        return {"truncate_responses": self.config.truncate_responses, "use_margin": self.config.use_margin}
 
     def _loss_record(self) -> dict:
         """The loss as checkpoints record it (``LossConfig`` fields but the backend), so ``eval``

@@ -88,6 +88,7 @@ def test_early_stopping_keeps_the_best_checkpoint(assets, tmp_path):
     assert result.stopped_early and result.steps == 3 and result.best_step == 1
     events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [e["step"] for e in events if e["event"] == "eval"] == [1, 2, 3]
+    assert [e["step"] for e in events if e["event"] == "train"] == [3]  # the partial window is logged
     assert checkpoint.read_config(out / "best")["training"]["best_step"] == 1
 
 
@@ -125,6 +126,30 @@ def test_a_run_resumed_with_a_patience_it_has_used_up_stops(assets, tmp_path, mo
     resumed = train(config(assets, out, patience=2, resume=True, **options), log=messages.append)
     assert resumed.stopped_early and resumed.steps == 4
     assert any("already exceed patience 2: stopping early" in message for message in messages)
+
+
+def test_logged_learning_rate_is_the_one_each_step_used(assets, tmp_path):
+    """As HF logs it: step s logs the rate step s used. Warmup is ceil(ratio * steps) steps, as
+    transformers' get_warmup_steps (2.5 -> 3), ramping from lr / (warmup + 1); then linear decay."""
+    train(config(assets, tmp_path / "run", max_steps=8, warmup_ratio=0.3125, lr=1e-3, log_every=1, valid=None),
+          log=quiet)
+    events = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    logged = {e["step"]: e["lr"] for e in events if e["event"] == "train"}
+    assert logged[1] == pytest.approx(1e-3 / 4) and logged[3] == pytest.approx(3e-3 / 4)
+    assert logged[4] == pytest.approx(1e-3) and logged[8] == pytest.approx(1e-3 / 5)
+
+
+def test_eval_follows_the_margin_choice_of_training(assets, tmp_path, capsys):
+    """Trained with use_margin=False, eval of best/ measures the loss without the margin column too."""
+    records = [{"chosen": "the river is clear and kind", "rejected": "the river is vague", "margin": 3.0}] * 8
+    data = tmp_path / "margin.jsonl"
+    data.write_text("".join(json.dumps(record) + "\n" for record in records))
+    result = train(config(assets, tmp_path / "run", train=[str(data)], valid=[str(data)], use_margin=False,
+                          max_steps=2, batch_size=4), log=quiet)
+    capsys.readouterr()
+    assert cli.main(["eval", "--model", str(tmp_path / "run" / "best"), "--data", str(data), "--json",
+                     "--no-progress"]) == 0
+    assert json.loads(capsys.readouterr().out)["loss"] == pytest.approx(result.metrics["loss"], rel=1e-5)
 
 
 def file_times(path):
