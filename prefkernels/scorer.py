@@ -123,7 +123,8 @@ class Scorer:
                  tokenizer_appends_end: bool = False):
         """``max_length``: longer rows are left-truncated to it (None: no limit). ``token_budget``:
         padded tokens per batch (default ``default_token_budget(device)``). ``append_eos``: end plain
-        texts with the end token, as the trainer does. ``pad_pooling_token_id``: pool at the last
+        texts with the end token and build rows as the trainer does (False: the tokenizer's ids, as HF
+        does). ``pad_pooling_token_id``: pool at the last
         token that is not this id (HF's rule for ``*ForSequenceClassification``) instead of the last
         attended token. ``tokenizer_appends_end``: the tokenizer appends the end token itself where
         training's did not (an export made it): a text that already ended with it keeps one, as in
@@ -184,7 +185,8 @@ class Scorer:
         elif (path / "config.json").is_file():
             info = read_export_info(path)
             model, pad_pooling_token_id = _load_hf_sequence_classifier(path, exported=bool(info))
-            tokenizer_appends_end = bool(info.get("eos_appended_by_export", False))
+            # only the export's own tokenizer appends the end token the export made it append
+            tokenizer_appends_end = bool(info.get("eos_appended_by_export", False)) and tokenizer is None
             # A prefkernels export: as trained (its tokenizer appends EOS itself where it could, which
             # makes appending a no-op). Otherwise unknown: score the tokenizer's ids, as HF does.
             trained_with_eos = bool(info.get("append_eos", False))
@@ -251,13 +253,14 @@ class Scorer:
                 if (add_special_tokens and self.tokenizer_appends_end and len(ids) >= 2
                         and ids[-1] == ids[-2] == self.end_token_id):
                     ids.pop()  # the text ended with the end token already: training did not append another
-                # as training: the tokens the tokenizer adds, then any BOS/CLS written into the text, lead
-                # the row (kept by a cut); EOS/SEP ending it are no text
                 lead, trail = added_lead, added_trail
-                while lead < len(ids) and ids[lead] in self.prefix_token_ids:
-                    lead += 1
-                while trail < len(ids) - lead and ids[-1 - trail] in self.suffix_token_ids:
-                    trail += 1
+                if self.end_token_id is not None:  # rows as training builds them (else the tokenizer's, as HF)
+                    # the tokens the tokenizer adds, then any BOS/CLS written into the text, lead the row (a
+                    # cut keeps them); EOS/SEP ending it are no text
+                    while lead < len(ids) and ids[lead] in self.prefix_token_ids:
+                        lead += 1
+                    while trail < len(ids) - lead and ids[-1 - trail] in self.suffix_token_ids:
+                        trail += 1
                 if len(ids) <= lead + trail:
                     continue
                 if add_special_tokens and self.end_token_id is not None and ids[-1] != self.end_token_id:

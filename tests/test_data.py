@@ -317,12 +317,13 @@ def test_sharding_across_processes_and_resuming_mid_epoch(tokenizer):
 
 
 @pytest.mark.parametrize("replicas", [3, 4, 8])
-def test_every_process_runs_as_many_batches_with_fewer_batches_than_processes(tokenizer, replicas):
+@pytest.mark.parametrize("batch_size", [4, 8])  # 6 pairs: two batches, or one
+def test_every_process_runs_as_many_batches_with_fewer_batches_than_processes(tokenizer, replicas, batch_size):
     """One or two batches over more processes: the padding cycles, so no process runs fewer
     steps than the others (DDP would wait forever in its all-reduce)."""
-    data = random_dataset(tokenizer, 6, seed=9)  # one batch of 8 pairs
-    shards = [LengthGroupedBatchSampler(data.row_lengths, batch_size=8, seed=3, num_replicas=replicas, rank=r)
-              for r in range(replicas)]
+    data = random_dataset(tokenizer, 6, seed=9)
+    shards = [LengthGroupedBatchSampler(data.row_lengths, batch_size=batch_size, seed=3, num_replicas=replicas,
+                                        rank=r) for r in range(replicas)]
     assert [len(list(s)) for s in shards] == [len(shards[0])] * replicas == [1] * replicas
 
 

@@ -259,3 +259,7 @@ def test_scorer_on_an_export_keeps_one_eos_after_a_text_ending_with_it(tmp_path)
     rendered = [(text, True) for text in texts]
     assert theirs.encode(rendered)[0] == ours.encode(rendered)[0]
     assert ours.encode(rendered)[0][0].count(tokenizer.eos_token_id) == 1
+    # with a tokenizer of the caller's that appends nothing itself, a text's own two EOS stay two
+    twice = [(TEXTS[0] + " " + tokenizer.eos_token + " " + tokenizer.eos_token, True)]
+    theirs = Scorer.from_pretrained(tmp_path / "hf", tokenizer=tokenizer)
+    assert theirs.encode(twice)[0] == ours.encode(twice)[0] and ours.encode(twice)[0][0][-2:] == [tokenizer.eos_token_id] * 2

@@ -332,8 +332,9 @@ def test_gpt2_loss_ignores_a_custom_loss_function_as_stock_does():
 
 
 def test_accelerate_mixed_precision_wraps_and_unwraps_a_fused_model():
-    """accelerate's prepare rebinds ``forward.__func__`` under autocast, and unwrap_model(keep_fp32_wrapper=
-    False) rebinds the innermost function: both call the fused forward with the model, as stock."""
+    """accelerate's prepare wraps the forward under autocast, and unwrap_model(keep_fp32_wrapper=False)
+    binds the innermost callable to the model: both call the fused forward as stock, and the prepared
+    model shows HF Trainer's column filter the forward's inputs."""
     accelerate = pytest.importorskip("accelerate")
     from accelerate.state import AcceleratorState
 

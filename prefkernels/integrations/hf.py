@@ -169,7 +169,8 @@ class FusedForward:
     the whole model), and ``inspect.signature`` sees the unfused forward's parameters (HF Trainer
     keeps only the dataset columns that forward accepts; accelerate's mixed-precision wrapper
     passes the signature on). accelerate's ``unwrap_model(keep_fp32_wrapper=False)`` binds it to
-    the model like a function: a leading model argument is then dropped."""
+    the model like a function: a leading model argument is then dropped (the call works; inspect
+    then misses ``input_ids``: ``unfuse`` and fuse a model unwrapped that way before training it again)."""
 
     def __init__(self, model):
         self.model = model
