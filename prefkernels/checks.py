@@ -39,6 +39,16 @@ class OpInputs:
     margin: torch.Tensor | None = None
 
 
+def is_real(value) -> bool:
+    """A Python or NumPy number, not a bool (nor a tensor)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def is_integer(value) -> bool:
+    """A Python or NumPy integer, not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def value_checks_enabled() -> bool:
     """False while torch.compile traces or with env PREFKERNELS_CHECK_VALUES=0."""
     return not torch.compiler.is_compiling() and os.environ.get("PREFKERNELS_CHECK_VALUES", "1") != "0"
@@ -166,7 +176,7 @@ def check_pairs(inputs: OpInputs, chosen_index, rejected_index, margin, label_sm
         _require_shape("margin", margin, [P], "one margin per pair")
         margin = margin.detach().float().contiguous()  # a constant of the loss: no gradient on any backend
     for name, value in (("label_smoothing", label_smoothing), ("center_coef", center_coef)):
-        if not isinstance(value, numbers.Real) or isinstance(value, bool):  # Python and NumPy numbers
+        if not is_real(value):
             raise TypeError(f"{name}: expected a float, got {type(value).__name__}")
     # Plain comparisons (NaN fails them all) rather than math.isfinite: under torch.compile with
     # dynamic shapes these floats are symbolic, and comparisons are what it can guard on.

@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
 from torch import nn
 
+from prefkernels.checks import is_integer
 from prefkernels.ops import fused_bt_loss, pool_score
 
 
@@ -21,7 +21,7 @@ class RewardHead(nn.Module):
     def __init__(self, hidden_size: int, num_heads: int = 1, bias: bool = True):
         super().__init__()
         for name, value in (("hidden_size", hidden_size), ("num_heads", num_heads)):
-            if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
+            if not is_integer(value) or value < 1:
                 raise ValueError(f"{name}: expected an integer >= 1, got {value!r}")
         hidden_size, num_heads = int(hidden_size), int(num_heads)
         self.hidden_size, self.num_heads = hidden_size, num_heads

@@ -12,13 +12,13 @@ their mean over comparisons and heads (each head of an ensemble is trained on th
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from prefkernels import reference
+from prefkernels.checks import is_real
 
 LOSSES = ("bt", "davidson", "rao-kupper", "plackett-luce")
 TIE_LOSSES = ("davidson", "rao-kupper")
@@ -41,7 +41,7 @@ class LossConfig:
         if self.tie_strength is not None:
             numbers_given["tie_strength"] = self.tie_strength
         for name, value in numbers_given.items():
-            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            if not is_real(value):
                 raise TypeError(f"{name}: expected a float, got {type(value).__name__}")
         if self.name not in LOSSES:
             raise ValueError(f"loss: expected one of {LOSSES}, got {self.name!r}")

@@ -23,7 +23,6 @@ import contextlib
 import dataclasses
 import json
 import math
-import numbers
 import os
 import random
 import shutil
@@ -35,6 +34,7 @@ import numpy as np
 import torch
 
 from prefkernels import __version__, backends, checkpoint, metrics
+from prefkernels.checks import is_integer, is_real
 from prefkernels.data import (LengthGroupedBatchSampler, PreferenceCollator, PreferenceDataset, load_preferences,
                               pad_token_id)
 from prefkernels.losses import LOSSES, LossConfig, check_data, compute_loss
@@ -112,9 +112,9 @@ class TrainConfig:
             if not ok:
                 raise ValueError(f"{name}: expected {expected}, got {getattr(self, name)!r}")
 
-        def integer(name, lowest, optional=False):  # numbers.Integral: NumPy integers too, not bool
+        def integer(name, lowest, optional=False):  # NumPy integers too, not bool
             value = getattr(self, name)
-            whole = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+            whole = is_integer(value)
             need((optional and value is None) or (whole and value >= lowest), name, f"an integer >= {lowest}")
             if whole:
                 setattr(self, name, int(value))  # plain int for run.json
@@ -123,7 +123,7 @@ class TrainConfig:
             value = getattr(self, name)
             if optional and value is None:
                 return
-            need(isinstance(value, numbers.Real) and not isinstance(value, bool), name, "a number")
+            need(is_real(value), name, "a number")
             setattr(self, name, float(value))  # plain float for run.json
 
         for name in ("valid_fraction", "label_smoothing", "center_coef", "lr", "weight_decay", "warmup_ratio",
