@@ -37,13 +37,13 @@ def _pool_backward_fake(grad_coef, row_ptr, row_entry, hidden, weight, pooled_po
     return grad_hidden, torch.empty_like(weight)
 
 
-def rows_csr(chosen_index, rejected_index, rows):
-    """CSR of pair entries per row: entries of ``cat(chosen, rejected)`` grouped by row.
+def rows_csr(entries_row, rows):
+    """CSR of pair entries per row: entries (``entries_row`` [M] int64, the row of each, e.g.
+    ``cat(chosen, rejected)``) grouped by row.
 
-    Returns (row_ptr [N+1], row_entry [2P]) int64, built with a stable sort so the backward's
+    Returns (row_ptr [N+1], row_entry [M]) int64, built with a stable sort so the backward's
     per-row sums run in a fixed order (deterministic, no atomics).
     """
-    entries_row = torch.cat([chosen_index, rejected_index])
     sorted_rows, row_entry = torch.sort(entries_row, stable=True)
     boundaries = torch.arange(rows + 1, device=entries_row.device, dtype=sorted_rows.dtype)
     row_ptr = torch.searchsorted(sorted_rows, boundaries)
@@ -111,9 +111,10 @@ def register(ops: OpSet) -> None:
         coef = (pair_grad * grad_loss.float()).reshape(-1, heads)
         row_ptr = row_entry = coef_rows = None
         if chosen_index is not None:
-            row_ptr, row_entry = rows_csr(chosen_index, rejected_index, ctx.rows)
+            entries_row = torch.cat([chosen_index, rejected_index])
+            row_ptr, row_entry = rows_csr(entries_row, ctx.rows)
             if ctx.needs_input_grad[2] and ctx.rows_may_be_invalid:
-                coef_rows = torch.cat([chosen_index, rejected_index])
+                coef_rows = entries_row
         grads = backward_into_inputs(ctx, hidden, weight, pooled_pos, coef, row_ptr, row_entry, coef_rows)
         return (*grads, None, None, None, None, None, None, None, None)
 

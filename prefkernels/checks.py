@@ -49,6 +49,13 @@ def is_integer(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
+def is_finite_nonnegative(value) -> bool:
+    """``0 <= value < inf`` (False for NaN). Plain comparisons rather than math.isfinite: under
+    torch.compile with dynamic shapes a float argument is symbolic, and comparisons are what it
+    can guard on."""
+    return 0.0 <= value < math.inf
+
+
 def value_checks_enabled() -> bool:
     """False while torch.compile traces or with env PREFKERNELS_CHECK_VALUES=0."""
     return not torch.compiler.is_compiling() and os.environ.get("PREFKERNELS_CHECK_VALUES", "1") != "0"
@@ -178,11 +185,9 @@ def check_pairs(inputs: OpInputs, chosen_index, rejected_index, margin, label_sm
     for name, value in (("label_smoothing", label_smoothing), ("center_coef", center_coef)):
         if not is_real(value):
             raise TypeError(f"{name}: expected a float, got {type(value).__name__}")
-    # Plain comparisons (NaN fails them all) rather than math.isfinite: under torch.compile with
-    # dynamic shapes these floats are symbolic, and comparisons are what it can guard on.
-    if not 0.0 <= label_smoothing <= 0.5:
+    if not 0.0 <= label_smoothing <= 0.5:  # NaN fails it too
         raise ValueError(f"label_smoothing: expected a float in [0, 0.5], got {label_smoothing!r}")
-    if not 0.0 <= center_coef < math.inf:
+    if not is_finite_nonnegative(center_coef):
         raise ValueError(f"center_coef: expected a finite float >= 0, got {center_coef!r}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")

@@ -221,10 +221,11 @@ def appends_end_itself(tokenizer, end_id: int | None) -> bool:
 
 
 def export_tokenizer(checkpoint_dir: str, reference: Scorer, max_length: int | None):
-    """(tokenizer, appends_end, note): the checkpoint's tokenizer made to tokenize plain texts as
+    """(tokenizer, end_appended_by, note): the checkpoint's tokenizer made to tokenize plain texts as
     training did, checked by saving and reloading it with ``AutoTokenizer``.
 
-    ``appends_end`` is False when no method made it append the end token; ``note`` then says why.
+    ``end_appended_by`` is "tokenizer" when it appended the end token already, "export" when one of
+    END_TOKEN_METHODS made it, None when none could; ``note`` then says why.
     """
     from transformers import AutoTokenizer
 
@@ -247,16 +248,16 @@ def export_tokenizer(checkpoint_dir: str, reference: Scorer, max_length: int | N
             reference.model.backbone.config.save_pretrained(f"{scratch}/{i}")
             mismatch = _first_mismatch(reference, AutoTokenizer.from_pretrained(f"{scratch}/{i}"), texts, conversations)
             if mismatch is None:
-                return candidate, True, None
+                return candidate, "export" if needs_end else "tokenizer", None
             if not needs_end:
                 raise ExportError(f"tokenizer: after saving and reloading it tokenizes differently from prefkernels: "
                                   f"{mismatch}")
             tried.append(f"{name}: after reloading, {mismatch}")
     _set_length_limits(tokenizer, max_length)
     token = tokenizer.convert_ids_to_tokens(end_id)
-    return tokenizer, False, (f"the {type(tokenizer).__name__} tokenizer could not be made to append the end token "
-                              f"{token!r} (id {end_id}) that prefkernels appended to plain texts in training ("
-                              + "; ".join(tried) + ")")
+    return tokenizer, None, (f"the {type(tokenizer).__name__} tokenizer could not be made to append the end token "
+                             f"{token!r} (id {end_id}) that prefkernels appended to plain texts in training ("
+                             + "; ".join(tried) + ")")
 
 
 # ----------------------------------------------------------------------------- checking and writing
@@ -362,7 +363,8 @@ def export_hf(checkpoint_dir: str, out_dir: str, allow_bias_drop: bool = False, 
     classifier = to_sequence_classification(model, tokenizer, allow_bias_drop)
     max_length = model.max_length or default_max_length(tokenizer, model.backbone.config)
     reference = Scorer(model, tokenizer, device="cpu", max_length=max_length)
-    exported, appends_end, note = export_tokenizer(checkpoint_dir, reference, max_length)
+    exported, end_appended_by, note = export_tokenizer(checkpoint_dir, reference, max_length)
+    appends_end = end_appended_by is not None
     if note is not None:
         warnings.warn(f"{note}; plain transformers needs it appended by hand (see the exported README.md)",
                       ExportWarning, stacklevel=2)
@@ -373,7 +375,7 @@ def export_hf(checkpoint_dir: str, out_dir: str, allow_bias_drop: bool = False, 
     info = {"format": EXPORT_INFO_FORMAT, "library_version": __version__, "append_eos": True,
             "tokenizer_appends_eos": appends_end, "end_token_id": end_id, "max_length": max_length,
             # the export made it append (training's did not): a text ending with EOS gets a second one
-            "eos_appended_by_export": appends_end and not appends_end_itself(tokenizer, end_id),
+            "eos_appended_by_export": end_appended_by == "export",
             "head_bias_dropped": bias_dropped,
             # statistics of the exported scores, which lack the dropped bias
             "reward_mean": None if model.reward_mean is None else [m - b for m, b in zip(model.reward_mean, shift)],

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from prefkernels import reference
-from prefkernels.checks import is_real
+from prefkernels.checks import is_finite_nonnegative, is_real
 
 LOSSES = ("bt", "davidson", "rao-kupper", "plackett-luce")
 TIE_LOSSES = ("davidson", "rao-kupper")
@@ -49,7 +49,7 @@ class LossConfig:
             raise ValueError(f"label_smoothing: expected a float in [0, 0.5], got {self.label_smoothing!r}")
         if self.label_smoothing and self.name != "bt":
             raise ValueError(f"label_smoothing: only the bt loss supports it, got loss={self.name!r}")
-        if not (math.isfinite(self.center_coef) and self.center_coef >= 0):
+        if not is_finite_nonnegative(self.center_coef):
             raise ValueError(f"center_coef: expected a finite float >= 0, got {self.center_coef!r}")
         if self.center_coef and self.name == "plackett-luce":
             raise ValueError("center_coef: supported by the pairwise losses (bt, davidson, rao-kupper), "

@@ -210,7 +210,7 @@ def check_edge_ops(ops, native_cpu, case, device):
     dense = torch.randn(N, K, generator=g)
     dense[invalid] = float("nan")  # skipped rows contribute nothing, even a NaN coefficient
     entries = torch.cat([chosen, rejected]).clamp(0, N - 1)
-    row_ptr, row_entry = rows_csr(chosen, rejected, N)  # out-of-range entries belong to no row
+    row_ptr, row_entry = rows_csr(torch.cat([chosen, rejected]), N)  # out-of-range entries belong to no row
     csr_coef = torch.randn(entries.shape[0], K, generator=g)
     csr_coef[invalid[entries]] = float("nan")
     for need in (True, False):

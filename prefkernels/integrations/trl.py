@@ -5,13 +5,13 @@ Importing this module imports trl; ``prefkernels`` and ``prefkernels.integration
 from __future__ import annotations
 
 import functools
-import math
 import warnings
 
 import torch
 from accelerate.utils import is_peft_model
 from trl import RewardTrainer
 
+from prefkernels.checks import is_finite_nonnegative
 from prefkernels.integrations.hf import (capture_head_input, has_score_head, is_fused, replaced_forward,
                                          why_no_score_head, with_loss_and_logits)
 from prefkernels.ops import fused_bt_loss
@@ -53,7 +53,7 @@ class FusedRewardTrainer(RewardTrainer):
 
     def __init__(self, model=None, args=None, *rest, **kwargs):
         coefficient = getattr(args, "center_rewards_coefficient", None)  # checked before the trainer is built
-        if coefficient is not None and not (math.isfinite(coefficient) and coefficient >= 0):
+        if coefficient is not None and not is_finite_nonnegative(coefficient):
             raise ValueError("center_rewards_coefficient: expected None or a finite float >= 0, got "
                              f"{coefficient}")
         super().__init__(model, args, *rest, **kwargs)
