@@ -136,13 +136,13 @@ def add_ratios(row: dict, times: dict, kernels: list[str], nbytes: int, suffix: 
                 row[f"{baseline}/{name}{suffix}"] = times[baseline] / times[name]
 
 
-def run(shapes, repeats: int, warmup: int, bandwidth: float, on_row, profile_path: Path | None = None
-        ) -> tuple[list[dict], list[str]]:
+def run(shapes, repeats: int, warmup: int, bandwidth: float, on_row, profile_path: Path | None = None,
+        device: str = "cuda") -> tuple[list[dict], list[str]]:
     kernels = available_kernel_backends()
     steps = {**common.methods(kernels), "memset": memset_step}
     rows = []
     for pairs, positions, dim, dtype in shapes:
-        batch = common.make_batch(pairs, positions, dim, dtype, "cuda")
+        batch = common.make_batch(pairs, positions, dim, dtype, device)
         nbytes = batch["hidden"].numel() * batch["hidden"].element_size()
         row = {"shape": f"P={pairs} T={positions} D={dim} {dtype}", "pairs": pairs, "T": positions, "D": dim,
                "dtype": dtype, "grad_buffer_MB": nbytes / 2**20,
@@ -188,6 +188,11 @@ def main(argv=None):
 
     profile_path = common.results_dir(args.out) / "bench_gpu_profile.txt"
     rows, kernels = run(SHAPES, args.repeats, args.warmup, args.bandwidth, save, profile_path)
+    report(rows, kernels, env["device"], save)
+
+
+def report(rows: list[dict], kernels: list[str], device: str, save) -> None:
+    """Print the tables, write the JSON (``save``) and the two PNGs beside it."""
     methods = kernels + ["eager", "compile(eager)", "hf_style"]
     print("\n== host time of the eager step (Python call only; the value checks' sync included)")
     common.print_table(rows, ["shape"] + [f"{m} host us" for m in methods + ["floor"]])
@@ -202,7 +207,7 @@ def main(argv=None):
     path = save(rows)
     for suffix, tag in (("", "eager"), (" (graph)", "graph")):
         common.plot_ratios(rows, [m for m in methods if f"{m}/floor{suffix}" in rows[0]],
-                           f"fused BT op fwd+bwd ({tag}), {env['device']}", path.with_name(f"bench_gpu_{tag}.png"),
+                           f"fused BT op fwd+bwd ({tag}), {device}", path.with_name(f"bench_gpu_{tag}.png"),
                            suffix=suffix)
     print(f"wrote {path}")
 

@@ -1,0 +1,60 @@
+"""benchmarks/bench_gpu.py runs on CPU with its CUDA-only parts (CUDA events, graphs, the CUDA
+memory counters) replaced, so a GPU session never loses its run to an error in the script's
+own Python: key names, tables, JSON, plots, the profiler table, a method whose capture fails."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import bench_gpu  # noqa: E402
+import common  # noqa: E402
+
+
+@pytest.fixture
+def on_cpu(monkeypatch):
+    """bench_gpu with CPU stand-ins for what needs a CUDA device; the floor's capture fails."""
+    def graphed(step, batch):
+        if step is common.floor_step:
+            raise RuntimeError("capture failed (test)")
+        return step
+
+    monkeypatch.setattr(bench_gpu, "cuda_timer", common.cpu_timer)
+    monkeypatch.setattr(bench_gpu, "host_timer", common.cpu_timer)
+    monkeypatch.setattr(bench_gpu, "graphed", graphed)
+    monkeypatch.setattr(bench_gpu, "cuda_peak_extra_bytes", lambda step, batch: 3 * 2**20)
+    monkeypatch.setattr(bench_gpu, "available_kernel_backends", lambda: ["native"])
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+
+
+def test_bench_gpu_runs_and_reports_on_cpu(on_cpu, tmp_path, capsys):
+    saved = []
+
+    def save(rows):
+        saved.append(len(rows))
+        return common.write_results("bench_gpu", {"rows": rows}, tmp_path)
+
+    shapes = [(2, 16, 32, "fp32"), (1, 8, 16, "bf16")]
+    rows, kernels = bench_gpu.run(shapes, repeats=2, warmup=1, bandwidth=3e12, on_row=save,
+                                  profile_path=tmp_path / "bench_gpu_profile.txt", device="cpu")
+    bench_gpu.report(rows, kernels, "cpu (test)", save)
+
+    assert kernels == ["native"] and saved == [1, 2, 2]
+    for row in rows:
+        for method in ("native", "eager", "compile(eager)", "hf_style", "memset"):
+            assert row[f"{method} us"] > 0 and row[f"{method}/floor"] > 0
+            assert row[f"{method} us (graph)"] > 0 and f"{method}/floor (graph)" not in row  # no floor time
+            assert row[f"{method} host us"] > 0 and row[f"{method} peak MB"] == 3
+        assert row["floor graph error"].startswith("RuntimeError: capture failed")
+        assert row["hf_style/native"] == pytest.approx(row["hf_style us"] / row["native us"])
+    written = json.loads((tmp_path / "bench_gpu.json").read_text())["rows"]
+    assert [r["shape"] for r in written] == ["P=2 T=16 D=32 fp32", "P=1 T=8 D=16 bf16"]
+    assert (tmp_path / "bench_gpu_eager.png").stat().st_size > 0
+    assert not (tmp_path / "bench_gpu_graph.png").exists()  # no floor time to divide by
+    profile = (tmp_path / "bench_gpu_profile.txt").read_text()
+    assert profile.startswith("P=2 T=16 D=32 fp32") and "== native (5 steps)" in profile
+    out = capsys.readouterr().out
+    assert "not captured in a CUDA graph" in out and "native/memset" in out and "wrote" in out
