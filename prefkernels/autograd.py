@@ -86,15 +86,27 @@ def register(ops: OpSet) -> None:
         # functional tensors), where torch < 2.7 does not report is_compiling().
         ctx.rows_may_be_invalid = not value_checks_enabled() or type(pooled_pos) is not torch.Tensor
 
+    def kept_for_backward(ctx, hidden, pooled_pos):
+        """(hidden, pooled_pos) as the backward reads them. Without a gradient for hidden (a frozen
+        backbone) only its N pooled rows are kept, as [N, 1, D] with positions 0 (-1 stays -1):
+        hidden may then be freed, changed in place or an inference tensor."""
+        if ctx.needs_input_grad[0] or hidden.numel() == 0:
+            return hidden, pooled_pos
+        valid = pooled_pos >= 0
+        at = pooled_pos.clamp(min=0)
+        rows = hidden[at] if hidden.dim() == 2 else hidden[torch.arange(ctx.rows, device=hidden.device), at]
+        return rows.unsqueeze(1), torch.where(valid, 0, -1)
+
     def pool_setup(ctx, inputs, output):
         hidden, weight, bias = inputs[:3]
         rewards, pooled_pos = output
         save_head_info(ctx, bias, pooled_pos)
-        ctx.save_for_backward(hidden, weight, pooled_pos)
+        ctx.save_for_backward(*kept_for_backward(ctx, hidden, pooled_pos), weight)
         ctx.mark_non_differentiable(pooled_pos)
 
     def pool_backward(ctx, grad_rewards, _grad_pos):
-        grads = backward_into_inputs(ctx, *ctx.saved_tensors, grad_rewards.float().contiguous(), None, None)
+        hidden, pooled_pos, weight = ctx.saved_tensors
+        grads = backward_into_inputs(ctx, hidden, weight, pooled_pos, grad_rewards.float().contiguous(), None, None)
         return (*grads, None, None, None)
 
     def bt_setup(ctx, inputs, output):
@@ -102,11 +114,12 @@ def register(ops: OpSet) -> None:
         chosen_index, rejected_index = inputs[6], inputs[7]
         loss, rewards, pair_grad, pooled_pos = output
         save_head_info(ctx, bias, pooled_pos)
-        ctx.save_for_backward(hidden, weight, pooled_pos, pair_grad, chosen_index, rejected_index)
+        ctx.save_for_backward(*kept_for_backward(ctx, hidden, pooled_pos), weight, pair_grad, chosen_index,
+                              rejected_index)
         ctx.mark_non_differentiable(rewards, pair_grad, pooled_pos)
 
     def bt_backward(ctx, grad_loss, _grad_rewards, _grad_pair, _grad_pos):
-        hidden, weight, pooled_pos, pair_grad, chosen_index, rejected_index = ctx.saved_tensors
+        hidden, pooled_pos, weight, pair_grad, chosen_index, rejected_index = ctx.saved_tensors
         heads = pair_grad.shape[-1]
         coef = (pair_grad * grad_loss.float()).reshape(-1, heads)
         row_ptr = row_entry = coef_rows = None

@@ -17,6 +17,7 @@ import os
 from dataclasses import dataclass
 
 import torch
+from torch.autograd import forward_ad
 
 HIDDEN_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MASK_DTYPES = (torch.bool, torch.int32, torch.int64)
@@ -54,6 +55,22 @@ def is_finite_nonnegative(value) -> bool:
     torch.compile with dynamic shapes a float argument is symbolic, and comparisons are what it
     can guard on."""
     return 0.0 <= value < math.inf
+
+
+def refuse_function_transforms(backend: str, inputs: OpInputs) -> None:
+    """The kernel backends' autograd (``register_autograd``) has neither a forward-mode rule nor
+    torch.func support: refuse dual or functorch-wrapped inputs rather than drop their tangents."""
+    if torch.compiler.is_compiling():
+        return
+    tensors = [t for t in vars(inputs).values() if isinstance(t, torch.Tensor)]
+    if any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors):
+        what = "torch.func transforms (grad, vmap, jvp, jacrev, ...)"
+    elif forward_ad._current_level >= 0 and any(forward_ad.unpack_dual(t).tangent is not None for t in tensors):
+        what = "forward-mode AD (dual tensors)"
+    else:
+        return
+    raise RuntimeError(f"prefkernels: the backend {backend!r} does not support {what}; use backend='reference' "
+                       "for them")
 
 
 def value_checks_enabled() -> bool:

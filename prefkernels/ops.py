@@ -34,6 +34,7 @@ def fused_bt_loss(hidden, weight, bias=None, *, attention_mask=None, last_index=
             last_index=inputs.last_index, cu_seqlens=inputs.cu_seqlens, chosen_index=inputs.chosen_index,
             rejected_index=inputs.rejected_index, margin=inputs.margin, label_smoothing=float(label_smoothing),
             center_coef=float(center_coef), reduction=reduction)
+    checks.refuse_function_transforms(ops.name, inputs)
     loss, rewards, _, pooled_pos = ops.bt_forward(
         inputs.hidden, inputs.weight, inputs.bias, inputs.attention_mask, inputs.last_index, inputs.cu_seqlens,
         inputs.chosen_index, inputs.rejected_index, inputs.margin, float(label_smoothing), float(center_coef))
@@ -54,6 +55,7 @@ def pool_score(hidden, weight, bias=None, *, attention_mask=None, last_index=Non
         checks.check_values(inputs)
         return reference.pool_score(inputs.hidden, inputs.weight, inputs.bias, attention_mask=inputs.attention_mask,
                                     last_index=inputs.last_index, cu_seqlens=inputs.cu_seqlens)
+    checks.refuse_function_transforms(ops.name, inputs)
     rewards, pooled_pos = ops.pool_forward(inputs.hidden, inputs.weight, inputs.bias, inputs.attention_mask,
                                            inputs.last_index, inputs.cu_seqlens)
     checks.check_values(inputs, pooled_pos)

@@ -312,3 +312,82 @@ def test_double_backward_raises_on_kernel_backends_and_works_on_reference(backen
     (grad_weight,) = torch.autograd.grad(loss, weight, create_graph=True)
     grad_weight.square().sum().backward()
     assert weight.grad is not None and weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("transform", ["jvp", "forward_ad", "grad", "vmap"])
+def test_function_transforms_raise_on_kernel_backends_and_work_on_reference(backend, transform):
+    """Forward-mode AD and torch.func have no rule on the kernel backends (register_autograd gives
+    neither): a clear error, never a silently zero tangent; the reference computes them."""
+    import torch.autograd.forward_ad as fwAD
+
+    require_backend(backend, "cpu")
+    g = torch.Generator().manual_seed(4)
+    hidden, last_index = torch.randn(4, 3, 5, generator=g), torch.tensor([2, 1, 0, 2])
+    weight, tangent = torch.randn(2, 5, generator=g), torch.randn(2, 5, generator=g)
+
+    def apply(chosen):
+        def loss(w):
+            return prefkernels.fused_bt_loss(hidden, w, last_index=last_index, backend=chosen)[0]
+        if transform == "jvp":
+            return torch.func.jvp(loss, (weight,), (tangent,))[1]
+        if transform == "grad":
+            return torch.func.grad(loss)(weight)
+        if transform == "vmap":
+            return torch.func.vmap(lambda h: prefkernels.pool_score(h, weight, last_index=last_index,
+                                                                     backend=chosen))(torch.stack([hidden, -hidden]))
+        with fwAD.dual_level():
+            return fwAD.unpack_dual(loss(fwAD.make_dual(weight, tangent))).tangent
+
+    expected = apply("reference")
+    assert expected is not None and expected.abs().sum() > 0
+    with pytest.raises(RuntimeError, match=rf"backend {backend!r}.*(forward-mode AD|torch\.func).*backend='reference'"):
+        apply(backend)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_head_only_training_keeps_only_the_pooled_rows(backend):
+    """When hidden needs no gradient (a frozen backbone), the backward keeps only the N pooled
+    rows, not hidden: an inference-mode hidden works, as does changing hidden after the forward."""
+    require_backend(backend, "cpu")
+    g = torch.Generator().manual_seed(5)
+    with torch.inference_mode():
+        frozen = torch.randn(4, 6, 8, generator=g)
+    plain = torch.randn(4, 6, 8, generator=g)
+    weight, bias = torch.randn(2, 8, generator=g), torch.randn(2, generator=g)
+    last_index = torch.tensor([5, 1, 0, 3])
+    for hidden in (frozen, plain):
+        grads = {}
+        for name in ("reference", backend):
+            w, b = (t.clone().requires_grad_() for t in (weight, bias))
+            loss, _ = prefkernels.fused_bt_loss(hidden, w, b, last_index=last_index, backend=name)
+            scores = prefkernels.pool_score(hidden, w, b, last_index=last_index, backend=name)
+            if hidden is plain and name == backend:
+                hidden.mul_(2)  # in place after the forward: the saved rows are a copy
+            (loss + scores.square().sum()).backward()
+            grads[name] = (w.grad, b.grad)
+            if hidden is plain and name == backend:
+                hidden.div_(2)
+        for got, want in zip(grads[backend], grads["reference"]):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_head_only_training_under_torch_compile(backend):
+    """The pooled-rows path of a frozen hidden traces with fullgraph=True and matches the reference."""
+    require_backend(backend, "cpu")
+    g = torch.Generator().manual_seed(6)
+    hidden, last_index = torch.randn(4, 6, 8, generator=g), torch.tensor([5, 1, 0, 3])
+    weight = torch.randn(2, 8, generator=g)
+
+    def step(name):
+        def loss(h, w):
+            pooled = prefkernels.pool_score(h, w, last_index=last_index, backend=name)
+            return prefkernels.fused_bt_loss(h, w, last_index=last_index, backend=name)[0] + pooled.square().sum()
+        return loss
+
+    w = weight.clone().requires_grad_()
+    torch.compile(step(backend), fullgraph=True)(hidden, w).backward()
+    want = weight.clone().requires_grad_()
+    step("reference")(hidden, want).backward()
+    torch.testing.assert_close(w.grad, want.grad, rtol=1e-5, atol=1e-5)
