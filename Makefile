@@ -37,5 +37,5 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PYTHON) benchmarks/bench_op.py
 
-clean:
-	rm -rf build *.egg-info prefkernels/*.so
+clean:  # the stamp too: the next target rebuilds prefkernels._C
+	rm -rf build *.egg-info prefkernels/*.so $(STAMP)

@@ -24,15 +24,16 @@ import torch
 from machine import HH_HARMLESS, RESULTS_DIR, cpu_name
 from prefkernels.scorer import CPU_TOKEN_BUDGET, Scorer, plan_batches
 
-DATA = HH_HARMLESS / "valid.jsonl.gz"
 TOLERANCE = 1e-4
 
 
-def load_texts(pairs: int | None) -> list[str]:
-    """chosen_0, rejected_0, chosen_1, ... from the validation split."""
-    if not DATA.is_file():
-        raise SystemExit(f"data: {DATA} not found (../shared/data/hh-harmless relative to the repository)")
-    with gzip.open(DATA, "rt") as f:
+def load_texts(data_dir: Path, pairs: int | None) -> list[str]:
+    """chosen_0, rejected_0, chosen_1, ... from the validation split ``data_dir/valid.jsonl.gz``."""
+    path = data_dir / "valid.jsonl.gz"
+    if not path.is_file():
+        raise SystemExit(f"data: {path} not found (default: ../shared/data/hh-harmless beside the repository; "
+                         "--data-dir DIR for another folder with valid.jsonl.gz)")
+    with gzip.open(path, "rt") as f:
         rows = [json.loads(line) for line in f]
     return [text for row in rows[:pairs] for text in (row["chosen"], row["rejected"])]
 
@@ -109,14 +110,22 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=32, help="naive HF batch size")
     parser.add_argument("--token-budget", type=int, default=CPU_TOKEN_BUDGET)
-    parser.add_argument("--hidden-size", type=int, default=256)
+    parser.add_argument("--hidden-size", type=int, default=256, help="a multiple of 64 (64-wide attention heads)")
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--bf16", action="store_true", help="also time the Scorer under bf16 autocast")
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per method, alternating (best kept)")
     parser.add_argument("--output", default=str(RESULTS_DIR / "bench_score.json"))
+    parser.add_argument("--data-dir", type=Path, default=HH_HARMLESS,
+                        help="folder with valid.jsonl.gz, rows {chosen, rejected} (default ../shared/data/hh-harmless)")
     args = parser.parse_args(argv)
+    if args.hidden_size < 64 or args.hidden_size % 64:
+        parser.error(f"--hidden-size: expected a positive multiple of 64, got {args.hidden_size}")
+    for name in ("pairs", "max_length", "batch_size", "token_budget", "layers", "repeats"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')}: expected an integer >= 1, got {value}")
 
-    texts = load_texts(args.pairs)
+    texts = load_texts(args.data_dir, args.pairs)
     with tempfile.TemporaryDirectory() as tmp:
         model = build_checkpoint(Path(tmp), args.hidden_size, args.layers, args.max_length)
         methods = {f"naive HF (batch {args.batch_size}, input order)":

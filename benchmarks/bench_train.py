@@ -81,7 +81,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--output", default=None,
                         help=f"JSON path (default {DEFAULT_OUTPUT.relative_to(REPO_ROOT)}; --quick: {QUICK_OUTPUT}); "
                              "a PNG is written next to it unless --quick")
-    parser.add_argument("--data-dir", default=str(DATA_DIR), help=argparse.SUPPRESS)
+    parser.add_argument("--data-dir", default=str(DATA_DIR),
+                        help="folder with train.jsonl.gz and valid.jsonl.gz, rows {chosen, rejected} "
+                             "(default ../shared/data/hh-harmless)")
     args = parser.parse_args(argv)
     if args.max_pairs is None:
         args.max_pairs = 16 if args.quick else 800
