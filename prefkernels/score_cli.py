@@ -19,8 +19,11 @@ scored in length-sorted batches and appended in input order to the partial file
 ``.<output name>.partial`` (plain JSONL, flushed after each chunk). At the end it is moved into place
 as ``--output`` (gzip-compressed when that ends in .gz) by an atomic rename: a failed run never
 leaves a half-written output. A stopped run keeps its partial file; ``--resume`` counts its complete
-rows (dropping a torn last line), skips as many input rows and goes on; the input, model and options
-must be the same. Without ``--resume`` a non-empty partial file makes the run refuse to start.
+rows (dropping a torn last line), skips as many input rows and goes on. The input (path, size,
+modification time), model and scoring options are recorded beside it in ``.<output name>.partial.json``,
+and a resume with others is refused. Without ``--resume`` a non-empty partial file makes the run
+refuse to start. The partial file is locked while a run writes it, so a second run on the same
+output refuses to start. Blank input lines are skipped (JSONL), so they get no output row.
 
 A malformed line (invalid UTF-8 or JSON, a missing or mistyped field) stops the run with its line
 number, or with ``--skip-invalid`` becomes ``{"line": n, "error": ...}`` (plus its ids when
@@ -29,6 +32,7 @@ parseable) and is counted.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import gzip
 import itertools
 import json
@@ -158,15 +162,57 @@ def _encode(record: dict) -> bytes:
     return (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8", "backslashreplace")
 
 
+class PartialRunError(ValueError):
+    """The partial file of an earlier run cannot be continued (locked, damaged, or another run's)."""
+
+
+def _lock(partial_path: Path):
+    """Open (create) the partial file for appending and hold an exclusive lock on it while this run
+    writes; released by the OS however the process ends."""
+    sink = open(partial_path, "ab")
+    try:
+        fcntl.flock(sink, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        sink.close()
+        raise PartialRunError(f"{partial_path} is locked: another prefkernels score is writing this output now; "
+                              "wait for it or choose another --output") from None
+    return sink
+
+
+def run_info(args: argparse.Namespace, input_path: Path) -> dict:
+    """What a resumed run must share with the run that wrote the partial file."""
+    stat = input_path.stat()
+    return {"input": str(input_path.resolve()), "input_bytes": stat.st_size, "input_mtime_ns": stat.st_mtime_ns,
+            "model": str(Path(args.model).resolve()),
+            **{name: getattr(args, name) for name in ("normalize", "max_length", "append_eos", "bf16", "skip_invalid")}}
+
+
+def _check_same_run(info_path: Path, info: dict) -> None:
+    if not info_path.is_file():
+        return  # a partial file from before run info was recorded: nothing to compare
+    try:
+        recorded = json.loads(info_path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise PartialRunError(f"{info_path}: unreadable ({err}); delete it and the partial file to start over")
+    changed = [f"{key} {recorded.get(key)!r} -> {value!r}" for key, value in info.items() if recorded.get(key) != value]
+    if changed:
+        raise PartialRunError(f"--resume: the partial run was made with other inputs or options ({'; '.join(changed)}); "
+                              "resume with the same ones, or delete the partial file to start over")
+
+
 def _resume_partial(path: Path, summary: RunSummary) -> int:
     """Count the complete (newline-terminated) rows of a partial file into ``summary``, cut a torn
     last line (a run killed mid-write) and return the number of complete rows."""
     end = 0
     with open(path, "r+b") as f:
-        for line in f:
+        for number, line in enumerate(f, start=1):
             if not line.endswith(b"\n"):
                 break
-            summary.add(json.loads(line))
+            try:
+                summary.add(json.loads(line))
+            except (ValueError, KeyError, TypeError, AttributeError) as err:
+                raise PartialRunError(f"{path}: line {number} is not a row this command wrote ({type(err).__name__}: "
+                                      f"{err}); delete the partial file to start over") from None
             end += len(line)
         f.truncate(end)
     return summary.rows
@@ -277,10 +323,40 @@ def run_score(args: argparse.Namespace) -> int:
         if value is not None and value < 1:
             print(f"error: {option}: expected >= 1, got {value}", file=sys.stderr)
             return 2
-    if not args.resume and partial_path.is_file() and partial_path.stat().st_size:
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+    info_path = partial_path.with_name(partial_path.name + ".json")
+    summary = RunSummary()
+    try:
+        sink = _lock(partial_path)
+    except PartialRunError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    try:
+        with sink:
+            return _score_locked(args, input_path, output_path, partial_path, info_path, sink, summary, tqdm)
+    finally:
+        if partial_path.is_file() and not partial_path.stat().st_size:
+            partial_path.unlink()
+            info_path.unlink(missing_ok=True)
+
+
+def _score_locked(args, input_path, output_path, partial_path, info_path, sink, summary, tqdm) -> int:
+    """run_score once the partial file is created and locked (``sink``, open for appending)."""
+    earlier_rows = os.fstat(sink.fileno()).st_size > 0
+    if earlier_rows and not args.resume:
         print(f"error: {partial_path} holds the rows of an unfinished run: pass --resume to continue it, "
               "or delete it to start over", file=sys.stderr)
         return 2
+    info = run_info(args, input_path)
+    try:
+        if earlier_rows:
+            _check_same_run(info_path, info)
+        done = _resume_partial(partial_path, summary) if earlier_rows else 0
+    except PartialRunError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if not done:
+        info_path.write_text(json.dumps(info, indent=2) + "\n")
     try:  # the errors name their argument (path: the --model directory)
         scorer = Scorer.from_pretrained(args.model, device=args.device, max_length=args.max_length,
                                         token_budget=args.batch_tokens, normalize=args.normalize, bf16=args.bf16,
@@ -288,12 +364,9 @@ def run_score(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    output_path.parent.mkdir(parents=True, exist_ok=True)
-    summary = RunSummary()
-    done = _resume_partial(partial_path, summary) if args.resume and partial_path.is_file() else 0
     start = time.perf_counter()
     try:
-        with _open_bytes(input_path) as source, open(partial_path, "ab") as sink, \
+        with _open_bytes(input_path) as source, \
                 tqdm(total=None if args.quiet else _count_lines(input_path), unit="line", desc="score", disable=args.quiet) as bar:
             numbered = ((number, line) for number, line in enumerate(source, start=1) if line.strip())
             skipped, last_number = _skip_rows(numbered, done)
@@ -312,6 +385,7 @@ def run_score(args: argparse.Namespace) -> int:
                     summary.add(record)
                 bar.update(chunk[-1][0] - bar.n)
         _finish(partial_path, output_path)
+        info_path.unlink(missing_ok=True)
     except InvalidRow as err:
         kept = f"; the {summary.rows} rows before it are kept in {partial_path} for --resume" if summary.rows else ""
         print(f"error: {input_path}: {err} (use --skip-invalid to write it as an error row and go on){kept}",
@@ -322,9 +396,6 @@ def run_score(args: argparse.Namespace) -> int:
         print(f"error: --input: {input_path} cannot be read as gzip (truncated, or not gzip: {err}){kept}",
               file=sys.stderr)
         return 1
-    finally:
-        if partial_path.is_file() and not partial_path.stat().st_size:
-            partial_path.unlink()
     seconds = time.perf_counter() - start
     print(f"scored {summary.rows} rows in {seconds:.1f} s -> {output_path} ({summary.invalid} invalid, "
           f"{summary.truncated_rows} rows with a text truncated to {scorer.max_length} tokens)")

@@ -214,7 +214,16 @@ def test_resume_after_interruption_equals_an_unbroken_run(reward_checkpoint, tmp
     assert "pass --resume to continue it, or delete it" in capsys.readouterr().err
     short = write_jsonl(tmp_path / "short.jsonl", lines[:5])
     assert score_cli.main(base + ["--output", str(output), "--resume", "--input", str(short)]) == 2
+    assert re.search(r"--resume: the partial run was made with other inputs or options \(input '.*in\.jsonl' -> "
+                     r"'.*short\.jsonl'; input_bytes", capsys.readouterr().err)
+    assert score_cli.main(base + ["--output", str(output), "--resume", "--normalize"]) == 2
+    assert "(normalize False -> True)" in capsys.readouterr().err
+    info = tmp_path / ".out.jsonl.gz.partial.json"
+    recorded = info.read_text()
+    info.unlink()  # a partial file without run info (an older version's): only the row count is checked
+    assert score_cli.main(base + ["--output", str(output), "--resume", "--input", str(short)]) == 2
     assert "holds 8 rows but" in capsys.readouterr().err
+    info.write_text(recorded)
 
     assert score_cli.main(base + ["--output", str(output), "--resume"]) == 0
     with gzip.open(output, "rt") as resumed, gzip.open(tmp_path / "unbroken.jsonl.gz", "rt") as unbroken:
@@ -335,3 +344,32 @@ def test_real_preference_pairs_gz(reward_checkpoint, tmp_path, capsys, hh_harmle
     torch.testing.assert_close(torch.tensor([r["chosen_score"] for r in out]), expected, atol=1e-5, rtol=1e-5)
     correct = sum(r["chosen_score"] > r["rejected_score"] for r in out)
     assert f"pairwise accuracy: {correct / 12:.4f} ({correct}/12 pairs" in capsys.readouterr().out
+
+
+def test_a_second_run_on_the_same_output_refuses_while_the_first_writes(reward_checkpoint, tmp_path, capsys):
+    """The partial file is locked by the run writing it (here: this test holds the lock)."""
+    import fcntl
+
+    source = write_jsonl(tmp_path / "in.jsonl", mixed_rows(4))
+    partial = tmp_path / ".out.jsonl.partial"
+    with open(partial, "ab") as running:
+        running.write(b'{"id": 0, "score": 1.0, "truncated": false}\n')
+        running.flush()
+        fcntl.flock(running, fcntl.LOCK_EX)
+        for extra in ([], ["--resume"]):
+            assert score_cli.main(["--model", str(reward_checkpoint), "--input", str(source), "--output",
+                                   str(tmp_path / "out.jsonl"), "--quiet", *extra]) == 2
+            assert "is locked: another prefkernels score is writing this output now" in capsys.readouterr().err
+    assert partial.read_bytes() == b'{"id": 0, "score": 1.0, "truncated": false}\n'  # untouched
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+@pytest.mark.parametrize("line", ['{"id": 5, "score": 1.0}', "[1, 2]", "garbage"])
+def test_a_damaged_partial_file_is_one_clear_line(reward_checkpoint, tmp_path, capsys, line):
+    source = write_jsonl(tmp_path / "in.jsonl", mixed_rows(4))
+    partial = tmp_path / ".out.jsonl.partial"
+    partial.write_text('{"id": 0, "score": 1.0, "truncated": false}\n' + line + "\n")
+    assert score_cli.main(["--model", str(reward_checkpoint), "--input", str(source), "--output",
+                           str(tmp_path / "out.jsonl"), "--quiet", "--resume"]) == 2
+    assert re.fullmatch(rf"error: {re.escape(str(partial))}: line 2 is not a row this command wrote \(\w+: .*\); "
+                        r"delete the partial file to start over\n", capsys.readouterr().err)
