@@ -104,6 +104,14 @@ def is_checkpoint(path: str | os.PathLike) -> bool:
     return (Path(path) / CONFIG_NAME).is_file()
 
 
+class DamagedCheckpointError(ValueError):
+    """A checkpoint file that exists but cannot be read (cut short by a full disk, edited...)."""
+
+    def __init__(self, path, error: BaseException):
+        super().__init__(f"checkpoint: {path} cannot be read ({type(error).__name__}: {str(error)[:200]}); the "
+                         "checkpoint is damaged: use another one (best/, checkpoint/), or retrain")
+
+
 def read_config(path: str | os.PathLike) -> dict:
     """The checkpoint's prefkernels.json (see ``locate``), with a clear error when files are missing."""
     path = locate(path)
@@ -112,7 +120,11 @@ def read_config(path: str | os.PathLike) -> dict:
     missing = [name for name in REQUIRED_FILES if not (path / name).exists()]
     if missing:
         raise FileNotFoundError(f"checkpoint: {path} is missing {', '.join(missing)} (not a prefkernels checkpoint)")
-    config = json.loads((path / CONFIG_NAME).read_text())
-    if config.get("format") != FORMAT:
-        raise ValueError(f"checkpoint: {path / CONFIG_NAME} has format {config.get('format')!r}, expected {FORMAT!r}")
+    try:
+        config = json.loads((path / CONFIG_NAME).read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise DamagedCheckpointError(path / CONFIG_NAME, err) from None
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        found = config.get("format") if isinstance(config, dict) else type(config).__name__
+        raise ValueError(f"checkpoint: {path / CONFIG_NAME} has format {found!r}, expected {FORMAT!r}")
     return config

@@ -109,9 +109,17 @@ class RewardModel(nn.Module):
 
         path = checkpoint.locate(path)
         config = checkpoint.read_config(path)
-        backbone = AutoModel.from_pretrained(path / checkpoint.BACKBONE_DIR, **backbone_kwargs)
+        try:  # an unreadable file names itself; a missing one keeps transformers' own error
+            backbone = AutoModel.from_pretrained(path / checkpoint.BACKBONE_DIR, **backbone_kwargs)
+        except (OSError, ValueError):
+            raise
+        except Exception as err:  # e.g. safetensors' SafetensorError for a file cut short
+            raise checkpoint.DamagedCheckpointError(path / checkpoint.BACKBONE_DIR, err) from None
         model = cls(backbone, num_heads=config["num_heads"], max_length=config.get("max_length"))
-        head = load_file(str(path / checkpoint.HEAD_NAME))
+        try:
+            head = load_file(str(path / checkpoint.HEAD_NAME))
+        except Exception as err:
+            raise checkpoint.DamagedCheckpointError(path / checkpoint.HEAD_NAME, err) from None
         if head["weight"].shape != model.head.weight.shape:
             raise ValueError(f"checkpoint: head weight has shape {list(head['weight'].shape)}, "
                              f"expected {list(model.head.weight.shape)}")

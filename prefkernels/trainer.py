@@ -396,6 +396,8 @@ class Trainer:
         self.max_length = self.model.max_length
         self.pad_token_id = pad_token_id(self.tokenizer)
         self.train_data, self.valid_data = self._load_data()
+        if saved is not None:
+            self._check_same_training_data(saved)
         for note in check_data(self.loss_config, self.train_data.num_ties, self.train_data.has_margin, "train"):
             self.log(note)
         if self.valid_data is not None:
@@ -437,12 +439,36 @@ class Trainer:
         if changed:
             details = "; ".join(f"{k}: was {run['config'][k]!r}, now {current.get(k)!r}" for k in changed)
             raise RunDirectoryError(f"resume: the configuration differs from the run in {self.output_dir} ({details})")
-        state = torch.load(checkpoint.locate(self.output_dir / CHECKPOINT_DIR) / checkpoint.TRAINING_STATE_NAME,
-                           map_location="cpu", weights_only=False)
+        state_path = checkpoint.locate(self.output_dir / CHECKPOINT_DIR) / checkpoint.TRAINING_STATE_NAME
+        try:
+            state = torch.load(state_path, map_location="cpu", weights_only=False)
+        except FileNotFoundError:
+            raise
+        except Exception as err:  # torch's "PytorchStreamReader failed ..." for a file cut short
+            raise checkpoint.DamagedCheckpointError(state_path, err) from None
         if state["world_size"] != self.dist.world_size:
             raise RunDirectoryError(f"resume: the checkpoint was written by {state['world_size']} processes, this "
                                     f"run has {self.dist.world_size}; resume with the same number")
+        metrics = self.output_dir / METRICS_FILE
+        size = metrics.stat().st_size if metrics.is_file() else None
+        if size is None or size < state["metrics_bytes"]:
+            found = "missing" if size is None else f"{size} bytes, shorter than the {state['metrics_bytes']}"
+            raise RunDirectoryError(f"resume: {metrics}: {found} the checkpoint recorded; the log of the run "
+                                    "was removed or cut since, so the run cannot continue it")
         return state
+
+    def _training_data_record(self) -> dict:
+        """Size of the training data, recorded in the checkpoint: resume compares data files by path,
+        this catches a file changed in place."""
+        return {"examples": len(self.train_data), "row_tokens": sum(map(sum, self.train_data.row_lengths))}
+
+    def _check_same_training_data(self, saved: dict) -> None:
+        recorded, current = saved.get("training_data"), self._training_data_record()
+        if recorded is not None and recorded != current:  # absent in checkpoints of older versions
+            raise RunDirectoryError(
+                f"resume: the training data changed since the checkpoint ({recorded['examples']} examples of "
+                f"{recorded['row_tokens']} tokens, now {current['examples']} examples of {current['row_tokens']}); "
+                "resume with the data it was trained on, or start a new run")
 
     def _load_model(self):
         config = self.config
@@ -458,7 +484,11 @@ class Trainer:
                 model = RewardModel.from_pretrained(str(self.output_dir / CHECKPOINT_DIR), dtype=torch.float32)
             else:
                 model = RewardModel.from_backbone(str(backbone), num_heads=config.num_heads, dtype=torch.float32)
+        except checkpoint.DamagedCheckpointError:
+            raise
         except (OSError, ValueError, KeyError) as err:
+            if config.resume:
+                raise ValueError(f"resume: cannot load the model of {self.output_dir / CHECKPOINT_DIR} ({err})") from None
             raise ValueError(f"backbone: cannot load a transformers model from {backbone} ({err})") from None
         model.max_length = self._max_length(model, tokenizer)
         if not config.dropout:
@@ -601,6 +631,10 @@ class Trainer:
             while not state["done"]:
                 self.sampler.set_epoch(state["epoch"], state["batch_in_epoch"])
                 micro_batches = len(self.sampler)
+                if state["batch_in_epoch"] >= micro_batches:  # a checkpoint from other training data
+                    raise RunDirectoryError(f"resume: the checkpoint is at batch {state['batch_in_epoch']} of epoch "
+                                            f"{state['epoch']}, the training data gives {micro_batches} batches "
+                                            "per epoch: it changed since the checkpoint")
                 # batches are built here, not by a DataLoader, whose iterators draw from the global RNG
                 for index, indices in enumerate(self.sampler, start=state["batch_in_epoch"]):
                     batch = collate([self.train_data[i] for i in indices])
@@ -736,7 +770,7 @@ class Trainer:
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "rng": list(rng),
                 "state": dict(self.state), "train_sums": list(sums),
                 "metrics_bytes": (self.output_dir / METRICS_FILE).stat().st_size,
-                "world_size": self.dist.world_size}
+                "world_size": self.dist.world_size, "training_data": self._training_data_record()}
             extra = {"step": self.state["step"], "training": {"loss": self._loss_record(), **self._data_record()}}
             self.model.save_pretrained(str(self.output_dir / CHECKPOINT_DIR), self.tokenizer, extra=extra,
                                        training_state=training_state)

@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import re
 import shutil
 from itertools import islice
 from pathlib import Path
@@ -519,3 +520,82 @@ def test_left_and_right_padding_give_the_same_rewards(arch):
     left = (torch.tensor([[5, 6, 7, 8, 9], [0, 0, 5, 6, 7]]), torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]]))
     with torch.no_grad():
         torch.testing.assert_close(model(*left), model(*right), rtol=1e-5, atol=1e-5)
+
+
+def killed_after_step(monkeypatch, step):
+    """Patch Trainer._save_checkpoint to raise Killed right after the checkpoint of ``step``."""
+    original = Trainer._save_checkpoint
+
+    def save_then_kill(self):
+        original(self)
+        if self.state["step"] == step:
+            raise Killed
+
+    monkeypatch.setattr(Trainer, "_save_checkpoint", save_then_kill)
+
+
+def test_resume_on_changed_training_data_is_refused(assets, tmp_path, monkeypatch):
+    """The checkpoint records the training data's size; a changed file is refused rather than
+    trained on from a batch position that no longer exists (that looped forever)."""
+    options = dict(eval_every=0, max_steps=8, save_every=1)
+    out, data = tmp_path / "run", tmp_path / "train.jsonl"
+    shutil.copy(assets["train"][0], data)
+    with monkeypatch.context() as patch:
+        killed_after_step(patch, 6)
+        with pytest.raises(Killed):
+            train(config(assets, out, train=[str(data)], **options), log=quiet)
+    lines = data.read_text().splitlines(keepends=True)
+    data.write_text("".join(lines[:40]))  # 40 pairs: 3 batches of 16, fewer than the checkpoint's 6
+    with pytest.raises(RunDirectoryError, match=r"resume: the training data changed since the checkpoint "
+                                                r"\(600 examples .* now 40 examples"):
+        train(config(assets, out, train=[str(data)], resume=True, **options), log=quiet)
+    state_path = out / "checkpoint" / checkpoint.TRAINING_STATE_NAME  # as saved before the record existed
+    state = torch.load(state_path, weights_only=False)
+    del state["training_data"]
+    torch.save(state, state_path)
+    with pytest.raises(RunDirectoryError, match=r"checkpoint is at batch 6 of epoch 0, the training data gives 3"):
+        train(config(assets, out, train=[str(data)], resume=True, **options), log=quiet)
+
+
+def test_resume_refuses_a_metrics_file_shorter_than_the_checkpoint_recorded(assets, tmp_path, monkeypatch):
+    options = dict(eval_every=0, max_steps=8, save_every=1)
+    out = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        killed_after_step(patch, 6)
+        with pytest.raises(Killed):
+            train(config(assets, out, **options), log=quiet)
+    metrics = out / "metrics.jsonl"
+    kept = metrics.read_bytes()
+    metrics.write_bytes(kept[:100])
+    with pytest.raises(RunDirectoryError, match=r"metrics.jsonl: 100 bytes, shorter than the \d+ the checkpoint "
+                                                r"recorded"):
+        train(config(assets, out, resume=True, **options), log=quiet)
+    assert metrics.read_bytes() == kept[:100]  # no NUL padding written
+    metrics.unlink()
+    with pytest.raises(RunDirectoryError, match=r"metrics.jsonl: missing"):
+        train(config(assets, out, resume=True, **options), log=quiet)
+
+
+@pytest.mark.parametrize("damaged", [checkpoint.TRAINING_STATE_NAME, checkpoint.HEAD_NAME, checkpoint.CONFIG_NAME,
+                                     f"{checkpoint.BACKBONE_DIR}/model.safetensors"])
+def test_a_damaged_checkpoint_file_is_one_clear_error_naming_it(assets, tmp_path, monkeypatch, damaged, capsys):
+    """A file cut short (a full disk, a copy interrupted): resume, eval and scoring name the file."""
+    from prefkernels.scorer import Scorer
+
+    options = dict(eval_every=0, max_steps=4, save_every=1)
+    out = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        killed_after_step(patch, 2)
+        with pytest.raises(Killed):
+            train(config(assets, out, **options), log=quiet)
+    path = out / "checkpoint" / damaged
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    named = path.parent if damaged.startswith(checkpoint.BACKBONE_DIR) else path  # transformers loads the folder
+    expected = rf"checkpoint: {re.escape(str(named))} cannot be read \(\w+: .*\); the checkpoint is damaged"
+    with pytest.raises(checkpoint.DamagedCheckpointError, match=expected):
+        train(config(assets, out, resume=True, **options), log=quiet)
+    if damaged != checkpoint.TRAINING_STATE_NAME:
+        with pytest.raises(checkpoint.DamagedCheckpointError, match=expected):
+            Scorer.from_pretrained(out / "checkpoint")
+        assert cli.main(["eval", "--model", str(out / "checkpoint"), "--data", assets["valid"][0], "--no-progress"]) == 1
+        assert re.search(expected, capsys.readouterr().err)
