@@ -26,7 +26,7 @@ def test_rank_correlations_match_scipy():
     x = rng.integers(0, 8, 300).astype(float)  # many ties
     y = x + rng.normal(0, 3, 300)
     assert metrics.spearman(x, y) == pytest.approx(stats.spearmanr(x, y).statistic, abs=1e-12)
-    assert metrics.kendall_tau(x, y, chunk=64) == pytest.approx(stats.kendalltau(x, y).statistic, abs=1e-12)
+    assert metrics.kendall_tau(x, y) == pytest.approx(stats.kendalltau(x, y).statistic, abs=1e-12)
     assert metrics.rankdata(x) == pytest.approx(stats.rankdata(x))
     assert math.isnan(metrics.spearman(np.ones(5), y[:5]))
 
@@ -189,3 +189,15 @@ def test_rank_correlations_refuse_sequences_of_different_lengths():
     for correlation in (metrics.spearman, metrics.kendall_tau, metrics.pearson):
         with pytest.raises(ValueError, match="x, y: expected two 1-D sequences of one length"):
             correlation([1, 2, 3], [5])
+
+
+@pytest.mark.parametrize("n", [2, 3, 5, 64, 1000, 4097])
+def test_kendall_tau_matches_scipy_at_every_size(n):
+    """The O(n log n) merge count (non-power-of-two sizes pad) equals scipy's tau-b, ties included."""
+    stats = pytest.importorskip("scipy.stats")
+    rng = np.random.default_rng(n)
+    tied = rng.integers(0, max(2, n // 5), n).astype(float)
+    cases = [(tied, tied + rng.integers(-2, 3, n)), (rng.normal(size=n), rng.normal(size=n)), (tied, -tied)]
+    for x, y in cases:
+        x[rng.integers(0, n)] = np.inf
+        assert metrics.kendall_tau(x, y) == pytest.approx(stats.kendalltau(x, y).statistic, abs=1e-12)
