@@ -52,6 +52,7 @@ RUN_ARTIFACTS = (*RUN_MARKERS, EVAL_FILE, CURVES_FILE, RELIABILITY_FILE)
 RESUMABLE_CHANGES = ("patience", "progress", "resume", "overwrite", "device", "backend", "output_dir", "resolved")
 PATH_SETTINGS = ("backbone", "train", "valid")  # the same when typed alike or resolved alike
 MAX_DEFAULT_LENGTH = 1024
+REWARD_STATS_EXAMPLES = 1024  # without validation data, reward mean/std come from this many training examples
 
 
 class RunDirectoryError(ValueError):
@@ -817,6 +818,16 @@ class Trainer:
 
     # --- finish
 
+    def _train_sample(self) -> tuple[PreferenceDataset, str]:
+        """(data, split name) for reward mean/std without validation data: the training data, or a
+        seeded sample of REWARD_STATS_EXAMPLES of it (a pass over all of it could add ~40% to the run)."""
+        total = len(self.train_data)
+        if total <= REWARD_STATS_EXAMPLES:
+            return self.train_data, "train"
+        chosen = np.random.default_rng(self.config.seed).choice(total, REWARD_STATS_EXAMPLES, replace=False)
+        sample = self.train_data.subset(sorted(chosen.tolist()), "train sample")
+        return sample, f"train ({REWARD_STATS_EXAMPLES} of {total} examples, seed {self.config.seed})"
+
     def _finish(self) -> TrainResult:
         """Write the reports of best/. With validation data, best/ (reward mean/std included) and its
         metrics were kept when it was evaluated; without, measure reward mean/std on the training data."""
@@ -828,9 +839,9 @@ class Trainer:
             if self.valid_data is not None and checkpoint.is_checkpoint(best_dir):
                 best = RewardModel.from_pretrained(str(best_dir))
                 self.model.load_state_dict(best.state_dict())
-            stats_data = self.valid_data if self.valid_data is not None else self.train_data
+            stats_data, split = (self.valid_data, "valid") if self.valid_data is not None else self._train_sample()
             result, _ = self.evaluate(stats_data)
-            self._save_best(result, "valid" if self.valid_data is not None else "train")
+            self._save_best(result, split)
         if self.dist.is_main:
             if self.valid_data is not None:
                 checkpoint.atomic_write_text(self.output_dir / EVAL_FILE, json.dumps(result, indent=2))

@@ -599,3 +599,22 @@ def test_a_damaged_checkpoint_file_is_one_clear_error_naming_it(assets, tmp_path
             Scorer.from_pretrained(out / "checkpoint")
         assert cli.main(["eval", "--model", str(out / "checkpoint"), "--data", assets["valid"][0], "--no-progress"]) == 1
         assert re.search(expected, capsys.readouterr().err)
+
+
+def test_without_validation_data_reward_stats_come_from_a_seeded_training_sample(assets, tmp_path, monkeypatch):
+    import prefkernels.trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "REWARD_STATS_EXAMPLES", 100)
+    evaluated = []
+    original = Trainer.evaluate
+
+    def recording(self, dataset):
+        evaluated.append(len(dataset))
+        return original(self, dataset)
+
+    monkeypatch.setattr(Trainer, "evaluate", recording)
+    result = train(config(assets, tmp_path / "run", valid=None, max_steps=2, seed=7), log=quiet)
+    saved = json.loads((result.best_dir / checkpoint.CONFIG_NAME).read_text())
+    assert evaluated == [100]  # not the 600 training examples
+    assert saved["reward_stats_split"] == "train (100 of 600 examples, seed 7)"
+    assert len(saved["reward_mean"]) == 1 and saved["reward_std"][0] > 0

@@ -132,9 +132,10 @@ class PreferenceDataset(torch.utils.data.Dataset):
         if held < 1 or held >= len(self):
             raise ValueError(f"valid_fraction: {fraction} of {len(self)} examples leaves an empty split")
         order = np.random.default_rng(seed).permutation(len(self))
-        return self._subset(sorted(order[held:]), "train"), self._subset(sorted(order[:held]), "valid")
+        return self.subset(sorted(order[held:]), "train"), self.subset(sorted(order[:held]), "valid")
 
-    def _subset(self, indices, name: str) -> "PreferenceDataset":
+    def subset(self, indices, name: str) -> "PreferenceDataset":
+        """The examples at ``indices`` (renumbered 0..), reported as split ``name``."""
         examples = [dataclasses.replace(self.examples[i], index=new) for new, i in enumerate(indices)]
         return PreferenceDataset(examples, _report(name, self.report.formats, examples, self.report.max_length))
 
