@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import json
 import math
 import os
 import random
 import shutil
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +48,8 @@ EARLY_STOPPING_METRICS = ("accuracy", "loss")
 RUN_FILE, METRICS_FILE, EVAL_FILE = "run.json", "metrics.jsonl", "eval.json"
 CHECKPOINT_DIR, BEST_DIR = "checkpoint", "best"
 CURVES_FILE, RELIABILITY_FILE = "curves.png", "reliability.png"
+LOCK_FILE = ".lock"  # held by the process writing the run
+OVERWRITTEN = ".overwritten"  # suffix of a replaced run's artifacts while --overwrite deletes them
 RUN_MARKERS = (RUN_FILE, METRICS_FILE, CHECKPOINT_DIR, BEST_DIR)
 RUN_ARTIFACTS = (*RUN_MARKERS, EVAL_FILE, CURVES_FILE, RELIABILITY_FILE)
 # Fields that may change when resuming; any other difference from run.json is refused.
@@ -351,6 +355,10 @@ def check_output_dir(config: TrainConfig, resumable: bool = True) -> Path:
     return path
 
 
+def _remove(path: Path) -> None:
+    shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink(missing_ok=True)
+
+
 class _LossModule(torch.nn.Module):
     """The unit DistributedDataParallel wraps: batch -> (loss, rewards)."""
 
@@ -373,12 +381,18 @@ class Trainer:
         self.config = config
         self.loss_config = config.loss_config()
         self._log = log
+        self._lock = None  # rank 0's lock on the output directory, from its first write on
         self.dist = Distributed.from_env()
         try:
             self._setup()
         except BaseException:
-            self.dist.close()
+            self._close()
             raise
+
+    def _close(self) -> None:
+        self.dist.close()
+        if self._lock is not None:
+            self._lock.close()
 
     # --- setup: validate everything before writing anything
 
@@ -560,18 +574,23 @@ class Trainer:
             grouped = self.sampler.padding_fraction(0)  # logged by rank 0 only
             path = self.output_dir
             path.mkdir(parents=True, exist_ok=True)
+            self._lock_output_dir(path)
             for name in (CHECKPOINT_DIR, BEST_DIR):  # put back what a kill mid-save moved aside
                 checkpoint.recover(path / name)
-            for stale in path.glob(".*.tmp-*"):  # a kill inside atomic_write_text (run.json, eval.json)
-                shutil.rmtree(stale) if stale.is_dir() else stale.unlink(missing_ok=True)
+            # a kill inside atomic_write_text (run.json, eval.json) or inside an --overwrite
+            for stale in [*path.glob(".*.tmp-*"), *path.glob(f".*{OVERWRITTEN}-*")]:
+                _remove(stale)
             if saved is not None:
                 with open(path / METRICS_FILE, "r+b") as f:
                     f.truncate(saved["metrics_bytes"])
             else:
-                if self.config.overwrite:
-                    for name in RUN_ARTIFACTS:
-                        target = path / name
-                        shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+                if self.config.overwrite:  # renamed aside first: a kill never leaves a half-deleted checkpoint
+                    token = uuid.uuid4().hex[:8]
+                    doomed = [path / name for name in RUN_ARTIFACTS if (path / name).exists()]
+                    for target in doomed:
+                        os.replace(target, path / f".{target.name}{OVERWRITTEN}-{token}")
+                    for target in doomed:
+                        _remove(path / f".{target.name}{OVERWRITTEN}-{token}")
                 run = {"library_version": __version__, "world_size": self.dist.world_size,
                        "config": self.config.to_json()}
                 checkpoint.atomic_write_text(path / RUN_FILE, json.dumps(run, indent=2))
@@ -588,6 +607,18 @@ class Trainer:
             self.log(f"batches: padding is {100 * grouped:.1f}% of tokens with length grouping "
                      f"({100 * self.sampler.padding_fraction(0, grouped=False):.1f}% with random batches); "
                      f"{self.total_steps} optimizer steps on {self.dist.world_size} process(es), device {self.device}")
+
+    def _lock_output_dir(self, path: Path) -> None:
+        """Hold an exclusive lock on ``path/.lock`` for the rest of the run (released by the OS however
+        the process ends), then re-check what a run started at the same moment may have written."""
+        self._lock = open(path / LOCK_FILE, "a")
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock.close()
+            raise RunDirectoryError(f"output_dir: another prefkernels train is writing {path} now; wait for it "
+                                    "or choose another --output") from None
+        check_output_dir(self.config)
 
     def _restore(self, saved: dict) -> None:
         self.optimizer.load_state_dict(saved["optimizer"])
@@ -625,7 +656,7 @@ class Trainer:
                 self._fit()
             return self._finish()
         finally:
-            self.dist.close()
+            self._close()
 
     def _fit(self) -> None:
         from tqdm.auto import tqdm

@@ -325,7 +325,7 @@ def test_a_kill_between_the_two_checkpoint_renames_loses_nothing(assets, tmp_pat
 
     result = train(config(assets, out, resume=True, **options), log=quiet)
     assert result.steps == 4 and checkpoint.read_config(out / "checkpoint")["step"] == 4
-    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # nothing left aside
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == [".lock"]  # nothing left aside
     train(config(assets, tmp_path / "unbroken", **options), log=quiet)
     a, b = final_weights(out), final_weights(tmp_path / "unbroken")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -618,3 +618,41 @@ def test_without_validation_data_reward_stats_come_from_a_seeded_training_sample
     assert evaluated == [100]  # not the 600 training examples
     assert saved["reward_stats_split"] == "train (100 of 600 examples, seed 7)"
     assert len(saved["reward_mean"]) == 1 and saved["reward_std"][0] > 0
+
+
+def test_a_second_run_on_the_same_directory_refuses_while_the_first_writes(assets, tmp_path):
+    import fcntl
+
+    out = tmp_path / "run"
+    out.mkdir()
+    with open(out / ".lock", "a") as running:  # as the writing run holds it
+        fcntl.flock(running, fcntl.LOCK_EX)
+        for extra in ({}, {"overwrite": True}):
+            with pytest.raises(RunDirectoryError, match="another prefkernels train is writing"):
+                train(config(assets, out, max_steps=2, **extra), log=quiet)
+    assert sorted(p.name for p in out.iterdir()) == [".lock"]  # nothing written
+    assert train(config(assets, out, max_steps=2), log=quiet).steps == 2  # released: runs
+
+
+def test_a_kill_during_overwrite_never_leaves_a_half_deleted_checkpoint(assets, tmp_path, monkeypatch):
+    """--overwrite renames the old run's artifacts aside before deleting them; a kill in between
+    leaves them aside, and the next start clears them."""
+    import prefkernels.trainer as trainer_module
+
+    out = tmp_path / "run"
+    train(config(assets, out, max_steps=2), log=quiet)
+    with monkeypatch.context() as patch:
+        calls = []
+
+        def killed_while_deleting(path):
+            calls.append(path)
+            raise Killed
+
+        patch.setattr(trainer_module, "_remove", killed_while_deleting)
+        with pytest.raises(Killed):
+            train(config(assets, out, max_steps=3, overwrite=True), log=quiet)
+    assert calls and all(".overwritten-" in path.name for path in calls)
+    visible = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
+    assert visible == []  # every artifact of the old run is aside, none half-deleted in place
+    result = train(config(assets, out, max_steps=3), log=quiet)
+    assert result.steps == 3 and not list(out.glob(".*.overwritten-*"))
