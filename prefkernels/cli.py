@@ -91,7 +91,9 @@ def add_train_parser(subparsers) -> None:
     opt.add_argument("--batch-size", type=int, default=8, metavar="PAIRS", help="pairs per batch per process")
     opt.add_argument("--max-tokens", type=int, metavar="T",
                      help="batch by padded tokens (rows x longest row) instead of --batch-size")
-    opt.add_argument("--eval-batch-size", type=int, metavar="PAIRS", help="default: 2 x --batch-size")
+    opt.add_argument("--eval-batch-size", type=int, metavar="PAIRS",
+                     help="pairs per evaluation batch (default: rows packed by length under the scorer's "
+                          "padded-token budget, 4096 on CPU and 32768 on GPU, which pads least)")
     opt.add_argument("--grad-accum", type=int, default=1, metavar="N", help="micro-batches per optimizer step")
     opt.add_argument("--lr", type=float, default=2e-5, help="AdamW peak learning rate")
     opt.add_argument("--head-lr", type=float, metavar="LR", help="learning rate of the reward head (default: --lr)")
@@ -166,8 +168,10 @@ def add_eval_parser(subparsers) -> None:
     p.add_argument("--output", metavar="DIR", help="write metrics.json and reliability.png here")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON instead of a table")
     p.add_argument("--max-length", type=int, metavar="N", help="default: the checkpoint's max_length")
-    p.add_argument("--batch-size", type=int, default=32, metavar="PAIRS")
-    p.add_argument("--max-tokens", type=int, metavar="T", help="batch by padded tokens instead of --batch-size")
+    p.add_argument("--batch-size", type=int, metavar="PAIRS",
+                   help="pairs per batch (default: rows packed by length under --max-tokens)")
+    p.add_argument("--max-tokens", type=int, metavar="T",
+                   help="padded tokens per batch (default 4096 on CPU, 32768 on GPU)")
     p.add_argument("--truncate-responses", action=argparse.BooleanOptionalAction, default=None,
                    help="cut responses longer than --max-length from the left instead of failing "
                         "(default: as the checkpoint was trained)")
@@ -211,7 +215,7 @@ def run_eval(args) -> int:
     if dataset.num_ties and loss_config is not None and loss_config.name not in TIE_LOSSES:
         loss_config = None  # trained without a tie model: measure the loss with preference_metrics' default
     model.to(device)
-    rewards = metrics.score(model, dataset, batch_size=None if args.max_tokens else args.batch_size,
+    rewards = metrics.score(model, dataset, batch_size=args.batch_size,
                             max_tokens=args.max_tokens, device=device, pad_token_id=pad_token_id(tokenizer), backend=args.backend,
                             autocast_dtype=autocast_dtype(args.precision, device), progress=args.progress)
     result = metrics.preference_metrics(dataset, rewards, loss_config)

@@ -20,8 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from prefkernels.data import (LengthGroupedBatchSampler, PreferenceCollator, PreferenceDataset, pair_owners,
-                             ranking_layout)
+from prefkernels.data import LengthGroupedBatchSampler, PreferenceDataset, pad_rows, pair_owners, ranking_layout
 from prefkernels.losses import LossConfig, check_data, comparison_loss
 from prefkernels.model import eval_mode
 
@@ -42,29 +41,46 @@ def score(model, dataset: PreferenceDataset, *, batch_size: int | None = None, m
           indices=None, device=None, autocast_dtype: torch.dtype | None = None, pad_token_id: int = 0,
           backend: str | None = None, progress: bool = False) -> dict[int, np.ndarray]:
     """{example index: rewards [n_responses, K] float32 (best-first order)} for ``indices``
-    (default: all) of ``dataset``; ``model`` is a ``RewardModel``, put in eval mode."""
-    indices = list(range(len(dataset))) if indices is None else list(indices)
-    if not indices:
+    (default: all) of ``dataset``; ``model`` is a ``RewardModel``, put in eval mode.
+
+    Batches: ``batch_size`` examples grouped by length, or else the rows of all examples packed
+    by length under a padded-token budget (``max_tokens``, default the Scorer's for the device),
+    which pads least (rows of one example may land in different batches)."""
+    from prefkernels.scorer import default_token_budget, plan_batches
+
+    examples = [dataset[i] for i in (range(len(dataset)) if indices is None else indices)]
+    if not examples:
         return {}
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    if batch_size is None and max_tokens is None:
-        batch_size = 32
-    sampler = LengthGroupedBatchSampler([dataset[i].row_lengths for i in indices], batch_size=batch_size,
-                                        max_tokens=max_tokens, shuffle=False)
-    collate = PreferenceCollator(pad_token_id)
-    batches = sampler.epoch_batches()
+    rows = [(e, r) for e, example in enumerate(examples) for r in range(len(example.input_ids))]
+    if batch_size is not None:
+        first_row = np.cumsum([0] + [len(example.input_ids) for example in examples])
+        sampler = LengthGroupedBatchSampler([example.row_lengths for example in examples], batch_size=batch_size,
+                                            shuffle=False)
+        batches = [[j for e in batch for j in range(first_row[e], first_row[e + 1])] for batch in sampler.epoch_batches()]
+    else:
+        lengths = [len(examples[e].input_ids[r]) for e, r in rows]
+        budget = default_token_budget(device) if max_tokens is None else max_tokens
+        if not isinstance(budget, int) or budget < 1:
+            raise ValueError(f"max_tokens: expected an integer >= 1, got {budget!r}")
+        batches = plan_batches(lengths, budget)
     if progress:
         from tqdm.auto import tqdm
         batches = tqdm(batches, desc="scoring", leave=False)
-    out = {}
+    row_rewards: list[np.ndarray | None] = [None] * len(rows)
     autocast = autocast_context(device, autocast_dtype)
     with eval_mode(model):
-        for positions in batches:
-            batch = collate([dataset[indices[p]] for p in positions]).to(device)
+        for batch in batches:
+            input_ids, attention_mask = pad_rows([examples[rows[j][0]].input_ids[rows[j][1]] for j in batch],
+                                                 pad_token_id)
             with autocast:
-                rewards = model(batch.input_ids, batch.attention_mask, backend=backend).float().cpu().numpy()
-            for example, rows in zip(batch.example_index.tolist(), batch.ranking.cpu().numpy()):
-                out[example] = rewards[rows[rows >= 0]]
+                rewards = model(input_ids.to(device), attention_mask.to(device), backend=backend)
+            for j, reward in zip(batch, rewards.float().cpu().numpy()):
+                row_rewards[j] = reward
+    out, j = {}, 0
+    for example in examples:
+        out[example.index] = np.stack(row_rewards[j:j + len(example.input_ids)])
+        j += len(example.input_ids)
     return out
 
 

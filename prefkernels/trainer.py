@@ -774,7 +774,7 @@ class Trainer:
     def evaluate(self, dataset: PreferenceDataset) -> tuple[dict, dict]:
         """(metrics, rewards by example) of the current model on ``dataset``, sharded across processes."""
         local = metrics.score(self.model, dataset, indices=range(self.dist.rank, len(dataset), self.dist.world_size),
-                              batch_size=self.config.eval_batch_size or 2 * self.config.batch_size,
+                              batch_size=self.config.eval_batch_size,
                               device=self.device, autocast_dtype=self.autocast_dtype, pad_token_id=self.pad_token_id,
                               backend=self.config.backend)
         rewards = {k: v for part in self.dist.gather(local) for k, v in part.items()}

@@ -104,6 +104,13 @@ def test_score_maps_rewards_back_to_examples_in_best_first_order(tmp_path):
     np.testing.assert_allclose(ranking_rewards[2], model(ids, torch.ones_like(ids))[0].detach().numpy(),
                                rtol=1e-4, atol=1e-5)
     assert model.training  # score restores the mode it found
+    for options in ({}, {"max_tokens": 1}, {"max_tokens": 40}, {"indices": [22, 3, 7]}):
+        packed = metrics.score(model, data, **options)  # rows packed under a token budget
+        assert sorted(packed) == sorted(options.get("indices", range(23)))
+        for index, rewards in packed.items():
+            np.testing.assert_allclose(rewards, scored[index], rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="max_tokens: expected an integer >= 1, got 0"):
+        metrics.score(model, data, max_tokens=0)
 
 
 def test_plots_are_written(tmp_path):
