@@ -45,7 +45,13 @@ def atomic_directory(target: str | os.PathLike):
     tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        yield tmp
+        try:
+            yield tmp
+        except Exception as err:  # torch.save and safetensors report a full disk as RuntimeError/SafetensorError
+            if isinstance(err, OSError):
+                raise
+            raise OSError(f"{target}: writing it failed ({type(err).__name__}: {str(err)[:200]}; a full disk?); "
+                          "the previous version, if any, is kept") from err
         _fsync_tree(tmp)
         if target.exists():
             old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"

@@ -656,3 +656,19 @@ def test_a_kill_during_overwrite_never_leaves_a_half_deleted_checkpoint(assets, 
     assert visible == []  # every artifact of the old run is aside, none half-deleted in place
     result = train(config(assets, out, max_steps=3), log=quiet)
     assert result.steps == 3 and not list(out.glob(".*.overwritten-*"))
+
+
+def test_a_failed_checkpoint_write_is_one_error_naming_it(assets, tmp_path, monkeypatch, capsys):
+    """A full disk shows up as torch.save's RuntimeError: the CLI names the checkpoint, no traceback."""
+    def disk_full(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 150528 vs 150420")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    out = tmp_path / "run"
+    argv = ["train", "--backbone", assets["backbone"], "--train", assets["train"][0], "--output", str(out),
+            "--max-length", "48", "--max-steps", "2", "--save-every", "1", "--no-progress"]
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert re.search(rf"error: {re.escape(str(out / 'checkpoint'))}: writing it failed \(RuntimeError: "
+                     r".*unexpected pos.*; a full disk\?\); the previous version, if any, is kept", err)
+    assert "Traceback" not in err and not list(out.glob(".checkpoint.tmp-*"))
