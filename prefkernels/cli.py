@@ -327,10 +327,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     """Entry point of ``prefkernels`` and ``python -m prefkernels``; returns the exit status."""
     args = build_parser().parse_args(argv)
-    from transformers.utils import logging as transformers_logging
+    try:  # a Ctrl-C while transformers imports is an interruption too, not a traceback
+        from transformers.utils import logging as transformers_logging
 
-    transformers_logging.disable_progress_bar()  # per-file load/save bars would drown the training bar
-    try:
+        transformers_logging.disable_progress_bar()  # per-file load/save bars would drown the training bar
         return args.handler(args)
     except KeyboardInterrupt:
         print(f"prefkernels {args.command}: interrupted", file=sys.stderr)
