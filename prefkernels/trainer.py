@@ -345,13 +345,17 @@ def check_output_dir(config: TrainConfig, resumable: bool = True) -> Path:
     if path.exists() and not path.is_dir():
         raise RunDirectoryError(f"output_dir: {path} exists and is not a directory")
     found = holds_run(path) if path.is_dir() else []
+    has_checkpoint = checkpoint.is_checkpoint(checkpoint.locate(path / CHECKPOINT_DIR))
     if config.resume:
-        if not checkpoint.is_checkpoint(checkpoint.locate(path / CHECKPOINT_DIR)) or not (path / RUN_FILE).is_file():
-            raise RunDirectoryError(f"resume: {path} has no checkpoint to resume from "
-                                    f"(expected {path / CHECKPOINT_DIR} and {path / RUN_FILE})")
+        present = {path / CHECKPOINT_DIR: has_checkpoint, path / RUN_FILE: (path / RUN_FILE).is_file()}
+        missing = [str(p) for p, ok in present.items() if not ok]
+        if missing:
+            raise RunDirectoryError(f"resume: {path} has no checkpoint to resume from ({' and '.join(missing)} "
+                                    "missing: the run was stopped before its first checkpoint, or is not a run)")
     elif found and not config.overwrite:
+        resume_too = resumable and has_checkpoint and (path / RUN_FILE).is_file()
         raise RunDirectoryError(f"output_dir: {path} holds another run ({', '.join(found)}); pass --overwrite "
-                                "to replace it" + (" or --resume to continue it" if resumable else ""))
+                                "to replace it" + (" or --resume to continue it" if resume_too else ""))
     return path
 
 
@@ -445,7 +449,12 @@ class Trainer:
             self._restore(saved)
 
     def _read_resume_state(self) -> dict:
-        run = json.loads((self.output_dir / RUN_FILE).read_text())
+        try:
+            run = json.loads((self.output_dir / RUN_FILE).read_text())
+            run["config"].items()
+        except (ValueError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as err:
+            raise RunDirectoryError(f"resume: {self.output_dir / RUN_FILE} cannot be read ({type(err).__name__}: "
+                                    f"{err}); it was damaged, so the run cannot be resumed") from None
         current = self.config.to_json()
         resolved_before = run["config"].get("resolved", {})  # absent in run.json of older versions
         changed = [k for k, v in run["config"].items()

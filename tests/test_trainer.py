@@ -672,3 +672,18 @@ def test_a_failed_checkpoint_write_is_one_error_naming_it(assets, tmp_path, monk
     assert re.search(rf"error: {re.escape(str(out / 'checkpoint'))}: writing it failed \(RuntimeError: "
                      r".*unexpected pos.*; a full disk\?\); the previous version, if any, is kept", err)
     assert "Traceback" not in err and not list(out.glob(".checkpoint.tmp-*"))
+
+
+def test_a_run_stopped_before_its_first_checkpoint_or_with_a_damaged_run_file_gets_clear_advice(assets, tmp_path):
+    out = tmp_path / "run"
+    train(config(assets, out, max_steps=2), log=quiet)
+    shutil.rmtree(out / "checkpoint")  # as a run killed before its first checkpoint
+    with pytest.raises(RunDirectoryError, match=r"holds another run .*; pass --overwrite to replace it$"):
+        train(config(assets, out, max_steps=2), log=quiet)
+    with pytest.raises(RunDirectoryError, match=r"has no checkpoint to resume from \(\S+checkpoint missing: the run "
+                                                r"was stopped before its first checkpoint"):
+        train(config(assets, out, max_steps=2, resume=True), log=quiet)
+    train(config(assets, out, max_steps=2, overwrite=True), log=quiet)
+    (out / "run.json").write_text('{"config": ')
+    with pytest.raises(RunDirectoryError, match=r"run.json cannot be read \(JSONDecodeError: .*\); it was damaged"):
+        train(config(assets, out, max_steps=2, resume=True), log=quiet)
