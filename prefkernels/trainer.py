@@ -497,12 +497,16 @@ class Trainer:
     def _load_model(self):
         config = self.config
         backbone = Path(config.backbone)
-        if not backbone.exists():
+        saved = checkpoint.locate(self.output_dir / CHECKPOINT_DIR)
+        # resume: the tokenizer the run trained with, kept in checkpoint/ (older checkpoints: the backbone's)
+        source = saved if config.resume and (saved / checkpoint.TOKENIZER_DIR).is_dir() else backbone
+        if not source.exists():
             raise FileNotFoundError(f"backbone: {backbone} does not exist (a local transformers model directory)")
         try:
-            tokenizer = load_tokenizer(str(backbone))
+            tokenizer = load_tokenizer(str(source))
         except (OSError, ValueError, TypeError) as err:
-            raise ValueError(f"backbone: cannot load a tokenizer from {backbone} ({err})") from None
+            raise ValueError(f"{'resume' if source == saved else 'backbone'}: cannot load a tokenizer from {source} "
+                             f"({err})") from None
         try:  # float32 weights whatever dtype the backbone was saved in: bf16 is autocast only
             if config.resume:
                 model = RewardModel.from_pretrained(str(self.output_dir / CHECKPOINT_DIR), dtype=torch.float32)

@@ -687,3 +687,16 @@ def test_a_run_stopped_before_its_first_checkpoint_or_with_a_damaged_run_file_ge
     (out / "run.json").write_text('{"config": ')
     with pytest.raises(RunDirectoryError, match=r"run.json cannot be read \(JSONDecodeError: .*\); it was damaged"):
         train(config(assets, out, max_steps=2, resume=True), log=quiet)
+
+
+def test_resume_reads_the_tokenizer_from_the_checkpoint_not_the_backbone(assets, tmp_path, monkeypatch):
+    backbone = tmp_path / "backbone"
+    shutil.copytree(assets["backbone"], backbone)
+    options = dict(backbone=str(backbone), eval_every=0, max_steps=4, save_every=1)
+    out = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        killed_after_step(patch, 2)
+        with pytest.raises(Killed):
+            train(config(assets, out, **options), log=quiet)
+    shutil.rmtree(backbone)  # the checkpoint holds everything a resume needs
+    assert train(config(assets, out, resume=True, **options), log=quiet).steps == 4
