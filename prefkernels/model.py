@@ -146,7 +146,11 @@ def counts_positions_from_mask(backbone: nn.Module) -> bool:
 @contextlib.contextmanager
 def eval_mode(model: nn.Module):
     """``model.eval()`` for the block, then back to the mode it had: scoring in the middle of
-    training leaves dropout as it was."""
+    training leaves dropout as it was. A model already in eval mode throughout is left untouched
+    (switching walks every module twice: ~1 ms a call for a 24-layer model, in an RL reward loop)."""
+    if not any(module.training for module in model.modules()):
+        yield model
+        return
     was_training = model.training
     model.eval()
     try:

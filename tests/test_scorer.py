@@ -312,3 +312,18 @@ def test_leading_bos_and_a_lone_end_token_are_treated_as_in_training(reward_chec
     assert scorer.encode([scorer.render(tokenizer.eos_token)])[0] == [[]]
     with pytest.raises(DataError, match="tokenizes to nothing"):
         load_preferences([{"chosen": tokenizer.eos_token, "rejected": "a b"}], tokenizer, 48)
+
+
+def test_eval_mode_restores_modes_and_leaves_an_eval_model_untouched(monkeypatch):
+    from prefkernels.model import eval_mode
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.5))
+    with eval_mode(model):
+        assert not any(m.training for m in model.modules())
+    assert all(m.training for m in model.modules())  # back to training
+    model.eval()
+    switches = []
+    monkeypatch.setattr(torch.nn.Module, "train", lambda self, mode=True: switches.append(mode) or self)
+    with eval_mode(model):
+        pass
+    assert switches == []  # no walk over the modules for a model already in eval mode
