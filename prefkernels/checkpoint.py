@@ -19,11 +19,14 @@ the previous version as a hidden ``.old-*`` sibling, which ``locate`` finds for 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import glob
 import json
 import os
 import shutil
 import uuid
+import warnings
 from pathlib import Path
 
 CONFIG_NAME = "prefkernels.json"
@@ -108,6 +111,33 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 def is_checkpoint(path: str | os.PathLike) -> bool:
     return (Path(path) / CONFIG_NAME).is_file()
+
+
+def lock_file(path: Path, mode: str):
+    """``open(path, mode)`` holding an exclusive lock (released by the OS however the process ends),
+    or None when another process holds it. The lock is on the file that is at ``path`` once it is
+    held (a holder may rename or remove it on its way out). Where the file system has no locks, the
+    file comes back unlocked, with a warning."""
+    while True:
+        handle = open(path, mode)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            return None
+        except OSError as err:
+            if err.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                handle.close()
+                raise
+            warnings.warn(f"{path}: the file system has no file locks ({err}); going on without one, so "
+                          "nothing stops a second process from writing the same output", RuntimeWarning, stacklevel=2)
+            return handle
+        try:
+            if os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino:
+                return handle
+        except FileNotFoundError:
+            pass
+        handle.close()  # locked a file its holder has just renamed or removed: open the new one
 
 
 class DamagedCheckpointError(ValueError):

@@ -215,7 +215,7 @@ def run_eval(args) -> int:
     if dataset.num_ties and loss_config is not None and loss_config.name not in TIE_LOSSES:
         loss_config = None  # trained without a tie model: measure the loss with preference_metrics' default
     model.to(device)
-    rewards = metrics.score(model, dataset, batch_size=args.batch_size,
+    rewards = metrics.score(model, dataset, batch_size=None if args.max_tokens else args.batch_size,
                             max_tokens=args.max_tokens, device=device, pad_token_id=pad_token_id(tokenizer), backend=args.backend,
                             autocast_dtype=autocast_dtype(args.precision, device), progress=args.progress)
     result = metrics.preference_metrics(dataset, rewards, loss_config)

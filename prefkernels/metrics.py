@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from prefkernels.data import LengthGroupedBatchSampler, PreferenceDataset, pad_rows, pair_owners, ranking_layout
+from prefkernels.checks import is_integer
 from prefkernels.losses import LossConfig, check_data, comparison_loss
 from prefkernels.model import eval_mode
 
@@ -53,6 +54,8 @@ def score(model, dataset: PreferenceDataset, *, batch_size: int | None = None, m
         return {}
     device = torch.device(device) if device is not None else next(model.parameters()).device
     rows = [(e, r) for e, example in enumerate(examples) for r in range(len(example.input_ids))]
+    if batch_size is not None and max_tokens is not None:
+        raise ValueError("batch_size and max_tokens: pass one of them (pairs per batch, or padded tokens per batch)")
     if batch_size is not None:
         first_row = np.cumsum([0] + [len(example.input_ids) for example in examples])
         sampler = LengthGroupedBatchSampler([example.row_lengths for example in examples], batch_size=batch_size,
@@ -61,7 +64,7 @@ def score(model, dataset: PreferenceDataset, *, batch_size: int | None = None, m
     else:
         lengths = [len(examples[e].input_ids[r]) for e, r in rows]
         budget = default_token_budget(device) if max_tokens is None else max_tokens
-        if not isinstance(budget, int) or budget < 1:
+        if not is_integer(budget) or budget < 1:
             raise ValueError(f"max_tokens: expected an integer >= 1, got {budget!r}")
         batches = plan_batches(lengths, budget)
     if progress:
@@ -157,8 +160,8 @@ def _inversions(values: np.ndarray) -> int:
 
 
 def kendall_tau(x, y) -> float:
-    """Kendall tau-b (ties corrected), in O(n log^2 n) (Knight's algorithm: sort by x, count the
-    inversions of y); NaN when either side is constant or holds a NaN."""
+    """Kendall tau-b (ties corrected) by Knight's algorithm (sort by x, count the inversions of y),
+    O(n log^2 n) as vectorized here; NaN when either side is constant or holds a NaN."""
     x, y = _paired(x, y)
     n = len(x)
     if n < 2 or np.isnan(x).any() or np.isnan(y).any():

@@ -32,7 +32,6 @@ parseable) and is counted.
 from __future__ import annotations
 
 import argparse
-import fcntl
 import gzip
 import itertools
 import json
@@ -43,6 +42,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from prefkernels import checkpoint
 from prefkernels.data import GZIP_ERRORS
 from prefkernels.scorer import ACCELERATOR_TOKEN_BUDGET, CPU_TOKEN_BUDGET, Scorer, is_conversation
 
@@ -167,15 +167,11 @@ class PartialRunError(ValueError):
 
 
 def _lock(partial_path: Path):
-    """Open (create) the partial file for appending and hold an exclusive lock on it while this run
-    writes; released by the OS however the process ends."""
-    sink = open(partial_path, "ab")
-    try:
-        fcntl.flock(sink, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        sink.close()
+    """Open (create) the partial file for appending, locked while this run writes it."""
+    sink = checkpoint.lock_file(partial_path, "ab")
+    if sink is None:
         raise PartialRunError(f"{partial_path} is locked: another prefkernels score is writing this output now; "
-                              "wait for it or choose another --output") from None
+                              "wait for it or choose another --output")
     return sink
 
 
@@ -184,7 +180,7 @@ def run_info(args: argparse.Namespace, input_path: Path) -> dict:
     stat = input_path.stat()
     return {"input": str(input_path.resolve()), "input_bytes": stat.st_size, "input_mtime_ns": stat.st_mtime_ns,
             "model": str(Path(args.model).resolve()),
-            **{name: getattr(args, name) for name in ("normalize", "max_length", "append_eos", "bf16", "skip_invalid")}}
+            **{name: getattr(args, name) for name in ("normalize", "max_length", "append_eos", "bf16")}}
 
 
 def _check_same_run(info_path: Path, info: dict) -> None:
@@ -331,13 +327,13 @@ def run_score(args: argparse.Namespace) -> int:
     except PartialRunError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    try:
-        with sink:
+    with sink:
+        try:
             return _score_locked(args, input_path, output_path, partial_path, info_path, sink, summary, tqdm)
-    finally:
-        if partial_path.is_file() and not partial_path.stat().st_size:
-            partial_path.unlink()
-            info_path.unlink(missing_ok=True)
+        finally:  # still locked: no other run can have taken the file yet
+            if partial_path.is_file() and not os.fstat(sink.fileno()).st_size:
+                partial_path.unlink()
+                info_path.unlink(missing_ok=True)
 
 
 def _score_locked(args, input_path, output_path, partial_path, info_path, sink, summary, tqdm) -> int:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import json
 import math
 import os
@@ -624,19 +623,17 @@ class Trainer:
     def _lock_output_dir(self, path: Path) -> None:
         """Hold an exclusive lock on ``path/.lock`` for the rest of the run (released by the OS however
         the process ends), then re-check what a run started at the same moment may have written."""
-        self._lock = open(path / LOCK_FILE, "a")
-        try:
-            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._lock.close()
+        self._lock = checkpoint.lock_file(path / LOCK_FILE, "a")
+        if self._lock is None:
             raise RunDirectoryError(f"output_dir: another prefkernels train is writing {path} now; wait for it "
-                                    "or choose another --output") from None
+                                    "or choose another --output")
         check_output_dir(self.config)
 
     def _restore(self, saved: dict) -> None:
-        self.optimizer.load_state_dict(saved["optimizer"])
-        for group in self.optimizer.param_groups:  # the saved groups carry the saving run's choice
+        # the saving run's AdamW choice may differ: set ours before loading, which places the step counts by it
+        for group in saved["optimizer"]["param_groups"]:
             group["fused"] = self._fused_adamw
+        self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
         self.state = dict(saved["state"])
         sums = saved["train_sums"]
@@ -788,6 +785,7 @@ class Trainer:
         """(metrics, rewards by example) of the current model on ``dataset``, sharded across processes."""
         local = metrics.score(self.model, dataset, indices=range(self.dist.rank, len(dataset), self.dist.world_size),
                               batch_size=self.config.eval_batch_size,
+                              max_tokens=None if self.config.eval_batch_size else self.config.max_tokens,
                               device=self.device, autocast_dtype=self.autocast_dtype, pad_token_id=self.pad_token_id,
                               backend=self.config.backend)
         rewards = {k: v for part in self.dist.gather(local) for k, v in part.items()}

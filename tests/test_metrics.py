@@ -111,6 +111,9 @@ def test_score_maps_rewards_back_to_examples_in_best_first_order(tmp_path):
             np.testing.assert_allclose(rewards, scored[index], rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="max_tokens: expected an integer >= 1, got 0"):
         metrics.score(model, data, max_tokens=0)
+    with pytest.raises(ValueError, match="batch_size and max_tokens: pass one of them"):
+        metrics.score(model, data, batch_size=8, max_tokens=16)
+    assert sorted(metrics.score(model, data, max_tokens=np.int64(64))) == list(range(23))
 
 
 def test_plots_are_written(tmp_path):

@@ -3,6 +3,7 @@ form, streaming in chunks, malformed lines (stop with the line number / --skip-i
 atomic and gzip output, resume from the partial file, real data with pairwise accuracy."""
 import gzip
 import json
+import os
 import random
 import re
 
@@ -373,3 +374,30 @@ def test_a_damaged_partial_file_is_one_clear_line(reward_checkpoint, tmp_path, c
                            str(tmp_path / "out.jsonl"), "--quiet", "--resume"]) == 2
     assert re.fullmatch(rf"error: {re.escape(str(partial))}: line 2 is not a row this command wrote \(\w+: .*\); "
                         r"delete the partial file to start over\n", capsys.readouterr().err)
+
+
+def test_resume_may_add_skip_invalid_after_a_stop_at_an_invalid_line(reward_checkpoint, tmp_path, capsys):
+    """The stop message suggests --skip-invalid and keeps the rows for --resume: both together work."""
+    lines = mixed_rows(6, seed=3)
+    lines[4] = '{"id": 4}'
+    source = write_jsonl(tmp_path / "in.jsonl", lines)
+    base = ["--model", str(reward_checkpoint), "--input", str(source), "--output", str(tmp_path / "out.jsonl"),
+            "--chunk-rows", "2", "--quiet"]
+    assert score_cli.main(base) == 1
+    assert "use --skip-invalid" in capsys.readouterr().err
+    assert score_cli.main(base + ["--resume", "--skip-invalid"]) == 0
+    rows = read_jsonl(tmp_path / "out.jsonl")
+    assert len(rows) == 6 and "error" in rows[4] and "score" in rows[5]
+
+
+def test_lock_file_follows_a_file_its_holder_renamed(tmp_path):
+    from prefkernels.checkpoint import lock_file
+
+    path = tmp_path / ".out.partial"
+    holder = lock_file(path, "ab")
+    assert holder is not None and lock_file(path, "ab") is None  # held
+    path.rename(tmp_path / "out")  # as a finishing run moves its partial file into place, still locked
+    newcomer = lock_file(path, "ab")  # locks the new file at the path, not the renamed one
+    assert newcomer is not None and os.fstat(newcomer.fileno()).st_ino == path.stat().st_ino
+    holder.close()
+    newcomer.close()

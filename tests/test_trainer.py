@@ -700,3 +700,23 @@ def test_resume_reads_the_tokenizer_from_the_checkpoint_not_the_backbone(assets,
             train(config(assets, out, **options), log=quiet)
     shutil.rmtree(backbone)  # the checkpoint holds everything a resume needs
     assert train(config(assets, out, resume=True, **options), log=quiet).steps == 4
+
+
+def test_resume_of_a_checkpoint_saved_without_fused_adamw_uses_it(assets, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    options = dict(eval_every=0, max_steps=4, save_every=1)
+    with monkeypatch.context() as patch:
+        patch.setattr(Trainer, "_fused_adamw", property(lambda self: None))  # as saved before fused AdamW
+        killed_after_step(patch, 2)
+        with pytest.raises(Killed):
+            train(config(assets, out, **options), log=quiet)
+    seen = []
+    original = Trainer._restore
+
+    def restore(self, saved):
+        original(self, saved)
+        seen.append([group["fused"] for group in self.optimizer.param_groups])
+
+    monkeypatch.setattr(Trainer, "_restore", restore)
+    assert train(config(assets, out, resume=True, **options), log=quiet).steps == 4
+    assert seen and all(seen[0])
