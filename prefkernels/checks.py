@@ -11,6 +11,8 @@ output, instead of scanning the mask: the inputs are re-read only to word an err
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 import numbers
 import os
@@ -73,9 +75,25 @@ def refuse_function_transforms(backend: str, inputs: OpInputs) -> None:
                        "for them")
 
 
+_checked_by_caller = contextvars.ContextVar("prefkernels_values_checked_by_caller", default=False)
+
+
+@contextlib.contextmanager
+def values_checked_by_caller():
+    """Skip the value checks (and their host sync) inside the block: for a caller that builds the
+    pooling inputs itself so that they are valid, e.g. masks from ``pad_rows`` of non-empty rows."""
+    token = _checked_by_caller.set(True)
+    try:
+        yield
+    finally:
+        _checked_by_caller.reset(token)
+
+
 def value_checks_enabled() -> bool:
-    """False while torch.compile traces or with env PREFKERNELS_CHECK_VALUES=0."""
-    return not torch.compiler.is_compiling() and os.environ.get("PREFKERNELS_CHECK_VALUES", "1") != "0"
+    """False while torch.compile traces, with env PREFKERNELS_CHECK_VALUES=0, or inside
+    ``values_checked_by_caller``."""
+    return (not torch.compiler.is_compiling() and os.environ.get("PREFKERNELS_CHECK_VALUES", "1") != "0"
+            and not _checked_by_caller.get())
 
 
 def _require_tensor(name, value):

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from prefkernels import checkpoint
+from prefkernels import checkpoint, checks
 from prefkernels.data import (end_token_id, is_messages, pad_rows, pad_token_id, prefix_token_ids, require_unicode,
                               suffix_token_ids)
 from prefkernels.model import (RewardModel, check_max_length, default_max_length, eval_mode, load_tokenizer,
@@ -278,10 +278,13 @@ class Scorer:
         from tqdm.auto import tqdm
 
         lengths = [len(ids) for ids in token_ids]
+        if lengths and min(lengths) < 1:
+            raise ValueError(f"token_ids[{lengths.index(min(lengths))}]: empty, expected at least one token")
         batches = plan_batches(lengths, self.token_budget)
         batch_rewards_on_device = []  # copied back once at the end: no device sync per batch
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
-        with torch.inference_mode(), eval_mode(self.model), autocast, tqdm(
+        # every mask row has a token (checked above), so the op's value checks, a host sync per batch, are not needed
+        with torch.inference_mode(), eval_mode(self.model), autocast, checks.values_checked_by_caller(), tqdm(
                 total=len(token_ids), unit="text", disable=not progress, desc="scoring") as bar:
             for batch in batches:
                 input_ids, attention_mask = pad_rows([token_ids[index] for index in batch], self.pad_token_id)

@@ -327,3 +327,24 @@ def test_eval_mode_restores_modes_and_leaves_an_eval_model_untouched(monkeypatch
     with eval_mode(model):
         pass
     assert switches == []  # no walk over the modules for a model already in eval mode
+
+
+def test_scoring_skips_the_value_checks_host_sync_and_refuses_empty_rows(reward_checkpoint, monkeypatch):
+    """The Scorer's masks have a token in every row (checked on the host), so the op's value
+    checks, a device sync per batch on a GPU, are skipped; outside it they still run."""
+    from prefkernels import checks
+
+    enabled = []
+    original = checks.check_values
+
+    def recording(inputs, pooled_pos=None):
+        enabled.append(checks.value_checks_enabled())
+        return original(inputs, pooled_pos)
+
+    monkeypatch.setattr(checks, "check_values", recording)
+    scorer = Scorer.from_pretrained(reward_checkpoint, token_budget=50)
+    scorer.score(random_texts(9, random.Random(1), max_words=20))
+    assert enabled and not any(enabled)
+    assert checks.value_checks_enabled()  # only inside the scoring loop
+    with pytest.raises(ValueError, match=r"token_ids\[1\]: empty, expected at least one token"):
+        scorer.score_token_ids([[5, 6], []])
