@@ -50,9 +50,9 @@ def atomic_directory(target: str | os.PathLike):
     try:
         try:
             yield tmp
+        except (OSError, ValueError):  # the caller's own errors (an export's failed check) pass as they are
+            raise
         except Exception as err:  # torch.save and safetensors report a full disk as RuntimeError/SafetensorError
-            if isinstance(err, OSError):
-                raise
             raise OSError(f"{target}: writing it failed ({type(err).__name__}: {str(err)[:200]}; a full disk?); "
                           "the previous version, if any, is kept") from err
         _fsync_tree(tmp)
