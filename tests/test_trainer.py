@@ -534,16 +534,21 @@ def killed_after_step(monkeypatch, step):
     monkeypatch.setattr(Trainer, "_save_checkpoint", save_then_kill)
 
 
+def train_killed_after_step(monkeypatch, train_config, step):
+    """Run ``train_config`` until it is killed right after the checkpoint of ``step``."""
+    with monkeypatch.context() as patch:
+        killed_after_step(patch, step)
+        with pytest.raises(Killed):
+            train(train_config, log=quiet)
+
+
 def test_resume_on_changed_training_data_is_refused(assets, tmp_path, monkeypatch):
     """The checkpoint records the training data's size; a changed file is refused rather than
     trained on from a batch position that no longer exists (that looped forever)."""
     options = dict(eval_every=0, max_steps=8, save_every=1)
     out, data = tmp_path / "run", tmp_path / "train.jsonl"
     shutil.copy(assets["train"][0], data)
-    with monkeypatch.context() as patch:
-        killed_after_step(patch, 6)
-        with pytest.raises(Killed):
-            train(config(assets, out, train=[str(data)], **options), log=quiet)
+    train_killed_after_step(monkeypatch, config(assets, out, train=[str(data)], **options), 6)
     lines = data.read_text().splitlines(keepends=True)
     data.write_text("".join(lines[:40]))  # 40 pairs: 3 batches of 16, fewer than the checkpoint's 6
     with pytest.raises(RunDirectoryError, match=r"resume: the training data changed since the checkpoint "
@@ -560,10 +565,7 @@ def test_resume_on_changed_training_data_is_refused(assets, tmp_path, monkeypatc
 def test_resume_refuses_a_metrics_file_shorter_than_the_checkpoint_recorded(assets, tmp_path, monkeypatch):
     options = dict(eval_every=0, max_steps=8, save_every=1)
     out = tmp_path / "run"
-    with monkeypatch.context() as patch:
-        killed_after_step(patch, 6)
-        with pytest.raises(Killed):
-            train(config(assets, out, **options), log=quiet)
+    train_killed_after_step(monkeypatch, config(assets, out, **options), 6)
     metrics = out / "metrics.jsonl"
     kept = metrics.read_bytes()
     metrics.write_bytes(kept[:100])
@@ -584,10 +586,7 @@ def test_a_damaged_checkpoint_file_is_one_clear_error_naming_it(assets, tmp_path
 
     options = dict(eval_every=0, max_steps=4, save_every=1)
     out = tmp_path / "run"
-    with monkeypatch.context() as patch:
-        killed_after_step(patch, 2)
-        with pytest.raises(Killed):
-            train(config(assets, out, **options), log=quiet)
+    train_killed_after_step(monkeypatch, config(assets, out, **options), 2)
     path = out / "checkpoint" / damaged
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     named = path.parent if damaged.startswith(checkpoint.BACKBONE_DIR) else path  # transformers loads the folder
@@ -694,10 +693,7 @@ def test_resume_reads_the_tokenizer_from_the_checkpoint_not_the_backbone(assets,
     shutil.copytree(assets["backbone"], backbone)
     options = dict(backbone=str(backbone), eval_every=0, max_steps=4, save_every=1)
     out = tmp_path / "run"
-    with monkeypatch.context() as patch:
-        killed_after_step(patch, 2)
-        with pytest.raises(Killed):
-            train(config(assets, out, **options), log=quiet)
+    train_killed_after_step(monkeypatch, config(assets, out, **options), 2)
     shutil.rmtree(backbone)  # the checkpoint holds everything a resume needs
     assert train(config(assets, out, resume=True, **options), log=quiet).steps == 4
 
