@@ -139,7 +139,7 @@ def add_ratios(row: dict, times: dict, kernels: list[str], nbytes: int, suffix: 
 def run(shapes, repeats: int, warmup: int, bandwidth: float, on_row, profile_path: Path | None = None,
         device: str = "cuda") -> tuple[list[dict], list[str]]:
     kernels = available_kernel_backends()
-    steps = {**common.methods(kernels), "memset": memset_step}
+    all_steps = {**common.methods(kernels), "memset": memset_step}
     rows = []
     for pairs, positions, dim, dtype in shapes:
         batch = common.make_batch(pairs, positions, dim, dtype, device)
@@ -147,6 +147,10 @@ def run(shapes, repeats: int, warmup: int, bandwidth: float, on_row, profile_pat
         row = {"shape": f"P={pairs} T={positions} D={dim} {dtype}", "pairs": pairs, "T": positions, "D": dim,
                "dtype": dtype, "grad_buffer_MB": nbytes / 2**20,
                "predicted floor us": predicted_floor_us(nbytes, bandwidth)}
+        steps, errors = common.working_steps(all_steps, batch)
+        for name, error in errors.items():
+            row[f"{name} error"] = error
+            print(f"{row['shape']}: {name} failed, left out: {error}", flush=True)
         add_ratios(row, common.time_interleaved(steps, batch, repeats, warmup, cuda_timer), kernels, nbytes, "")
         for name, seconds in common.time_interleaved(steps, batch, repeats, 1, host_timer).items():
             row[f"{name} host us"] = seconds * 1e6
@@ -162,7 +166,7 @@ def run(shapes, repeats: int, warmup: int, bandwidth: float, on_row, profile_pat
                 row[f"{name} graph error"] = f"{type(err).__name__}: {err}"[:300]
                 print(f"{row['shape']}: {name} not captured in a CUDA graph: {row[f'{name} graph error']}", flush=True)
         graph_times = common.time_interleaved(replays, batch, repeats, 2, cuda_timer)
-        add_ratios(row, {name: graph_times.get(name) for name in steps}, kernels, nbytes, " (graph)")
+        add_ratios(row, {name: graph_times.get(name) for name in all_steps}, kernels, nbytes, " (graph)")
         rows.append(row)
         on_row(rows)
         del batch, replays

@@ -77,6 +77,21 @@ def methods(kernel_backends: list[str]) -> dict:
     return out
 
 
+def working_steps(steps: dict, batch: dict) -> tuple[dict, dict]:
+    """(the steps that run on ``batch``, {name: error of the others}) after one call of each: a
+    failing method (e.g. torch.compile of a baseline hitting a compiler bug) is reported rather
+    than ending the benchmark."""
+    working, errors = {}, {}
+    for name, step in steps.items():
+        reset(batch)
+        try:
+            step(batch)
+            working[name] = step
+        except Exception as err:  # any failure of one method: the others are still worth timing
+            errors[name] = f"{type(err).__name__}: {err}"[:300]
+    return working, errors
+
+
 def time_interleaved(steps: dict, batch: dict, repeats: int, warmup: int, timer) -> dict:
     """Median seconds per step, methods interleaved within each repeat (noise hits all alike).
     The order is shuffled every repeat (seeded by the repeat), so no method keeps the same

@@ -90,10 +90,11 @@ def values_checked_by_caller():
 
 
 def value_checks_enabled() -> bool:
-    """False while torch.compile traces, with env PREFKERNELS_CHECK_VALUES=0, or inside
-    ``values_checked_by_caller``."""
+    """False while torch.compile traces, with env PREFKERNELS_CHECK_VALUES=0, inside
+    ``values_checked_by_caller``, or inside a torch.func transform (whose wrapped tensors cannot be
+    read on the host: torch 2.6 fails there)."""
     return (not torch.compiler.is_compiling() and os.environ.get("PREFKERNELS_CHECK_VALUES", "1") != "0"
-            and not _checked_by_caller.get())
+            and not _checked_by_caller.get() and torch._C._functorch.peek_interpreter_stack() is None)
 
 
 def _require_tensor(name, value):

@@ -168,10 +168,11 @@ def add_eval_parser(subparsers) -> None:
     p.add_argument("--output", metavar="DIR", help="write metrics.json and reliability.png here")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON instead of a table")
     p.add_argument("--max-length", type=int, metavar="N", help="default: the checkpoint's max_length")
-    p.add_argument("--batch-size", type=int, metavar="PAIRS",
-                   help="pairs per batch (default: rows packed by length under --max-tokens)")
-    p.add_argument("--max-tokens", type=int, metavar="T",
-                   help="padded tokens per batch (default 4096 on CPU, 32768 on GPU)")
+    batching = p.add_mutually_exclusive_group()
+    batching.add_argument("--batch-size", type=int, metavar="PAIRS",
+                          help="pairs per batch (default: rows packed by length under --max-tokens)")
+    batching.add_argument("--max-tokens", type=int, metavar="T",
+                          help="padded tokens per batch (default 4096 on CPU, 32768 on GPU)")
     p.add_argument("--truncate-responses", action=argparse.BooleanOptionalAction, default=None,
                    help="cut responses longer than --max-length from the left instead of failing "
                         "(default: as the checkpoint was trained)")
@@ -215,7 +216,7 @@ def run_eval(args) -> int:
     if dataset.num_ties and loss_config is not None and loss_config.name not in TIE_LOSSES:
         loss_config = None  # trained without a tie model: measure the loss with preference_metrics' default
     model.to(device)
-    rewards = metrics.score(model, dataset, batch_size=None if args.max_tokens else args.batch_size,
+    rewards = metrics.score(model, dataset, batch_size=args.batch_size,
                             max_tokens=args.max_tokens, device=device, pad_token_id=pad_token_id(tokenizer), backend=args.backend,
                             autocast_dtype=autocast_dtype(args.precision, device), progress=args.progress)
     result = metrics.preference_metrics(dataset, rewards, loss_config)

@@ -330,10 +330,17 @@ def run_score(args: argparse.Namespace) -> int:
     with sink:
         try:
             return _score_locked(args, input_path, output_path, partial_path, info_path, sink, summary, tqdm)
-        finally:  # still locked: no other run can have taken the file yet
-            if partial_path.is_file() and not os.fstat(sink.fileno()).st_size:
+        finally:  # an empty partial file that is still this run's (not moved into place by _finish)
+            if not os.fstat(sink.fileno()).st_size and _same_file(partial_path, sink):
                 partial_path.unlink()
                 info_path.unlink(missing_ok=True)
+
+
+def _same_file(path: Path, handle) -> bool:
+    try:
+        return os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino
+    except FileNotFoundError:
+        return False
 
 
 def _score_locked(args, input_path, output_path, partial_path, info_path, sink, summary, tqdm) -> int:
@@ -380,8 +387,8 @@ def _score_locked(args, input_path, output_path, partial_path, info_path, sink, 
                 for record in records:
                     summary.add(record)
                 bar.update(chunk[-1][0] - bar.n)
+        info_path.unlink(missing_ok=True)  # before _finish frees the path for another run
         _finish(partial_path, output_path)
-        info_path.unlink(missing_ok=True)
     except InvalidRow as err:
         kept = f"; the {summary.rows} rows before it are kept in {partial_path} for --resume" if summary.rows else ""
         print(f"error: {input_path}: {err} (use --skip-invalid to write it as an error row and go on){kept}",

@@ -289,7 +289,10 @@ class Scorer:
             for batch in batches:
                 input_ids, attention_mask = pad_rows([token_ids[index] for index in batch], self.pad_token_id)
                 width = input_ids.shape[1]
-                input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
+                if self.device.type == "cuda":  # from pageable memory a copy would wait for the device
+                    input_ids, attention_mask = input_ids.pin_memory(), attention_mask.pin_memory()
+                input_ids = input_ids.to(self.device, non_blocking=True)
+                attention_mask = attention_mask.to(self.device, non_blocking=True)
                 hidden = self.model.hidden_states(input_ids, attention_mask)
                 if self.pad_pooling_token_id is None:
                     batch_rewards = self.model.head.score(hidden, attention_mask=attention_mask)

@@ -401,3 +401,26 @@ def test_lock_file_follows_a_file_its_holder_renamed(tmp_path):
     assert newcomer is not None and os.fstat(newcomer.fileno()).st_ino == path.stat().st_ino
     holder.close()
     newcomer.close()
+
+
+@pytest.mark.parametrize("rows", ["some", "none"])
+def test_a_finishing_run_leaves_the_files_of_a_run_that_starts_right_after(reward_checkpoint, tmp_path, monkeypatch,
+                                                                         rows):
+    """Once A has moved its partial file into place, B may lock a new one at the path: A's cleanup
+    must not touch B's partial file or run info."""
+    from prefkernels.checkpoint import lock_file
+
+    source = write_jsonl(tmp_path / "in.jsonl", mixed_rows(3) if rows == "some" else ["", "  "])
+    partial, info = tmp_path / ".out.jsonl.partial", tmp_path / ".out.jsonl.partial.json"
+    original, started = score_cli._finish, []
+
+    def finish_then_b_starts(partial_path, output_path):
+        original(partial_path, output_path)
+        started.append(lock_file(partial, "ab"))  # B: locks the fresh file at the path
+        info.write_text("{}")
+
+    monkeypatch.setattr(score_cli, "_finish", finish_then_b_starts)
+    assert score_cli.main(["--model", str(reward_checkpoint), "--input", str(source), "--output",
+                           str(tmp_path / "out.jsonl"), "--quiet"]) == 0
+    assert started[0] is not None and partial.exists() and info.exists()  # B's, untouched
+    started[0].close()
