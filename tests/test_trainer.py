@@ -716,3 +716,20 @@ def test_resume_of_a_checkpoint_saved_without_fused_adamw_uses_it(assets, tmp_pa
     monkeypatch.setattr(torch.optim.AdamW, "load_state_dict", load_state_dict)
     assert train(config(assets, out, resume=True, **options), log=quiet).steps == 4
     assert loaded and all(loaded[0])
+
+
+@pytest.mark.parametrize("options, expected", [({}, (None, None)), ({"max_tokens": 300}, (None, 300)),
+                                               ({"max_tokens": 300, "eval_batch_size": 5}, (5, None))])
+def test_evaluation_batches_follow_the_training_options(assets, tmp_path, monkeypatch, options, expected):
+    """Rows packed under the scorer's budget by default, training's --max-tokens when set, pair
+    batches of --eval-batch-size when asked."""
+    seen = []
+    original = metrics.score
+
+    def recording(*args, **kwargs):
+        seen.append((kwargs["batch_size"], kwargs["max_tokens"]))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(metrics, "score", recording)
+    train(config(assets, tmp_path / "run", max_steps=2, eval_every=2, **options), log=quiet)
+    assert seen and set(seen) == {expected}
