@@ -188,6 +188,8 @@ def _check_same_run(info_path: Path, info: dict) -> None:
         return  # a partial file from before run info was recorded: nothing to compare
     try:
         recorded = json.loads(info_path.read_text())
+        if not isinstance(recorded, dict):
+            raise ValueError(f"expected a JSON object, got {type(recorded).__name__}")
     except (ValueError, UnicodeDecodeError) as err:
         raise PartialRunError(f"{info_path}: unreadable ({err}); delete it and the partial file to start over")
     changed = [f"{key} {recorded.get(key)!r} -> {value!r}" for key, value in info.items() if recorded.get(key) != value]
