@@ -424,3 +424,14 @@ def test_a_finishing_run_leaves_the_files_of_a_run_that_starts_right_after(rewar
                            str(tmp_path / "out.jsonl"), "--quiet"]) == 0
     assert started[0] is not None and partial.exists() and info.exists()  # B's, untouched
     started[0].close()
+
+
+@pytest.mark.parametrize("recorded", ["[1, 2]", "{not json"])
+def test_an_unreadable_run_info_file_is_one_clear_line(reward_checkpoint, tmp_path, capsys, recorded):
+    source = write_jsonl(tmp_path / "in.jsonl", mixed_rows(4))
+    (tmp_path / ".out.jsonl.partial").write_text('{"id": 0, "score": 1.0, "truncated": false}\n')
+    (tmp_path / ".out.jsonl.partial.json").write_text(recorded)
+    assert score_cli.main(["--model", str(reward_checkpoint), "--input", str(source), "--output",
+                           str(tmp_path / "out.jsonl"), "--quiet", "--resume"]) == 2
+    assert re.fullmatch(r"error: \S+\.out\.jsonl\.partial\.json: unreadable \(.+\); delete it and the partial file "
+                        r"to start over\n", capsys.readouterr().err)
