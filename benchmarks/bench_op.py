@@ -28,15 +28,19 @@ ALONE_METHODS = ("floor", "native", "eager", "compile(eager)")
 
 
 def run(shapes, repeats: int, warmup: int) -> list[dict]:
-    steps = common.methods(["native"])
+    all_steps = common.methods(["native"])
     for name in ("native", "eager", "floor"):
-        steps[f"{name}+read"] = common.then_read_grad(steps[name])
+        all_steps[f"{name}+read"] = common.then_read_grad(all_steps[name])
     rows = []
     for pairs, positions, dim, dtype in shapes:
         batch = common.make_batch(pairs, positions, dim, dtype, "cpu")
-        times = common.time_interleaved(steps, batch, repeats, warmup, common.cpu_timer)
         row = {"shape": f"P={pairs} T={positions} D={dim} {dtype}", "pairs": pairs, "T": positions, "D": dim,
                "dtype": dtype, "grad_buffer_MB": batch["hidden"].numel() * batch["hidden"].element_size() / 2**20}
+        steps, errors = common.working_steps(all_steps, batch)  # e.g. torch 2.6's Inductor fails on compile(eager)
+        for name, error in errors.items():
+            row[f"{name} error"] = error
+            print(f"{row['shape']}: {name} failed, left out: {error}", flush=True)
+        times = common.time_interleaved(steps, batch, repeats, warmup, common.cpu_timer)
         for name, seconds in times.items():
             row[f"{name} ms"] = seconds * 1e3
             row[f"{name}/floor"] = seconds / times["floor"]
@@ -45,10 +49,11 @@ def run(shapes, repeats: int, warmup: int) -> list[dict]:
             row[f"{name} peak MB"] = common.cpu_peak_extra_bytes(step, batch) / 2**20
         row["(native+read)/(floor+read)"] = times["native+read"] / times["floor+read"]
         row["(eager+read)/(floor+read)"] = times["eager+read"] / times["floor+read"]
-        for name in ALONE_METHODS:
+        alone_methods = [name for name in ALONE_METHODS if name in steps]
+        for name in alone_methods:
             alone = common.time_alone(steps[name], batch, repeats, warmup, common.cpu_timer)
             row[f"{name} alone ms"] = alone * 1e3
-        for name in ALONE_METHODS[1:]:
+        for name in alone_methods[1:]:
             row[f"{name}/floor alone"] = row[f"{name} alone ms"] / row["floor alone ms"]
         rows.append(row)
         print(f"done {row['shape']}", flush=True)
@@ -59,8 +64,8 @@ def fixed_cost(repeats: int) -> dict:
     """Microseconds per fwd+bwd step of each method at a tiny shape, where nothing but the fixed
     per-step cost (Python, autograd, dispatch, small allocations) remains: interleaved (caches
     cold for each method) and each method alone in a loop (warm)."""
-    steps = common.methods(["native"])
     batch = common.make_batch(*FIXED_COST_SHAPE, "cpu")
+    steps, _ = common.working_steps(common.methods(["native"]), batch)
     times = common.time_interleaved(steps, batch, repeats, 20, common.cpu_timer)
     alone = {name: common.time_alone(step, batch, repeats, 20, common.cpu_timer) for name, step in steps.items()}
     return {"shape": "P={} T={} D={} {}".format(*FIXED_COST_SHAPE),
