@@ -582,19 +582,11 @@ class Trainer:
     def _prepare_output_dir(self, saved: dict | None) -> None:
         """The first write of the run (rank 0); every input has been validated by now."""
         self.dist.barrier()  # every process has read the checkpoint, maybe from its .old-* sibling (resume)
-        path = self.output_dir
-        refusal = None
-        if self.dist.is_main:
-            path.mkdir(parents=True, exist_ok=True)
-            try:
-                self._lock_output_dir(path)
-            except RunDirectoryError as err:
-                refusal = str(err)
-        refusal = self.dist.gather(refusal)[0]  # every process ends with rank 0's reason, not a broken barrier
-        if refusal is not None:
-            raise RunDirectoryError(refusal)
         if self.dist.is_main:
             grouped = self.sampler.padding_fraction(0)  # logged by rank 0 only
+            path = self.output_dir
+            path.mkdir(parents=True, exist_ok=True)
+            self._lock_output_dir(path)
             for name in (CHECKPOINT_DIR, BEST_DIR):  # put back what a kill mid-save moved aside
                 checkpoint.recover(path / name)
             # a kill inside atomic_write_text (run.json, eval.json) or inside an --overwrite
