@@ -132,12 +132,17 @@ def lock_file(path: Path, mode: str):
             warnings.warn(f"{path}: the file system has no file locks ({err}); going on without one, so "
                           "nothing stops a second process from writing the same output", RuntimeWarning, stacklevel=2)
             return handle
-        try:
-            if os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino:
-                return handle
-        except FileNotFoundError:
-            pass
+        if is_file_at(path, handle):
+            return handle
         handle.close()  # locked a file its holder has just renamed or removed: open the new one
+
+
+def is_file_at(path: Path, handle) -> bool:
+    """Whether the open file ``handle`` is still the file at ``path`` (not renamed away or removed)."""
+    try:
+        return os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino
+    except FileNotFoundError:
+        return False
 
 
 class DamagedCheckpointError(ValueError):

@@ -20,10 +20,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from prefkernels.data import LengthGroupedBatchSampler, PreferenceDataset, pad_rows, pair_owners, ranking_layout
 from prefkernels.checks import is_integer
+from prefkernels.data import LengthGroupedBatchSampler, PreferenceDataset, pad_rows, pair_owners, ranking_layout
 from prefkernels.losses import LossConfig, check_data, comparison_loss
 from prefkernels.model import eval_mode
+from prefkernels.scorer import default_token_budget, plan_batches
 
 CALIBRATION_BINS = 10
 LENGTH_BUCKETS = 4
@@ -47,17 +48,15 @@ def score(model, dataset: PreferenceDataset, *, batch_size: int | None = None, m
     Batches: ``batch_size`` examples grouped by length, or else the rows of all examples packed
     by length under a padded-token budget (``max_tokens``, default the Scorer's for the device),
     which pads least (rows of one example may land in different batches)."""
-    from prefkernels.scorer import default_token_budget, plan_batches
-
     examples = [dataset[i] for i in (range(len(dataset)) if indices is None else indices)]
     if not examples:
         return {}
     device = torch.device(device) if device is not None else next(model.parameters()).device
     rows = [(e, r) for e, example in enumerate(examples) for r in range(len(example.input_ids))]
+    first_row = np.cumsum([0] + [len(example.input_ids) for example in examples])  # example e's rows start here
     if batch_size is not None and max_tokens is not None:
         raise ValueError("batch_size and max_tokens: pass one of them (pairs per batch, or padded tokens per batch)")
     if batch_size is not None:
-        first_row = np.cumsum([0] + [len(example.input_ids) for example in examples])
         sampler = LengthGroupedBatchSampler([example.row_lengths for example in examples], batch_size=batch_size,
                                             shuffle=False)
         batches = [[j for e in batch for j in range(first_row[e], first_row[e + 1])] for batch in sampler.epoch_batches()]
@@ -80,11 +79,7 @@ def score(model, dataset: PreferenceDataset, *, batch_size: int | None = None, m
                 rewards = model(input_ids.to(device), attention_mask.to(device), backend=backend)
             for j, reward in zip(batch, rewards.float().cpu().numpy()):
                 row_rewards[j] = reward
-    out, j = {}, 0
-    for example in examples:
-        out[example.index] = np.stack(row_rewards[j:j + len(example.input_ids)])
-        j += len(example.input_ids)
-    return out
+    return {example.index: np.stack(row_rewards[first_row[e]:first_row[e + 1]]) for e, example in enumerate(examples)}
 
 
 # ----------------------------------------------------------------------------- statistics

@@ -333,16 +333,9 @@ def run_score(args: argparse.Namespace) -> int:
         try:
             return _score_locked(args, input_path, output_path, partial_path, info_path, sink, summary, tqdm)
         finally:  # an empty partial file that is still this run's (not moved into place by _finish)
-            if not os.fstat(sink.fileno()).st_size and _same_file(partial_path, sink):
+            if not os.fstat(sink.fileno()).st_size and checkpoint.is_file_at(partial_path, sink):
                 partial_path.unlink()
                 info_path.unlink(missing_ok=True)
-
-
-def _same_file(path: Path, handle) -> bool:
-    try:
-        return os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino
-    except FileNotFoundError:
-        return False
 
 
 def _score_locked(args, input_path, output_path, partial_path, info_path, sink, summary, tqdm) -> int:
