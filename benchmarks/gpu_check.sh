@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU check, < 6 minutes on one H100/H200: build the CUDA extension, run the GPU tests
 # (pytest -m gpu), then the GPU benchmark. Logs and JSON go to $OUT (else benchmarks/results),
-# each phase's exit status and seconds to gpu_check_summary.txt there.
+# the card, versions and each phase's exit status and seconds to gpu_check_summary.txt there.
 #   GPU_TESTS_K   pytest -k expression for the GPU tests (default: all)
 #   BENCH_ARGS    extra arguments of benchmarks/bench_gpu.py
 #   BUILD_TIMEOUT, GPU_TESTS_TIMEOUT, BENCH_TIMEOUT  seconds per phase (default 150 + 240 + 160,
@@ -18,7 +18,7 @@ export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$(python3 -c 'import torch;
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   python3 -c 'import torch, triton, sys; print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__)'
-} 2>&1 | tee "$OUT_DIR/gpu_env.txt"
+} 2>&1 | tee -a "$OUT_DIR/gpu_check_summary.txt"  # 8 files in all: what the device tool brings back
 
 start=$(date +%s)
 timeout "${BUILD_TIMEOUT:-150}" python3 -m pip install -e . --no-build-isolation --no-deps -q \
