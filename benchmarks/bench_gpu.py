@@ -11,7 +11,7 @@ backward (``.grad = None``):
 The floor is ``torch.zeros_like(hidden)``; ``memset`` zeroes the same bytes as float32 words
 (about a memset's cost whatever the dtype; the kernels clear their grad buffer that way).
 Also the host time of the eager step (the Python call alone, device synchronized after the
-timer) and, for the first shape, a torch.profiler table per method (where the host time goes).
+timer) and, for the smallest grad buffer, torch.profiler tables per method (host time, kernels).
 Prints a table (us, effective GB/s of the grad buffer, ratios, peak extra memory) and writes
 JSON + PNG + bench_gpu_profile.txt under $OUT when set, else benchmarks/results/.
 
@@ -59,18 +59,41 @@ def host_timer(step, batch) -> float:
     return seconds
 
 
-def profile_table(steps: dict, batch: dict, rows: int = 20) -> str:
-    """torch.profiler tables (self CPU time first) of a few eager steps of each method."""
+def python_profile(step, batch, rows: int = 25, repeats: int = 20) -> str:
+    """cProfile of ``repeats`` eager steps, by own time: which Python functions the host time goes to."""
+    import cProfile
+    import io
+    import pstats
+    profiler = cProfile.Profile()
+    for _ in range(repeats):
+        common.reset(batch)
+        profiler.enable()
+        step(batch)
+        profiler.disable()
+    torch.cuda.synchronize()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(rows)
+    return text.getvalue()
+
+
+def profile_table(steps: dict, batch: dict, kernels: list[str], rows: int = 20) -> str:
+    """Two torch.profiler tables per method over a few eager steps: by self CPU time (where the
+    host time goes) and by self CUDA time (each kernel and memset the step launches); for the
+    kernel backends also a cProfile of their Python."""
     from torch.profiler import ProfilerActivity, profile
     tables = []
+    for name in kernels:
+        if name in steps:
+            tables.append(f"== {name}: cProfile of 20 steps\n{python_profile(steps[name], batch)}")
     for name, step in steps.items():
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for _ in range(5):
                 common.reset(batch)
                 step(batch)
             torch.cuda.synchronize()
-        table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
-        tables.append(f"== {name} (5 steps)\n{table}")
+        averages = prof.key_averages()
+        for sort_by in ("self_cpu_time_total", "self_cuda_time_total"):
+            tables.append(f"== {name} (5 steps), by {sort_by}\n{averages.table(sort_by=sort_by, row_limit=rows)}")
     return "\n".join(tables)
 
 
@@ -141,6 +164,7 @@ def run(shapes, repeats: int, warmup: int, bandwidth: float, on_row, profile_pat
     kernels = available_kernel_backends()
     all_steps = {**common.methods(kernels), "memset": memset_step}
     rows = []
+    smallest = min(p * 2 * t * d * common.DTYPES[dt].itemsize for p, t, d, dt in shapes)  # fixed costs weigh most
     for pairs, positions, dim, dtype in shapes:
         batch = common.make_batch(pairs, positions, dim, dtype, device)
         nbytes = batch["hidden"].numel() * batch["hidden"].element_size()
@@ -154,8 +178,8 @@ def run(shapes, repeats: int, warmup: int, bandwidth: float, on_row, profile_pat
         add_ratios(row, common.time_interleaved(steps, batch, repeats, warmup, cuda_timer), kernels, nbytes, "")
         for name, seconds in common.time_interleaved(steps, batch, repeats, 1, host_timer).items():
             row[f"{name} host us"] = seconds * 1e6
-        if profile_path is not None and not rows:
-            profile_path.write_text(f"{row['shape']}\n{profile_table(steps, batch)}\n")
+        if profile_path is not None and nbytes == smallest:
+            profile_path.write_text(f"{row['shape']}\n{profile_table(steps, batch, kernels)}\n")
         for name, step in steps.items():
             row[f"{name} peak MB"] = cuda_peak_extra_bytes(step, batch) / 2**20
         replays = {}

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One GPU check, < 6 minutes on one H100/H200: build the CUDA extension, run the GPU tests
-# (pytest -m gpu), then the GPU benchmark. Logs and JSON go to $OUT (else benchmarks/results),
+# (pytest -m gpu: the op's backends, and the trainer, scorer and RL reward on CUDA), then the GPU
+# benchmark. Logs and JSON go to $OUT (else benchmarks/results),
 # the card, versions and each phase's exit status and seconds to gpu_check_summary.txt there.
 #   GPU_TESTS_K   pytest -k expression for the GPU tests (default: all)
 #   BENCH_ARGS    extra arguments of benchmarks/bench_gpu.py
@@ -30,7 +31,7 @@ python3 -c 'from prefkernels import backends; print("native CUDA:", backends.nat
 
 start=$(date +%s)
 timeout -s INT -k 15 "${GPU_TESTS_TIMEOUT:-240}" python3 -m pytest -m gpu -q --maxfail=15 -p no:cacheprovider \
-  --durations=15 -k "${GPU_TESTS_K:-}" ${GPU_TEST_FILES:-tests/test_gpu.py tests/test_triton.py} \
+  --durations=15 -k "${GPU_TESTS_K:-}" ${GPU_TEST_FILES:-tests/test_gpu.py tests/test_triton.py tests/test_gpu_training.py} \
   > "$OUT_DIR/gpu_tests.log" 2>&1
 tests_rc=$?
 grep -E "passed|failed|Error|error" "$OUT_DIR/gpu_tests.log" | tail -25
