@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from prefkernels.checks import is_integer
+from prefkernels.checks import is_integer, values_checked_by_caller
 from prefkernels.data import LengthGroupedBatchSampler, PreferenceDataset, pad_rows, pair_owners, ranking_layout
 from prefkernels.losses import LossConfig, check_data, comparison_loss
 from prefkernels.model import eval_mode
@@ -66,20 +66,22 @@ def score(model, dataset: PreferenceDataset, *, batch_size: int | None = None, m
         if not is_integer(budget) or budget < 1:
             raise ValueError(f"max_tokens: expected an integer >= 1, got {budget!r}")
         batches = plan_batches(lengths, budget)
+    order = [j for batch in batches for j in batch]  # the rows in the order they are scored
     if progress:
         from tqdm.auto import tqdm
         batches = tqdm(batches, desc="scoring", leave=False)
-    row_rewards: list[np.ndarray | None] = [None] * len(rows)
+    batch_rewards = []  # on the device, copied back once at the end: no device sync per batch
     autocast = autocast_context(device, autocast_dtype)
-    with eval_mode(model):
+    # pad_rows' mask rows all hold a token, so the op's value checks (a device sync) are not needed
+    with eval_mode(model), values_checked_by_caller():
         for batch in batches:
             input_ids, attention_mask = pad_rows([examples[rows[j][0]].input_ids[rows[j][1]] for j in batch],
                                                  pad_token_id)
             with autocast:
-                rewards = model(input_ids.to(device), attention_mask.to(device), backend=backend)
-            for j, reward in zip(batch, rewards.float().cpu().numpy()):
-                row_rewards[j] = reward
-    return {example.index: np.stack(row_rewards[first_row[e]:first_row[e + 1]]) for e, example in enumerate(examples)}
+                batch_rewards.append(model(input_ids.to(device), attention_mask.to(device), backend=backend).float())
+    row_rewards = np.empty((len(rows), model.num_heads), dtype=np.float32)
+    row_rewards[order] = torch.cat(batch_rewards).cpu().numpy()
+    return {example.index: row_rewards[first_row[e]:first_row[e + 1]] for e, example in enumerate(examples)}
 
 
 # ----------------------------------------------------------------------------- statistics

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from prefkernels import __version__, backends, checkpoint, metrics
+from prefkernels import __version__, backends, checkpoint, checks, metrics
 from prefkernels.checks import is_integer, is_real
 from prefkernels.data import (LengthGroupedBatchSampler, PreferenceCollator, PreferenceDataset, load_preferences,
                               pad_token_id)
@@ -710,7 +710,9 @@ class Trainer:
             sync = self.train_module.no_sync()
         autocast = metrics.autocast_context(self.device, self.autocast_dtype)
         with sync:
-            with autocast:
+            # the batch's mask rows all hold a token (pad_rows), so the op's value checks, a device
+            # sync per micro-step, are not needed
+            with autocast, checks.values_checked_by_caller():
                 loss, rewards = self.train_module(batch)
             (loss / window).backward()
         with torch.no_grad():

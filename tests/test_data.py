@@ -11,7 +11,7 @@ import torch
 
 from _tokenizers import byte_level_tokenizer
 from prefkernels.data import (DataError, LengthGroupedBatchSampler, PreferenceCollator, load_preferences,
-                              read_records, synthetic)
+                              pad_rows, read_records, synthetic)
 from prefkernels.tiny import build_tiny_tokenizer
 
 WORDS = synthetic.vocabulary()
@@ -406,3 +406,12 @@ def test_conversations_from_a_datasets_table_keep_their_shared_prompt():
     listed = load_preferences(records, tokenizer, 64)
     assert table[0].response_lengths == listed[0].response_lengths
     assert table[0].input_ids == listed[0].input_ids
+
+
+def test_pad_rows_refuses_an_empty_row_so_every_mask_row_has_a_token():
+    """Callers of pad_rows (trainer, evaluation) skip the op's value checks, a device sync per
+    batch, on this guarantee: every attention-mask row has its pooled token."""
+    input_ids, attention_mask = pad_rows([[5, 6, 7], [8]], pad_id=0)
+    assert input_ids.tolist() == [[5, 6, 7], [8, 0, 0]] and attention_mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    with pytest.raises(ValueError, match=r"rows\[1\]: empty, expected at least one token"):
+        pad_rows([[5], [], [6]], pad_id=0)

@@ -733,3 +733,19 @@ def test_evaluation_batches_follow_the_training_options(assets, tmp_path, monkey
     monkeypatch.setattr(metrics, "score", recording)
     train(config(assets, tmp_path / "run", max_steps=2, eval_every=2, **options), log=quiet)
     assert seen and set(seen) == {expected}
+
+
+def test_training_and_evaluation_run_the_op_without_its_value_checks(assets, tmp_path, monkeypatch):
+    """Every batch comes from pad_rows, whose mask rows all hold a token, so the op's value checks
+    (a device sync per micro-step on a GPU) are skipped in training steps and evaluation."""
+    from prefkernels import checks
+    enabled = []
+    check_values = checks.check_values
+
+    def recording_check_values(*args, **kwargs):
+        enabled.append(checks.value_checks_enabled())
+        return check_values(*args, **kwargs)
+
+    monkeypatch.setattr(checks, "check_values", recording_check_values)
+    result = train(config(assets, tmp_path / "run", max_steps=3, eval_every=3), log=quiet)
+    assert result.steps == 3 and len(enabled) >= 3 and not any(enabled)
