@@ -11,10 +11,11 @@ TORCH_LIBRARY(prefkernels, m) {
   m.def(
       "pool_forward(Tensor hidden, Tensor weight, Tensor? bias, Tensor? attention_mask, "
       "Tensor? last_index, Tensor? cu_seqlens) -> (Tensor, Tensor)");
-  // (grad_hidden like hidden (contiguous) or [0] when not needed, grad_weight like weight)
+  // (grad_hidden like hidden (contiguous) or [0] when not needed, grad_weight like weight,
+  //  grad_bias [K] f32: the coefficients summed over the rows with a valid pooled position)
   m.def(
       "pool_backward(Tensor grad_coef, Tensor? row_ptr, Tensor? row_entry, Tensor hidden, "
-      "Tensor weight, Tensor pooled_pos, bool need_grad_hidden) -> (Tensor, Tensor)");
+      "Tensor weight, Tensor pooled_pos, bool need_grad_hidden) -> (Tensor, Tensor, Tensor)");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

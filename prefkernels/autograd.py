@@ -2,7 +2,7 @@
 
 The forward ops return the per-pair gradient coefficients, so backward never recomputes
 the forward: it scales them by the incoming gradient and calls the backend's single
-``pool_backward`` (grad buffer + one scatter pass + weight gradient). That backward is not
+``pool_backward`` (grad buffer + one scatter pass + weight and bias gradients). That backward is not
 itself differentiable: a backward with ``create_graph=True`` (double backward, e.g. a gradient
 penalty) raises instead of silently returning gradients without a graph; the reference backend
 supports it.
@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from prefkernels.backends import OpSet
-from prefkernels.checks import num_rows, value_checks_enabled
+from prefkernels.checks import num_rows
 
 _F32, _I64 = torch.float32, torch.int64
 
@@ -34,7 +34,7 @@ def _bt_forward_fake(hidden, weight, bias, attention_mask, last_index, cu_seqlen
 
 def _pool_backward_fake(grad_coef, row_ptr, row_entry, hidden, weight, pooled_pos, need_grad_hidden):
     grad_hidden = hidden.new_empty(hidden.shape) if need_grad_hidden else hidden.new_empty((0,))
-    return grad_hidden, torch.empty_like(weight)
+    return grad_hidden, torch.empty_like(weight), hidden.new_empty((weight.shape[0],), dtype=_F32)
 
 
 def rows_csr(entries_row, rows):
@@ -57,34 +57,24 @@ def register(ops: OpSet) -> None:
     torch.library.register_fake(qualname("pool_forward"))(_pool_forward_fake)
     torch.library.register_fake(qualname("pool_backward"))(_pool_backward_fake)
 
-    def backward_into_inputs(ctx, hidden, weight, pooled_pos, coef, row_ptr, row_entry, coef_rows=None):
+    def backward_into_inputs(ctx, hidden, weight, pooled_pos, coef, row_ptr, row_entry):
         """Gradients of hidden, weight, bias from ``coef`` [M, K]: one row per pooled row, or one per
-        pair entry with the entries' rows in ``coef_rows`` [M] and their CSR in row_ptr/row_entry."""
+        pair entry with their CSR by row in row_ptr/row_entry. Rows without a valid pooled position
+        add nothing to any of them (the kernels skip them)."""
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         if torch.is_grad_enabled() and not torch.compiler.is_compiling():  # backward(create_graph=True)
             raise RuntimeError(f"prefkernels: the {ops.name!r} backend has no double backward (create_graph=True, "
                                "e.g. a gradient penalty); use backend='reference' for it")
-        grad_hidden = grad_weight = grad_bias = None
-        if need_hidden or need_weight:
-            grad_hidden, grad_weight = ops.pool_backward(coef, row_ptr, row_entry, hidden, weight, pooled_pos,
-                                                         bool(need_hidden))
-            grad_hidden = grad_hidden if need_hidden else None
-            grad_weight = grad_weight if need_weight else None
-        if need_bias and ctx.rows_may_be_invalid:  # invalid rows add nothing, as in the kernels' gradients
-            rows_pos = pooled_pos[:coef.shape[0]] if coef_rows is None else pooled_pos[coef_rows.clamp(0, ctx.rows - 1)]
-            grad_bias = torch.where((rows_pos >= 0).unsqueeze(1), coef, 0.0).sum(dim=0).to(ctx.bias_dtype)
-        elif need_bias:
-            grad_bias = coef.sum(dim=0).to(ctx.bias_dtype)
-        return grad_hidden, grad_weight, grad_bias
+        if not (need_hidden or need_weight or need_bias):
+            return None, None, None
+        grad_hidden, grad_weight, grad_bias = ops.pool_backward(coef, row_ptr, row_entry, hidden, weight, pooled_pos,
+                                                                bool(need_hidden))
+        return (grad_hidden if need_hidden else None, grad_weight if need_weight else None,
+                grad_bias.to(ctx.bias_dtype) if need_bias else None)
 
     def save_head_info(ctx, bias, pooled_pos):
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.rows = pooled_pos.shape[0]
-        # With the value checks on, the public ops raise right after the forward on any row without
-        # a valid pooled position, so only a backward of an unchecked forward can meet one. A traced
-        # forward is unchecked: torch.compile's autograd tracing passes tensor subclasses (fake or
-        # functional tensors), where torch < 2.7 does not report is_compiling().
-        ctx.rows_may_be_invalid = not value_checks_enabled() or type(pooled_pos) is not torch.Tensor
 
     def kept_for_backward(ctx, hidden, pooled_pos):
         """(hidden, pooled_pos) as the backward reads them. Without a gradient for hidden (a frozen
@@ -122,13 +112,10 @@ def register(ops: OpSet) -> None:
         hidden, pooled_pos, weight, pair_grad, chosen_index, rejected_index = ctx.saved_tensors
         heads = pair_grad.shape[-1]
         coef = (pair_grad * grad_loss.float()).reshape(-1, heads)
-        row_ptr = row_entry = coef_rows = None
+        row_ptr = row_entry = None
         if chosen_index is not None:
-            entries_row = torch.cat([chosen_index, rejected_index])
-            row_ptr, row_entry = rows_csr(entries_row, ctx.rows)
-            if ctx.needs_input_grad[2] and ctx.rows_may_be_invalid:
-                coef_rows = entries_row
-        grads = backward_into_inputs(ctx, hidden, weight, pooled_pos, coef, row_ptr, row_entry, coef_rows)
+            row_ptr, row_entry = rows_csr(torch.cat([chosen_index, rejected_index]), ctx.rows)
+        grads = backward_into_inputs(ctx, hidden, weight, pooled_pos, coef, row_ptr, row_entry)
         return (*grads, None, None, None, None, None, None, None, None)
 
     torch.library.register_autograd(qualname("pool_forward"), pool_backward, setup_context=pool_setup)

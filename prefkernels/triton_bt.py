@@ -8,13 +8,14 @@ with the schemas of csrc/ops.cpp and the semantics of csrc/cpu/bt_cpu.cpp (the r
   rejected row p + P, computes the K rewards of both and the pair's loss and gradient
   coefficients. Explicit pairs: one program per row (rewards, pooled_pos), then one small
   per-pair kernel. ``pool_forward``: one program per row.
-- Backward: a zero-filled grad buffer (cleared as 4-byte words, ``_zeros_at_word_speed``), then ONE launch over (row block of up
-  to 32 rows, D tile), each program one [rows, D tile] tile: it scatters the pooled rows'
-  gradient and writes its row block's partial weight gradient (fp32) to a scratch
-  [row_blocks, K, D] buffer, then a fixed-order second-stage sum of the partials into
-  grad_weight in weight's dtype. With a single row block (N <= 32) the kernel writes
-  grad_weight directly and there is no second launch. No float atomics anywhere: two runs are
-  bitwise equal. The CSR sums of explicit pairs run in row_entry order, as the CPU op.
+- Backward: a zero-filled grad buffer (cleared as 4-byte words, ``_zeros_at_word_speed``), then
+  ONE launch over (row block of up to 32 rows, D tile), each program one [rows, D tile] tile: it
+  scatters the pooled rows' gradient and writes its row block's partial weight and bias
+  gradients (fp32) to a scratch [row_blocks, K*D + K] buffer, then a fixed-order second-stage
+  sum of the partials into grad_weight (weight's dtype) and grad_bias. With a single row block
+  (N <= 32) the kernel writes both directly and there is no second launch. No float atomics
+  anywhere: two runs are bitwise equal. The CSR sums of explicit pairs run in row_entry order,
+  as the CPU op.
 - Hidden is addressed as ``n * stride_n + pos * stride_t + d`` with int64 offsets; packed
   [total, D] hidden (``cu_seqlens``) pools row ``cu[n+1] - 1`` with ``stride_n = 0``.
 
@@ -223,8 +224,8 @@ def _bt_pairs_kernel(
 @triton.jit
 def _pool_backward_kernel(
     grad_coef_ptr, row_ptr_ptr, row_entry_ptr, hidden_ptr, weight_ptr, pooled_pos_ptr,
-    grad_hidden_ptr, partial_ptr,
-    N, D, K, positions, coef_rows, entries, stride_n, stride_t, grad_stride_n,
+    grad_hidden_ptr, partial_ptr, bias_partial_ptr,
+    N, D, K, positions, coef_rows, entries, stride_n, stride_t, grad_stride_n, partial_stride,
     HAS_CSR: tl.constexpr, NEED_GRAD_HIDDEN: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -232,10 +233,11 @@ def _pool_backward_kernel(
 
     coef[n, :] = grad_coef[n, :], or the sum of the row's CSR entries in order (as the CPU op);
     grad_hidden[n, pos_n, d] = sum_k coef[n, k] * weight[k, d] for rows with pos_n in [0, positions);
-    partial[b, k, d] = sum over the block's such rows of coef[n, k] * hidden[n, pos_n, d].
-    ``partial_ptr`` is grad_weight itself (cast to its dtype) when there is a single row block.
-    CSR segment bounds and entries outside [0, entries) / [0, coef_rows) are skipped, as by the
-    CPU and CUDA ops.
+    partial[b, k, d] = sum over the block's such rows of coef[n, k] * hidden[n, pos_n, d], and
+    (programs of tile 0) bias_partial[b, k] = sum over them of coef[n, k]; row block b of either
+    starts at b * partial_stride. With a single row block ``partial_ptr`` is grad_weight itself
+    (cast to its dtype) and ``bias_partial_ptr`` grad_bias. CSR segment bounds and entries outside
+    [0, entries) / [0, coef_rows) are skipped, as by the CPU and CUDA ops.
     """
     pid_b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
@@ -263,6 +265,8 @@ def _pool_backward_kernel(
         coef = tl.load(grad_coef_ptr + offs_n[:, None] * K + offs_k[None, :],
                        mask=n_mask[:, None] & k_mask[None, :], other=0.0)
     coef = tl.where(valid[:, None], coef, 0.0)  # a skipped row adds nothing, even with a NaN coef
+    if pid_d == 0:
+        tl.store(bias_partial_ptr + pid_b * partial_stride + offs_k, tl.sum(coef, axis=0), mask=k_mask)
     row_mask = valid[:, None] & d_mask[None, :]
     h = tl.load(hidden_ptr + (offs_n * stride_n + safe_pos * stride_t)[:, None] + offs_d[None, :],
                 mask=row_mask, other=0.0).to(tl.float32)
@@ -270,7 +274,8 @@ def _pool_backward_kernel(
     for k in range(0, K):
         coef_k = tl.sum(tl.where(offs_k[None, :] == k, coef, 0.0), axis=1)
         grad_w = tl.sum(coef_k[:, None] * h, axis=0)
-        tl.store(partial_ptr + (pid_b * K + k) * D + offs_d, grad_w.to(partial_ptr.dtype.element_ty), mask=d_mask)
+        tl.store(partial_ptr + pid_b * partial_stride + k * D + offs_d, grad_w.to(partial_ptr.dtype.element_ty),
+                 mask=d_mask)
         if NEED_GRAD_HIDDEN:
             w = tl.load(weight_ptr + k * D + offs_d, mask=d_mask, other=0.0).to(tl.float32)
             g += coef_k[:, None] * w[None, :]
@@ -280,8 +285,10 @@ def _pool_backward_kernel(
 
 
 @triton.jit
-def _sum_partials_kernel(partial_ptr, out_ptr, num_blocks, numel, BLOCK_B: tl.constexpr, BLOCK: tl.constexpr):
-    """out[i] = sum over b of partial[b, i] ([BLOCK_B, BLOCK] tiles, fixed order), in out's dtype."""
+def _sum_partials_kernel(partial_ptr, weight_out_ptr, bias_out_ptr, num_blocks, numel_weight, numel,
+                         BLOCK_B: tl.constexpr, BLOCK: tl.constexpr):
+    """s[i] = sum over b of partial[b, i] ([BLOCK_B, BLOCK] tiles, fixed order) for i < numel; the
+    first numel_weight go to weight_out (in its dtype), the rest to bias_out (float32)."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = offs < numel
     acc = tl.zeros([BLOCK], dtype=tl.float32)
@@ -290,7 +297,8 @@ def _sum_partials_kernel(partial_ptr, out_ptr, num_blocks, numel, BLOCK_B: tl.co
         tile = tl.load(partial_ptr + b.to(tl.int64)[:, None] * numel + offs[None, :],
                        mask=(b < num_blocks)[:, None] & m[None, :], other=0.0)
         acc += tl.sum(tile, axis=0)
-    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=m)
+    tl.store(weight_out_ptr + offs, acc.to(weight_out_ptr.dtype.element_ty), mask=m & (offs < numel_weight))
+    tl.store(bias_out_ptr + (offs - numel_weight), acc, mask=m & (offs >= numel_weight))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -484,34 +492,43 @@ def pool_backward(grad_coef, row_ptr, row_entry, hidden, weight, pooled_pos, nee
 
     grad_hidden = _zeros_at_word_speed(hidden) if need_grad_hidden else hidden.new_empty((0,))
     grad_weight = _new(weight.shape, weight, weight.dtype)  # weight is contiguous
-    if K == 0 or D == 0:
-        return grad_hidden, grad_weight
+    grad_bias = _new((K,), hidden, torch.float32)
+    if K == 0:
+        return grad_hidden, grad_weight, grad_bias
     if rows == 0:
         grad_weight.zero_()
-        return grad_hidden, grad_weight
+        grad_bias.zero_()
+        return grad_hidden, grad_weight, grad_bias
     block_n = min(triton.next_power_of_2(rows), _MAX_BLOCK_N)
     block_k = triton.next_power_of_2(K)
-    block_d = min(triton.next_power_of_2(D), max(16, _BWD_TILE // block_n))
-    row_blocks, d_tiles = triton.cdiv(rows, block_n), triton.cdiv(D, block_d)
-    # One row block: the kernel writes grad_weight directly; else fp32 partials + fixed-order sum.
-    partial = grad_weight if row_blocks == 1 else _new((row_blocks, K, D), hidden, torch.float32)
+    block_d = min(triton.next_power_of_2(max(D, 1)), max(16, _BWD_TILE // block_n))
+    row_blocks, d_tiles = triton.cdiv(rows, block_n), max(1, triton.cdiv(D, block_d))
+    # One row block: the kernel writes grad_weight and grad_bias directly; else fp32 partials, row
+    # block b's [K*D weight | K bias] at b * (K*D + K), then one fixed-order sum into both.
+    numel_weight = K * D
+    if row_blocks == 1:
+        partial, bias_partial = grad_weight, grad_bias
+    else:
+        partial = _new((row_blocks, numel_weight + K), hidden, torch.float32)
+        bias_partial = partial.view(-1)[numel_weight:]
     with _device(hidden):
         _pool_backward_kernel[(row_blocks, d_tiles)](
             grad_coef, row_ptr if row_ptr is not None else grad_coef,
             row_entry if row_entry is not None else grad_coef,
-            hidden, weight, pooled_pos, grad_hidden if need_grad_hidden else grad_coef, partial,
+            hidden, weight, pooled_pos, grad_hidden if need_grad_hidden else grad_coef, partial, bias_partial,
             rows, D, K, positions, grad_coef.shape[0], row_entry.shape[0] if row_entry is not None else 0,
-            stride_n, stride_t, positions * D if hidden.dim() == 3 else 0,
+            stride_n, stride_t, positions * D if hidden.dim() == 3 else 0, numel_weight + K,
             HAS_CSR=row_ptr is not None, NEED_GRAD_HIDDEN=bool(need_grad_hidden),
             BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=block_d, num_warps=_warps(block_n * block_d),
         )
         if row_blocks > 1:
-            numel = K * D
+            numel = numel_weight + K
             block_b = min(triton.next_power_of_2(row_blocks), _MAX_BLOCK_B)
             block = min(triton.next_power_of_2(numel), max(16, _SUM_TILE // block_b))
-            _sum_partials_kernel[(triton.cdiv(numel, block),)](partial, grad_weight, row_blocks, numel,
-                                                              BLOCK_B=block_b, BLOCK=block, num_warps=4)
-    return grad_hidden, grad_weight
+            _sum_partials_kernel[(triton.cdiv(numel, block),)](partial, grad_weight, grad_bias, row_blocks,
+                                                              numel_weight, numel, BLOCK_B=block_b, BLOCK=block,
+                                                              num_warps=4)
+    return grad_hidden, grad_weight, grad_bias
 
 
 # ---------------------------------------------------------------------------------------------
@@ -537,8 +554,9 @@ def triton_pool_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], 
 @torch.library.custom_op("prefkernels::triton_pool_backward", mutates_args=())
 def triton_pool_backward(grad_coef: Tensor, row_ptr: Optional[Tensor], row_entry: Optional[Tensor],
                          hidden: Tensor, weight: Tensor, pooled_pos: Tensor,
-                         need_grad_hidden: bool) -> Tuple[Tensor, Tensor]:
-    """(grad_hidden contiguous like hidden, or [0] when not needed; grad_weight like weight)."""
+                         need_grad_hidden: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """(grad_hidden contiguous like hidden, or [0] when not needed; grad_weight like weight;
+    grad_bias [K] float32)."""
     return pool_backward(grad_coef, row_ptr, row_entry, hidden, weight, pooled_pos, need_grad_hidden)
 
 

@@ -221,6 +221,7 @@ def check_edge_ops(ops, native_cpu, case, device):
             what = f"{case} pool_backward need={need} csr={rp is not None}"
             _same(got[0], want[0], f"{what} grad_hidden")
             _same(got[1], want[1], f"{what} grad_weight")
+            _same(got[2], want[2], f"{what} grad_bias")
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)

@@ -166,7 +166,8 @@ def test_direct_pool_backward_skips_out_of_range_positions_and_entries(backend, 
     else:
         grad_coef = row_ptr = row_entry = None
         coef = grad_coef = torch.randn(4, 2, generator=g)
-    grad_hidden, grad_weight = ops.pool_backward(grad_coef, row_ptr, row_entry, hidden, weight, pooled_pos, True)
+    grad_hidden, grad_weight, grad_bias = ops.pool_backward(grad_coef, row_ptr, row_entry, hidden, weight,
+                                                            pooled_pos, True)
     want_hidden = torch.zeros_like(hidden)
     want_weight = torch.zeros_like(weight)
     for n, pos in ((0, 2), (3, 4)):  # the rows with a position in range
@@ -174,3 +175,4 @@ def test_direct_pool_backward_skips_out_of_range_positions_and_entries(backend, 
         want_weight += coef[n].unsqueeze(1) * hidden[n, pos]
     torch.testing.assert_close(grad_hidden, want_hidden)
     torch.testing.assert_close(grad_weight, want_weight)
+    torch.testing.assert_close(grad_bias, coef[0] + coef[3])

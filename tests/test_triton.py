@@ -319,13 +319,14 @@ def model_pool_backward(grad_coef, row_ptr, row_entry, hidden, weight, pooled_po
     coef = torch.where(valid, coef, 0.0)  # skipped rows: even a NaN coefficient contributes nothing
     valid = valid[:, 0]
     grad_weight = (coef.t() @ rows).to(weight.dtype)
+    grad_bias = coef.sum(dim=0).float()  # the valid rows' coefficients
     if not need_grad_hidden:
-        return hidden.new_empty((0,)), grad_weight
+        return hidden.new_empty((0,)), grad_weight, grad_bias
     grad_hidden = torch.zeros(hidden.shape, dtype=torch.float64, device=hidden.device)
     g = coef @ weight.double()
     vi = tuple(i[valid] for i in idx)
     grad_hidden[vi] = g[valid]
-    return grad_hidden.to(hidden.dtype), grad_weight
+    return grad_hidden.to(hidden.dtype), grad_weight, grad_bias
 
 
 def op_cases():
@@ -400,8 +401,9 @@ def test_op_semantics_invalid_rows(case):
     grad_coef[invalid[torch.cat([chosen, rejected]).clamp(0, N - 1)]] = float("nan")
     for need in (True, False):
         for coef, rp, re in ((dense, None, None), (grad_coef, row_ptr, row_entry)):
-            gh, gw = check_op(case, "pool_backward", (coef, rp, re, hidden, weight, pos.cpu(), need))
+            gh, gw, gb = check_op(case, "pool_backward", (coef, rp, re, hidden, weight, pos.cpu(), need))
             assert gw.dtype == weight.dtype and gw.shape == weight.shape
+            assert gb.dtype == torch.float32 and gb.shape == (weight.shape[0],) and not gb.isnan().any()
             if not need:
                 assert gh.shape == (0,) and gh.dtype == hidden.dtype
             else:

@@ -3,7 +3,8 @@
 // Forward: one parallel pass over the N pooled rows (find the pooled token, K dot products in
 // fp32), then the per-pair loss and gradient coefficients over the [P, K] rewards.
 // Backward: one zero-filled grad buffer, one parallel scatter of the N pooled rows, and the
-// weight gradient reduced over rows per D-slice (deterministic: no atomics, fixed order).
+// weight gradient reduced over rows per D-slice, and the bias gradient summed over the valid rows
+// (deterministic: no atomics, fixed order).
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
@@ -219,10 +220,19 @@ at::Tensor zeroed_buffer(at::IntArrayRef sizes, const at::TensorOptions& options
   return at::from_blob(data, sizes, [bytes](void* p) { munmap(p, bytes); }, options);
 }
 
-std::tuple<at::Tensor, at::Tensor> pool_backward_cpu(const at::Tensor& grad_coef, const c10::optional<at::Tensor>& row_ptr,
-                                                     const c10::optional<at::Tensor>& row_entry, const at::Tensor& hidden,
-                                                     const at::Tensor& weight, const at::Tensor& pooled_pos,
-                                                     bool need_grad_hidden) {
+// grad_bias[k] = sum over rows n with a valid pooled position of coef[n, k], n ascending.
+void bias_gradient(const float* coef, const int64_t* pooled_pos, const HiddenLayout& l, int64_t heads,
+                   float* grad_bias) {
+  std::fill(grad_bias, grad_bias + heads, 0.f);
+  for (int64_t n = 0; n < l.rows; ++n) {
+    if (valid_position(pooled_pos[n], l.positions) < 0) continue;
+    for (int64_t k = 0; k < heads; ++k) grad_bias[k] += coef[n * heads + k];
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_backward_cpu(
+    const at::Tensor& grad_coef, const c10::optional<at::Tensor>& row_ptr, const c10::optional<at::Tensor>& row_entry,
+    const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& pooled_pos, bool need_grad_hidden) {
   const HiddenLayout l = backward_layout(grad_coef, row_ptr, row_entry, hidden, weight, pooled_pos);
   const int64_t heads = weight.size(0);
   auto coef = at::empty({l.rows, heads}, grad_coef.options());
@@ -231,6 +241,8 @@ std::tuple<at::Tensor, at::Tensor> pool_backward_cpu(const at::Tensor& grad_coef
                    coef.data_ptr<float>());
   auto grad_hidden = need_grad_hidden ? zeroed_buffer(hidden.sizes(), hidden.options()) : at::empty({0}, hidden.options());
   auto grad_weight = at::empty_like(weight);
+  auto grad_bias = at::empty({heads}, grad_coef.options());
+  bias_gradient(coef.data_ptr<float>(), pooled_pos.data_ptr<int64_t>(), l, heads, grad_bias.data_ptr<float>());
   dispatch_hidden_weight(hidden, weight, [&](auto h, auto w) {
     using hidden_t = decltype(h);
     using weight_t = decltype(w);
@@ -241,7 +253,7 @@ std::tuple<at::Tensor, at::Tensor> pool_backward_cpu(const at::Tensor& grad_coef
     weight_gradient<hidden_t, weight_t>(coef.data_ptr<float>(), hidden.data_ptr<hidden_t>(), pooled_pos.data_ptr<int64_t>(), l,
                                         heads, grad_weight.data_ptr<weight_t>());
   });
-  return {grad_hidden, grad_weight};
+  return {grad_hidden, grad_weight, grad_bias};
 }
 
 }  // namespace

@@ -110,11 +110,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bt_forward_cuda(
   return {loss, rewards, pair_grad, pooled_pos};
 }
 
-std::tuple<at::Tensor, at::Tensor> pool_backward_cuda(const at::Tensor& grad_coef,
-                                                      const c10::optional<at::Tensor>& row_ptr,
-                                                      const c10::optional<at::Tensor>& row_entry,
-                                                      const at::Tensor& hidden, const at::Tensor& weight,
-                                                      const at::Tensor& pooled_pos, bool need_grad_hidden) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_backward_cuda(
+    const at::Tensor& grad_coef, const c10::optional<at::Tensor>& row_ptr, const c10::optional<at::Tensor>& row_entry,
+    const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& pooled_pos, bool need_grad_hidden) {
   TORCH_CHECK(hidden.is_cuda(), "hidden: expected a CUDA tensor");
   check_device("grad_coef", grad_coef, hidden);
   check_device("row_ptr", row_ptr, hidden);
@@ -133,6 +131,7 @@ std::tuple<at::Tensor, at::Tensor> pool_backward_cuda(const at::Tensor& grad_coe
   auto grad_hidden = need_grad_hidden ? at::empty(hidden.sizes(), hidden.options()) : at::empty({0}, hidden.options());
   if (need_grad_hidden) C10_CUDA_CHECK(cudaMemsetAsync(grad_hidden.data_ptr(), 0, grad_hidden.nbytes(), stream));
   auto grad_weight = at::empty_like(weight);  // contiguous: check_head requires a contiguous weight
+  auto grad_bias = at::empty({heads}, hidden.options().dtype(at::kFloat));
   auto scratch = at::empty({gpu::pool_backward_scratch_floats(l.rows, heads, l.dim)}, hidden.options().dtype(at::kFloat));
 
   gpu::CoefArgs coef;
@@ -144,8 +143,9 @@ std::tuple<at::Tensor, at::Tensor> pool_backward_cuda(const at::Tensor& grad_coe
   C10_CUDA_CHECK(gpu::launch_pool_backward(coef, hidden_args(hidden, l), head_args(weight, c10::nullopt),
                                            pooled_pos.data_ptr<int64_t>(),
                                            need_grad_hidden ? grad_hidden.data_ptr() : nullptr, grad_stride_n(hidden, l),
-                                           scratch.data_ptr<float>(), grad_weight.data_ptr(), stream));
-  return {grad_hidden, grad_weight};
+                                           scratch.data_ptr<float>(), grad_weight.data_ptr(),
+                                           grad_bias.data_ptr<float>(), stream));
+  return {grad_hidden, grad_weight, grad_bias};
 }
 
 }  // namespace

@@ -8,8 +8,10 @@
 //   pair_loss_kernel     explicit pairs only: loss/pair_grad over the [P, K] grid (2nd launch).
 // Backward (grad_hidden is zeroed by the caller; it is the one big buffer):
 //   pool_backward_kernel grid (row blocks, D tiles): scatters the pooled rows of grad_hidden and
-//                        writes the row block's partial weight gradient [K, D-tile] (fp32).
-//   reduce_weight_grad_kernel  sums the partials over row blocks in fixed order -> weight dtype.
+//                        writes the row block's partial weight gradient [K, D-tile] (fp32); the
+//                        blocks of D tile 0 also its partial bias gradient [K].
+//   reduce_partials_kernel  sums the partials over row blocks in fixed order -> grad_weight in
+//                        weight's dtype and grad_bias (fp32).
 // Determinism: no atomics anywhere; every sum runs in an order fixed by the launch shape, so
 // two runs give bitwise equal results.
 #include "bt_kernels.cuh"
@@ -378,6 +380,7 @@ struct BackwardParams {
   void* grad_hidden;      // null: skip the scatter
   int64_t grad_stride_n;  // T*D (padded) or 0 (packed); grad_hidden is contiguous
   float* partial;         // [row_blocks, K, D]
+  float* bias_partial;    // [row_blocks, K]
   int64_t rows_per_block;
 };
 
@@ -421,8 +424,9 @@ __device__ __forceinline__ void store_cols(T* __restrict__ row, int64_t first, i
 // each thread owns kV columns of the tile for all rows of the row block.
 //   scatter: grad_hidden[n, pos_n, cols] = sum_k coef[n, k] * weight[k, cols]  (k ascending)
 //   partial[row_block, k, cols] = sum_n coef[n, k] * hidden[n, pos_n, cols]     (n ascending)
-// Every (row_block, k, d) of partial is written exactly once (zeros for a block with no
-// valid row), so partial needs no initialization.
+//   D tile 0, thread k (k < K, strided): bias_partial[row_block, k] = sum_n coef[n, k]
+// (n over the rows with a valid pooled position). Every element of partial and bias_partial is
+// written exactly once (zeros for a block with no valid row): neither needs initialization.
 template <typename H, typename W, bool kVec>
 __global__ void __launch_bounds__(kBackwardThreads) pool_backward_kernel(const BackwardParams p) {
   constexpr int kV = vec_width<H>();
@@ -430,13 +434,27 @@ __global__ void __launch_bounds__(kBackwardThreads) pool_backward_kernel(const B
   const int64_t heads = p.heads, dim = hs.dim;
   const int64_t n_begin = int64_t(blockIdx.x) * p.rows_per_block;
   const int64_t n_end = min64(hs.rows, n_begin + p.rows_per_block);
+  const int64_t* __restrict__ row_ptr = p.coef.row_ptr;
+
+  if (blockIdx.y == 0) {  // before the column check below: every thread of the block may hold a head
+    for (int64_t k = threadIdx.x; k < heads; k += kBackwardThreads) {
+      float sum = 0.f;
+      for (int64_t n = n_begin; n < n_end; ++n) {
+        if (valid_position(p.pooled_pos[n], hs.positions) < 0) continue;
+        const int64_t seg_begin = row_ptr != nullptr ? row_ptr[n] : 0;
+        const int64_t seg_end = row_ptr != nullptr ? row_ptr[n + 1] : 0;
+        sum += row_coef(p.coef, heads, n, seg_begin, seg_end, k);
+      }
+      p.bias_partial[int64_t(blockIdx.x) * heads + k] = sum;
+    }
+  }
+
   const int64_t tile = int64_t(blockIdx.y) * kBackwardThreads * kV;
   const int64_t first = kVec ? tile + int64_t(threadIdx.x) * kV : tile + threadIdx.x;
   if (first >= dim) return;  // no column of this thread is in range
 
   const H* __restrict__ hidden = static_cast<const H*>(hs.data);
   const W* __restrict__ weight = static_cast<const W*>(p.weight);
-  const int64_t* __restrict__ row_ptr = p.coef.row_ptr;
 
   // Scatter of the pooled rows.
   if (p.grad_hidden != nullptr) {
@@ -493,15 +511,24 @@ __global__ void __launch_bounds__(kBackwardThreads) pool_backward_kernel(const B
   }
 }
 
-// grad_weight[i] = sum over row blocks b = 0, 1, ... of partial[b, i] (fixed order), cast to W.
+// Sums over row blocks b = 0, 1, ... in that order: grad_weight[i] = sum_b partial[b, i] (i <
+// size = K*D, cast to W), then grad_bias[k] = sum_b bias_partial[b, k] (k < K).
 template <typename W>
 __global__ void __launch_bounds__(kReduceThreads)
-    reduce_weight_grad_kernel(const float* __restrict__ partial, int64_t row_blocks, int64_t size,
-                              W* __restrict__ grad_weight) {
-  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < size; i += int64_t(gridDim.x) * blockDim.x) {
+    reduce_partials_kernel(const float* __restrict__ partial, const float* __restrict__ bias_partial,
+                           int64_t row_blocks, int64_t size, int64_t heads, W* __restrict__ grad_weight,
+                           float* __restrict__ grad_bias) {
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < size + heads;
+       i += int64_t(gridDim.x) * blockDim.x) {
     float s = 0.f;
-    for (int64_t b = 0; b < row_blocks; ++b) s += partial[b * size + i];
-    from_float(s, grad_weight[i]);
+    if (i < size) {
+      for (int64_t b = 0; b < row_blocks; ++b) s += partial[b * size + i];
+      from_float(s, grad_weight[i]);
+    } else {
+      const int64_t k = i - size;
+      for (int64_t b = 0; b < row_blocks; ++b) s += bias_partial[b * heads + k];
+      grad_bias[k] = s;
+    }
   }
 }
 
@@ -605,13 +632,14 @@ cudaError_t launch_bt_forward(const HiddenArgs& hidden, const HeadArgs& head, co
 }
 
 int64_t pool_backward_scratch_floats(int64_t rows, int64_t heads, int64_t dim) {
-  return backward_plan(rows, heads, dim).row_blocks * heads * dim;
+  return backward_plan(rows, heads, dim).row_blocks * (heads * dim + heads);
 }
 
 cudaError_t launch_pool_backward(const CoefArgs& coef, const HiddenArgs& hidden, const HeadArgs& head,
                                  const int64_t* pooled_pos, void* grad_hidden, int64_t grad_stride_n, float* scratch,
-                                 void* grad_weight, cudaStream_t stream) {
+                                 void* grad_weight, float* grad_bias, cudaStream_t stream) {
   const BackwardPlan plan = backward_plan(hidden.rows, head.heads, hidden.dim);
+  const int64_t size = head.heads * hidden.dim;
   BackwardParams p{};
   p.coef = coef;
   p.hidden = hidden;
@@ -620,15 +648,15 @@ cudaError_t launch_pool_backward(const CoefArgs& coef, const HiddenArgs& hidden,
   p.pooled_pos = pooled_pos;
   p.grad_hidden = grad_hidden;
   p.grad_stride_n = grad_stride_n;
-  p.partial = scratch;
+  p.partial = scratch;  // weight partials first: their rows keep scratch's alignment
+  p.bias_partial = scratch + plan.row_blocks * size;
   p.rows_per_block = plan.rows_per_block;
   return dispatch_types(hidden.dtype, head.weight_f32, [&](auto h, auto w) {
     using H = typename decltype(h)::type;
     using W = typename decltype(w)::type;
-    const int64_t size = head.heads * hidden.dim;
-    // 1) scatter + partial weight gradients.
-    if (plan.row_blocks > 0 && hidden.dim > 0) {
-      const int64_t tiles = ceil_div(hidden.dim, int64_t(kBackwardThreads) * vec_width<H>());
+    // 1) scatter + partial weight and bias gradients (one D tile at least: the bias needs one).
+    if (plan.row_blocks > 0) {
+      const int64_t tiles = max64(1, ceil_div(hidden.dim, int64_t(kBackwardThreads) * vec_width<H>()));
       if (tiles > 65535) return cudaErrorInvalidConfiguration;
       const dim3 grid(unsigned(plan.row_blocks), unsigned(tiles));
       // grad_hidden rows (n*grad_stride_n + pos*D) and partial rows (K*D multiples) keep the
@@ -644,10 +672,10 @@ cudaError_t launch_pool_backward(const CoefArgs& coef, const HiddenArgs& hidden,
       if (err != cudaSuccess) return err;
     }
     // 2) fixed-order reduction over row blocks (zeros when there is no row).
-    if (size > 0) {
-      const int64_t blocks = min64(ceil_div(size, kReduceThreads), int64_t(1) << 16);
-      reduce_weight_grad_kernel<W><<<unsigned(blocks), kReduceThreads, 0, stream>>>(
-          scratch, plan.row_blocks, size, static_cast<W*>(grad_weight));
+    if (size + head.heads > 0) {
+      const int64_t blocks = min64(ceil_div(size + head.heads, kReduceThreads), int64_t(1) << 16);
+      reduce_partials_kernel<W><<<unsigned(blocks), kReduceThreads, 0, stream>>>(
+          p.partial, p.bias_partial, plan.row_blocks, size, head.heads, static_cast<W*>(grad_weight), grad_bias);
     }
     return cudaGetLastError();
   });

@@ -54,19 +54,21 @@ struct CoefArgs {
   int64_t entries;           // length of row_entry (segments are clamped to it)
 };
 
-// Floats of scratch launch_pool_backward needs (weight-gradient partials [row_blocks, K, D]).
+// Floats of scratch launch_pool_backward needs (weight- and bias-gradient partials,
+// [row_blocks, K, D] then [row_blocks, K]).
 int64_t pool_backward_scratch_floats(int64_t rows, int64_t heads, int64_t dim);
 
-// pool_backward, two launches:
+// pool_backward, two launches (rows with pos_n = pooled_pos[n] outside [0, T) are skipped):
 //   grad_hidden (contiguous like hidden, ALREADY ZEROED by the caller; null: not needed):
-//     element n*grad_stride_n + pos_n*D + d = sum_k coef[n, k] * weight[k, d], pos_n =
-//     pooled_pos[n] (grad_stride_n = T*D padded, 0 packed; rows with pos_n < 0 skipped);
-//   grad_weight [K, D] in weight's dtype = sum_n coef[n, k] * hidden[n, pos_n, :]: per-row-block
-//     fp32 partials in `scratch` (pool_backward_scratch_floats()), then a fixed-order reduction
-//     over row blocks. Deterministic: no floating-point atomics. head.bias is not used.
+//     element n*grad_stride_n + pos_n*D + d = sum_k coef[n, k] * weight[k, d]
+//     (grad_stride_n = T*D padded, 0 packed);
+//   grad_weight [K, D] in weight's dtype = sum_n coef[n, k] * hidden[n, pos_n, :] and grad_bias
+//     [K] f32 = sum_n coef[n, k]: per-row-block fp32 partials in `scratch`
+//     (pool_backward_scratch_floats()), then a fixed-order reduction over row blocks.
+//     Deterministic: no floating-point atomics. head.bias is not used.
 cudaError_t launch_pool_backward(const CoefArgs& coef, const HiddenArgs& hidden, const HeadArgs& head,
                                  const int64_t* pooled_pos, void* grad_hidden, int64_t grad_stride_n, float* scratch,
-                                 void* grad_weight, cudaStream_t stream);
+                                 void* grad_weight, float* grad_bias, cudaStream_t stream);
 
 }  // namespace gpu
 }  // namespace prefkernels
