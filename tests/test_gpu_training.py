@@ -9,30 +9,22 @@ import pytest
 import torch
 
 from _rl_fixtures import random_texts, save_reward_checkpoint
+from _train_fixtures import train_config, write_assets
 from prefkernels import backends, score_cli
-from prefkernels.data import synthetic
 from prefkernels.rl import RewardFunction
 from prefkernels.scorer import Scorer
-from prefkernels.tiny import write_tiny_backbone
-from prefkernels.trainer import TrainConfig, Trainer
+from prefkernels.trainer import Trainer
 
 pytestmark = pytest.mark.gpu
 
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("assets")
-    backbone = write_tiny_backbone(root / "backbone", hidden_size=32, layers=2, heads=2, seed=0)
-    files = synthetic.write_splits(root, 600, 200, seed=1)
-    return {"backbone": str(backbone), "train": [str(files["train"])], "valid": [str(files["valid"])]}
+    return write_assets(tmp_path_factory.mktemp("assets"))
 
 
 def cuda_config(assets, output, **overrides):
-    options = dict(backbone=assets["backbone"], train=assets["train"], valid=assets["valid"], output_dir=str(output),
-                   max_length=48, batch_size=16, lr=3e-3, warmup_ratio=0.1, progress=False, log_every=5,
-                   device="cuda")
-    options.update(overrides)
-    return TrainConfig(**options)
+    return train_config(assets, output, **{"device": "cuda", **overrides})
 
 
 def quiet(message):

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from _train_fixtures import train_config as config, write_assets
 from prefkernels import checkpoint, cli, metrics
-from prefkernels.data import read_records, synthetic
+from prefkernels.data import read_records
 from prefkernels.model import RewardModel, load_tokenizer
-from prefkernels.tiny import write_tiny_backbone
 from prefkernels.trainer import RunDirectoryError, TrainConfig, Trainer, WarmupSchedule, disable_dropout, train
 
 
@@ -22,17 +22,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("assets")
-    backbone = write_tiny_backbone(root / "backbone", hidden_size=32, layers=2, heads=2, seed=0)
-    files = synthetic.write_splits(root, 600, 200, seed=1)
-    return {"backbone": str(backbone), "train": [str(files["train"])], "valid": [str(files["valid"])]}
-
-
-def config(assets, output, **overrides):
-    options = dict(backbone=assets["backbone"], train=assets["train"], valid=assets["valid"], output_dir=str(output),
-                   max_length=48, batch_size=16, lr=3e-3, warmup_ratio=0.1, progress=False, log_every=5)
-    options.update(overrides)
-    return TrainConfig(**options)
+    return write_assets(tmp_path_factory.mktemp("assets"))
 
 
 def quiet(message):
