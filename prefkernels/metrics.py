@@ -79,7 +79,7 @@ def score(model, dataset: PreferenceDataset, *, batch_size: int | None = None, m
                                                  pad_token_id)
             with autocast:
                 batch_rewards.append(model(input_ids.to(device), attention_mask.to(device), backend=backend).float())
-    row_rewards = np.empty((len(rows), model.num_heads), dtype=np.float32)
+    row_rewards = np.full((len(rows), model.num_heads), np.nan, dtype=np.float32)  # a row never scored shows
     row_rewards[order] = torch.cat(batch_rewards).cpu().numpy()
     return {example.index: row_rewards[first_row[e]:first_row[e + 1]] for e, example in enumerate(examples)}
 
