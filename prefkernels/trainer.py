@@ -414,6 +414,7 @@ class Trainer:
         self.max_length = self.model.max_length
         self.pad_token_id = pad_token_id(self.tokenizer)
         self.train_data, self.valid_data = self._load_data()
+        self.train_data_record = self._training_data_record()  # constant for the run: saved with each checkpoint
         if saved is not None:
             self._check_same_training_data(saved)
         for note in check_data(self.loss_config, self.train_data.num_ties, self.train_data.has_margin, "train"):
@@ -486,7 +487,7 @@ class Trainer:
         return {"examples": len(self.train_data), "row_tokens": sum(map(sum, self.train_data.row_lengths))}
 
     def _check_same_training_data(self, saved: dict) -> None:
-        recorded, current = saved.get("training_data"), self._training_data_record()
+        recorded, current = saved.get("training_data"), self.train_data_record
         if recorded is not None and recorded != current:  # absent in checkpoints of older versions
             raise RunDirectoryError(
                 f"resume: the training data changed since the checkpoint ({recorded['examples']} examples of "
@@ -823,7 +824,7 @@ class Trainer:
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "rng": list(rng),
                 "state": dict(self.state), "train_sums": list(sums),
                 "metrics_bytes": (self.output_dir / METRICS_FILE).stat().st_size,
-                "world_size": self.dist.world_size, "training_data": self._training_data_record()}
+                "world_size": self.dist.world_size, "training_data": self.train_data_record}
             extra = {"step": self.state["step"], "training": {"loss": self._loss_record(), **self._data_record()}}
             self.model.save_pretrained(str(self.output_dir / CHECKPOINT_DIR), self.tokenizer, extra=extra,
                                        training_state=training_state)
