@@ -171,10 +171,7 @@ def run(shapes, repeats: int, warmup: int, bandwidth: float, on_row, profile_pat
         row = {"shape": f"P={pairs} T={positions} D={dim} {dtype}", "pairs": pairs, "T": positions, "D": dim,
                "dtype": dtype, "grad_buffer_MB": nbytes / 2**20,
                "predicted floor us": predicted_floor_us(nbytes, bandwidth)}
-        steps, errors = common.working_steps(all_steps, batch)
-        for name, error in errors.items():
-            row[f"{name} error"] = error
-            print(f"{row['shape']}: {name} failed, left out: {error}", flush=True)
+        steps = common.working_steps(all_steps, batch, row)
         add_ratios(row, common.time_interleaved(steps, batch, repeats, warmup, cuda_timer), kernels, nbytes, "")
         for name, seconds in common.time_interleaved(steps, batch, repeats, 1, host_timer).items():
             row[f"{name} host us"] = seconds * 1e6

@@ -36,10 +36,7 @@ def run(shapes, repeats: int, warmup: int) -> list[dict]:
         batch = common.make_batch(pairs, positions, dim, dtype, "cpu")
         row = {"shape": f"P={pairs} T={positions} D={dim} {dtype}", "pairs": pairs, "T": positions, "D": dim,
                "dtype": dtype, "grad_buffer_MB": batch["hidden"].numel() * batch["hidden"].element_size() / 2**20}
-        steps, errors = common.working_steps(all_steps, batch)  # e.g. torch 2.6's Inductor fails on compile(eager)
-        for name, error in errors.items():
-            row[f"{name} error"] = error
-            print(f"{row['shape']}: {name} failed, left out: {error}", flush=True)
+        steps = common.working_steps(all_steps, batch, row)  # e.g. torch 2.6's Inductor fails on compile(eager)
         times = common.time_interleaved(steps, batch, repeats, warmup, common.cpu_timer)
         for name, seconds in times.items():
             row[f"{name} ms"] = seconds * 1e3
@@ -65,7 +62,7 @@ def fixed_cost(repeats: int) -> dict:
     per-step cost (Python, autograd, dispatch, small allocations) remains: interleaved (caches
     cold for each method) and each method alone in a loop (warm)."""
     batch = common.make_batch(*FIXED_COST_SHAPE, "cpu")
-    steps, _ = common.working_steps(common.methods(["native"]), batch)
+    steps = common.working_steps(common.methods(["native"]), batch)
     times = common.time_interleaved(steps, batch, repeats, 20, common.cpu_timer)
     alone = {name: common.time_alone(step, batch, repeats, 20, common.cpu_timer) for name, step in steps.items()}
     return {"shape": "P={} T={} D={} {}".format(*FIXED_COST_SHAPE),

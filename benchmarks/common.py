@@ -77,19 +77,21 @@ def methods(kernel_backends: list[str]) -> dict:
     return out
 
 
-def working_steps(steps: dict, batch: dict) -> tuple[dict, dict]:
-    """(the steps that run on ``batch``, {name: error of the others}) after one call of each: a
-    failing method (e.g. torch.compile of a baseline hitting a compiler bug) is reported rather
-    than ending the benchmark."""
-    working, errors = {}, {}
+def working_steps(steps: dict, batch: dict, row: dict | None = None) -> dict:
+    """The steps that run on ``batch``, after one call of each: a failing method (e.g. torch.compile
+    of a baseline hitting a compiler bug) is left out rather than ending the benchmark, and, given
+    a result ``row``, recorded there as ``"<name> error"`` and printed."""
+    working = {}
     for name, step in steps.items():
         reset(batch)
         try:
             step(batch)
             working[name] = step
         except Exception as err:  # any failure of one method: the others are still worth timing
-            errors[name] = f"{type(err).__name__}: {err}"[:300]
-    return working, errors
+            if row is not None:
+                row[f"{name} error"] = f"{type(err).__name__}: {err}"[:300]
+                print(f"{row['shape']}: {name} failed, left out: {row[f'{name} error']}", flush=True)
+    return working
 
 
 def time_interleaved(steps: dict, batch: dict, repeats: int, warmup: int, timer) -> dict:
