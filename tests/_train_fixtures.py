@@ -22,3 +22,11 @@ def train_config(assets: dict, output, **overrides) -> TrainConfig:
                    max_length=48, batch_size=16, lr=3e-3, warmup_ratio=0.1, progress=False, log_every=5)
     options.update(overrides)
     return TrainConfig(**options)
+
+
+def quiet(message):
+    """A ``log`` for train(): print nothing."""
+
+
+class Killed(BaseException):
+    """A kill, as far as the process can tell: nothing after it runs (no ``except Exception`` catches it)."""

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from _rl_fixtures import random_texts, save_reward_checkpoint
-from _train_fixtures import train_config, write_assets
+from _train_fixtures import Killed, quiet, train_config, write_assets
 from prefkernels import backends, score_cli
 from prefkernels.rl import RewardFunction
 from prefkernels.scorer import Scorer
@@ -25,14 +25,6 @@ def assets(tmp_path_factory):
 
 def cuda_config(assets, output, **overrides):
     return train_config(assets, output, **{"device": "cuda", **overrides})
-
-
-def quiet(message):
-    pass
-
-
-class Killed(BaseException):
-    """A kill, as far as the process can tell (no ``except Exception`` catches it)."""
 
 
 def test_training_on_cuda_uses_the_native_op_and_fused_adamw_and_learns(assets, tmp_path, monkeypatch):

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from _train_fixtures import train_config as config, write_assets
+from _train_fixtures import Killed, quiet, train_config as config, write_assets
 from prefkernels import checkpoint, cli, metrics
 from prefkernels.data import read_records
 from prefkernels.model import RewardModel, load_tokenizer
@@ -23,10 +23,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     return write_assets(tmp_path_factory.mktemp("assets"))
-
-
-def quiet(message):
-    pass
 
 
 def test_training_learns_and_writes_the_run(assets, tmp_path):
@@ -289,10 +285,6 @@ def test_validation_of_only_ties_needs_the_loss_metric(assets, tmp_path):
     result = train(config(assets, tmp_path / "run", early_stopping_metric="loss", **options), log=messages.append)
     assert result.metrics["accuracy"] is None and math.isfinite(result.metrics["loss"])
     assert any("validation accuracy n/a" in message for message in messages)
-
-
-class Killed(BaseException):
-    """A kill, as far as the process can tell: nothing after it runs (no ``except Exception`` catches it)."""
 
 
 def test_a_kill_between_the_two_checkpoint_renames_loses_nothing(assets, tmp_path, monkeypatch):
