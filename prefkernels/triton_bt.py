@@ -4,18 +4,19 @@ Read top-down: scalar math and per-row helpers (``@triton.jit`` functions), kern
 launchers, then the three ops ``prefkernels::triton_{bt_forward,pool_forward,pool_backward}``
 with the schemas of csrc/ops.cpp and the semantics of csrc/cpu/bt_cpu.cpp (the reference).
 
-- Forward, default pairs: ONE launch, one program per pair: it pools the chosen row p and the
-  rejected row p + P, computes the K rewards of both and the pair's loss and gradient
-  coefficients. Explicit pairs: one program per row (rewards, pooled_pos), then one small
-  per-pair kernel. ``pool_forward``: one program per row.
-- Backward: a zero-filled grad buffer (cleared as 4-byte words, ``_zeros_at_word_speed``), then
-  ONE launch over (row block of up to 32 rows, D tile), each program one [rows, D tile] tile: it
-  scatters the pooled rows' gradient and writes its row block's partial weight and bias
-  gradients (fp32) to a scratch [row_blocks, K*D + K] buffer, then a fixed-order second-stage
-  sum of the partials into grad_weight (weight's dtype) and grad_bias. With a single row block
-  (N <= 32) the kernel writes both directly and there is no second launch. No float atomics
-  anywhere: two runs are bitwise equal. The CSR sums of explicit pairs run in row_entry order,
-  as the CPU op.
+- Forward: ONE launch. Default pairs (even N): one program per pair; it pools the chosen row p
+  and the rejected row p + P, computes the K rewards of both and the pair's loss and gradient
+  coefficients. Explicit pairs (or an odd N): one program per row (rewards, pooled_pos), then one
+  per pair, which pools its two rows again rather than wait for theirs. ``pool_forward``: one
+  program per row.
+- Backward: ONE zero-filled allocation (the grad buffer, then the tiles' int32 tickets; cleared
+  as 4-byte words), then ONE launch over (row block of up to 32 rows, D tile), each program one
+  [rows, D tile] tile: it scatters the pooled rows' gradient and writes its row block's partial
+  weight and bias gradients (fp32) to scratch; the last program of each D tile to finish sums
+  every row block's partials, in row-block order, into grad_weight (weight's dtype) and
+  grad_bias. With a single row block (N <= 32) the program writes both directly. No float
+  atomics anywhere: two runs are bitwise equal. The CSR sums of explicit pairs run in row_entry
+  order, as the CPU op.
 - Hidden is addressed as ``n * stride_n + pos * stride_t + d`` with int64 offsets; packed
   [total, D] hidden (``cu_seqlens``) pools row ``cu[n+1] - 1`` with ``stride_n = 0``.
 
@@ -126,6 +127,34 @@ def _row_rewards(n, pos, valid, hidden_ptr, weight_ptr, bias_ptr, stride_n, stri
     return tl.where(valid, acc, float("nan"))
 
 
+@triton.jit
+def _pool_row(n, hidden_ptr, weight_ptr, bias_ptr, mask_ptr, index_ptr, positions, D, K, stride_n, stride_t,
+              POOL_MODE: tl.constexpr, HAS_BIAS: tl.constexpr,
+              BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    """(pooled position int64, -1 for an invalid row; rewards [BLOCK_K] fp32) of row n."""
+    pos, valid = _pooled_position(n, mask_ptr, index_ptr, positions, POOL_MODE, BLOCK_T)
+    rewards = _row_rewards(n, pos, valid, hidden_ptr, weight_ptr, bias_ptr, stride_n, stride_t, D, K,
+                           HAS_BIAS, BLOCK_K, BLOCK_D)
+    return pos, rewards
+
+
+@triton.jit
+def _store_pair(q, r_c, r_r, margin_ptr, loss_ptr, pair_grad_ptr, P, K, label_smoothing, center_coef,
+                HAS_MARGIN: tl.constexpr, BLOCK_K: tl.constexpr):
+    """loss[q, :] and pair_grad[:, q, :] of pair q from its chosen and rejected rewards [BLOCK_K]."""
+    offs_k = tl.arange(0, BLOCK_K)
+    k_mask = offs_k < K
+    if HAS_MARGIN:
+        margin = tl.load(margin_ptr + q)
+    else:
+        margin = 0.0
+    loss, g_c, g_r = _bt_pair(r_c, r_r, margin, label_smoothing, center_coef)
+    out = q * K + offs_k
+    tl.store(loss_ptr + out, loss, mask=k_mask)
+    tl.store(pair_grad_ptr + out, g_c, mask=k_mask)
+    tl.store(pair_grad_ptr + P * K + out, g_r, mask=k_mask)
+
+
 # ---------------------------------------------------------------------------------------------
 # Forward kernels.
 # ---------------------------------------------------------------------------------------------
@@ -143,79 +172,58 @@ def _bt_default_pairs_kernel(
     k_mask = offs_k < K
     c = p
     r = p + P
-    pos_c, valid_c = _pooled_position(c, mask_ptr, index_ptr, positions, POOL_MODE, BLOCK_T)
-    pos_r, valid_r = _pooled_position(r, mask_ptr, index_ptr, positions, POOL_MODE, BLOCK_T)
-    r_c = _row_rewards(c, pos_c, valid_c, hidden_ptr, weight_ptr, bias_ptr, stride_n, stride_t, D, K,
-                       HAS_BIAS, BLOCK_K, BLOCK_D)
-    r_r = _row_rewards(r, pos_r, valid_r, hidden_ptr, weight_ptr, bias_ptr, stride_n, stride_t, D, K,
-                       HAS_BIAS, BLOCK_K, BLOCK_D)
+    pos_c, r_c = _pool_row(c, hidden_ptr, weight_ptr, bias_ptr, mask_ptr, index_ptr, positions, D, K, stride_n,
+                           stride_t, POOL_MODE, HAS_BIAS, BLOCK_T, BLOCK_K, BLOCK_D)
+    pos_r, r_r = _pool_row(r, hidden_ptr, weight_ptr, bias_ptr, mask_ptr, index_ptr, positions, D, K, stride_n,
+                           stride_t, POOL_MODE, HAS_BIAS, BLOCK_T, BLOCK_K, BLOCK_D)
     tl.store(rewards_ptr + c * K + offs_k, r_c, mask=k_mask)
     tl.store(rewards_ptr + r * K + offs_k, r_r, mask=k_mask)
     tl.store(pooled_pos_ptr + c, pos_c)
     tl.store(pooled_pos_ptr + r, pos_r)
-    if HAS_MARGIN:
-        margin = tl.load(margin_ptr + p)
-    else:
-        margin = 0.0
-    loss, g_c, g_r = _bt_pair(r_c, r_r, margin, label_smoothing, center_coef)
-    out = p * K + offs_k
-    tl.store(loss_ptr + out, loss, mask=k_mask)
-    tl.store(pair_grad_ptr + out, g_c, mask=k_mask)
-    tl.store(pair_grad_ptr + P * K + out, g_r, mask=k_mask)
+    _store_pair(p, r_c, r_r, margin_ptr, loss_ptr, pair_grad_ptr, P, K, label_smoothing, center_coef, HAS_MARGIN,
+                BLOCK_K)
 
 
 @triton.jit
-def _pool_rows_kernel(
+def _pool_kernel(
     hidden_ptr, weight_ptr, bias_ptr, mask_ptr, index_ptr, rewards_ptr, pooled_pos_ptr,
-    positions, D, K, stride_n, stride_t,
-    POOL_MODE: tl.constexpr, HAS_BIAS: tl.constexpr,
+    chosen_ptr, rejected_ptr, margin_ptr, loss_ptr, pair_grad_ptr,
+    N, P, positions, D, K, stride_n, stride_t, label_smoothing, center_coef,
+    PAIR_MODE: tl.constexpr, POOL_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MARGIN: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """One program per row n: rewards[n, :] and pooled_pos[n]."""
-    n = tl.program_id(0).to(tl.int64)
+    """Programs n < N: rewards[n, :] and pooled_pos[n] of row n. With pairs (PAIR_MODE 1: default
+    (q, q + P); 2: chosen/rejected [P]) programs N + q also compute pair q: they pool its two rows
+    again (the same code, so the same rewards) rather than wait for the row programs, so the whole
+    forward is one launch. A pair with an index outside [0, N) gets NaN loss and zero pair_grad."""
+    pid = tl.program_id(0).to(tl.int64)
     offs_k = tl.arange(0, BLOCK_K)
-    pos, valid = _pooled_position(n, mask_ptr, index_ptr, positions, POOL_MODE, BLOCK_T)
-    rewards = _row_rewards(n, pos, valid, hidden_ptr, weight_ptr, bias_ptr, stride_n, stride_t, D, K,
-                           HAS_BIAS, BLOCK_K, BLOCK_D)
-    tl.store(rewards_ptr + n * K + offs_k, rewards, mask=offs_k < K)
-    tl.store(pooled_pos_ptr + n, pos)
-
-
-@triton.jit
-def _bt_pairs_kernel(
-    rewards_ptr, chosen_ptr, rejected_ptr, margin_ptr, loss_ptr, pair_grad_ptr,
-    P, N, K, label_smoothing, center_coef,
-    DEFAULT_PAIRS: tl.constexpr, HAS_MARGIN: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    """BLOCK_P pairs per program from rewards [N, K]: loss, pair_grad; NaN/0 for bad indices."""
-    offs_p = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
-    offs_k = tl.arange(0, BLOCK_K)
-    p_mask = offs_p < P
     k_mask = offs_k < K
-    if DEFAULT_PAIRS:
-        c = offs_p
-        r = offs_p + P
-    else:
-        c = tl.load(chosen_ptr + offs_p, mask=p_mask, other=0)
-        r = tl.load(rejected_ptr + offs_p, mask=p_mask, other=0)
-    valid = (c >= 0) & (c < N) & (r >= 0) & (r < N)
-    if HAS_MARGIN:
-        margin = tl.load(margin_ptr + offs_p, mask=p_mask, other=0.0)
-    else:
-        margin = tl.zeros([BLOCK_P], dtype=tl.float32)
-    load_mask = (p_mask & valid)[:, None] & k_mask[None, :]
-    r_c = tl.load(rewards_ptr + c[:, None] * K + offs_k[None, :], mask=load_mask, other=0.0)
-    r_r = tl.load(rewards_ptr + r[:, None] * K + offs_k[None, :], mask=load_mask, other=0.0)
-    loss, g_c, g_r = _bt_pair(r_c, r_r, margin[:, None], label_smoothing, center_coef)
-    ok = valid[:, None]
-    loss = tl.where(ok, loss, float("nan"))
-    g_c = tl.where(ok, g_c, 0.0)
-    g_r = tl.where(ok, g_r, 0.0)
-    out = offs_p[:, None] * K + offs_k[None, :]
-    store_mask = p_mask[:, None] & k_mask[None, :]
-    tl.store(loss_ptr + out, loss, mask=store_mask)
-    tl.store(pair_grad_ptr + out, g_c, mask=store_mask)
-    tl.store(pair_grad_ptr + P * K + out, g_r, mask=store_mask)
+    if pid < N:
+        pos, rewards = _pool_row(pid, hidden_ptr, weight_ptr, bias_ptr, mask_ptr, index_ptr, positions, D, K,
+                                 stride_n, stride_t, POOL_MODE, HAS_BIAS, BLOCK_T, BLOCK_K, BLOCK_D)
+        tl.store(rewards_ptr + pid * K + offs_k, rewards, mask=k_mask)
+        tl.store(pooled_pos_ptr + pid, pos)
+    elif PAIR_MODE != 0:
+        q = pid - N
+        if PAIR_MODE == 1:
+            c = q
+            r = q + P
+        else:
+            c = tl.load(chosen_ptr + q)
+            r = tl.load(rejected_ptr + q)
+        if (c >= 0) & (c < N) & (r >= 0) & (r < N):
+            _, r_c = _pool_row(c, hidden_ptr, weight_ptr, bias_ptr, mask_ptr, index_ptr, positions, D, K, stride_n,
+                               stride_t, POOL_MODE, HAS_BIAS, BLOCK_T, BLOCK_K, BLOCK_D)
+            _, r_r = _pool_row(r, hidden_ptr, weight_ptr, bias_ptr, mask_ptr, index_ptr, positions, D, K, stride_n,
+                               stride_t, POOL_MODE, HAS_BIAS, BLOCK_T, BLOCK_K, BLOCK_D)
+            _store_pair(q, r_c, r_r, margin_ptr, loss_ptr, pair_grad_ptr, P, K, label_smoothing, center_coef,
+                        HAS_MARGIN, BLOCK_K)
+        else:
+            out = q * K + offs_k
+            tl.store(loss_ptr + out, tl.full([BLOCK_K], float("nan"), tl.float32), mask=k_mask)
+            tl.store(pair_grad_ptr + out, tl.zeros([BLOCK_K], tl.float32), mask=k_mask)
+            tl.store(pair_grad_ptr + P * K + out, tl.zeros([BLOCK_K], tl.float32), mask=k_mask)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -224,20 +232,22 @@ def _bt_pairs_kernel(
 @triton.jit
 def _pool_backward_kernel(
     grad_coef_ptr, row_ptr_ptr, row_entry_ptr, hidden_ptr, weight_ptr, pooled_pos_ptr,
-    grad_hidden_ptr, partial_ptr, bias_partial_ptr,
-    N, D, K, positions, coef_rows, entries, stride_n, stride_t, grad_stride_n, partial_stride,
-    HAS_CSR: tl.constexpr, NEED_GRAD_HIDDEN: tl.constexpr,
+    grad_hidden_ptr, grad_weight_ptr, grad_bias_ptr, partial_ptr, bias_partial_ptr, tile_done_ptr,
+    N, D, K, positions, coef_rows, entries, stride_n, stride_t, grad_stride_n, row_blocks,
+    HAS_CSR: tl.constexpr, NEED_GRAD_HIDDEN: tl.constexpr, ONE_BLOCK: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Program (b, j): rows [b*BLOCK_N, (b+1)*BLOCK_N) x D tile j, as one [BLOCK_N, BLOCK_D] tile.
 
     coef[n, :] = grad_coef[n, :], or the sum of the row's CSR entries in order (as the CPU op);
-    grad_hidden[n, pos_n, d] = sum_k coef[n, k] * weight[k, d] for rows with pos_n in [0, positions);
-    partial[b, k, d] = sum over the block's such rows of coef[n, k] * hidden[n, pos_n, d], and
-    (programs of tile 0) bias_partial[b, k] = sum over them of coef[n, k]; row block b of either
-    starts at b * partial_stride. With a single row block ``partial_ptr`` is grad_weight itself
-    (cast to its dtype) and ``bias_partial_ptr`` grad_bias. CSR segment bounds and entries outside
-    [0, entries) / [0, coef_rows) are skipped, as by the CPU and CUDA ops.
+    grad_hidden[n, pos_n, d] = sum_k coef[n, k] * weight[k, d] for rows with pos_n in [0, positions).
+    Weight and bias gradients: with one row block the program writes them directly; else it writes
+    its row block's fp32 partials, partial[b, k, d] = sum over the block's such rows of coef[n, k] *
+    hidden[n, pos_n, d] and (tile 0) bias_partial[b, k] = sum of coef[n, k], and the last program
+    of tile j to finish (a ticket from the zeroed int32 tile_done[j]) sums the partials of all row
+    blocks in order b = 0, 1, ... into grad_weight's tile (and grad_bias): one launch, no float
+    atomics. CSR segment bounds and entries outside [0, entries) / [0, coef_rows) are skipped, as
+    by the CPU and CUDA ops.
     """
     pid_b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
@@ -266,7 +276,11 @@ def _pool_backward_kernel(
                        mask=n_mask[:, None] & k_mask[None, :], other=0.0)
     coef = tl.where(valid[:, None], coef, 0.0)  # a skipped row adds nothing, even with a NaN coef
     if pid_d == 0:
-        tl.store(bias_partial_ptr + pid_b * partial_stride + offs_k, tl.sum(coef, axis=0), mask=k_mask)
+        bias_sum = tl.sum(coef, axis=0)
+        if ONE_BLOCK:
+            tl.store(grad_bias_ptr + offs_k, bias_sum, mask=k_mask)
+        else:
+            tl.store(bias_partial_ptr + pid_b * K + offs_k, bias_sum, mask=k_mask)
     row_mask = valid[:, None] & d_mask[None, :]
     h = tl.load(hidden_ptr + (offs_n * stride_n + safe_pos * stride_t)[:, None] + offs_d[None, :],
                 mask=row_mask, other=0.0).to(tl.float32)
@@ -274,31 +288,32 @@ def _pool_backward_kernel(
     for k in range(0, K):
         coef_k = tl.sum(tl.where(offs_k[None, :] == k, coef, 0.0), axis=1)
         grad_w = tl.sum(coef_k[:, None] * h, axis=0)
-        tl.store(partial_ptr + pid_b * partial_stride + k * D + offs_d, grad_w.to(partial_ptr.dtype.element_ty),
-                 mask=d_mask)
+        if ONE_BLOCK:
+            tl.store(grad_weight_ptr + k * D + offs_d, grad_w.to(grad_weight_ptr.dtype.element_ty), mask=d_mask)
+        else:
+            tl.store(partial_ptr + (pid_b * K + k) * D + offs_d, grad_w, mask=d_mask)
         if NEED_GRAD_HIDDEN:
             w = tl.load(weight_ptr + k * D + offs_d, mask=d_mask, other=0.0).to(tl.float32)
             g += coef_k[:, None] * w[None, :]
     if NEED_GRAD_HIDDEN:
         tl.store(grad_hidden_ptr + (offs_n * grad_stride_n + safe_pos * D)[:, None] + offs_d[None, :],
                  g.to(grad_hidden_ptr.dtype.element_ty), mask=row_mask)
-
-
-@triton.jit
-def _sum_partials_kernel(partial_ptr, weight_out_ptr, bias_out_ptr, num_blocks, numel_weight, numel,
-                         BLOCK_B: tl.constexpr, BLOCK: tl.constexpr):
-    """s[i] = sum over b of partial[b, i] ([BLOCK_B, BLOCK] tiles, fixed order) for i < numel; the
-    first numel_weight go to weight_out (in its dtype), the rest to bias_out (float32)."""
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    m = offs < numel
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for b0 in range(0, num_blocks, BLOCK_B):
-        b = b0 + tl.arange(0, BLOCK_B)
-        tile = tl.load(partial_ptr + b.to(tl.int64)[:, None] * numel + offs[None, :],
-                       mask=(b < num_blocks)[:, None] & m[None, :], other=0.0)
-        acc += tl.sum(tile, axis=0)
-    tl.store(weight_out_ptr + offs, acc.to(weight_out_ptr.dtype.element_ty), mask=m & (offs < numel_weight))
-    tl.store(bias_out_ptr + (offs - numel_weight), acc, mask=m & (offs >= numel_weight))
+    if not ONE_BLOCK:
+        tl.debug_barrier()  # every thread's partial stores precede the ticket (released with it)
+        ticket = tl.atomic_add(tile_done_ptr + pid_d, 1, sem="acq_rel")
+        if ticket == row_blocks - 1:  # the other row blocks of this tile are done: sum them all
+            for k in range(0, K):
+                acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+                for b in range(0, row_blocks):
+                    acc += tl.load(partial_ptr + (b * K + k) * D + offs_d, mask=d_mask, other=0.0,
+                                   cache_modifier=".cg")
+                tl.store(grad_weight_ptr + k * D + offs_d, acc.to(grad_weight_ptr.dtype.element_ty), mask=d_mask)
+            if pid_d == 0:
+                bias_acc = tl.zeros([BLOCK_K], dtype=tl.float32)
+                for b in range(0, row_blocks):
+                    bias_acc += tl.load(bias_partial_ptr + b * K + offs_k, mask=k_mask, other=0.0,
+                                        cache_modifier=".cg")
+                tl.store(grad_bias_ptr + offs_k, bias_acc, mask=k_mask)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -309,8 +324,6 @@ _MAX_TILE = 8192           # forward: BLOCK_K * BLOCK_D register tile budget
 _MAX_BLOCK_T = 4096        # forward: mask positions per tile
 _MAX_BLOCK_N = 32          # backward: rows per program (one [BLOCK_N, BLOCK_D] tile); tuned on H200
 _BWD_TILE = 4096           # backward: BLOCK_N * BLOCK_D
-_MAX_BLOCK_B = 64          # second stage: partial rows summed per tile
-_SUM_TILE = 4096           # second stage: BLOCK_B * BLOCK
 
 
 def _new(shape, like: Tensor, dtype: torch.dtype) -> Tensor:
@@ -318,13 +331,18 @@ def _new(shape, like: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.empty(shape, device=like.device, dtype=dtype)
 
 
-def _zeros_at_word_speed(like: Tensor) -> Tensor:
-    """A contiguous zero tensor shaped like ``like``, cleared as 4-byte words when its size allows:
-    zero bits are 0.0 in every float type, and PyTorch's fill runs slower on 2-byte types."""
-    out = _new(like.shape, like, like.dtype)
-    flat = out.view(-1)
-    (flat.view(torch.int32) if flat.numel() * flat.element_size() % 4 == 0 else flat).zero_()
-    return out
+def _zeroed_grad_buffer(hidden: Tensor, need_grad_hidden: bool, counters: int):
+    """(grad_hidden, counters) from ONE zero-filled allocation, cleared as 4-byte words (zero bits
+    are 0.0 in every float type, and PyTorch's fill runs slower on 2-byte types): a contiguous
+    grad_hidden shaped like ``hidden`` ([0] when not needed), padded to 16 bytes, then
+    ``counters`` int32 (None when 0), so the backward's tile tickets cost no launch of their own."""
+    grad_bytes = hidden.numel() * hidden.element_size() if need_grad_hidden else 0
+    grad_words = triton.cdiv(grad_bytes, 16) * 4
+    words = _new((grad_words + counters,), hidden, torch.int32)
+    words.zero_()
+    grad_hidden = (words.view(torch.uint8)[:grad_bytes].view(hidden.dtype).view(hidden.shape) if need_grad_hidden
+                   else hidden.new_empty((0,)))
+    return grad_hidden, (words[grad_words:] if counters else None)
 
 
 def _device(t: Tensor):
@@ -395,13 +413,21 @@ def _pool_args(hidden, weight, bias, attention_mask, last_index, cu_seqlens):
                 has_bias=bias is not None, block_t=block_t, block_k=block_k, block_d=block_d)
 
 
-def _launch_pool_rows(hidden, weight, a, rewards, pooled_pos):
-    if a["rows"] == 0:
+def _launch_pool(hidden, weight, a, rewards, pooled_pos, pair_mode=0, pairs=0, chosen=None, rejected=None,
+                 margin=None, loss=None, pair_grad=None, label_smoothing=0.0, center_coef=0.0):
+    """One _pool_kernel launch: the N rows, then (pair_mode 1 or 2) the P pairs."""
+    programs = a["rows"] + (pairs if pair_mode else 0)
+    if programs == 0:
         return
-    _pool_rows_kernel[(a["rows"],)](
+    placeholder = rewards  # pointers a pair mode does not read
+    _pool_kernel[(programs,)](
         hidden, weight, a["bias_ptr"], a["mask_ptr"], a["index_ptr"], rewards, pooled_pos,
-        a["positions"], a["D"], a["K"], a["stride_n"], a["stride_t"],
-        POOL_MODE=a["mode"], HAS_BIAS=a["has_bias"],
+        chosen if chosen is not None else placeholder, rejected if rejected is not None else placeholder,
+        margin if margin is not None else placeholder, loss if loss is not None else placeholder,
+        pair_grad if pair_grad is not None else placeholder,
+        a["rows"], pairs, a["positions"], a["D"], a["K"], a["stride_n"], a["stride_t"],
+        float(label_smoothing), float(center_coef),
+        PAIR_MODE=pair_mode, POOL_MODE=a["mode"], HAS_BIAS=a["has_bias"], HAS_MARGIN=margin is not None,
         BLOCK_T=a["block_t"], BLOCK_K=a["block_k"], BLOCK_D=a["block_d"],
         num_warps=_warps(max(a["block_k"] * a["block_d"], a["block_t"])),
     )
@@ -428,31 +454,22 @@ def bt_forward(hidden, weight, bias, attention_mask, last_index, cu_seqlens, cho
     rewards = _new((rows, K), hidden, torch.float32)
     pair_grad = _new((2, P, K), hidden, torch.float32)
     pooled_pos = _new((rows,), hidden, torch.int64)
-    margin_ptr = margin if margin is not None else rewards
     with _device(hidden):
-        if not explicit and rows % 2 == 0:
+        if not explicit and rows % 2 == 0:  # one program per pair pools both of its rows
             if P > 0:
                 _bt_default_pairs_kernel[(P,)](
-                    hidden, weight, a["bias_ptr"], a["mask_ptr"], a["index_ptr"], margin_ptr,
-                    loss, rewards, pair_grad, pooled_pos,
+                    hidden, weight, a["bias_ptr"], a["mask_ptr"], a["index_ptr"],
+                    margin if margin is not None else rewards, loss, rewards, pair_grad, pooled_pos,
                     P, a["positions"], a["D"], K, a["stride_n"], a["stride_t"],
                     float(label_smoothing), float(center_coef),
                     POOL_MODE=a["mode"], HAS_BIAS=a["has_bias"], HAS_MARGIN=margin is not None,
                     BLOCK_T=a["block_t"], BLOCK_K=a["block_k"], BLOCK_D=a["block_d"],
                     num_warps=_warps(max(a["block_k"] * a["block_d"], a["block_t"])),
                 )
-            return loss, rewards, pair_grad, pooled_pos
-        _launch_pool_rows(hidden, weight, a, rewards, pooled_pos)
-        if P > 0:
-            block_k = a["block_k"]
-            block_p = max(1, min(triton.next_power_of_2(P), 1024 // block_k))
-            _bt_pairs_kernel[(triton.cdiv(P, block_p),)](
-                rewards, chosen_index if explicit else rewards, rejected_index if explicit else rewards,
-                margin_ptr, loss, pair_grad,
-                P, rows, K, float(label_smoothing), float(center_coef),
-                DEFAULT_PAIRS=not explicit, HAS_MARGIN=margin is not None,
-                BLOCK_P=block_p, BLOCK_K=block_k, num_warps=4,
-            )
+        else:  # explicit pairs, or an odd N: programs for the rows, then for the pairs
+            _launch_pool(hidden, weight, a, rewards, pooled_pos, pair_mode=2 if explicit else 1, pairs=P,
+                         chosen=chosen_index, rejected=rejected_index, margin=margin, loss=loss,
+                         pair_grad=pair_grad, label_smoothing=label_smoothing, center_coef=center_coef)
     return loss, rewards, pair_grad, pooled_pos
 
 
@@ -461,7 +478,7 @@ def pool_forward(hidden, weight, bias, attention_mask, last_index, cu_seqlens):
     rewards = _new((a["rows"], a["K"]), hidden, torch.float32)
     pooled_pos = _new((a["rows"],), hidden, torch.int64)
     with _device(hidden):
-        _launch_pool_rows(hidden, weight, a, rewards, pooled_pos)
+        _launch_pool(hidden, weight, a, rewards, pooled_pos)
     return rewards, pooled_pos
 
 
@@ -490,44 +507,36 @@ def pool_backward(grad_coef, row_ptr, row_entry, hidden, weight, pooled_pos, nee
     if pooled_pos.dtype != torch.int64 or not pooled_pos.is_contiguous():
         raise RuntimeError("pooled_pos: expected int64")
 
-    grad_hidden = _zeros_at_word_speed(hidden) if need_grad_hidden else hidden.new_empty((0,))
     grad_weight = _new(weight.shape, weight, weight.dtype)  # weight is contiguous
     grad_bias = _new((K,), hidden, torch.float32)
+    block_n = min(triton.next_power_of_2(max(rows, 1)), _MAX_BLOCK_N)
+    block_k = triton.next_power_of_2(max(K, 1))
+    block_d = min(triton.next_power_of_2(max(D, 1)), max(16, _BWD_TILE // block_n))
+    row_blocks, d_tiles = triton.cdiv(rows, block_n), max(1, triton.cdiv(D, block_d))
+    grad_hidden, tile_done = _zeroed_grad_buffer(hidden, need_grad_hidden, d_tiles if row_blocks > 1 else 0)
     if K == 0:
         return grad_hidden, grad_weight, grad_bias
     if rows == 0:
         grad_weight.zero_()
         grad_bias.zero_()
         return grad_hidden, grad_weight, grad_bias
-    block_n = min(triton.next_power_of_2(rows), _MAX_BLOCK_N)
-    block_k = triton.next_power_of_2(K)
-    block_d = min(triton.next_power_of_2(max(D, 1)), max(16, _BWD_TILE // block_n))
-    row_blocks, d_tiles = triton.cdiv(rows, block_n), max(1, triton.cdiv(D, block_d))
-    # One row block: the kernel writes grad_weight and grad_bias directly; else fp32 partials, row
-    # block b's [K*D weight | K bias] at b * (K*D + K), then one fixed-order sum into both.
-    numel_weight = K * D
-    if row_blocks == 1:
-        partial, bias_partial = grad_weight, grad_bias
-    else:
-        partial = _new((row_blocks, numel_weight + K), hidden, torch.float32)
-        bias_partial = partial.view(-1)[numel_weight:]
+    # Several row blocks: fp32 partials, [row_blocks, K, D] weight then [row_blocks, K] bias
+    # (one block writes grad_weight and grad_bias directly; the pointers are then placeholders).
+    partial = bias_partial = grad_weight
+    if row_blocks > 1:
+        scratch = _new((row_blocks * K * (D + 1),), hidden, torch.float32)
+        partial, bias_partial = scratch[:row_blocks * K * D], scratch[row_blocks * K * D:]
     with _device(hidden):
         _pool_backward_kernel[(row_blocks, d_tiles)](
             grad_coef, row_ptr if row_ptr is not None else grad_coef,
             row_entry if row_entry is not None else grad_coef,
-            hidden, weight, pooled_pos, grad_hidden if need_grad_hidden else grad_coef, partial, bias_partial,
+            hidden, weight, pooled_pos, grad_hidden if need_grad_hidden else grad_coef, grad_weight, grad_bias,
+            partial, bias_partial, tile_done if tile_done is not None else grad_coef,
             rows, D, K, positions, grad_coef.shape[0], row_entry.shape[0] if row_entry is not None else 0,
-            stride_n, stride_t, positions * D if hidden.dim() == 3 else 0, numel_weight + K,
-            HAS_CSR=row_ptr is not None, NEED_GRAD_HIDDEN=bool(need_grad_hidden),
+            stride_n, stride_t, positions * D if hidden.dim() == 3 else 0, row_blocks,
+            HAS_CSR=row_ptr is not None, NEED_GRAD_HIDDEN=bool(need_grad_hidden), ONE_BLOCK=row_blocks == 1,
             BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=block_d, num_warps=_warps(block_n * block_d),
         )
-        if row_blocks > 1:
-            numel = numel_weight + K
-            block_b = min(triton.next_power_of_2(row_blocks), _MAX_BLOCK_B)
-            block = min(triton.next_power_of_2(numel), max(16, _SUM_TILE // block_b))
-            _sum_partials_kernel[(triton.cdiv(numel, block),)](partial, grad_weight, grad_bias, row_blocks,
-                                                              numel_weight, numel, BLOCK_B=block_b, BLOCK=block,
-                                                              num_warps=4)
     return grad_hidden, grad_weight, grad_bias
 
 

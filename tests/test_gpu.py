@@ -95,6 +95,73 @@ def test_cuda_torch_compile_fullgraph(backend):
         torch.testing.assert_close(got, want)
 
 
+def device_activities(fn):
+    """Names of the device-side activities (kernels, memsets, copies) that ``fn()`` runs."""
+    from torch.profiler import ProfilerActivity, profile
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+
+def op_args(case, device="cuda"):
+    """(forward args of bt_forward, heads) for ``case``, pooling by attention mask."""
+    inputs = make_inputs(case, device=device)
+    kw = inputs["kwargs"]
+    return (inputs["hidden"], inputs["weight"], inputs["bias"], kw["attention_mask"], None, None,
+            kw.get("chosen_index"), kw.get("rejected_index"), kw.get("margin"), 0.1, 0.01), case.heads
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("pairs", ["default", "shared"])
+def test_cuda_forward_and_backward_are_one_launch_each(backend, pairs):
+    """The issue's launch structure, counted by the profiler: bt_forward is ONE kernel for default
+    and explicit pairs; pool_backward is the grad buffer's clear plus ONE kernel, with many row
+    blocks and several D tiles (the last block of each tile sums the partials)."""
+    ops = require(backend)
+    args, heads = op_args(Case(dtype=torch.bfloat16, heads=2, rows=96, positions=64, dim=2560, pairs=pairs,
+                               margin=True))
+    pooled_pos = ops.bt_forward(*args)[3]  # warm-up (Triton compiles here)
+    coef = torch.rand(args[0].shape[0], heads, device="cuda") + 0.5
+    ops.pool_backward(coef, None, None, args[0], args[1], pooled_pos, True)
+    forward = device_activities(lambda: ops.bt_forward(*args))
+    assert len(forward) == 1, forward
+    backward = device_activities(lambda: ops.pool_backward(coef, None, None, args[0], args[1], pooled_pos, True))
+    assert len(backward) == 2 and sum("pool_backward_kernel" in name for name in backward) == 1, backward
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_cuda_graph_replays_are_bitwise_eager(backend):
+    """bt_forward + pool_backward captured in a CUDA graph and replayed 3 times: each replay equals
+    the eager call bit for bit (the backward's tile tickets are cleared by the captured memset, so a
+    replay never starts from the last one's counts)."""
+    ops = require(backend)
+    args, heads = op_args(Case(dtype=torch.bfloat16, heads=3, rows=128, positions=64, dim=2048))
+
+    def step():
+        loss, rewards, pair_grad, pooled_pos = ops.bt_forward(*args)
+        grads = ops.pool_backward(pair_grad.reshape(-1, heads), None, None, args[0], args[1], pooled_pos, True)
+        return (loss, rewards, *grads)
+
+    eager = step()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    for replay in range(3):
+        for t in captured:
+            t.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        for i, (got, want) in enumerate(zip(captured, eager)):
+            assert torch.equal(got, want), f"replay {replay}, output {i}"
+
+
 def test_auto_picks_native_cuda_then_triton():
     ops = backends.select("auto", torch.device("cuda"))
     expected = "native" if backends.native_has_cuda() else ("triton" if backends.triton_ops() else None)

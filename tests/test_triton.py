@@ -19,7 +19,7 @@ from prefkernels import backends, reference  # noqa: E402
 from prefkernels import triton_bt  # noqa: E402
 
 OPS = backends.triton_ops()  # registers fake kernels + autograd for the triton ops
-INTERPRETED = type(triton_bt._pool_rows_kernel).__name__ == "InterpretedFunction"
+INTERPRETED = type(triton_bt._pool_kernel).__name__ == "InterpretedFunction"
 DEVICE = "cpu" if INTERPRETED else ("cuda" if torch.cuda.is_available() else None)
 INTERPRETER_PROBLEM = backends.triton_interpreter_problem() if INTERPRETED else None
 pytestmark = [pytest.mark.skipif(DEVICE is None, reason="Triton needs CUDA, or TRITON_INTERPRET=1 set before import"),
@@ -200,14 +200,12 @@ def test_pool_score_matches_reference(dtype, K, pooling):
 @pytest.mark.parametrize("max_block_n", [2, 4, 32])
 def test_small_tiles_and_row_blocks(monkeypatch, max_block_n, K, pairs):
     """Several D tiles (odd tail) and mask tiles; in the backward, several row blocks (2: three
-    blocks, summed two partial rows per tile; 4: a partial last block) or one block (32) that
-    writes grad_weight directly."""
+    blocks whose partials the last program of each D tile sums; 4: a partial last block) or one
+    block (32) that writes grad_weight directly."""
     monkeypatch.setattr(triton_bt, "_MAX_BLOCK_D", 16)
     monkeypatch.setattr(triton_bt, "_MAX_BLOCK_T", 4)
     monkeypatch.setattr(triton_bt, "_MAX_BLOCK_N", max_block_n)
     monkeypatch.setattr(triton_bt, "_BWD_TILE", 16 * max_block_n)
-    monkeypatch.setattr(triton_bt, "_MAX_BLOCK_B", 2)
-    monkeypatch.setattr(triton_bt, "_SUM_TILE", 32)
     for wdtype in (F32, BF16):
         inputs = make_inputs(N=6, T=7, K=K, dtype=BF16, wdtype=wdtype, pairs=pairs, seed=11)
         compare(*inputs, what=f"tiles block_n={max_block_n} {wdtype}")
@@ -224,6 +222,50 @@ def test_backward_is_deterministic(monkeypatch, pairs):
     second = run("triton", *inputs)
     for name in first:
         assert torch.equal(first[name], second[name]), name
+
+
+@pytest.mark.parametrize("pairs", ["default", "odd", "explicit"])
+def test_forward_and_backward_are_one_launch_each(monkeypatch, pairs):
+    """The issue's launch structure: the forward is ONE kernel launch for every pairing (default,
+    default with an odd row count, explicit), the backward ONE launch after its one zero fill, with
+    several row blocks and D tiles (tickets in the grad buffer's tail, last program sums)."""
+    monkeypatch.setattr(triton_bt, "_MAX_BLOCK_N", 2)
+    monkeypatch.setattr(triton_bt, "_BWD_TILE", 32)
+    launches = []
+
+    class Counted:
+        def __init__(self, name, kernel):
+            self.name, self.kernel = name, kernel
+
+        def __getitem__(self, grid):
+            launch = self.kernel[grid]
+
+            def counted(*args, **kwargs):
+                launches.append(self.name)
+                return launch(*args, **kwargs)
+            return counted
+
+    for name in dir(triton_bt):
+        if name.endswith("_kernel"):
+            monkeypatch.setattr(triton_bt, name, Counted(name, getattr(triton_bt, name)))
+    N = 7 if pairs == "odd" else 6
+    leaves, hidden_of, kwargs = make_inputs(N=N, T=5, D=37, K=2, pairs="explicit" if pairs == "explicit" else "default",
+                                            seed=23)
+    hidden = hidden_of(leaves).detach()
+    loss, rewards, pair_grad, pooled_pos = triton_bt.bt_forward(
+        hidden, leaves["weight"], leaves["bias"], kwargs["attention_mask"], None, None,
+        kwargs.get("chosen_index"), kwargs.get("rejected_index"), None, 0.0, 0.0)
+    assert len(launches) == 1, launches
+    launches.clear()
+    coef = torch.rand(N, 2, device=DEVICE) + 0.5
+    grad_hidden, grad_weight, grad_bias = triton_bt.pool_backward(coef, None, None, hidden, leaves["weight"],
+                                                                  pooled_pos, True)
+    assert launches == ["_pool_backward_kernel"]
+    valid = pooled_pos >= 0
+    pooled = hidden[torch.arange(N, device=DEVICE)[valid], pooled_pos[valid]].float()
+    close(grad_weight, coef[valid].t() @ pooled, "grad_weight")
+    close(grad_bias, coef[valid].sum(0), "grad_bias")
+    assert grad_hidden.shape == hidden.shape and grad_hidden.is_contiguous()
 
 
 def test_nan_in_pooled_hidden_propagates():

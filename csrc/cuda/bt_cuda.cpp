@@ -101,7 +101,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bt_forward_cuda(
   auto pooled_pos = at::empty({rows}, hidden.options().dtype(at::kLong));
   auto loss = at::empty({pairs, heads}, f32);
   auto pair_grad = at::empty({2, pairs, heads}, f32);
-  // Default pairs (no index tensors): one launch for the whole forward.
+  // One launch for the whole forward (default or explicit pairs).
   C10_CUDA_CHECK(gpu::launch_bt_forward(
       hidden_args(hidden, f.layout), head_args(weight, bias), f.spec, optional_ptr<int64_t>(chosen_index),
       optional_ptr<int64_t>(rejected_index), optional_ptr<float>(margin), pairs, static_cast<float>(label_smoothing),
@@ -124,12 +124,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_backward_cuda(
   const HiddenLayout l = backward_layout(grad_coef, row_ptr, row_entry, hidden, weight, pooled_pos);
   const int64_t heads = weight.size(0);
 
-  // The one big buffer, cleared with a byte memset (zero bits are 0.0 in every float type), which
-  // runs at write bandwidth whatever the dtype (at::zeros' fill kernel is slower on 2-byte types);
-  // then the kernel writes only the N pooled rows.
+  // ONE allocation cleared with ONE memset (zero bits are 0.0 in every float type; a memset runs
+  // at write bandwidth whatever the dtype, at::zeros' fill kernel is slower on 2-byte types): the
+  // big grad buffer, padded to 16 bytes, then the backward kernel's D-tile tickets. The kernel
+  // then writes only the N pooled rows. grad_hidden is a contiguous view of its head.
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-  auto grad_hidden = need_grad_hidden ? at::empty(hidden.sizes(), hidden.options()) : at::empty({0}, hidden.options());
-  if (need_grad_hidden) C10_CUDA_CHECK(cudaMemsetAsync(grad_hidden.data_ptr(), 0, grad_hidden.nbytes(), stream));
+  const gpu::HiddenArgs h = hidden_args(hidden, l);
+  const int64_t grad_bytes = need_grad_hidden ? hidden.numel() * hidden.element_size() : 0;
+  const int64_t tickets_at = (grad_bytes + 15) / 16 * 16;
+  const int64_t tiles = gpu::pool_backward_tiles(l.dim, h.dtype);
+  auto zeroed = at::empty({tickets_at + tiles * int64_t(sizeof(unsigned))}, hidden.options().dtype(at::kByte));
+  C10_CUDA_CHECK(cudaMemsetAsync(zeroed.data_ptr(), 0, zeroed.nbytes(), stream));
+  auto grad_hidden = need_grad_hidden
+                         ? zeroed.narrow(0, 0, grad_bytes).view(hidden.scalar_type()).view(hidden.sizes())
+                         : at::empty({0}, hidden.options());
+  auto* tile_done = reinterpret_cast<unsigned*>(zeroed.data_ptr<uint8_t>() + tickets_at);
   auto grad_weight = at::empty_like(weight);  // contiguous: check_head requires a contiguous weight
   auto grad_bias = at::empty({heads}, hidden.options().dtype(at::kFloat));
   auto scratch = at::empty({gpu::pool_backward_scratch_floats(l.rows, heads, l.dim)}, hidden.options().dtype(at::kFloat));
@@ -140,10 +149,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_backward_cuda(
   coef.row_ptr = optional_ptr<int64_t>(row_ptr);
   coef.row_entry = optional_ptr<int64_t>(row_entry);
   coef.entries = row_entry.has_value() ? row_entry->size(0) : 0;
-  C10_CUDA_CHECK(gpu::launch_pool_backward(coef, hidden_args(hidden, l), head_args(weight, c10::nullopt),
-                                           pooled_pos.data_ptr<int64_t>(),
+  C10_CUDA_CHECK(gpu::launch_pool_backward(coef, h, head_args(weight, c10::nullopt), pooled_pos.data_ptr<int64_t>(),
                                            need_grad_hidden ? grad_hidden.data_ptr() : nullptr, grad_stride_n(hidden, l),
-                                           scratch.data_ptr<float>(), grad_weight.data_ptr(),
+                                           scratch.data_ptr<float>(), tile_done, grad_weight.data_ptr(),
                                            grad_bias.data_ptr<float>(), stream));
   return {grad_hidden, grad_weight, grad_bias};
 }

@@ -1,19 +1,20 @@
 // CUDA kernels of the fused last-token pooling + reward head + Bradley-Terry op.
 //
-// Forward (reads only the N pooled rows, never the whole hidden tensor):
-//   score_kernel         one block per pooled row, or with default pairs one block per pair
-//                        (rows p and p + P): find the pooled token (block-parallel mask scan or
-//                        index), K fp32 dot products with the head, and for pairs the loss and
-//                        its gradient coefficients. Default pairs: the whole forward is 1 launch.
-//   pair_loss_kernel     explicit pairs only: loss/pair_grad over the [P, K] grid (2nd launch).
-// Backward (grad_hidden is zeroed by the caller; it is the one big buffer):
+// Forward (reads only the N pooled rows, never the whole hidden tensor), ONE launch:
+//   score_kernel         one block per pooled row: find the pooled token (block-parallel mask
+//                        scan or index) and compute K fp32 dot products with the head. Default
+//                        pairs: one block per pair (rows p and p + P) that also writes the pair's
+//                        loss and gradient coefficients. Explicit pairs: a block per row, then a
+//                        block per pair that pools its two rows again (the same code, so the same
+//                        rewards) rather than wait for theirs.
+// Backward (grad_hidden and the tile tickets are zeroed by the caller), ONE launch:
 //   pool_backward_kernel grid (row blocks, D tiles): scatters the pooled rows of grad_hidden and
 //                        writes the row block's partial weight gradient [K, D-tile] (fp32); the
-//                        blocks of D tile 0 also its partial bias gradient [K].
-//   reduce_partials_kernel  sums the partials over row blocks in fixed order -> grad_weight in
-//                        weight's dtype and grad_bias (fp32).
-// Determinism: no atomics anywhere; every sum runs in an order fixed by the launch shape, so
-// two runs give bitwise equal results.
+//                        blocks of D tile 0 also its partial bias gradient [K]. The last block of
+//                        each D tile to finish (an atomic ticket) sums the partials of every row
+//                        block in row-block order -> grad_weight in weight's dtype and grad_bias.
+// Determinism: no floating-point atomics; every sum runs in an order fixed by the launch shape,
+// so two runs give bitwise equal results.
 #include "bt_kernels.cuh"
 
 #include <cuda_bf16.h>
@@ -32,7 +33,6 @@ namespace {
 constexpr int kWarp = 32;
 constexpr int kForwardThreads = 256;
 constexpr int kBackwardThreads = 128;
-constexpr int kReduceThreads = 256;
 constexpr int kHeadChunk = 4;   // heads accumulated in registers per pass over D
 constexpr int kScanUnroll = 4;  // mask positions each thread tests per scan step
 
@@ -203,30 +203,38 @@ __device__ int64_t pooled_position(const PoolSpec& pool, int64_t n, int64_t posi
 // ---------------------------------------------------------------------------------------------
 // Forward
 // ---------------------------------------------------------------------------------------------
+// What the blocks of one score_kernel launch do (see the kernel).
+enum class Pairs : int { kNone = 0, kDefault = 1, kExplicit = 2 };
+
 struct ForwardParams {
   HiddenArgs hidden;
   HeadArgs head;
   PoolSpec pool;
-  int64_t pairs;         // kPairs: P (default pairs p, p + P)
-  const float* margin;   // [P] or null (kPairs)
+  int64_t pairs;             // P (default pairs p, p + P; or explicit)
+  const int64_t* chosen;     // [P] (explicit pairs)
+  const int64_t* rejected;   // [P] (explicit pairs)
+  const float* margin;       // [P] or null
   float label_smoothing;
   float center_coef;
-  float* rewards;        // [N, K]
-  int64_t* pooled_pos;   // [N]
-  float* loss;           // [P, K] (kPairs)
-  float* pair_grad;      // [2, P, K] (kPairs)
+  float* rewards;            // [N, K]
+  int64_t* pooled_pos;       // [N]
+  float* loss;               // [P, K] (pairs)
+  float* pair_grad;          // [2, P, K] (pairs)
 };
 
-// kPairs = false: block b pools row b.
-// kPairs = true: block b < P pools rows b (chosen) and b + P (rejected) and writes loss and
-// pair_grad of pair b; block P (odd N only) pools the last row 2P alone.
+// kNone: block b pools row b.
+// kDefault: block b < P pools rows b (chosen) and b + P (rejected) and writes their rewards and
+// the loss and pair_grad of pair b; block P (odd N only) pools the last row 2P alone.
+// kExplicit: block b < N pools row b; block N + q pools rows chosen[q] and rejected[q] again and
+// writes only pair q's loss and pair_grad (NaN and 0 when an index is outside [0, N)). Both
+// compute a row's rewards with the same code, so the pair's loss uses the rewards written.
 // Per head chunk of kHeadChunk heads: each thread accumulates its D-slice in fp32 registers
 // (16-byte loads when kVec), then warp shuffles + one smem round reduce the block's sums.
 // (Launch bounds with min 1 block/SM: the grid is small, and ptxas' default occupancy target
 // spilled 4 bytes in the pair variants.)
-template <typename H, typename W, bool kVec, bool kPairs>
+template <typename H, typename W, bool kVec, Pairs kPairs>
 __global__ void __launch_bounds__(kForwardThreads, 1) score_kernel(const ForwardParams p) {
-  constexpr int kRows = kPairs ? 2 : 1;
+  constexpr int kRows = kPairs == Pairs::kNone ? 1 : 2;
   constexpr int kV = vec_width<H>();
   constexpr int kWarps = kForwardThreads / kWarp;
   __shared__ int64_t s_pos[kWarps];
@@ -237,12 +245,35 @@ __global__ void __launch_bounds__(kForwardThreads, 1) score_kernel(const Forward
   const int64_t b = blockIdx.x;
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
 
-  // Rows of this block (-1: none) and their pooled hidden rows (null: invalid row).
+  // Rows of this block (-1: none), its pair (-1: none), and the rows' pooled hidden rows (null:
+  // invalid row). Explicit pair blocks do not write the rows' rewards and positions: the rows'
+  // own blocks do.
   int64_t row[kRows];
   const H* src[kRows];
-  if constexpr (kPairs) {
+  int64_t pair = -1;
+  bool writes_rows = true;
+  if constexpr (kPairs == Pairs::kDefault) {
     row[0] = b < p.pairs ? b : 2 * p.pairs;
     row[1] = b < p.pairs ? b + p.pairs : -1;
+    pair = b < p.pairs ? b : -1;
+  } else if constexpr (kPairs == Pairs::kExplicit) {
+    row[0] = b < hs.rows ? b : -1;
+    row[1] = -1;
+    if (b >= hs.rows) {
+      pair = b - hs.rows;
+      writes_rows = false;
+      const int64_t c = p.chosen[pair], r = p.rejected[pair];
+      if (!(c >= 0 && c < hs.rows && r >= 0 && r < hs.rows)) {  // block-uniform: no sync below
+        for (int64_t k = threadIdx.x; k < heads; k += kForwardThreads) {
+          p.loss[pair * heads + k] = quiet_nan();
+          p.pair_grad[pair * heads + k] = 0.f;
+          p.pair_grad[(p.pairs + pair) * heads + k] = 0.f;
+        }
+        return;
+      }
+      row[0] = c;
+      row[1] = r;
+    }
   } else {
     row[0] = b;
   }
@@ -252,7 +283,7 @@ __global__ void __launch_bounds__(kForwardThreads, 1) score_kernel(const Forward
     int64_t pos = -1;
     if (row[r] >= 0) {  // block-uniform
       pos = pooled_position(p.pool, row[r], hs.positions, s_pos);
-      if (threadIdx.x == 0) p.pooled_pos[row[r]] = pos;
+      if (writes_rows && threadIdx.x == 0) p.pooled_pos[row[r]] = pos;
     }
     src[r] = pos >= 0 ? static_cast<const H*>(hs.data) + row[r] * hs.stride_n + pos * hs.stride_t : nullptr;
     any_valid |= src[r] != nullptr;
@@ -328,13 +359,13 @@ __global__ void __launch_bounds__(kForwardThreads, 1) score_kernel(const Forward
 #pragma unroll
         for (int w = 0; w < kWarps; ++w) s += s_sum[w][r * kHeadChunk + j];
         reward[r] = src[r] != nullptr ? s + (bias != nullptr ? to_float(bias[k]) : 0.f) : quiet_nan();
-        if (row[r] >= 0) p.rewards[row[r] * heads + k] = reward[r];
+        if (writes_rows && row[r] >= 0) p.rewards[row[r] * heads + k] = reward[r];
       }
-      if constexpr (kPairs) {
-        if (b < p.pairs) {
-          const float m = p.margin != nullptr ? p.margin[b] : 0.f;
+      if constexpr (kPairs != Pairs::kNone) {
+        if (pair >= 0) {
+          const float m = p.margin != nullptr ? p.margin[pair] : 0.f;
           const PairLossResult res = bt_pair_loss(reward[0], reward[1], m, p.label_smoothing, p.center_coef);
-          const int64_t i = b * heads + k;
+          const int64_t i = pair * heads + k;
           p.loss[i] = res.loss;
           p.pair_grad[i] = res.grad_chosen;
           p.pair_grad[p.pairs * heads + i] = res.grad_rejected;
@@ -343,29 +374,6 @@ __global__ void __launch_bounds__(kForwardThreads, 1) score_kernel(const Forward
     }
     __syncthreads();  // s_sum is rewritten by the next head chunk
   }
-}
-
-// Explicit pairs: one thread per (p, k). Out-of-range indices: NaN loss, zero pair_grad.
-__global__ void __launch_bounds__(kReduceThreads)
-    pair_loss_kernel(const float* __restrict__ rewards, int64_t rows, int64_t heads, int64_t pairs,
-                     const int64_t* __restrict__ chosen, const int64_t* __restrict__ rejected,
-                     const float* __restrict__ margin, float label_smoothing, float center_coef,
-                     float* __restrict__ loss, float* __restrict__ pair_grad) {
-  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= pairs * heads) return;
-  const int64_t pair = i / heads, k = i % heads;
-  const int64_t c = chosen[pair], r = rejected[pair];
-  if (!(c >= 0 && c < rows && r >= 0 && r < rows)) {
-    loss[i] = quiet_nan();
-    pair_grad[i] = 0.f;
-    pair_grad[pairs * heads + i] = 0.f;
-    return;
-  }
-  const float m = margin != nullptr ? margin[pair] : 0.f;
-  const PairLossResult res = bt_pair_loss(rewards[c * heads + k], rewards[r * heads + k], m, label_smoothing, center_coef);
-  loss[i] = res.loss;
-  pair_grad[i] = res.grad_chosen;
-  pair_grad[pairs * heads + i] = res.grad_rejected;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -379,8 +387,11 @@ struct BackwardParams {
   const int64_t* pooled_pos;
   void* grad_hidden;      // null: skip the scatter
   int64_t grad_stride_n;  // T*D (padded) or 0 (packed); grad_hidden is contiguous
+  void* grad_weight;      // [K, D] in weight's dtype
+  float* grad_bias;       // [K]
   float* partial;         // [row_blocks, K, D]
   float* bias_partial;    // [row_blocks, K]
+  unsigned* tile_done;    // [D tiles], zeroed: row blocks of the tile that have written their partials
   int64_t rows_per_block;
 };
 
@@ -407,6 +418,28 @@ __device__ __forceinline__ void load_cols(const T* __restrict__ row, int64_t fir
   }
 }
 
+// load_cols for the fp32 partials other blocks wrote: through L2 (ld.global.cg), never a stale L1
+// line and never the read-only path.
+template <bool kVec, int kV>
+__device__ __forceinline__ void load_partial_cols(const float* row, int64_t first, int64_t dim, float (&out)[kV]) {
+  if constexpr (kVec) {
+#pragma unroll
+    for (int q = 0; q < kV / 4; ++q) {
+      const float4 v = __ldcg(reinterpret_cast<const float4*>(row + first) + q);
+      out[4 * q] = v.x;
+      out[4 * q + 1] = v.y;
+      out[4 * q + 2] = v.z;
+      out[4 * q + 3] = v.w;
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < kV; ++i) {
+      const int64_t d = first + int64_t(i) * kBackwardThreads;
+      out[i] = d < dim ? __ldcg(row + d) : 0.f;
+    }
+  }
+}
+
 template <bool kVec, int kV, typename T>
 __device__ __forceinline__ void store_cols(T* __restrict__ row, int64_t first, int64_t dim, const float (&in)[kV]) {
   if constexpr (kVec) {
@@ -420,13 +453,16 @@ __device__ __forceinline__ void store_cols(T* __restrict__ row, int64_t first, i
   }
 }
 
-// Block (x: row block, y: D tile of kBackwardThreads*kV columns). No shared memory, no sync:
-// each thread owns kV columns of the tile for all rows of the row block.
+// Block (x: row block, y: D tile of kBackwardThreads*kV columns); each thread owns kV columns
+// of the tile for all rows of the row block.
 //   scatter: grad_hidden[n, pos_n, cols] = sum_k coef[n, k] * weight[k, cols]  (k ascending)
 //   partial[row_block, k, cols] = sum_n coef[n, k] * hidden[n, pos_n, cols]     (n ascending)
 //   D tile 0, thread k (k < K, strided): bias_partial[row_block, k] = sum_n coef[n, k]
 // (n over the rows with a valid pooled position). Every element of partial and bias_partial is
 // written exactly once (zeros for a block with no valid row): neither needs initialization.
+// Then the block takes a ticket of its D tile (threadfence-reduction pattern: the partial stores
+// are fenced before the ticket); the block that takes the last one sums the tile's partials over
+// row blocks b = 0, 1, ... in that order into grad_weight (and, tile 0, grad_bias).
 template <typename H, typename W, bool kVec>
 __global__ void __launch_bounds__(kBackwardThreads) pool_backward_kernel(const BackwardParams p) {
   constexpr int kV = vec_width<H>();
@@ -436,7 +472,7 @@ __global__ void __launch_bounds__(kBackwardThreads) pool_backward_kernel(const B
   const int64_t n_end = min64(hs.rows, n_begin + p.rows_per_block);
   const int64_t* __restrict__ row_ptr = p.coef.row_ptr;
 
-  if (blockIdx.y == 0) {  // before the column check below: every thread of the block may hold a head
+  if (blockIdx.y == 0) {
     for (int64_t k = threadIdx.x; k < heads; k += kBackwardThreads) {
       float sum = 0.f;
       for (int64_t n = n_begin; n < n_end; ++n) {
@@ -451,13 +487,12 @@ __global__ void __launch_bounds__(kBackwardThreads) pool_backward_kernel(const B
 
   const int64_t tile = int64_t(blockIdx.y) * kBackwardThreads * kV;
   const int64_t first = kVec ? tile + int64_t(threadIdx.x) * kV : tile + threadIdx.x;
-  if (first >= dim) return;  // no column of this thread is in range
-
+  const bool has_cols = first < dim;  // some column of this thread is in range
   const H* __restrict__ hidden = static_cast<const H*>(hs.data);
   const W* __restrict__ weight = static_cast<const W*>(p.weight);
 
   // Scatter of the pooled rows.
-  if (p.grad_hidden != nullptr) {
+  if (has_cols && p.grad_hidden != nullptr) {
     H* __restrict__ grad_hidden = static_cast<H*>(p.grad_hidden);
     for (int64_t n = n_begin; n < n_end; ++n) {
       const int64_t pos = valid_position(p.pooled_pos[n], hs.positions);
@@ -480,7 +515,7 @@ __global__ void __launch_bounds__(kBackwardThreads) pool_backward_kernel(const B
 
   // Partial weight gradient of this row block, kHeadChunk heads per pass over its rows.
   float* __restrict__ partial = p.partial + int64_t(blockIdx.x) * heads * dim;
-  for (int64_t k0 = 0; k0 < heads; k0 += kHeadChunk) {
+  for (int64_t k0 = 0; has_cols && k0 < heads; k0 += kHeadChunk) {
     const int kc = int(min64(kHeadChunk, heads - k0));
     float acc[kHeadChunk][kV];
 #pragma unroll
@@ -509,26 +544,37 @@ __global__ void __launch_bounds__(kBackwardThreads) pool_backward_kernel(const B
       if (j < kc) store_cols<kVec, kV>(partial + (k0 + j) * dim, first, dim, acc[j]);
     }
   }
-}
 
-// Sums over row blocks b = 0, 1, ... in that order: grad_weight[i] = sum_b partial[b, i] (i <
-// size = K*D, cast to W), then grad_bias[k] = sum_b bias_partial[b, k] (k < K).
-template <typename W>
-__global__ void __launch_bounds__(kReduceThreads)
-    reduce_partials_kernel(const float* __restrict__ partial, const float* __restrict__ bias_partial,
-                           int64_t row_blocks, int64_t size, int64_t heads, W* __restrict__ grad_weight,
-                           float* __restrict__ grad_bias) {
-  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < size + heads;
-       i += int64_t(gridDim.x) * blockDim.x) {
-    float s = 0.f;
-    if (i < size) {
-      for (int64_t b = 0; b < row_blocks; ++b) s += partial[b * size + i];
-      from_float(s, grad_weight[i]);
-    } else {
-      const int64_t k = i - size;
-      for (int64_t b = 0; b < row_blocks; ++b) s += bias_partial[b * heads + k];
-      grad_bias[k] = s;
+  // Ticket of this D tile; the last block of the tile sums every row block's partials.
+  __shared__ bool s_last;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) s_last = atomicAdd(p.tile_done + blockIdx.y, 1u) == gridDim.x - 1;
+  __syncthreads();
+  if (!s_last) return;
+  __threadfence();
+  const int64_t row_blocks = gridDim.x;
+  if (blockIdx.y == 0) {
+    for (int64_t k = threadIdx.x; k < heads; k += kBackwardThreads) {
+      float sum = 0.f;
+      for (int64_t b = 0; b < row_blocks; ++b) sum += __ldcg(p.bias_partial + b * heads + k);
+      p.grad_bias[k] = sum;
     }
+  }
+  if (!has_cols) return;
+  W* __restrict__ grad_weight = static_cast<W*>(p.grad_weight);
+  for (int64_t k = 0; k < heads; ++k) {
+    float acc[kV];
+#pragma unroll
+    for (int i = 0; i < kV; ++i) acc[i] = 0.f;
+#pragma unroll 4
+    for (int64_t b = 0; b < row_blocks; ++b) {
+      float part[kV];
+      load_partial_cols<kVec, kV>(p.partial + (b * heads + k) * dim, first, dim, part);
+#pragma unroll
+      for (int i = 0; i < kV; ++i) acc[i] += part[i];
+    }
+    store_cols<kVec, kV>(grad_weight + k * dim, first, dim, acc);
   }
 }
 
@@ -554,8 +600,8 @@ cudaError_t dispatch_types(DType hidden, bool weight_f32, F&& fn) {
   return cudaErrorInvalidValue;
 }
 
-// One score_kernel launch over `blocks` blocks (rows, or pairs when kPairs).
-template <bool kPairs>
+// One score_kernel launch over `blocks` blocks (see the kernel for what each block does).
+template <Pairs kPairs>
 cudaError_t launch_score(const ForwardParams& params, int64_t blocks, cudaStream_t stream) {
   if (blocks <= 0) return cudaSuccess;
   if (blocks > INT_MAX) return cudaErrorInvalidConfiguration;
@@ -601,7 +647,7 @@ BackwardPlan backward_plan(int64_t rows, int64_t heads, int64_t dim) {
 
 cudaError_t launch_pool_forward(const HiddenArgs& hidden, const HeadArgs& head, const PoolSpec& pool,
                                 float* rewards, int64_t* pooled_pos, cudaStream_t stream) {
-  return launch_score<false>(forward_params(hidden, head, pool, rewards, pooled_pos), hidden.rows, stream);
+  return launch_score<Pairs::kNone>(forward_params(hidden, head, pool, rewards, pooled_pos), hidden.rows, stream);
 }
 
 cudaError_t launch_bt_forward(const HiddenArgs& hidden, const HeadArgs& head, const PoolSpec& pool,
@@ -617,29 +663,34 @@ cudaError_t launch_bt_forward(const HiddenArgs& hidden, const HeadArgs& head, co
   if (chosen == nullptr || rejected == nullptr) {
     // Default pairs (p, p + P), P = N / 2; one extra block pools the last row of an odd N.
     p.pairs = hidden.rows / 2;
-    return launch_score<true>(p, p.pairs + (hidden.rows % 2), stream);
+    return launch_score<Pairs::kDefault>(p, p.pairs + (hidden.rows % 2), stream);
   }
-  const cudaError_t err = launch_score<false>(p, hidden.rows, stream);
-  if (err != cudaSuccess) return err;
-  const int64_t total = pairs * head.heads;
-  if (total <= 0) return cudaSuccess;
-  const int64_t blocks = ceil_div(total, kReduceThreads);
-  if (blocks > INT_MAX) return cudaErrorInvalidConfiguration;
-  pair_loss_kernel<<<unsigned(blocks), kReduceThreads, 0, stream>>>(rewards, hidden.rows, head.heads, pairs, chosen,
-                                                                    rejected, margin, label_smoothing, center_coef,
-                                                                    loss, pair_grad);
-  return cudaGetLastError();
+  p.pairs = pairs;
+  p.chosen = chosen;
+  p.rejected = rejected;
+  return launch_score<Pairs::kExplicit>(p, hidden.rows + pairs, stream);
 }
 
 int64_t pool_backward_scratch_floats(int64_t rows, int64_t heads, int64_t dim) {
   return backward_plan(rows, heads, dim).row_blocks * (heads * dim + heads);
 }
 
+int64_t pool_backward_tiles(int64_t dim, DType hidden_dtype) {
+  const int64_t width = hidden_dtype == DType::kFloat32 ? vec_width<float>() : vec_width<__half>();
+  return max64(1, ceil_div(dim, int64_t(kBackwardThreads) * width));
+}
+
 cudaError_t launch_pool_backward(const CoefArgs& coef, const HiddenArgs& hidden, const HeadArgs& head,
                                  const int64_t* pooled_pos, void* grad_hidden, int64_t grad_stride_n, float* scratch,
-                                 void* grad_weight, float* grad_bias, cudaStream_t stream) {
+                                 unsigned* tile_done, void* grad_weight, float* grad_bias, cudaStream_t stream) {
   const BackwardPlan plan = backward_plan(hidden.rows, head.heads, hidden.dim);
   const int64_t size = head.heads * hidden.dim;
+  if (plan.row_blocks == 0) {  // no row: zero gradients (zero bits are 0.0 in every float type)
+    const size_t weight_bytes = size_t(size) * (head.weight_f32 || hidden.dtype == DType::kFloat32 ? 4 : 2);
+    const cudaError_t err = cudaMemsetAsync(grad_weight, 0, weight_bytes, stream);
+    if (err != cudaSuccess) return err;
+    return cudaMemsetAsync(grad_bias, 0, size_t(head.heads) * sizeof(float), stream);
+  }
   BackwardParams p{};
   p.coef = coef;
   p.hidden = hidden;
@@ -648,34 +699,26 @@ cudaError_t launch_pool_backward(const CoefArgs& coef, const HiddenArgs& hidden,
   p.pooled_pos = pooled_pos;
   p.grad_hidden = grad_hidden;
   p.grad_stride_n = grad_stride_n;
+  p.grad_weight = grad_weight;
+  p.grad_bias = grad_bias;
   p.partial = scratch;  // weight partials first: their rows keep scratch's alignment
   p.bias_partial = scratch + plan.row_blocks * size;
+  p.tile_done = tile_done;
   p.rows_per_block = plan.rows_per_block;
   return dispatch_types(hidden.dtype, head.weight_f32, [&](auto h, auto w) {
     using H = typename decltype(h)::type;
     using W = typename decltype(w)::type;
-    // 1) scatter + partial weight and bias gradients (one D tile at least: the bias needs one).
-    if (plan.row_blocks > 0) {
-      const int64_t tiles = max64(1, ceil_div(hidden.dim, int64_t(kBackwardThreads) * vec_width<H>()));
-      if (tiles > 65535) return cudaErrorInvalidConfiguration;
-      const dim3 grid(unsigned(plan.row_blocks), unsigned(tiles));
-      // grad_hidden rows (n*grad_stride_n + pos*D) and partial rows (K*D multiples) keep the
-      // base alignment when D % width == 0, which can_vectorize requires.
-      constexpr int kV = vec_width<H>();
-      if (can_vectorize(hidden, kV, head.weight) && grad_stride_n % kV == 0 && aligned(grad_hidden, 16) &&
-          aligned(scratch, 16)) {
-        pool_backward_kernel<H, W, true><<<grid, kBackwardThreads, 0, stream>>>(p);
-      } else {
-        pool_backward_kernel<H, W, false><<<grid, kBackwardThreads, 0, stream>>>(p);
-      }
-      const cudaError_t err = cudaGetLastError();
-      if (err != cudaSuccess) return err;
-    }
-    // 2) fixed-order reduction over row blocks (zeros when there is no row).
-    if (size + head.heads > 0) {
-      const int64_t blocks = min64(ceil_div(size + head.heads, kReduceThreads), int64_t(1) << 16);
-      reduce_partials_kernel<W><<<unsigned(blocks), kReduceThreads, 0, stream>>>(
-          p.partial, p.bias_partial, plan.row_blocks, size, head.heads, static_cast<W*>(grad_weight), grad_bias);
+    constexpr int kV = vec_width<H>();
+    const int64_t tiles = pool_backward_tiles(hidden.dim, hidden.dtype);  // >= 1: the bias needs one
+    if (tiles > 65535 || plan.row_blocks > INT_MAX) return cudaErrorInvalidConfiguration;
+    const dim3 grid(unsigned(plan.row_blocks), unsigned(tiles));
+    // grad_hidden rows (n*grad_stride_n + pos*D), partial rows (K*D multiples) and grad_weight
+    // rows keep the base alignment when D % width == 0, which can_vectorize requires.
+    if (can_vectorize(hidden, kV, head.weight) && grad_stride_n % kV == 0 && aligned(grad_hidden, 16) &&
+        aligned(scratch, 16) && aligned(grad_weight, 16)) {
+      pool_backward_kernel<H, W, true><<<grid, kBackwardThreads, 0, stream>>>(p);
+    } else {
+      pool_backward_kernel<H, W, false><<<grid, kBackwardThreads, 0, stream>>>(p);
     }
     return cudaGetLastError();
   });

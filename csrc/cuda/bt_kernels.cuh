@@ -35,10 +35,10 @@ struct HeadArgs {
 cudaError_t launch_pool_forward(const HiddenArgs& hidden, const HeadArgs& head, const PoolSpec& pool,
                                 float* rewards, int64_t* pooled_pos, cudaStream_t stream);
 
-// bt_forward: rewards, pooled_pos, loss [P, K] and pair_grad [2, P, K] (all f32 but pooled_pos).
-// chosen == rejected == null: default pairs (p, p + P), P = N / 2 (`pairs` is not read), ONE
-// launch with one block per pair. Explicit int64 [P] pairs: the pooling launch, then one small
-// launch over P*K. margin: f32 [P] or null.
+// bt_forward: rewards, pooled_pos, loss [P, K] and pair_grad [2, P, K] (all f32 but pooled_pos),
+// ONE launch. chosen == rejected == null: default pairs (p, p + P), P = N / 2 (`pairs` is not
+// read), one block per pair. Explicit int64 [P] pairs: one block per row, then one per pair.
+// margin: f32 [P] or null.
 cudaError_t launch_bt_forward(const HiddenArgs& hidden, const HeadArgs& head, const PoolSpec& pool,
                               const int64_t* chosen, const int64_t* rejected, const float* margin, int64_t pairs,
                               float label_smoothing, float center_coef, float* rewards, int64_t* pooled_pos,
@@ -58,17 +58,22 @@ struct CoefArgs {
 // [row_blocks, K, D] then [row_blocks, K]).
 int64_t pool_backward_scratch_floats(int64_t rows, int64_t heads, int64_t dim);
 
-// pool_backward, two launches (rows with pos_n = pooled_pos[n] outside [0, T) are skipped):
+// D tiles of launch_pool_backward for hidden of this dtype: the length of its tile_done.
+int64_t pool_backward_tiles(int64_t dim, DType hidden_dtype);
+
+// pool_backward, ONE launch (rows with pos_n = pooled_pos[n] outside [0, T) are skipped):
 //   grad_hidden (contiguous like hidden, ALREADY ZEROED by the caller; null: not needed):
 //     element n*grad_stride_n + pos_n*D + d = sum_k coef[n, k] * weight[k, d]
 //     (grad_stride_n = T*D padded, 0 packed);
 //   grad_weight [K, D] in weight's dtype = sum_n coef[n, k] * hidden[n, pos_n, :] and grad_bias
 //     [K] f32 = sum_n coef[n, k]: per-row-block fp32 partials in `scratch`
-//     (pool_backward_scratch_floats()), then a fixed-order reduction over row blocks.
-//     Deterministic: no floating-point atomics. head.bias is not used.
+//     (pool_backward_scratch_floats()), summed in row-block order by the last block of each D
+//     tile, found with the tile's ticket counter in tile_done (pool_backward_tiles() unsigned
+//     ints, ALREADY ZEROED by the caller). Deterministic: no floating-point atomics.
+//     head.bias is not used. No row: grad_weight and grad_bias are cleared with memsets.
 cudaError_t launch_pool_backward(const CoefArgs& coef, const HiddenArgs& hidden, const HeadArgs& head,
                                  const int64_t* pooled_pos, void* grad_hidden, int64_t grad_stride_n, float* scratch,
-                                 void* grad_weight, float* grad_bias, cudaStream_t stream);
+                                 unsigned* tile_done, void* grad_weight, float* grad_bias, cudaStream_t stream);
 
 }  // namespace gpu
 }  // namespace prefkernels
