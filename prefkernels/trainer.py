@@ -581,38 +581,21 @@ class Trainer:
         return True if self.device.type in ("cpu", "cuda") else None
 
     def _prepare_output_dir(self, saved: dict | None) -> None:
-        """The first write of the run (rank 0); every input has been validated by now."""
+        """The first write of the run (rank 0); every input has been validated by now. When rank 0
+        cannot write (another run holds the directory, a file-system error), every rank stops with
+        its message instead of waiting for it at a barrier."""
         self.dist.barrier()  # every process has read the checkpoint, maybe from its .old-* sibling (resume)
+        failure, grouped = None, None
         if self.dist.is_main:
-            grouped = self.sampler.padding_fraction(0)  # logged by rank 0 only
-            path = self.output_dir
-            path.mkdir(parents=True, exist_ok=True)
-            self._lock_output_dir(path)
-            for name in (CHECKPOINT_DIR, BEST_DIR):  # put back what a kill mid-save moved aside
-                checkpoint.recover(path / name)
-            # a kill inside atomic_write_text (run.json, eval.json) or inside an --overwrite
-            for stale in [*path.glob(".*.tmp-*"), *path.glob(f".*{OVERWRITTEN}-*")]:
-                _remove(stale)
-            if saved is not None:
-                with open(path / METRICS_FILE, "r+b") as f:
-                    f.truncate(saved["metrics_bytes"])
-            else:
-                if self.config.overwrite:  # renamed aside first: a kill never leaves a half-deleted checkpoint
-                    token = uuid.uuid4().hex[:8]
-                    doomed = [path / name for name in RUN_ARTIFACTS if (path / name).exists()]
-                    for target in doomed:
-                        os.replace(target, path / f".{target.name}{OVERWRITTEN}-{token}")
-                    for target in doomed:
-                        _remove(path / f".{target.name}{OVERWRITTEN}-{token}")
-                run = {"library_version": __version__, "world_size": self.dist.world_size,
-                       "config": self.config.to_json()}
-                checkpoint.atomic_write_text(path / RUN_FILE, json.dumps(run, indent=2))
-                (path / METRICS_FILE).write_text("")
-                self._event({"event": "start", "train": dataclasses.asdict(self.train_data.report),
-                             "valid": dataclasses.asdict(self.valid_data.report) if self.valid_data else None,
-                             "padding_fraction": grouped, "total_steps": self.total_steps,
-                             "world_size": self.dist.world_size})
-        self.dist.barrier()
+            try:
+                grouped = self._start_output_dir(saved)
+            except (ValueError, OSError) as err:
+                failure = err
+        reported = self.dist.gather(None if failure is None else f"{type(failure).__name__}: {failure}")[0]
+        if failure is not None:
+            raise failure
+        if reported is not None:
+            raise RunDirectoryError(f"rank 0 stopped the run: {reported}")
         self.log(str(self.train_data.report))
         if self.valid_data is not None:
             self.log(str(self.valid_data.report))
@@ -620,6 +603,38 @@ class Trainer:
             self.log(f"batches: padding is {100 * grouped:.1f}% of tokens with length grouping "
                      f"({100 * self.sampler.padding_fraction(0, grouped=False):.1f}% with random batches); "
                      f"{self.total_steps} optimizer steps on {self.dist.world_size} process(es), device {self.device}")
+
+    def _start_output_dir(self, saved: dict | None) -> float:
+        """Rank 0: lock the output directory, put back what a killed run left, and start (or, resuming,
+        cut back) its log; returns the padding fraction of the length-grouped batches."""
+        grouped = self.sampler.padding_fraction(0)
+        path = self.output_dir
+        path.mkdir(parents=True, exist_ok=True)
+        self._lock_output_dir(path)
+        for name in (CHECKPOINT_DIR, BEST_DIR):  # put back what a kill mid-save moved aside
+            checkpoint.recover(path / name)
+        # a kill inside atomic_write_text (run.json, eval.json) or inside an --overwrite
+        for stale in [*path.glob(".*.tmp-*"), *path.glob(f".*{OVERWRITTEN}-*")]:
+            _remove(stale)
+        if saved is not None:
+            with open(path / METRICS_FILE, "r+b") as f:
+                f.truncate(saved["metrics_bytes"])
+            return grouped
+        if self.config.overwrite:  # renamed aside first: a kill never leaves a half-deleted checkpoint
+            token = uuid.uuid4().hex[:8]
+            doomed = [path / name for name in RUN_ARTIFACTS if (path / name).exists()]
+            for target in doomed:
+                os.replace(target, path / f".{target.name}{OVERWRITTEN}-{token}")
+            for target in doomed:
+                _remove(path / f".{target.name}{OVERWRITTEN}-{token}")
+        run = {"library_version": __version__, "world_size": self.dist.world_size, "config": self.config.to_json()}
+        checkpoint.atomic_write_text(path / RUN_FILE, json.dumps(run, indent=2))
+        (path / METRICS_FILE).write_text("")
+        self._event({"event": "start", "train": dataclasses.asdict(self.train_data.report),
+                     "valid": dataclasses.asdict(self.valid_data.report) if self.valid_data else None,
+                     "padding_fraction": grouped, "total_steps": self.total_steps,
+                     "world_size": self.dist.world_size})
+        return grouped
 
     def _lock_output_dir(self, path: Path) -> None:
         """Hold an exclusive lock on ``path/.lock`` for the rest of the run (released by the OS however

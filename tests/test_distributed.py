@@ -1,5 +1,6 @@
 """torchrun with 2 CPU processes (DDP over gloo): equal to one process accumulating 2 micro-batches,
-and a killed then resumed run logs the same metrics as an unbroken one."""
+a killed then resumed run logs the same metrics as an unbroken one, and an output directory that
+another run holds stops both processes with its message."""
 import json
 import os
 import subprocess
@@ -7,6 +8,7 @@ import sys
 
 import pytest
 
+from prefkernels import checkpoint
 from prefkernels.data import synthetic
 from prefkernels.tiny import write_tiny_backbone
 from prefkernels.trainer import TrainConfig, train
@@ -88,3 +90,27 @@ def test_two_process_resume_logs_the_same_metrics_as_an_unbroken_run(tmp_path):
     events = events_without_timing(resumed / "metrics.jsonl")
     assert [e["step"] for e in events if e["event"] == "train"] == [4, 8]
     assert events == events_without_timing(unbroken / "metrics.jsonl")
+
+
+def test_two_process_run_on_a_locked_output_dir_stops_every_rank_with_the_reason(tmp_path):
+    """Rank 0 cannot lock the directory: rank 1 must not wait for it at a barrier (a gloo
+    connection traceback once the other process is gone) but stop with rank 0's message."""
+    backbone = write_tiny_backbone(tmp_path / "backbone", hidden_size=32, layers=2, heads=2, seed=0)
+    files = synthetic.write_splits(tmp_path, 32, 8, seed=6)
+    output = tmp_path / "run"
+    output.mkdir()
+    holder = checkpoint.lock_file(output / ".lock", "a")  # another train writing it now
+    assert holder is not None
+    try:
+        done = subprocess.run([*TORCHRUN, "-m", "prefkernels", "train", "--backbone", str(backbone), "--train",
+                               str(files["train"]), "--max-length", "48", "--batch-size", "8", "--max-steps", "2",
+                               "--no-progress", "--output", str(output)], env=ENV, capture_output=True, text=True,
+                              timeout=300)
+    finally:
+        holder.close()
+    text = done.stdout + done.stderr
+    assert done.returncode != 0
+    assert text.count("another prefkernels train is writing") == 2, text[-4000:]  # rank 0, and rank 1 told by it
+    assert "rank 0 stopped the run" in text
+    assert "barrier" not in text.lower() and "gloo" not in text.lower(), text[-4000:]
+    assert sorted(p.name for p in output.iterdir()) == [".lock"]  # nothing written
