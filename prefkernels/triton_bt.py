@@ -194,8 +194,9 @@ def _pool_kernel(
 ):
     """Programs n < N: rewards[n, :] and pooled_pos[n] of row n. With pairs (PAIR_MODE 1: default
     (q, q + P); 2: chosen/rejected [P]) programs N + q also compute pair q: they pool its two rows
-    again (the same code, so the same rewards) rather than wait for the row programs, so the whole
-    forward is one launch. A pair with an index outside [0, N) gets NaN loss and zero pair_grad."""
+    again (the same helper, the same operations) rather than wait for the row programs, so the
+    whole forward is one launch. A pair with an index outside [0, N) gets NaN loss and zero
+    pair_grad."""
     pid = tl.program_id(0).to(tl.int64)
     offs_k = tl.arange(0, BLOCK_K)
     k_mask = offs_k < K
@@ -302,17 +303,20 @@ def _pool_backward_kernel(
         tl.debug_barrier()  # every thread's partial stores precede the ticket (released with it)
         ticket = tl.atomic_add(tile_done_ptr + pid_d, 1, sem="acq_rel")
         if ticket == row_blocks - 1:  # the other row blocks of this tile are done: sum them all
+            # pointers step one row block (K*D, K) at a time: offsets up to row_blocks*K*D need no int32 product
             for k in range(0, K):
                 acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-                for b in range(0, row_blocks):
-                    acc += tl.load(partial_ptr + (b * K + k) * D + offs_d, mask=d_mask, other=0.0,
-                                   cache_modifier=".cg")
+                block_partial = partial_ptr + k * D + offs_d
+                for _ in range(0, row_blocks):
+                    acc += tl.load(block_partial, mask=d_mask, other=0.0, cache_modifier=".cg")
+                    block_partial += K * D
                 tl.store(grad_weight_ptr + k * D + offs_d, acc.to(grad_weight_ptr.dtype.element_ty), mask=d_mask)
             if pid_d == 0:
                 bias_acc = tl.zeros([BLOCK_K], dtype=tl.float32)
-                for b in range(0, row_blocks):
-                    bias_acc += tl.load(bias_partial_ptr + b * K + offs_k, mask=k_mask, other=0.0,
-                                        cache_modifier=".cg")
+                block_bias = bias_partial_ptr + offs_k
+                for _ in range(0, row_blocks):
+                    bias_acc += tl.load(block_bias, mask=k_mask, other=0.0, cache_modifier=".cg")
+                    block_bias += K
                 tl.store(grad_bias_ptr + offs_k, bias_acc, mask=k_mask)
 
 

@@ -8,6 +8,7 @@ import torch
 import prefkernels
 from prefkernels import backends, reference
 from op_cases import Case, assert_matches, make_inputs, poison_allocator, public, reference_float64, run_op
+from test_op_edge_cases import check_direct_bt_forward_with_no_explicit_pairs
 from test_ops import VARIANTS
 
 pytestmark = pytest.mark.gpu
@@ -160,6 +161,11 @@ def test_cuda_graph_replays_are_bitwise_eager(backend):
         torch.cuda.synchronize()
         for i, (got, want) in enumerate(zip(captured, eager)):
             assert torch.equal(got, want), f"replay {replay}, output {i}"
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_cuda_direct_bt_forward_with_no_explicit_pairs(backend):
+    check_direct_bt_forward_with_no_explicit_pairs(require(backend), "cuda")
 
 
 def test_auto_picks_native_cuda_then_triton():

@@ -176,3 +176,28 @@ def test_direct_pool_backward_skips_out_of_range_positions_and_entries(backend, 
     torch.testing.assert_close(grad_hidden, want_hidden)
     torch.testing.assert_close(grad_weight, want_weight)
     torch.testing.assert_close(grad_bias, coef[0] + coef[3])
+
+
+def check_direct_bt_forward_with_no_explicit_pairs(ops, device):
+    """A direct ``bt_forward`` call with empty (P = 0) chosen/rejected index tensors: every row is
+    still pooled (rewards and positions as ``pool_forward``'s) and the pair outputs are empty; an
+    empty index tensor is explicit pairs, not the default pairing (which would write N/2 pairs)."""
+    g = torch.Generator().manual_seed(6)
+    hidden = torch.randn(6, 5, 16, generator=g).to(device)
+    weight, bias = torch.randn(2, 16, generator=g).to(device), torch.randn(2, generator=g).to(device)
+    last_index = torch.tensor([4, 0, 2, 3, 1, 4], device=device)
+    none = torch.empty(0, dtype=torch.long, device=device)
+    loss, rewards, pair_grad, pooled_pos = ops.bt_forward(hidden, weight, bias, None, last_index, None, none, none,
+                                                          None, 0.0, 0.0)
+    want_rewards, want_pos = ops.pool_forward(hidden, weight, bias, None, last_index, None)
+    assert loss.shape == (0, 2) and pair_grad.shape == (2, 0, 2)
+    assert torch.equal(pooled_pos, want_pos)
+    torch.testing.assert_close(rewards, want_rewards, rtol=1e-6, atol=1e-6)  # another kernel specialization
+
+
+@pytest.mark.parametrize("backend", ["native", "triton"])
+def test_direct_bt_forward_with_no_explicit_pairs(backend):
+    ops = backends.select(backend, torch.device("cpu"))
+    if ops is None or ops.name != backend:
+        pytest.skip(f"backend {backend!r} not available on cpu")
+    check_direct_bt_forward_with_no_explicit_pairs(ops, "cpu")

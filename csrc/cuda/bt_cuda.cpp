@@ -101,9 +101,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bt_forward_cuda(
   auto pooled_pos = at::empty({rows}, hidden.options().dtype(at::kLong));
   auto loss = at::empty({pairs, heads}, f32);
   auto pair_grad = at::empty({2, pairs, heads}, f32);
-  // One launch for the whole forward (default or explicit pairs).
+  // One launch for the whole forward (default or explicit pairs): a block per pair, or per row then per pair.
+  const bool explicit_pairs = chosen_index.has_value();
   C10_CUDA_CHECK(gpu::launch_bt_forward(
-      hidden_args(hidden, f.layout), head_args(weight, bias), f.spec, optional_ptr<int64_t>(chosen_index),
+      hidden_args(hidden, f.layout), head_args(weight, bias), f.spec, explicit_pairs, optional_ptr<int64_t>(chosen_index),
       optional_ptr<int64_t>(rejected_index), optional_ptr<float>(margin), pairs, static_cast<float>(label_smoothing),
       static_cast<float>(center_coef), rewards.data_ptr<float>(), pooled_pos.data_ptr<int64_t>(), loss.data_ptr<float>(),
       pair_grad.data_ptr<float>(), c10::cuda::getCurrentCUDAStream().stream()));

@@ -547,12 +547,15 @@ __global__ void __launch_bounds__(kBackwardThreads) pool_backward_kernel(const B
 
   // Ticket of this D tile; the last block of the tile sums every row block's partials.
   __shared__ bool s_last;
-  __threadfence();
+  __threadfence();  // release: this thread's partial stores, before the ticket
   __syncthreads();
-  if (threadIdx.x == 0) s_last = atomicAdd(p.tile_done + blockIdx.y, 1u) == gridDim.x - 1;
+  if (threadIdx.x == 0) {
+    const unsigned ticket = atomicAdd(p.tile_done + blockIdx.y, 1u);
+    __threadfence();  // acquire: the other blocks' partials, before the block reads them
+    s_last = ticket == gridDim.x - 1;
+  }
   __syncthreads();
   if (!s_last) return;
-  __threadfence();
   const int64_t row_blocks = gridDim.x;
   if (blockIdx.y == 0) {
     for (int64_t k = threadIdx.x; k < heads; k += kBackwardThreads) {
@@ -651,16 +654,16 @@ cudaError_t launch_pool_forward(const HiddenArgs& hidden, const HeadArgs& head, 
 }
 
 cudaError_t launch_bt_forward(const HiddenArgs& hidden, const HeadArgs& head, const PoolSpec& pool,
-                              const int64_t* chosen, const int64_t* rejected, const float* margin, int64_t pairs,
-                              float label_smoothing, float center_coef, float* rewards, int64_t* pooled_pos,
-                              float* loss, float* pair_grad, cudaStream_t stream) {
+                              bool explicit_pairs, const int64_t* chosen, const int64_t* rejected, const float* margin,
+                              int64_t pairs, float label_smoothing, float center_coef, float* rewards,
+                              int64_t* pooled_pos, float* loss, float* pair_grad, cudaStream_t stream) {
   ForwardParams p = forward_params(hidden, head, pool, rewards, pooled_pos);
   p.margin = margin;
   p.label_smoothing = label_smoothing;
   p.center_coef = center_coef;
   p.loss = loss;
   p.pair_grad = pair_grad;
-  if (chosen == nullptr || rejected == nullptr) {
+  if (!explicit_pairs) {
     // Default pairs (p, p + P), P = N / 2; one extra block pools the last row of an odd N.
     p.pairs = hidden.rows / 2;
     return launch_score<Pairs::kDefault>(p, p.pairs + (hidden.rows % 2), stream);
