@@ -33,7 +33,10 @@ import common  # noqa: E402
 
 from prefkernels import backends  # noqa: E402
 
-SHAPES = [(16, 2048, 4096, "bf16"), (8, 4096, 8192, "bf16"), (64, 512, 2048, "bf16"), (4, 8192, 4096, "fp32")]
+# (pairs, T, D, dtype[, pairing]): 2 * pairs rows; the last shape's 128 rows are 32 rankings of 4
+# expanded to 192 explicit pairs (a row in 3 pairs), the explicit-pair path of the kernels.
+SHAPES = [(16, 2048, 4096, "bf16"), (8, 4096, 8192, "bf16"), (64, 512, 2048, "bf16"), (4, 8192, 4096, "fp32"),
+          (64, 512, 2048, "bf16", "ranked4")]
 
 
 def predicted_floor_us(nbytes: int, write_bandwidth: float) -> float:
@@ -164,19 +167,24 @@ def run(shapes, repeats: int, warmup: int, bandwidth: float, on_row, profile_pat
     kernels = available_kernel_backends()
     all_steps = {**common.methods(kernels), "memset": memset_step}
     rows = []
-    smallest = min(p * 2 * t * d * common.DTYPES[dt].itemsize for p, t, d, dt in shapes)  # fixed costs weigh most
-    for pairs, positions, dim, dtype in shapes:
-        batch = common.make_batch(pairs, positions, dim, dtype, device)
+    smallest = min(p * 2 * t * d * common.DTYPES[dt].itemsize for p, t, d, dt, *_ in shapes)  # fixed costs weigh most
+    profiled = False
+    for pairs, positions, dim, dtype, *pairing in shapes:
+        pairing = pairing[0] if pairing else "default"
+        batch = common.make_batch(pairs, positions, dim, dtype, device, pairing=pairing)
         nbytes = batch["hidden"].numel() * batch["hidden"].element_size()
-        row = {"shape": f"P={pairs} T={positions} D={dim} {dtype}", "pairs": pairs, "T": positions, "D": dim,
-               "dtype": dtype, "grad_buffer_MB": nbytes / 2**20,
-               "predicted floor us": predicted_floor_us(nbytes, bandwidth)}
+        label = f"P={pairs} T={positions} D={dim} {dtype}"
+        if pairing != "default":
+            label = f"N={2 * pairs} P={len(batch['pairs']['chosen_index'])} T={positions} D={dim} {dtype} {pairing}"
+        row = {"shape": label, "pairs": pairs, "T": positions, "D": dim, "dtype": dtype, "pairing": pairing,
+               "grad_buffer_MB": nbytes / 2**20, "predicted floor us": predicted_floor_us(nbytes, bandwidth)}
         steps = common.working_steps(all_steps, batch, row)
         add_ratios(row, common.time_interleaved(steps, batch, repeats, warmup, cuda_timer), kernels, nbytes, "")
         for name, seconds in common.time_interleaved(steps, batch, repeats, 1, host_timer).items():
             row[f"{name} host us"] = seconds * 1e6
-        if profile_path is not None and nbytes == smallest:
+        if profile_path is not None and nbytes == smallest and not profiled:  # the first such shape
             profile_path.write_text(f"{row['shape']}\n{profile_table(steps, batch, kernels)}\n")
+            profiled = True
         for name, step in steps.items():
             row[f"{name} peak MB"] = cuda_peak_extra_bytes(step, batch) / 2**20
         replays = {}

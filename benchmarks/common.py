@@ -19,8 +19,25 @@ from machine import RESULTS_DIR
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def make_batch(pairs: int, positions: int, dim: int, dtype: str, device: str, seed: int = 0) -> dict:
-    """A padded batch of 2*pairs rows (chosen then rejected), right padding, random lengths."""
+PAIRINGS = ("default", "ranked4")
+
+
+def ranked_pairs(rows: int, group: int = 4) -> dict:
+    """chosen_index/rejected_index [P] int64: every ordered pair (better, worse) within consecutive
+    groups of ``group`` rows, best first, as rankings expanded to pairs (P = 1.5 * rows for 4)."""
+    chosen, rejected = [], []
+    for start in range(0, rows - group + 1, group):
+        for i in range(group):
+            for j in range(i + 1, group):
+                chosen.append(start + i)
+                rejected.append(start + j)
+    return {"chosen_index": torch.tensor(chosen), "rejected_index": torch.tensor(rejected)}
+
+
+def make_batch(pairs: int, positions: int, dim: int, dtype: str, device: str, seed: int = 0,
+               pairing: str = "default") -> dict:
+    """A padded batch of 2*pairs rows, right padding, random lengths. ``pairing`` "default": rows
+    [0, pairs) chosen, the rest rejected; "ranked4": explicit pairs, every pair within groups of 4."""
     g = torch.Generator().manual_seed(seed)
     rows = 2 * pairs
     hidden = torch.randn(rows, positions, dim, generator=g).to(device=device, dtype=DTYPES[dtype])
@@ -28,8 +45,11 @@ def make_batch(pairs: int, positions: int, dim: int, dtype: str, device: str, se
     mask = (torch.arange(positions) < lengths.unsqueeze(1)).long().to(device)
     weight = (torch.randn(1, dim, generator=g) / dim ** 0.5).to(device)
     bias = torch.zeros(1, device=device)
+    if pairing not in PAIRINGS:
+        raise ValueError(f"pairing: expected one of {PAIRINGS}, got {pairing!r}")
+    explicit = {} if pairing == "default" else {k: v.to(device) for k, v in ranked_pairs(rows).items()}
     return {"hidden": hidden.requires_grad_(), "weight": weight.requires_grad_(),
-            "bias": bias.requires_grad_(), "attention_mask": mask}
+            "bias": bias.requires_grad_(), "attention_mask": mask, "pairs": explicit}
 
 
 def reset(batch):
@@ -44,7 +64,8 @@ def reset(batch):
 def fwd_bwd(loss_fn):
     """A step: loss, backward (grads are None: see ``reset``)."""
     def step(batch):
-        loss, _ = loss_fn(batch["hidden"], batch["weight"], batch["bias"], attention_mask=batch["attention_mask"])
+        loss, _ = loss_fn(batch["hidden"], batch["weight"], batch["bias"], attention_mask=batch["attention_mask"],
+                          **batch["pairs"])
         loss.backward()
     return step
 

@@ -131,16 +131,24 @@ def fused_bt_loss(hidden, weight, bias=None, *, attention_mask=None, last_index=
     return reduce_loss(loss, reduction), rewards.detach()
 
 
-def eager(hidden, weight, bias=None, *, attention_mask=None, margin=None, reduction="mean"):
-    """Baseline: gather the last non-pad token, then the head, then the loss (default pairs): the
-    way people compute it today, without ``pool_score``'s invalid-row masking (the benchmarks'
-    baseline)."""
+def _pairs_or_default(chosen_index, rejected_index, rows, device):
+    if chosen_index is None:
+        return default_pairs(rows, device)
+    return chosen_index, rejected_index
+
+
+def eager(hidden, weight, bias=None, *, attention_mask=None, chosen_index=None, rejected_index=None, margin=None,
+          reduction="mean"):
+    """Baseline: gather the last non-pad token, then the head, then the loss (default pairs, or
+    chosen_index/rejected_index [P]): the way people compute it today, without ``pool_score``'s
+    invalid-row masking (the benchmarks' baseline)."""
     rewards = head(gather_pooled(hidden, attention_mask=attention_mask), weight, bias)
-    chosen, rejected = default_pairs(rewards.shape[0], rewards.device)
+    chosen, rejected = _pairs_or_default(chosen_index, rejected_index, rewards.shape[0], rewards.device)
     return pair_loss(rewards, chosen, rejected, margin, reduction=reduction), rewards.detach()
 
 
-def hf_style(hidden, weight, bias=None, *, attention_mask=None, margin=None, reduction="mean"):
+def hf_style(hidden, weight, bias=None, *, attention_mask=None, chosen_index=None, rejected_index=None, margin=None,
+             reduction="mean"):
     """Baseline as ``*ForSequenceClassification`` does it: head over every token, then gather.
 
     The head output [N, T, K] is in hidden's dtype, as an ``nn.Linear`` score head would give.
@@ -148,6 +156,6 @@ def hf_style(hidden, weight, bias=None, *, attention_mask=None, margin=None, red
     logits = F.linear(hidden, weight.to(hidden.dtype), None if bias is None else bias.to(hidden.dtype))
     pos = pooled_positions(hidden, attention_mask=attention_mask)
     rewards = logits[torch.arange(hidden.shape[0], device=hidden.device), pos].float()
-    chosen, rejected = default_pairs(rewards.shape[0], rewards.device)
+    chosen, rejected = _pairs_or_default(chosen_index, rejected_index, rewards.shape[0], rewards.device)
     loss = pair_loss(rewards, chosen, rejected, margin, reduction=reduction)
     return loss, rewards.detach()

@@ -44,12 +44,12 @@ def test_bench_gpu_runs_and_reports_on_cpu(on_cpu, tmp_path, capsys):
         saved.append(len(rows))
         return common.write_results("bench_gpu", {"rows": rows}, tmp_path)
 
-    shapes = [(2, 16, 32, "fp32"), (1, 8, 16, "bf16")]
+    shapes = [(2, 16, 32, "fp32"), (1, 8, 16, "bf16"), (2, 8, 16, "bf16", "ranked4")]
     rows, kernels = bench_gpu.run(shapes, repeats=2, warmup=1, bandwidth=3e12, on_row=save,
                                   profile_path=tmp_path / "bench_gpu_profile.txt", device="cpu")
     bench_gpu.report(rows, kernels, "cpu (test)", save)
 
-    assert kernels == ["native"] and saved == [1, 2, 2]
+    assert kernels == ["native"] and saved == [1, 2, 3, 3]
     torch_2_6 = tuple(int(part) for part in torch.__version__.split(".")[:2]) < (2, 7)
     for row in rows:
         assert row["broken error"] == "RuntimeError: broken method (test)" and "broken us" not in row
@@ -63,7 +63,8 @@ def test_bench_gpu_runs_and_reports_on_cpu(on_cpu, tmp_path, capsys):
         assert row["floor graph error"].startswith("RuntimeError: capture failed")
         assert row["hf_style/native"] == pytest.approx(row["hf_style us"] / row["native us"])
     written = json.loads((tmp_path / "bench_gpu.json").read_text())["rows"]
-    assert [r["shape"] for r in written] == ["P=2 T=16 D=32 fp32", "P=1 T=8 D=16 bf16"]
+    assert [r["shape"] for r in written] == ["P=2 T=16 D=32 fp32", "P=1 T=8 D=16 bf16", "N=4 P=6 T=8 D=16 bf16 ranked4"]
+    assert [r["pairing"] for r in written] == ["default", "default", "ranked4"]
     assert (tmp_path / "bench_gpu_eager.png").stat().st_size > 0
     assert not (tmp_path / "bench_gpu_graph.png").exists()  # no floor time to divide by
     profile = (tmp_path / "bench_gpu_profile.txt").read_text()

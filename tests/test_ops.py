@@ -114,6 +114,19 @@ def test_gradcheck_reference_float64():
     assert torch.autograd.gradcheck(lambda h, w, b: reference.pool_score(h, w, b, **pool), (hidden, weight, bias))
 
 
+@pytest.mark.parametrize("baseline", ["eager", "hf_style"])
+@pytest.mark.parametrize("pairs", ["default", "shared"])
+def test_benchmark_baselines_match_the_reference(baseline, pairs):
+    """The benchmarks' baselines compute the same loss and gradients as the reference, with default
+    and explicit pairs (a row in several pairs), so every method times the same computation."""
+    inputs = make_inputs(Case(heads=2, rows=8, pairs=pairs, pooling="mask_left"), seed=9)
+    kwargs = {k: v for k, v in inputs["kwargs"].items() if k in ("attention_mask", "chosen_index", "rejected_index")}
+    results = [run_op(lambda h, w, b, fn=fn, **kw: fn(h, w, b, **kw), {**inputs, "kwargs": kwargs})
+               for fn in (getattr(reference, baseline), reference.fused_bt_loss)]
+    for name, got in results[0].items():
+        torch.testing.assert_close(got, results[1][name], rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
 def test_rewards_carry_no_gradient_but_pool_score_does():
     inputs = make_inputs(Case())
     hidden = inputs["hidden"].requires_grad_()
