@@ -419,19 +419,22 @@ def _pool_args(hidden, weight, bias, attention_mask, last_index, cu_seqlens):
 
 def _launch_pool(hidden, weight, a, rewards, pooled_pos, pair_mode=0, pairs=0, chosen=None, rejected=None,
                  margin=None, loss=None, pair_grad=None, label_smoothing=0.0, center_coef=0.0):
-    """One _pool_kernel launch: the N rows, then (pair_mode 1 or 2) the P pairs."""
+    """One _pool_kernel launch: the N rows, then (pair_mode 1 or 2) the P pairs. Without a pair
+    the pair tensors (empty, maybe null pointers) are not passed: ``rewards`` stands in for them."""
+    pair_mode = pair_mode if pairs > 0 else 0
     programs = a["rows"] + (pairs if pair_mode else 0)
     if programs == 0:
         return
-    placeholder = rewards  # pointers a pair mode does not read
+
+    def pair_arg(t):
+        return t if pair_mode and t is not None else rewards
+
     _pool_kernel[(programs,)](
         hidden, weight, a["bias_ptr"], a["mask_ptr"], a["index_ptr"], rewards, pooled_pos,
-        chosen if chosen is not None else placeholder, rejected if rejected is not None else placeholder,
-        margin if margin is not None else placeholder, loss if loss is not None else placeholder,
-        pair_grad if pair_grad is not None else placeholder,
+        pair_arg(chosen), pair_arg(rejected), pair_arg(margin), pair_arg(loss), pair_arg(pair_grad),
         a["rows"], pairs, a["positions"], a["D"], a["K"], a["stride_n"], a["stride_t"],
         float(label_smoothing), float(center_coef),
-        PAIR_MODE=pair_mode, POOL_MODE=a["mode"], HAS_BIAS=a["has_bias"], HAS_MARGIN=margin is not None,
+        PAIR_MODE=pair_mode, POOL_MODE=a["mode"], HAS_BIAS=a["has_bias"], HAS_MARGIN=bool(pair_mode) and margin is not None,
         BLOCK_T=a["block_t"], BLOCK_K=a["block_k"], BLOCK_D=a["block_d"],
         num_warps=_warps(max(a["block_k"] * a["block_d"], a["block_t"])),
     )
