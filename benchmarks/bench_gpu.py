@@ -167,9 +167,10 @@ def run(shapes, repeats: int, warmup: int, bandwidth: float, on_row, profile_pat
     kernels = available_kernel_backends()
     all_steps = {**common.methods(kernels), "memset": memset_step}
     rows = []
-    smallest = min(p * 2 * t * d * common.DTYPES[dt].itemsize for p, t, d, dt, *_ in shapes)  # fixed costs weigh most
-    profiled = False
-    for pairs, positions, dim, dtype, *pairing in shapes:
+    # profiled: the first shape of the smallest grad buffer (fixed costs weigh most there)
+    profiled_shape = min(shapes, key=lambda s: s[0] * 2 * s[1] * s[2] * common.DTYPES[s[3]].itemsize)
+    for shape in shapes:
+        pairs, positions, dim, dtype, *pairing = shape
         pairing = pairing[0] if pairing else "default"
         batch = common.make_batch(pairs, positions, dim, dtype, device, pairing=pairing)
         nbytes = batch["hidden"].numel() * batch["hidden"].element_size()
@@ -182,9 +183,8 @@ def run(shapes, repeats: int, warmup: int, bandwidth: float, on_row, profile_pat
         add_ratios(row, common.time_interleaved(steps, batch, repeats, warmup, cuda_timer), kernels, nbytes, "")
         for name, seconds in common.time_interleaved(steps, batch, repeats, 1, host_timer).items():
             row[f"{name} host us"] = seconds * 1e6
-        if profile_path is not None and nbytes == smallest and not profiled:  # the first such shape
+        if profile_path is not None and shape is profiled_shape:
             profile_path.write_text(f"{row['shape']}\n{profile_table(steps, batch, kernels)}\n")
-            profiled = True
         for name, step in steps.items():
             row[f"{name} peak MB"] = cuda_peak_extra_bytes(step, batch) / 2**20
         replays = {}

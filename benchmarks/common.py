@@ -38,6 +38,8 @@ def make_batch(pairs: int, positions: int, dim: int, dtype: str, device: str, se
                pairing: str = "default") -> dict:
     """A padded batch of 2*pairs rows, right padding, random lengths. ``pairing`` "default": rows
     [0, pairs) chosen, the rest rejected; "ranked4": explicit pairs, every pair within groups of 4."""
+    if pairing not in PAIRINGS:
+        raise ValueError(f"pairing: expected one of {PAIRINGS}, got {pairing!r}")
     g = torch.Generator().manual_seed(seed)
     rows = 2 * pairs
     hidden = torch.randn(rows, positions, dim, generator=g).to(device=device, dtype=DTYPES[dtype])
@@ -45,8 +47,6 @@ def make_batch(pairs: int, positions: int, dim: int, dtype: str, device: str, se
     mask = (torch.arange(positions) < lengths.unsqueeze(1)).long().to(device)
     weight = (torch.randn(1, dim, generator=g) / dim ** 0.5).to(device)
     bias = torch.zeros(1, device=device)
-    if pairing not in PAIRINGS:
-        raise ValueError(f"pairing: expected one of {PAIRINGS}, got {pairing!r}")
     explicit = {} if pairing == "default" else {k: v.to(device) for k, v in ranked_pairs(rows).items()}
     return {"hidden": hidden.requires_grad_(), "weight": weight.requires_grad_(),
             "bias": bias.requires_grad_(), "attention_mask": mask, "pairs": explicit}
