@@ -39,16 +39,34 @@ PK_HOST_DEVICE int64_t indexed_position(const PoolSpec& spec, int64_t n) {
   return spec.index[n + 1] > spec.index[n] ? spec.index[n + 1] - 1 : -1;
 }
 
-// sum over j in [begin, end) of grad_coef[row_entry[j], k] ([M, K] float32), in order: the CSR segment
-// of one row. Bounds outside [0, entries) and entries outside [0, coef_rows) are skipped, so a direct
-// call of pool_backward with a bad CSR reads nothing out of bounds.
-PK_HOST_DEVICE float csr_segment_sum(const float* grad_coef, int64_t coef_rows, int64_t heads,
-                                     const int64_t* row_entry, int64_t entries, int64_t begin, int64_t end,
-                                     int64_t k) {
+// The loss's gradient, applied by pool_backward to each entry of grad_coef (the pair entries
+// [2P, K]: chosen then rejected) so that no separate kernel scales them. grad null: the entries
+// are used as given (pool_forward's backward).
+struct LossGrad {
+  const float* grad;  // [] (one value for every entry: a mean or sum) or [P, K] (entry e: pair e mod P)
+  int64_t pairs;      // P when grad is [P, K]; 0 when it is one value
+  float scale;        // 1/(P*K) for a mean, else 1
+};
+
+// Coefficient of entry e (< 2P when loss.pairs > 0), head k: grad_coef[e, k] times the loss's
+// gradient of its pair, grad * scale.
+PK_HOST_DEVICE float entry_coef(const float* grad_coef, const LossGrad& loss, int64_t heads, int64_t e, int64_t k) {
+  const float c = grad_coef[e * heads + k];
+  if (loss.grad == nullptr) return c;
+  const int64_t pair = e < loss.pairs ? e : e - loss.pairs;
+  return c * (loss.grad[loss.pairs > 0 ? pair * heads + k : 0] * loss.scale);
+}
+
+// sum over j in [begin, end) of entry_coef(row_entry[j], k) (grad_coef [M, K] float32), in order:
+// the CSR segment of one row. Bounds outside [0, entries) and entries outside [0, coef_rows) are
+// skipped, so a direct call of pool_backward with a bad CSR reads nothing out of bounds.
+PK_HOST_DEVICE float csr_segment_sum(const float* grad_coef, const LossGrad& loss, int64_t coef_rows,
+                                     int64_t heads, const int64_t* row_entry, int64_t entries, int64_t begin,
+                                     int64_t end, int64_t k) {
   float acc = 0.f;
   for (int64_t j = begin > 0 ? begin : 0; j < (end < entries ? end : entries); ++j) {
     const int64_t e = row_entry[j];
-    if (e >= 0 && e < coef_rows) acc += grad_coef[e * heads + k];
+    if (e >= 0 && e < coef_rows) acc += entry_coef(grad_coef, loss, heads, e, k);
   }
   return acc;
 }

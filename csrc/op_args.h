@@ -93,6 +93,33 @@ inline void check_margin(const c10::optional<at::Tensor>& margin, int64_t pairs)
   }
 }
 
+// bt_forward's `reduction`: the loss per pair [P, K], or its mean or sum (a float32 scalar).
+enum Reduction : int64_t { kReduceNone = 0, kReduceMean = 1, kReduceSum = 2 };
+
+inline void check_reduction(int64_t reduction) {
+  TORCH_CHECK(reduction >= kReduceNone && reduction <= kReduceSum,
+              "reduction: expected 0 (none), 1 (mean) or 2 (sum), got ", reduction);
+}
+
+// loss [P, K] reduced as `reduction` asks (ATen's mean and sum: the values of loss.mean()/sum()).
+inline at::Tensor reduce_loss(const at::Tensor& loss, int64_t reduction) {
+  if (reduction == kReduceMean) return loss.mean();
+  if (reduction == kReduceSum) return loss.sum();
+  return loss;
+}
+
+// pool_backward's grad_loss and loss_scale as the kernels take them, checked against grad_coef [M, K].
+inline LossGrad loss_grad_of(const c10::optional<at::Tensor>& grad_loss, double loss_scale,
+                             const at::Tensor& grad_coef) {
+  if (!grad_loss.has_value()) return {nullptr, 0, 1.f};
+  const at::Tensor& g = *grad_loss;
+  const bool per_pair = g.dim() == 2 && 2 * g.size(0) == grad_coef.size(0) && g.size(1) == grad_coef.size(1);
+  TORCH_CHECK(g.scalar_type() == at::kFloat && g.is_contiguous() && (g.dim() == 0 || per_pair),
+              "grad_loss: expected a contiguous float32 [] or [P, K] with grad_coef [2P, K], got ",
+              g.scalar_type(), " ", g.sizes(), " with grad_coef ", grad_coef.sizes());
+  return {g.data_ptr<float>(), per_pair ? g.size(0) : 0, static_cast<float>(loss_scale)};
+}
+
 // pool_backward's arguments: checks, and hidden's layout with rows = N pooled positions.
 inline HiddenLayout backward_layout(const at::Tensor& grad_coef, const c10::optional<at::Tensor>& row_ptr,
                                     const c10::optional<at::Tensor>& row_entry, const at::Tensor& hidden,

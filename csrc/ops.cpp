@@ -2,20 +2,26 @@
 #include <torch/extension.h>
 
 TORCH_LIBRARY(prefkernels, m) {
-  // (loss [P,K] f32, rewards [N,K] f32, pair_grad [2,P,K] f32, pooled_pos [N] i64)
+  // (loss f32: [P,K] for reduction 0 (none), [] for 1 (mean) and 2 (sum); rewards [N,K] f32,
+  //  pair_grad [2,P,K] f32: d loss[p,k] / d rewards of the chosen and rejected row; pooled_pos [N] i64)
   m.def(
       "bt_forward(Tensor hidden, Tensor weight, Tensor? bias, Tensor? attention_mask, "
       "Tensor? last_index, Tensor? cu_seqlens, Tensor? chosen_index, Tensor? rejected_index, "
-      "Tensor? margin, float label_smoothing, float center_coef) -> (Tensor, Tensor, Tensor, Tensor)");
+      "Tensor? margin, float label_smoothing, float center_coef, int reduction) -> (Tensor, Tensor, Tensor, Tensor)");
   // (rewards [N,K] f32, pooled_pos [N] i64)
   m.def(
       "pool_forward(Tensor hidden, Tensor weight, Tensor? bias, Tensor? attention_mask, "
       "Tensor? last_index, Tensor? cu_seqlens) -> (Tensor, Tensor)");
   // (grad_hidden like hidden (contiguous) or [0] when not needed, grad_weight like weight,
-  //  grad_bias [K] f32: the coefficients summed over the rows with a valid pooled position)
+  //  grad_bias [K] f32: the coefficients summed over the rows with a valid pooled position).
+  // Coefficients: grad_coef [M, K] (M = N, or the entries of the CSR row_ptr/row_entry), each
+  // times grad_loss * loss_scale when grad_loss is given: [] for every entry, or [P, K] with
+  // M = 2P (entry e belongs to pair e mod P), so bt_forward's pair_grad and the loss's gradient
+  // go in as they are.
   m.def(
-      "pool_backward(Tensor grad_coef, Tensor? row_ptr, Tensor? row_entry, Tensor hidden, "
-      "Tensor weight, Tensor pooled_pos, bool need_grad_hidden) -> (Tensor, Tensor, Tensor)");
+      "pool_backward(Tensor grad_coef, Tensor? grad_loss, float loss_scale, Tensor? row_ptr, "
+      "Tensor? row_entry, Tensor hidden, Tensor weight, Tensor pooled_pos, bool need_grad_hidden) "
+      "-> (Tensor, Tensor, Tensor)");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

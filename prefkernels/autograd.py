@@ -1,18 +1,21 @@
 """Fake (meta) kernels and autograd for a backend's ops, registered once per OpSet.
 
 The forward ops return the per-pair gradient coefficients, so backward never recomputes
-the forward: it scales them by the incoming gradient and calls the backend's single
-``pool_backward`` (grad buffer + one scatter pass + weight and bias gradients). That backward is not
-itself differentiable: a backward with ``create_graph=True`` (double backward, e.g. a gradient
-penalty) raises instead of silently returning gradients without a graph; the reference backend
-supports it.
+the forward: it hands them, with the loss's incoming gradient, to the backend's single
+``pool_backward`` (grad buffer + one pass that scales the coefficients, scatters the pooled rows
+and reduces the weight and bias gradients). ``bt_forward`` takes the loss's reduction, so a mean
+loss's gradient reaches the kernel as one value: no kernel expands or multiplies it first.
+
+That backward is not itself differentiable: a backward with ``create_graph=True`` (double
+backward, e.g. a gradient penalty) raises instead of silently returning gradients without a
+graph; the reference backend supports it.
 """
 from __future__ import annotations
 
 import torch
 
 from prefkernels.backends import OpSet
-from prefkernels.checks import num_rows
+from prefkernels.checks import REDUCTION_CODES, num_rows
 
 _F32, _I64 = torch.float32, torch.int64
 
@@ -23,16 +26,17 @@ def _pool_forward_fake(hidden, weight, bias, attention_mask, last_index, cu_seql
 
 
 def _bt_forward_fake(hidden, weight, bias, attention_mask, last_index, cu_seqlens, chosen_index,
-                     rejected_index, margin, label_smoothing, center_coef):
+                     rejected_index, margin, label_smoothing, center_coef, reduction):
     rewards, pooled_pos = _pool_forward_fake(hidden, weight, bias, attention_mask, last_index, cu_seqlens)
     pairs = chosen_index.shape[0] if chosen_index is not None else rewards.shape[0] // 2
     heads = weight.shape[0]
-    loss = hidden.new_empty((pairs, heads), dtype=_F32)
+    loss = hidden.new_empty((pairs, heads) if reduction == REDUCTION_CODES["none"] else (), dtype=_F32)
     pair_grad = hidden.new_empty((2, pairs, heads), dtype=_F32)
     return loss, rewards, pair_grad, pooled_pos
 
 
-def _pool_backward_fake(grad_coef, row_ptr, row_entry, hidden, weight, pooled_pos, need_grad_hidden):
+def _pool_backward_fake(grad_coef, grad_loss, loss_scale, row_ptr, row_entry, hidden, weight, pooled_pos,
+                        need_grad_hidden):
     grad_hidden = hidden.new_empty(hidden.shape) if need_grad_hidden else hidden.new_empty((0,))
     return grad_hidden, torch.empty_like(weight), hidden.new_empty((weight.shape[0],), dtype=_F32)
 
@@ -57,9 +61,11 @@ def register(ops: OpSet) -> None:
     torch.library.register_fake(qualname("pool_forward"))(_pool_forward_fake)
     torch.library.register_fake(qualname("pool_backward"))(_pool_backward_fake)
 
-    def backward_into_inputs(ctx, hidden, weight, pooled_pos, coef, row_ptr, row_entry):
+    def backward_into_inputs(ctx, hidden, weight, pooled_pos, coef, row_ptr, row_entry, grad_loss=None,
+                             loss_scale=1.0):
         """Gradients of hidden, weight, bias from ``coef`` [M, K]: one row per pooled row, or one per
-        pair entry with their CSR by row in row_ptr/row_entry. Rows without a valid pooled position
+        pair entry with their CSR by row in row_ptr/row_entry; each times ``grad_loss * loss_scale``
+        when grad_loss is given ([], or [P, K] with M = 2P). Rows without a valid pooled position
         add nothing to any of them (the kernels skip them)."""
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         if torch.is_grad_enabled() and not torch.compiler.is_compiling():  # backward(create_graph=True)
@@ -67,8 +73,8 @@ def register(ops: OpSet) -> None:
                                "e.g. a gradient penalty); use backend='reference' for it")
         if not (need_hidden or need_weight or need_bias):
             return None, None, None
-        grad_hidden, grad_weight, grad_bias = ops.pool_backward(coef, row_ptr, row_entry, hidden, weight, pooled_pos,
-                                                                bool(need_hidden))
+        grad_hidden, grad_weight, grad_bias = ops.pool_backward(coef, grad_loss, loss_scale, row_ptr, row_entry, hidden,
+                                                                weight, pooled_pos, bool(need_hidden))
         return (grad_hidden if need_hidden else None, grad_weight if need_weight else None,
                 grad_bias.to(ctx.bias_dtype) if need_bias else None)
 
@@ -101,22 +107,24 @@ def register(ops: OpSet) -> None:
 
     def bt_setup(ctx, inputs, output):
         hidden, weight, bias = inputs[:3]
-        chosen_index, rejected_index = inputs[6], inputs[7]
+        chosen_index, rejected_index, reduction = inputs[6], inputs[7], inputs[11]
         loss, rewards, pair_grad, pooled_pos = output
         save_head_info(ctx, bias, pooled_pos)
+        ctx.mean = reduction == REDUCTION_CODES["mean"]
         ctx.save_for_backward(*kept_for_backward(ctx, hidden, pooled_pos), weight, pair_grad, chosen_index,
                               rejected_index)
         ctx.mark_non_differentiable(rewards, pair_grad, pooled_pos)
 
     def bt_backward(ctx, grad_loss, _grad_rewards, _grad_pair, _grad_pos):
         hidden, pooled_pos, weight, pair_grad, chosen_index, rejected_index = ctx.saved_tensors
-        heads = pair_grad.shape[-1]
-        coef = (pair_grad * grad_loss.float()).reshape(-1, heads)
+        pairs, heads = pair_grad.shape[1], pair_grad.shape[2]
+        loss_scale = 1.0 / max(pairs * heads, 1) if ctx.mean else 1.0
         row_ptr = row_entry = None
         if chosen_index is not None:
             row_ptr, row_entry = rows_csr(torch.cat([chosen_index, rejected_index]), ctx.rows)
-        grads = backward_into_inputs(ctx, hidden, weight, pooled_pos, coef, row_ptr, row_entry)
-        return (*grads, None, None, None, None, None, None, None, None)
+        grads = backward_into_inputs(ctx, hidden, weight, pooled_pos, pair_grad.reshape(-1, heads), row_ptr, row_entry,
+                                     grad_loss.float().contiguous(), loss_scale)
+        return (*grads, None, None, None, None, None, None, None, None, None)
 
     torch.library.register_autograd(qualname("pool_forward"), pool_backward, setup_context=pool_setup)
     torch.library.register_autograd(qualname("bt_forward"), bt_backward, setup_context=bt_setup)

@@ -24,7 +24,9 @@ from torch.autograd import forward_ad
 HIDDEN_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MASK_DTYPES = (torch.bool, torch.int32, torch.int64)
 INDEX_DTYPES = (torch.int32, torch.int64)
-REDUCTIONS = ("mean", "sum", "none")
+# The public op's reductions, with their code in bt_forward's `reduction` argument (csrc/op_args.h).
+REDUCTION_CODES = {"mean": 1, "sum": 2, "none": 0}
+REDUCTIONS = tuple(REDUCTION_CODES)
 
 
 @dataclass

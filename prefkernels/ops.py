@@ -9,7 +9,6 @@ Each validates its inputs (clear errors naming the argument), picks a backend in
 """
 from __future__ import annotations
 
-
 from prefkernels import backends, checks, reference
 
 
@@ -37,12 +36,9 @@ def fused_bt_loss(hidden, weight, bias=None, *, attention_mask=None, last_index=
     checks.refuse_function_transforms(ops.name, inputs)
     loss, rewards, _, pooled_pos = ops.bt_forward(
         inputs.hidden, inputs.weight, inputs.bias, inputs.attention_mask, inputs.last_index, inputs.cu_seqlens,
-        inputs.chosen_index, inputs.rejected_index, inputs.margin, float(label_smoothing), float(center_coef))
+        inputs.chosen_index, inputs.rejected_index, inputs.margin, float(label_smoothing), float(center_coef),
+        checks.REDUCTION_CODES[reduction])
     checks.check_values(inputs, pooled_pos)
-    if reduction == "mean":
-        loss = loss.mean()
-    elif reduction == "sum":
-        loss = loss.sum()
     return loss, rewards
 
 

@@ -7,8 +7,8 @@ with the schemas of csrc/ops.cpp and the semantics of csrc/cpu/bt_cpu.cpp (the r
 - Forward: ONE launch. Default pairs (even N): one program per pair; it pools the chosen row p
   and the rejected row p + P, computes the K rewards of both and the pair's loss and gradient
   coefficients. Explicit pairs (or an odd N): one program per row (rewards, pooled_pos), then one
-  per pair, which pools its two rows again rather than wait for theirs. ``pool_forward``: one
-  program per row.
+  per pair, which pools its two rows again rather than wait for theirs. A mean or sum of the
+  loss is taken after it (``reduction``). ``pool_forward``: one program per row.
 - Backward: ONE zero-filled allocation (the grad buffer, then the tiles' int32 tickets; cleared
   as 4-byte words), then ONE launch over (row block of up to 32 rows, D tile), each program one
   [rows, D tile] tile: it scatters the pooled rows' gradient and writes its row block's partial
@@ -16,7 +16,8 @@ with the schemas of csrc/ops.cpp and the semantics of csrc/cpu/bt_cpu.cpp (the r
   every row block's partials, in row-block order, into grad_weight (weight's dtype) and
   grad_bias. With a single row block (N <= 32) the program writes both directly. No float
   atomics anywhere: two runs are bitwise equal. The CSR sums of explicit pairs run in row_entry
-  order, as the CPU op.
+  order, as the CPU op. Each pair entry's coefficient is multiplied by the loss's gradient in
+  the kernel (``grad_loss``, one value or one per pair), so nothing scales them beforehand.
 - Hidden is addressed as ``n * stride_n + pos * stride_t + d`` with int64 offsets; packed
   [total, D] hidden (``cu_seqlens``) pools row ``cu[n+1] - 1`` with ``stride_n = 0``.
 
@@ -37,6 +38,7 @@ import triton.language as tl
 from torch import Tensor
 
 from prefkernels.backends import OpSet
+from prefkernels.checks import REDUCTION_CODES
 
 POOL_MASK, POOL_LAST_INDEX, POOL_CU_SEQLENS = 0, 1, 2  # PoolMode of csrc/bt_math.h
 
@@ -231,16 +233,32 @@ def _pool_kernel(
 # Backward kernels.
 # ---------------------------------------------------------------------------------------------
 @triton.jit
+def _entry_coef(grad_coef_ptr, grad_loss_ptr, entry, offs_k, mask, K, loss_pairs, loss_scale,
+                LOSS_GRAD: tl.constexpr):
+    """grad_coef[entry, k] ([BLOCK_N, BLOCK_K], 0 where masked) times the loss's gradient of the
+    entry's pair (csrc/bt_layout.h entry_coef). LOSS_GRAD 0: none; 1: one value grad_loss[0];
+    2: grad_loss [P, K], entry e in pair e mod P (e < 2P)."""
+    c = tl.load(grad_coef_ptr + entry * K + offs_k[None, :], mask=mask, other=0.0)
+    if LOSS_GRAD == 1:
+        c = c * (tl.load(grad_loss_ptr) * loss_scale)
+    elif LOSS_GRAD == 2:
+        pair = tl.where(entry < loss_pairs, entry, entry - loss_pairs)
+        c = c * (tl.load(grad_loss_ptr + pair * K + offs_k[None, :], mask=mask, other=0.0) * loss_scale)
+    return c
+
+
+@triton.jit
 def _pool_backward_kernel(
-    grad_coef_ptr, row_ptr_ptr, row_entry_ptr, hidden_ptr, weight_ptr, pooled_pos_ptr,
+    grad_coef_ptr, grad_loss_ptr, row_ptr_ptr, row_entry_ptr, hidden_ptr, weight_ptr, pooled_pos_ptr,
     grad_hidden_ptr, grad_weight_ptr, grad_bias_ptr, partial_ptr, bias_partial_ptr, tile_done_ptr,
-    N, D, K, positions, coef_rows, entries, stride_n, stride_t, grad_stride_n, row_blocks,
-    HAS_CSR: tl.constexpr, NEED_GRAD_HIDDEN: tl.constexpr, ONE_BLOCK: tl.constexpr,
+    N, D, K, positions, coef_rows, entries, loss_pairs, loss_scale, stride_n, stride_t, grad_stride_n, row_blocks,
+    HAS_CSR: tl.constexpr, LOSS_GRAD: tl.constexpr, NEED_GRAD_HIDDEN: tl.constexpr, ONE_BLOCK: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Program (b, j): rows [b*BLOCK_N, (b+1)*BLOCK_N) x D tile j, as one [BLOCK_N, BLOCK_D] tile.
 
-    coef[n, :] = grad_coef[n, :], or the sum of the row's CSR entries in order (as the CPU op);
+    coef[n, :] = _entry_coef(n), or the sum of _entry_coef over the row's CSR entries in order (as
+    the CPU op);
     grad_hidden[n, pos_n, d] = sum_k coef[n, k] * weight[k, d] for rows with pos_n in [0, positions).
     Weight and bias gradients: with one row block the program writes them directly; else it writes
     its row block's fp32 partials, partial[b, k, d] = sum over the block's such rows of coef[n, k] *
@@ -271,10 +289,11 @@ def _pool_backward_kernel(
             in_segment = (start + j < end)[:, None] & k_mask[None, :]
             entry = tl.load(row_entry_ptr + (start + j)[:, None] + 0 * offs_k[None, :], mask=in_segment, other=-1)
             in_range = in_segment & (entry >= 0) & (entry < coef_rows)
-            coef += tl.load(grad_coef_ptr + entry * K + offs_k[None, :], mask=in_range, other=0.0)
+            coef += _entry_coef(grad_coef_ptr, grad_loss_ptr, entry, offs_k, in_range, K, loss_pairs, loss_scale,
+                                LOSS_GRAD)
     else:
-        coef = tl.load(grad_coef_ptr + offs_n[:, None] * K + offs_k[None, :],
-                       mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+        coef = _entry_coef(grad_coef_ptr, grad_loss_ptr, offs_n[:, None], offs_k, n_mask[:, None] & k_mask[None, :],
+                           K, loss_pairs, loss_scale, LOSS_GRAD)
     coef = tl.where(valid[:, None], coef, 0.0)  # a skipped row adds nothing, even with a NaN coef
     if pid_d == 0:
         bias_sum = tl.sum(coef, axis=0)
@@ -440,8 +459,19 @@ def _launch_pool(hidden, weight, a, rewards, pooled_pos, pair_mode=0, pairs=0, c
     )
 
 
+def _reduced(loss: Tensor, reduction: int) -> Tensor:
+    """loss [P, K] as bt_forward's ``reduction`` asks: itself, its mean or its sum."""
+    if reduction == REDUCTION_CODES["mean"]:
+        return loss.mean()
+    if reduction == REDUCTION_CODES["sum"]:
+        return loss.sum()
+    return loss
+
+
 def bt_forward(hidden, weight, bias, attention_mask, last_index, cu_seqlens, chosen_index, rejected_index,
-               margin, label_smoothing, center_coef):
+               margin, label_smoothing, center_coef, reduction):
+    if reduction not in REDUCTION_CODES.values():
+        raise RuntimeError(f"reduction: expected 0 (none), 1 (mean) or 2 (sum), got {reduction}")
     a = _pool_args(hidden, weight, bias, attention_mask, last_index, cu_seqlens)
     rows, K = a["rows"], a["K"]
     if (chosen_index is None) != (rejected_index is None):
@@ -477,7 +507,7 @@ def bt_forward(hidden, weight, bias, attention_mask, last_index, cu_seqlens, cho
             _launch_pool(hidden, weight, a, rewards, pooled_pos, pair_mode=2 if explicit else 1, pairs=P,
                          chosen=chosen_index, rejected=rejected_index, margin=margin, loss=loss,
                          pair_grad=pair_grad, label_smoothing=label_smoothing, center_coef=center_coef)
-    return loss, rewards, pair_grad, pooled_pos
+    return _reduced(loss, reduction), rewards, pair_grad, pooled_pos
 
 
 def pool_forward(hidden, weight, bias, attention_mask, last_index, cu_seqlens):
@@ -489,7 +519,20 @@ def pool_forward(hidden, weight, bias, attention_mask, last_index, cu_seqlens):
     return rewards, pooled_pos
 
 
-def pool_backward(grad_coef, row_ptr, row_entry, hidden, weight, pooled_pos, need_grad_hidden):
+def _loss_grad_mode(grad_loss: Optional[Tensor], grad_coef: Tensor) -> Tuple[int, int]:
+    """(LOSS_GRAD of _entry_coef, P) for pool_backward's grad_loss, checked against grad_coef [M, K]."""
+    if grad_loss is None:
+        return 0, 0
+    per_pair = (grad_loss.dim() == 2 and 2 * grad_loss.shape[0] == grad_coef.shape[0]
+                and grad_loss.shape[1] == grad_coef.shape[1])
+    if grad_loss.dtype != torch.float32 or not grad_loss.is_contiguous() or not (grad_loss.dim() == 0 or per_pair):
+        raise RuntimeError("grad_loss: expected a contiguous float32 [] or [P, K] with grad_coef [2P, K], got "
+                           f"{grad_loss.dtype} {list(grad_loss.shape)} with grad_coef {list(grad_coef.shape)}")
+    return (2, grad_loss.shape[0]) if per_pair else (1, 0)
+
+
+def pool_backward(grad_coef, grad_loss, loss_scale, row_ptr, row_entry, hidden, weight, pooled_pos,
+                  need_grad_hidden):
     if hidden.stride(-1) != 1:
         raise RuntimeError("hidden: last dimension must be contiguous")
     if hidden.dim() not in (2, 3):
@@ -513,6 +556,7 @@ def pool_backward(grad_coef, row_ptr, row_entry, hidden, weight, pooled_pos, nee
             raise RuntimeError("row_ptr/row_entry: expected contiguous int64 [N+1] and [M]")
     if pooled_pos.dtype != torch.int64 or not pooled_pos.is_contiguous():
         raise RuntimeError("pooled_pos: expected int64")
+    loss_grad, loss_pairs = _loss_grad_mode(grad_loss, grad_coef)
 
     grad_weight = _new(weight.shape, weight, weight.dtype)  # weight is contiguous
     grad_bias = _new((K,), hidden, torch.float32)
@@ -535,13 +579,14 @@ def pool_backward(grad_coef, row_ptr, row_entry, hidden, weight, pooled_pos, nee
         partial, bias_partial = scratch[:row_blocks * K * D], scratch[row_blocks * K * D:]
     with _device(hidden):
         _pool_backward_kernel[(row_blocks, d_tiles)](
-            grad_coef, row_ptr if row_ptr is not None else grad_coef,
+            grad_coef, grad_loss if grad_loss is not None else grad_coef, row_ptr if row_ptr is not None else grad_coef,
             row_entry if row_entry is not None else grad_coef,
             hidden, weight, pooled_pos, grad_hidden if need_grad_hidden else grad_coef, grad_weight, grad_bias,
             partial, bias_partial, tile_done if tile_done is not None else grad_coef,
             rows, D, K, positions, grad_coef.shape[0], row_entry.shape[0] if row_entry is not None else 0,
-            stride_n, stride_t, positions * D if hidden.dim() == 3 else 0, row_blocks,
-            HAS_CSR=row_ptr is not None, NEED_GRAD_HIDDEN=bool(need_grad_hidden), ONE_BLOCK=row_blocks == 1,
+            loss_pairs, float(loss_scale), stride_n, stride_t, positions * D if hidden.dim() == 3 else 0, row_blocks,
+            HAS_CSR=row_ptr is not None, LOSS_GRAD=loss_grad, NEED_GRAD_HIDDEN=bool(need_grad_hidden),
+            ONE_BLOCK=row_blocks == 1,
             BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=block_d, num_warps=_warps(block_n * block_d),
         )
     return grad_hidden, grad_weight, grad_bias
@@ -554,10 +599,11 @@ def pool_backward(grad_coef, row_ptr, row_entry, hidden, weight, pooled_pos, nee
 def triton_bt_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], attention_mask: Optional[Tensor],
                       last_index: Optional[Tensor], cu_seqlens: Optional[Tensor], chosen_index: Optional[Tensor],
                       rejected_index: Optional[Tensor], margin: Optional[Tensor], label_smoothing: float,
-                      center_coef: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(loss [P, K] f32, rewards [N, K] f32, pair_grad [2, P, K] f32, pooled_pos [N] i64)."""
+                      center_coef: float, reduction: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(loss f32 [P, K] (reduction 0) or [] (1: mean, 2: sum), rewards [N, K] f32, pair_grad [2, P, K]
+    f32, pooled_pos [N] i64)."""
     return bt_forward(hidden, weight, bias, attention_mask, last_index, cu_seqlens, chosen_index, rejected_index,
-                      margin, label_smoothing, center_coef)
+                      margin, label_smoothing, center_coef, reduction)
 
 
 @torch.library.custom_op("prefkernels::triton_pool_forward", mutates_args=())
@@ -568,12 +614,13 @@ def triton_pool_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], 
 
 
 @torch.library.custom_op("prefkernels::triton_pool_backward", mutates_args=())
-def triton_pool_backward(grad_coef: Tensor, row_ptr: Optional[Tensor], row_entry: Optional[Tensor],
-                         hidden: Tensor, weight: Tensor, pooled_pos: Tensor,
-                         need_grad_hidden: bool) -> Tuple[Tensor, Tensor, Tensor]:
+def triton_pool_backward(grad_coef: Tensor, grad_loss: Optional[Tensor], loss_scale: float,
+                         row_ptr: Optional[Tensor], row_entry: Optional[Tensor], hidden: Tensor, weight: Tensor,
+                         pooled_pos: Tensor, need_grad_hidden: bool) -> Tuple[Tensor, Tensor, Tensor]:
     """(grad_hidden contiguous like hidden, or [0] when not needed; grad_weight like weight;
     grad_bias [K] float32)."""
-    return pool_backward(grad_coef, row_ptr, row_entry, hidden, weight, pooled_pos, need_grad_hidden)
+    return pool_backward(grad_coef, grad_loss, loss_scale, row_ptr, row_entry, hidden, weight, pooled_pos,
+                         need_grad_hidden)
 
 
 OPS = OpSet("triton", "triton_")

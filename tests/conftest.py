@@ -23,6 +23,17 @@ def require_hh_harmless() -> Path:
     pytest.skip(message)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def fresh_compile_cache(tmp_path_factory):
+    """torch.compile's on-disk caches start empty in every test session. PyTorch keys a cached
+    compiled graph by the traced graph, not by our ops' schemas or autograd formulas, so a cache
+    written by an earlier build of the ops would replay their old calls."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path_factory.mktemp("inductor-cache")))
+    yield
+    mp.undo()
+
+
 @pytest.fixture
 def hh_harmless() -> Path:
     return require_hh_harmless()

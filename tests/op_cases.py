@@ -155,3 +155,26 @@ def public(backend):
     def fn(hidden, weight, bias, **kwargs):
         return prefkernels.fused_bt_loss(hidden, weight, bias, backend=backend, **kwargs)
     return fn
+
+
+def opcheck_ops(ops, args):
+    """torch.library.opcheck of the three ops of ``ops`` (an OpSet) on ``args``, bt_forward's tensor
+    arguments (hidden, weight, bias requiring grad, then attention_mask, last_index, cu_seqlens,
+    chosen_index, rejected_index, margin): bt_forward with each reduction, pool_forward, and
+    pool_backward with per-row coefficients and with bt_forward's pair entries times a loss
+    gradient of one value and of one value per pair."""
+    from prefkernels.autograd import rows_csr
+    from prefkernels.checks import REDUCTION_CODES
+    for reduction in REDUCTION_CODES.values():
+        torch.library.opcheck(ops.bt_forward, (*args, 0.1, 0.01, reduction))
+    torch.library.opcheck(ops.pool_forward, args[:6])
+    detached = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
+    hidden, weight = detached[:2]
+    rewards, pooled_pos = ops.pool_forward(*detached[:6])
+    torch.library.opcheck(ops.pool_backward, (torch.randn_like(rewards), None, 1.0, None, None, hidden, weight,
+                                              pooled_pos, True))
+    loss, _, pair_grad, _ = ops.bt_forward(*detached, 0.1, 0.01, REDUCTION_CODES["none"])
+    csr = (None, None) if detached[6] is None else rows_csr(torch.cat(detached[6:8]), rewards.shape[0])
+    entries = pair_grad.reshape(-1, pair_grad.shape[-1])
+    for grad_loss, scale in ((torch.randn((), device=loss.device), 1.0 / loss.numel()), (torch.randn_like(loss), 1.0)):
+        torch.library.opcheck(ops.pool_backward, (entries, grad_loss, scale, *csr, hidden, weight, pooled_pos, True))

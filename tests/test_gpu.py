@@ -6,9 +6,10 @@ import pytest
 import torch
 
 import prefkernels
-from prefkernels import backends, reference
-from op_cases import Case, assert_matches, make_inputs, poison_allocator, public, reference_float64, run_op
-from test_op_edge_cases import check_direct_bt_forward_with_no_explicit_pairs
+from prefkernels import backends, checks, reference
+from op_cases import (Case, assert_matches, make_inputs, opcheck_ops, poison_allocator, public, reference_float64,
+                      run_op)
+from test_op_edge_cases import DIRECT_CALL_CHECKS
 from test_ops import VARIANTS
 
 pytestmark = pytest.mark.gpu
@@ -66,13 +67,9 @@ def test_cuda_opcheck(backend):
     ops = require(backend)
     inputs = make_inputs(Case(heads=2, pairs="shared", margin=True), device="cuda")
     kw = inputs["kwargs"]
-    args = (inputs["hidden"].requires_grad_(), inputs["weight"].requires_grad_(), inputs["bias"].requires_grad_(),
-            kw["attention_mask"], None, None, kw["chosen_index"], kw["rejected_index"], kw["margin"])
-    torch.library.opcheck(ops.bt_forward, (*args, 0.1, 0.01))
-    torch.library.opcheck(ops.pool_forward, args[:6])
-    rewards, pooled_pos = ops.pool_forward(*[a.detach() if isinstance(a, torch.Tensor) else a for a in args[:6]])
-    torch.library.opcheck(ops.pool_backward, (torch.randn_like(rewards), None, None, args[0].detach(),
-                                              args[1].detach(), pooled_pos, True))
+    opcheck_ops(ops, (inputs["hidden"].requires_grad_(), inputs["weight"].requires_grad_(),
+                      inputs["bias"].requires_grad_(), kw["attention_mask"], None, None, kw["chosen_index"],
+                      kw["rejected_index"], kw["margin"]))
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
@@ -106,30 +103,44 @@ def device_activities(fn):
     return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
 
 
-def op_args(case, device="cuda"):
+def op_args(case, device="cuda", reduction="none"):
     """(forward args of bt_forward, heads) for ``case``, pooling by attention mask."""
     inputs = make_inputs(case, device=device)
     kw = inputs["kwargs"]
     return (inputs["hidden"], inputs["weight"], inputs["bias"], kw["attention_mask"], None, None,
-            kw.get("chosen_index"), kw.get("rejected_index"), kw.get("margin"), 0.1, 0.01), case.heads
+            kw.get("chosen_index"), kw.get("rejected_index"), kw.get("margin"), 0.1, 0.01,
+            checks.REDUCTION_CODES[reduction]), case.heads
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("pairs", ["default", "shared"])
 def test_cuda_forward_and_backward_are_one_launch_each(backend, pairs):
     """The issue's launch structure, counted by the profiler: bt_forward is ONE kernel for default
-    and explicit pairs; pool_backward is the grad buffer's clear plus ONE kernel, with many row
-    blocks and several D tiles (the last block of each tile sums the partials)."""
+    and explicit pairs (plus the mean's reduction kernel with reduction="mean"); pool_backward is
+    the grad buffer's clear plus ONE kernel, with many row blocks and several D tiles (the last
+    block of each tile sums the partials), whether or not it scales the pair entries by the loss's
+    gradient."""
     ops = require(backend)
-    args, heads = op_args(Case(dtype=torch.bfloat16, heads=2, rows=96, positions=64, dim=2560, pairs=pairs,
-                               margin=True))
-    pooled_pos = ops.bt_forward(*args)[3]  # warm-up (Triton compiles here)
+    case = Case(dtype=torch.bfloat16, heads=2, rows=96, positions=64, dim=2560, pairs=pairs, margin=True)
+    args, heads = op_args(case)
+    _, _, pair_grad, pooled_pos = ops.bt_forward(*args)  # warm-up (Triton compiles here)
     coef = torch.rand(args[0].shape[0], heads, device="cuda") + 0.5
-    ops.pool_backward(coef, None, None, args[0], args[1], pooled_pos, True)
     forward = device_activities(lambda: ops.bt_forward(*args))
     assert len(forward) == 1, forward
-    backward = device_activities(lambda: ops.pool_backward(coef, None, None, args[0], args[1], pooled_pos, True))
-    assert len(backward) == 2 and sum("pool_backward_kernel" in name for name in backward) == 1, backward
+    mean_args = op_args(case, reduction="mean")[0]
+    ops.bt_forward(*mean_args)
+    assert len(device_activities(lambda: ops.bt_forward(*mean_args))) == 2
+    entries = pair_grad.reshape(-1, heads)
+    csr = (None, None)
+    if args[6] is not None:
+        from prefkernels.autograd import rows_csr
+        csr = rows_csr(torch.cat([args[6], args[7]]), args[0].shape[0])
+    for call in (lambda: ops.pool_backward(coef, None, 1.0, None, None, args[0], args[1], pooled_pos, True),
+                 lambda: ops.pool_backward(entries, torch.rand((), device="cuda"), 0.5, *csr, args[0], args[1],
+                                           pooled_pos, True)):
+        call()  # warm-up
+        backward = device_activities(call)
+        assert len(backward) == 2 and sum("pool_backward_kernel" in name for name in backward) == 1, backward
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
@@ -142,7 +153,8 @@ def test_cuda_graph_replays_are_bitwise_eager(backend):
 
     def step():
         loss, rewards, pair_grad, pooled_pos = ops.bt_forward(*args)
-        grads = ops.pool_backward(pair_grad.reshape(-1, heads), None, None, args[0], args[1], pooled_pos, True)
+        grads = ops.pool_backward(pair_grad.reshape(-1, heads), torch.ones_like(loss), 0.5, None, None, args[0],
+                                  args[1], pooled_pos, True)
         return (loss, rewards, *grads)
 
     eager = step()
@@ -164,8 +176,9 @@ def test_cuda_graph_replays_are_bitwise_eager(backend):
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
-def test_cuda_direct_bt_forward_with_no_explicit_pairs(backend):
-    check_direct_bt_forward_with_no_explicit_pairs(require(backend), "cuda")
+@pytest.mark.parametrize("check", DIRECT_CALL_CHECKS, ids=lambda check: check.__name__.removeprefix("check_"))
+def test_cuda_direct_op_calls(backend, check):
+    check(require(backend), "cuda")
 
 
 def test_auto_picks_native_cuda_then_triton():
@@ -275,26 +288,35 @@ def check_edge_ops(ops, native_cpu, case, device):
     rejected = torch.tensor([1, 0, 2, 2, N, 0, 2])
     forwards.append((chosen, rejected, None, 0.0, 0.0))
     for c, r, m, ls, cc in forwards:
-        extra = (c, r, m, ls, cc)
-        want = native_cpu.bt_forward(*args, *extra)
-        got = ops.bt_forward(*dev_args, *_to(extra, device))
-        for i, name in enumerate(("loss", "rewards", "pair_grad", "pooled_pos")):
-            _same(got[i], want[i], f"{case} bt_forward {'explicit' if c is not None else 'default'} {name}")
+        for reduction in checks.REDUCTION_CODES.values():
+            extra = (c, r, m, ls, cc, reduction)
+            want = native_cpu.bt_forward(*args, *extra)
+            got = ops.bt_forward(*dev_args, *_to(extra, device))
+            for i, name in enumerate(("loss", "rewards", "pair_grad", "pooled_pos")):
+                _same(got[i], want[i], f"{case} bt_forward {'explicit' if c is not None else 'default'} "
+                                       f"reduction={reduction} {name}")
     dense = torch.randn(N, K, generator=g)
     dense[invalid] = float("nan")  # skipped rows contribute nothing, even a NaN coefficient
     entries = torch.cat([chosen, rejected]).clamp(0, N - 1)
     row_ptr, row_entry = rows_csr(torch.cat([chosen, rejected]), N)  # out-of-range entries belong to no row
     csr_coef = torch.randn(entries.shape[0], K, generator=g)
     csr_coef[invalid[entries]] = float("nan")
+    # The coefficients as given, and (entries as pairs' chosen then rejected) times a loss gradient
+    # of one value or one per pair.
+    scalings = [(None, 1.0), (torch.randn((), generator=g), 0.25)]
+    pair_scaling = (torch.randn(chosen.shape[0], K, generator=g), 0.5)
     for need in (True, False):
         for coef, rp, re in ((dense, None, None), (csr_coef, row_ptr, row_entry)):
-            want = native_cpu.pool_backward(coef, rp, re, args[0], args[1], want_pos, need)
-            poison_allocator(device, sizes=(1 << 10, 1 << 16, 1 << 20, 1 << 23))
-            got = ops.pool_backward(*_to((coef, rp, re), device), dev_args[0], dev_args[1], want_pos.to(device), need)
-            what = f"{case} pool_backward need={need} csr={rp is not None}"
-            _same(got[0], want[0], f"{what} grad_hidden")
-            _same(got[1], want[1], f"{what} grad_weight")
-            _same(got[2], want[2], f"{what} grad_bias")
+            for grad_loss, scale in scalings + ([pair_scaling] if rp is not None else []):
+                want = native_cpu.pool_backward(coef, grad_loss, scale, rp, re, args[0], args[1], want_pos, need)
+                poison_allocator(device, sizes=(1 << 10, 1 << 16, 1 << 20, 1 << 23))
+                got = ops.pool_backward(*_to((coef, grad_loss, scale, rp, re), device), dev_args[0], dev_args[1],
+                                        want_pos.to(device), need)
+                what = (f"{case} pool_backward need={need} csr={rp is not None} "
+                        f"grad_loss={None if grad_loss is None else list(grad_loss.shape)}")
+                _same(got[0], want[0], f"{what} grad_hidden")
+                _same(got[1], want[1], f"{what} grad_weight")
+                _same(got[2], want[2], f"{what} grad_bias")
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)

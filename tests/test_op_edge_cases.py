@@ -13,6 +13,14 @@ def available(name):
     return name == "reference" or (ops is not None and ops.name == name)
 
 
+def cpu_kernel_ops(backend):
+    """The OpSet of kernel backend ``backend`` on CPU tensors; skips the test when it is not available."""
+    ops = backends.select(backend, torch.device("cpu"))
+    if ops is None or ops.name != backend:
+        pytest.skip(f"backend {backend!r} not available on cpu")
+    return ops
+
+
 def leaves(*tensors):
     return [t.detach().clone().requires_grad_() for t in tensors]
 
@@ -152,9 +160,7 @@ def test_direct_pool_backward_skips_out_of_range_positions_and_entries(backend, 
     """A direct call of the ``pool_backward`` op with pooled positions outside [0, T), or a CSR
     whose segment bounds or entries are out of range, touches no memory out of bounds (as the
     CUDA op): those positions, bounds and entries add nothing."""
-    ops = backends.select(backend, torch.device("cpu"))
-    if ops is None or ops.name != backend:
-        pytest.skip(f"backend {backend!r} not available on cpu")
+    ops = cpu_kernel_ops(backend)
     g = torch.Generator().manual_seed(5)
     hidden, weight = torch.randn(4, 5, 8, generator=g), torch.randn(2, 8, generator=g)
     pooled_pos = torch.tensor([2, 5, -1, 4])  # row 1: T (out of range), row 2: invalid
@@ -166,7 +172,7 @@ def test_direct_pool_backward_skips_out_of_range_positions_and_entries(backend, 
     else:
         grad_coef = row_ptr = row_entry = None
         coef = grad_coef = torch.randn(4, 2, generator=g)
-    grad_hidden, grad_weight, grad_bias = ops.pool_backward(grad_coef, row_ptr, row_entry, hidden, weight,
+    grad_hidden, grad_weight, grad_bias = ops.pool_backward(grad_coef, None, 1.0, row_ptr, row_entry, hidden, weight,
                                                             pooled_pos, True)
     want_hidden = torch.zeros_like(hidden)
     want_weight = torch.zeros_like(weight)
@@ -188,16 +194,62 @@ def check_direct_bt_forward_with_no_explicit_pairs(ops, device):
     last_index = torch.tensor([4, 0, 2, 3, 1, 4], device=device)
     none = torch.empty(0, dtype=torch.long, device=device)
     loss, rewards, pair_grad, pooled_pos = ops.bt_forward(hidden, weight, bias, None, last_index, None, none, none,
-                                                          None, 0.0, 0.0)
+                                                          None, 0.0, 0.0, 0)
     want_rewards, want_pos = ops.pool_forward(hidden, weight, bias, None, last_index, None)
     assert loss.shape == (0, 2) and pair_grad.shape == (2, 0, 2)
     assert torch.equal(pooled_pos, want_pos)
     torch.testing.assert_close(rewards, want_rewards, rtol=1e-6, atol=1e-6)  # another kernel specialization
 
 
+def check_pool_backward_scales_entries_by_the_loss_gradient(ops, device):
+    """``pool_backward`` with the loss's gradient (``grad_loss`` [] with a ``loss_scale``, or [P, K])
+    equals ``pool_backward`` of the coefficients multiplied beforehand, grad_coef[e] * grad_loss[e mod
+    P] * loss_scale over the 2P pair entries: dense (default pairs, entry e = row e) and by CSR."""
+    from prefkernels.autograd import rows_csr
+    g = torch.Generator().manual_seed(7)
+    N, K = 6, 2
+    hidden, weight = torch.randn(N, 5, 8, generator=g).to(device), torch.randn(K, 8, generator=g).to(device)
+    pooled_pos = torch.tensor([2, 4, 0, 3, 1, 4], device=device)
+    explicit = (torch.tensor([0, 1, 2, 0], device=device), torch.tensor([3, 4, 5, 5], device=device))
+    for csr in (None, rows_csr(torch.cat(explicit), N)):
+        P = N // 2 if csr is None else explicit[0].shape[0]
+        row_ptr, row_entry = csr if csr is not None else (None, None)
+        grad_coef = torch.randn(2 * P, K, generator=g).to(device)
+        for grad_loss, scale in ((torch.randn((), generator=g), 1.0 / (P * K)), (torch.randn(P, K, generator=g), 1.0),
+                                 (torch.randn(P, K, generator=g), 0.5)):
+            grad_loss = grad_loss.to(device)
+            per_entry = grad_loss.expand(P, K).repeat(2, 1)
+            want = ops.pool_backward(grad_coef * (per_entry * scale), None, 1.0, row_ptr, row_entry, hidden, weight,
+                                     pooled_pos, True)
+            got = ops.pool_backward(grad_coef, grad_loss, scale, row_ptr, row_entry, hidden, weight, pooled_pos, True)
+            what = f"csr={csr is not None} grad_loss {list(grad_loss.shape)} scale {scale}"
+            for name, x, y in zip(("grad_hidden", "grad_weight", "grad_bias"), got, want):
+                torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-6, msg=lambda m: f"{what} {name}: {m}")
+
+
+def check_direct_calls_refuse_a_bad_reduction_or_grad_loss(ops, device):
+    """A direct op call with a reduction code other than 0, 1, 2, or a grad_loss that is not float32
+    [] or [P, K] against grad_coef [2P, K], raises an error naming the argument."""
+    g = torch.Generator().manual_seed(8)
+    hidden, weight = torch.randn(4, 3, 8, generator=g).to(device), torch.randn(2, 8, generator=g).to(device)
+    last_index = torch.tensor([2, 1, 0, 2], device=device)
+    with pytest.raises(RuntimeError, match="reduction: expected 0 \\(none\\), 1 \\(mean\\) or 2 \\(sum\\), got 3"):
+        ops.bt_forward(hidden, weight, None, None, last_index, None, None, None, None, 0.0, 0.0, 3)
+    _, _, pair_grad, pooled_pos = ops.bt_forward(hidden, weight, None, None, last_index, None, None, None, None,
+                                                 0.0, 0.0, 0)
+    entries = pair_grad.reshape(-1, 2)
+    for bad in (torch.ones(3, 2), torch.ones(2, 2, dtype=torch.float64), torch.ones(1), torch.ones(2, 3)):
+        with pytest.raises(RuntimeError, match="grad_loss: expected a contiguous float32 \\[\\] or \\[P, K\\]"):
+            ops.pool_backward(entries, bad.to(device), 1.0, None, None, hidden, weight, pooled_pos, True)
+
+
+DIRECT_CALL_CHECKS = [check_direct_bt_forward_with_no_explicit_pairs,
+                      check_pool_backward_scales_entries_by_the_loss_gradient,
+                      check_direct_calls_refuse_a_bad_reduction_or_grad_loss]
+
+
 @pytest.mark.parametrize("backend", ["native", "triton"])
-def test_direct_bt_forward_with_no_explicit_pairs(backend):
-    ops = backends.select(backend, torch.device("cpu"))
-    if ops is None or ops.name != backend:
-        pytest.skip(f"backend {backend!r} not available on cpu")
-    check_direct_bt_forward_with_no_explicit_pairs(ops, "cpu")
+@pytest.mark.parametrize("check", DIRECT_CALL_CHECKS, ids=lambda check: check.__name__.removeprefix("check_"))
+def test_direct_op_calls(backend, check):
+    """Direct calls of the raw ops (each check on CPU tensors; tests/test_gpu.py runs them on CUDA)."""
+    check(cpu_kernel_ops(backend), "cpu")

@@ -10,7 +10,8 @@ import torch
 
 import prefkernels
 from prefkernels import backends, reference
-from op_cases import Case, assert_matches, make_inputs, poison_allocator, public, reference_float64, run_op
+from op_cases import (Case, assert_matches, make_inputs, opcheck_ops, poison_allocator, public, reference_float64,
+                      run_op)
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -193,16 +194,10 @@ def _op_args(case):
 
 @pytest.mark.parametrize("case", [Case(heads=2), Case(pairs="shared", margin=True, pooling="cu_seqlens"),
                                   Case(dtype=torch.bfloat16, weight_fp32=False, pooling="last_index")], ids=str)
-def test_opcheck_native_ops(case):
-    ops = backends.native_ops()
-    if ops is None:
-        pytest.skip("prefkernels._C not built")
-    args = _op_args(case)
-    torch.library.opcheck(ops.bt_forward, (*args, 0.1, 0.01))
-    torch.library.opcheck(ops.pool_forward, args[:6])
-    rewards, pooled_pos = ops.pool_forward(*[a.detach() if isinstance(a, torch.Tensor) else a for a in args[:6]])
-    coef = torch.randn_like(rewards)
-    torch.library.opcheck(ops.pool_backward, (coef, None, None, args[0].detach(), args[1].detach(), pooled_pos, True))
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_opcheck_ops(backend, case):
+    require_backend(backend, "cpu")
+    opcheck_ops(backends.select(backend, torch.device("cpu")), _op_args(shrink_for(backend, case)))
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])

@@ -254,11 +254,11 @@ def test_forward_and_backward_are_one_launch_each(monkeypatch, pairs):
     hidden = hidden_of(leaves).detach()
     loss, rewards, pair_grad, pooled_pos = triton_bt.bt_forward(
         hidden, leaves["weight"], leaves["bias"], kwargs["attention_mask"], None, None,
-        kwargs.get("chosen_index"), kwargs.get("rejected_index"), None, 0.0, 0.0)
+        kwargs.get("chosen_index"), kwargs.get("rejected_index"), None, 0.0, 0.0, 0)
     assert len(launches) == 1, launches
     launches.clear()
     coef = torch.rand(N, 2, device=DEVICE) + 0.5
-    grad_hidden, grad_weight, grad_bias = triton_bt.pool_backward(coef, None, None, hidden, leaves["weight"],
+    grad_hidden, grad_weight, grad_bias = triton_bt.pool_backward(coef, None, 1.0, None, None, hidden, leaves["weight"],
                                                                   pooled_pos, True)
     assert launches == ["_pool_backward_kernel"]
     valid = pooled_pos >= 0
@@ -325,7 +325,7 @@ def model_pool_forward(hidden, weight, bias, attention_mask, last_index, cu_seql
 
 
 def model_bt_forward(hidden, weight, bias, attention_mask, last_index, cu_seqlens, chosen, rejected, margin,
-                     label_smoothing, center_coef):
+                     label_smoothing, center_coef, reduction):
     rewards, pos = model_pool_forward(hidden, weight, bias, attention_mask, last_index, cu_seqlens)
     N = rewards.shape[0]
     if chosen is None:
@@ -342,11 +342,17 @@ def model_bt_forward(hidden, weight, bias, attention_mask, last_index, cu_seqlen
     gc, gr = d_gap + 2 * c * total, -d_gap + 2 * c * total
     loss = torch.where(valid, loss, float("nan"))
     pair_grad = torch.stack([torch.where(valid, gc, 0.0), torch.where(valid, gr, 0.0)])
-    return loss.float(), rewards, pair_grad.float(), pos
+    loss = loss.float()
+    loss = {0: loss, 1: loss.mean(), 2: loss.sum()}[reduction]
+    return loss, rewards, pair_grad.float(), pos
 
 
-def model_pool_backward(grad_coef, row_ptr, row_entry, hidden, weight, pooled_pos, need_grad_hidden):
+def model_pool_backward(grad_coef, grad_loss, loss_scale, row_ptr, row_entry, hidden, weight, pooled_pos,
+                        need_grad_hidden):
     N, K = pooled_pos.shape[0], weight.shape[0]
+    if grad_loss is not None:  # entry e of the 2P pair entries: times grad_loss[e mod P] * loss_scale
+        P = grad_coef.shape[0] // 2
+        grad_coef = grad_coef.double() * (grad_loss.double().expand(P, K).repeat(2, 1) * loss_scale)
     if row_ptr is None:
         coef = grad_coef.double()
     else:
@@ -427,10 +433,12 @@ def test_op_semantics_invalid_rows(case):
     # Default pairs, then explicit pairs with out-of-range indices (NaN loss, zero pair_grad).
     N = rewards.shape[0]
     margin = torch.linspace(0.1, 0.7, N // 2)
-    check_op(case, "bt_forward", (hidden, weight, bias, mask, last_index, cu, None, None, margin, 0.1, 0.02))
+    for reduction in (0, 1, 2):
+        check_op(case, "bt_forward", (hidden, weight, bias, mask, last_index, cu, None, None, margin, 0.1, 0.02,
+                                      reduction))
     chosen, rejected = torch.tensor([0, 5, -1, 3, 3]), torch.tensor([2, 1, 0, 0, N])
     loss, _, pair_grad, _ = check_op(case, "bt_forward",
-                                     (hidden, weight, bias, mask, last_index, cu, chosen, rejected, None, 0.0, 0.0))
+                                     (hidden, weight, bias, mask, last_index, cu, chosen, rejected, None, 0.0, 0.0, 0))
     bad = torch.tensor([False, True, True, False, True])
     assert loss.cpu()[bad].isnan().all() and (pair_grad.cpu()[:, bad] == 0).all()
     # Backward: rows with pooled_pos < 0 are skipped, CSR sums, need_grad_hidden False -> [0].
@@ -441,9 +449,12 @@ def test_op_semantics_invalid_rows(case):
     dense = torch.randn(N, weight.shape[0], generator=g)
     dense[invalid] = float("nan")
     grad_coef[invalid[torch.cat([chosen, rejected]).clamp(0, N - 1)]] = float("nan")
+    loss_grads = [(None, 1.0), (torch.rand(()) + 0.5, 0.25), (torch.rand(chosen.shape[0], weight.shape[0]) + 0.5, 0.5)]
     for need in (True, False):
-        for coef, rp, re in ((dense, None, None), (grad_coef, row_ptr, row_entry)):
-            gh, gw, gb = check_op(case, "pool_backward", (coef, rp, re, hidden, weight, pos.cpu(), need))
+        for coef, rp, re, (grad_loss, scale) in [(dense, None, None, loss_grads[0])] + [
+                (grad_coef, row_ptr, row_entry, loss_grad) for loss_grad in loss_grads]:
+            gh, gw, gb = check_op(case, "pool_backward", (coef, grad_loss, scale, rp, re, hidden, weight, pos.cpu(),
+                                                          need))
             assert gw.dtype == weight.dtype and gw.shape == weight.shape
             assert gb.dtype == torch.float32 and gb.shape == (weight.shape[0],) and not gb.isnan().any()
             if not need:
@@ -459,7 +470,7 @@ def test_op_default_pairs_odd_rows():
     g = torch.Generator().manual_seed(29)
     hidden, weight = torch.randn(5, 6, 37, generator=g), torch.randn(2, 37, generator=g) / 6
     loss, rewards, _, pos = check_op("odd", "bt_forward", (hidden, weight, None, None, torch.tensor([5, 0, 3, 2, 4]),
-                                                           None, None, None, None, 0.0, 0.0))
+                                                           None, None, None, None, 0.0, 0.0, 0))
     assert loss.shape == (2, 2) and rewards.shape == (5, 2) and pos.tolist() == [5, 0, 3, 2, 4]
 
 
@@ -477,17 +488,18 @@ def test_opcheck():
     b = bias.detach().requires_grad_()
     chosen, rejected = torch.tensor([0, 1, 1], device=DEVICE), torch.tensor([2, 3, 0], device=DEVICE)
     margin = torch.tensor([0.5, 0.0, 1.0], device=DEVICE)
-    torch.library.opcheck(OPS.op("bt_forward"), (h, w, b, None, last_index, None, None, None, None, 0.1, 0.01))
-    torch.library.opcheck(OPS.op("bt_forward"), (h, w, None, mask, None, None, chosen, rejected, margin, 0.0, 0.0))
+    torch.library.opcheck(OPS.op("bt_forward"), (h, w, b, None, last_index, None, None, None, None, 0.1, 0.01, 1))
+    torch.library.opcheck(OPS.op("bt_forward"), (h, w, None, mask, None, None, chosen, rejected, margin, 0.0, 0.0, 0))
     torch.library.opcheck(OPS.op("pool_forward"), (h, w, b, mask, None, None))
     pos = torch.tensor([2, 0, -1, 2], device=DEVICE)
     coef = torch.randn(4, 3, device=DEVICE)
-    torch.library.opcheck(OPS.op("pool_backward"), (coef, None, None, hidden, weight, pos, True))
-    torch.library.opcheck(OPS.op("pool_backward"), (coef, None, None, hidden, weight, pos, False))
+    torch.library.opcheck(OPS.op("pool_backward"), (coef, None, 1.0, None, None, hidden, weight, pos, True))
+    torch.library.opcheck(OPS.op("pool_backward"), (coef, torch.rand((), device=DEVICE), 0.5, None, None, hidden,
+                                                    weight, pos, False))
     from prefkernels.autograd import rows_csr
     row_ptr, row_entry = rows_csr(torch.cat([chosen, rejected]), 4)
-    torch.library.opcheck(OPS.op("pool_backward"),
-                          (torch.randn(6, 3, device=DEVICE), row_ptr, row_entry, hidden, weight, pos, True))
+    torch.library.opcheck(OPS.op("pool_backward"), (torch.randn(6, 3, device=DEVICE), torch.rand(3, 3, device=DEVICE),
+                                                    1.0, row_ptr, row_entry, hidden, weight, pos, True))
 
 
 def test_dynamo_fullgraph_capture():

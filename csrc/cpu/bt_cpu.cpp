@@ -1,9 +1,11 @@
 // CPU kernels for the fused last-token pooling + reward head + Bradley-Terry op.
 //
 // Forward: one parallel pass over the N pooled rows (find the pooled token, K dot products in
-// fp32), then the per-pair loss and gradient coefficients over the [P, K] rewards.
-// Backward: one zero-filled grad buffer, one parallel scatter of the N pooled rows, and the
-// weight gradient reduced over rows per D-slice, and the bias gradient summed over the valid rows
+// fp32), then the per-pair loss and gradient coefficients over the [P, K] rewards, and the
+// loss's mean or sum when asked.
+// Backward: the per-row coefficients (the pair entries times the loss's gradient), one
+// zero-filled grad buffer, one parallel scatter of the N pooled rows, and the weight gradient
+// reduced over rows per D-slice, and the bias gradient summed over the valid rows
 // (deterministic: no atomics, fixed order).
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
@@ -129,7 +131,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bt_forward_cpu(
     const c10::optional<at::Tensor>& attention_mask, const c10::optional<at::Tensor>& last_index,
     const c10::optional<at::Tensor>& cu_seqlens, const c10::optional<at::Tensor>& chosen_index,
     const c10::optional<at::Tensor>& rejected_index, const c10::optional<at::Tensor>& margin,
-    double label_smoothing, double center_coef) {
+    double label_smoothing, double center_coef, int64_t reduction) {
+  check_reduction(reduction);
   auto [rewards, pooled_pos] = pool_forward_cpu(hidden, weight, bias, attention_mask, last_index, cu_seqlens);
   const int64_t rows = rewards.size(0), heads = rewards.size(1);
   const int64_t pairs = num_pairs(rows, chosen_index, rejected_index);
@@ -139,18 +142,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bt_forward_cpu(
   pair_losses(rewards.data_ptr<float>(), rows, heads, pairs, optional_ptr<int64_t>(chosen_index),
               optional_ptr<int64_t>(rejected_index), optional_ptr<float>(margin), static_cast<float>(label_smoothing),
               static_cast<float>(center_coef), loss.data_ptr<float>(), pair_grad.data_ptr<float>());
-  return {loss, rewards, pair_grad, pooled_pos};
+  return {reduce_loss(loss, reduction), rewards, pair_grad, pooled_pos};
 }
 
-// coef[n, k] = grad_coef[n, k], or the sum over the row's CSR segment (csr_segment_sum).
-void row_coefficients(const float* grad_coef, int64_t coef_rows, const int64_t* row_ptr, const int64_t* row_entry,
-                      int64_t entries, int64_t rows, int64_t heads, float* coef) {
+// coef[n, k] = entry_coef(n, k), or the sum over the row's CSR segment (csr_segment_sum).
+void row_coefficients(const float* grad_coef, const LossGrad& loss, int64_t coef_rows, const int64_t* row_ptr,
+                      const int64_t* row_entry, int64_t entries, int64_t rows, int64_t heads, float* coef) {
   at::parallel_for(0, rows, 256, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
       for (int64_t k = 0; k < heads; ++k) {
-        coef[n * heads + k] = row_ptr == nullptr ? grad_coef[n * heads + k]
-                                                 : csr_segment_sum(grad_coef, coef_rows, heads, row_entry, entries,
-                                                                   row_ptr[n], row_ptr[n + 1], k);
+        coef[n * heads + k] = row_ptr == nullptr ? entry_coef(grad_coef, loss, heads, n, k)
+                                                 : csr_segment_sum(grad_coef, loss, coef_rows, heads, row_entry,
+                                                                   entries, row_ptr[n], row_ptr[n + 1], k);
       }
     }
   });
@@ -231,12 +234,14 @@ void bias_gradient(const float* coef, const int64_t* pooled_pos, const HiddenLay
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_backward_cpu(
-    const at::Tensor& grad_coef, const c10::optional<at::Tensor>& row_ptr, const c10::optional<at::Tensor>& row_entry,
-    const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& pooled_pos, bool need_grad_hidden) {
+    const at::Tensor& grad_coef, const c10::optional<at::Tensor>& grad_loss, double loss_scale,
+    const c10::optional<at::Tensor>& row_ptr, const c10::optional<at::Tensor>& row_entry, const at::Tensor& hidden,
+    const at::Tensor& weight, const at::Tensor& pooled_pos, bool need_grad_hidden) {
   const HiddenLayout l = backward_layout(grad_coef, row_ptr, row_entry, hidden, weight, pooled_pos);
+  const LossGrad loss = loss_grad_of(grad_loss, loss_scale, grad_coef);
   const int64_t heads = weight.size(0);
   auto coef = at::empty({l.rows, heads}, grad_coef.options());
-  row_coefficients(grad_coef.data_ptr<float>(), grad_coef.size(0), optional_ptr<int64_t>(row_ptr),
+  row_coefficients(grad_coef.data_ptr<float>(), loss, grad_coef.size(0), optional_ptr<int64_t>(row_ptr),
                    optional_ptr<int64_t>(row_entry), row_entry.has_value() ? row_entry->size(0) : 0, l.rows, heads,
                    coef.data_ptr<float>());
   auto grad_hidden = need_grad_hidden ? zeroed_buffer(hidden.sizes(), hidden.options()) : at::empty({0}, hidden.options());

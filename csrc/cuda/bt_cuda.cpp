@@ -86,8 +86,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bt_forward_cuda(
     const c10::optional<at::Tensor>& attention_mask, const c10::optional<at::Tensor>& last_index,
     const c10::optional<at::Tensor>& cu_seqlens, const c10::optional<at::Tensor>& chosen_index,
     const c10::optional<at::Tensor>& rejected_index, const c10::optional<at::Tensor>& margin,
-    double label_smoothing, double center_coef) {
+    double label_smoothing, double center_coef, int64_t reduction) {
   TORCH_CHECK(hidden.is_cuda(), "hidden: expected a CUDA tensor");
+  check_reduction(reduction);
   const c10::cuda::CUDAGuard guard(hidden.device());
   const Forward f = check_forward(hidden, weight, bias, attention_mask, last_index, cu_seqlens);
   check_device("chosen_index", chosen_index, hidden);
@@ -108,14 +109,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bt_forward_cuda(
       optional_ptr<int64_t>(rejected_index), optional_ptr<float>(margin), pairs, static_cast<float>(label_smoothing),
       static_cast<float>(center_coef), rewards.data_ptr<float>(), pooled_pos.data_ptr<int64_t>(), loss.data_ptr<float>(),
       pair_grad.data_ptr<float>(), c10::cuda::getCurrentCUDAStream().stream()));
-  return {loss, rewards, pair_grad, pooled_pos};
+  return {reduce_loss(loss, reduction), rewards, pair_grad, pooled_pos};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_backward_cuda(
-    const at::Tensor& grad_coef, const c10::optional<at::Tensor>& row_ptr, const c10::optional<at::Tensor>& row_entry,
-    const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& pooled_pos, bool need_grad_hidden) {
+    const at::Tensor& grad_coef, const c10::optional<at::Tensor>& grad_loss, double loss_scale,
+    const c10::optional<at::Tensor>& row_ptr, const c10::optional<at::Tensor>& row_entry, const at::Tensor& hidden,
+    const at::Tensor& weight, const at::Tensor& pooled_pos, bool need_grad_hidden) {
   TORCH_CHECK(hidden.is_cuda(), "hidden: expected a CUDA tensor");
   check_device("grad_coef", grad_coef, hidden);
+  check_device("grad_loss", grad_loss, hidden);
   check_device("row_ptr", row_ptr, hidden);
   check_device("row_entry", row_entry, hidden);
   check_device("weight", weight, hidden);
@@ -123,6 +126,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_backward_cuda(
   const c10::cuda::CUDAGuard guard(hidden.device());
 
   const HiddenLayout l = backward_layout(grad_coef, row_ptr, row_entry, hidden, weight, pooled_pos);
+  const LossGrad loss = loss_grad_of(grad_loss, loss_scale, grad_coef);
   const int64_t heads = weight.size(0);
 
   // ONE allocation cleared with ONE memset (zero bits are 0.0 in every float type; a memset runs
@@ -146,6 +150,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_backward_cuda(
 
   gpu::CoefArgs coef;
   coef.grad_coef = grad_coef.data_ptr<float>();
+  coef.loss = loss;
   coef.coef_rows = grad_coef.size(0);
   coef.row_ptr = optional_ptr<int64_t>(row_ptr);
   coef.row_entry = optional_ptr<int64_t>(row_entry);

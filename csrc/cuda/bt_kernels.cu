@@ -395,12 +395,12 @@ struct BackwardParams {
   int64_t rows_per_block;
 };
 
-// coef[n, k]: grad_coef[n, k], or the CSR segment [seg_begin, seg_end) of row n summed in order
-// (the CPU's order, so the coefficients are bitwise the CPU's).
+// coef[n, k]: entry n's coefficient, or the CSR segment [seg_begin, seg_end) of row n summed in
+// order (the CPU's functions in the CPU's order, so the coefficients are bitwise the CPU's).
 __device__ __forceinline__ float row_coef(const CoefArgs& c, int64_t heads, int64_t n, int64_t seg_begin,
                                           int64_t seg_end, int64_t k) {
-  if (c.row_ptr == nullptr) return c.grad_coef[n * heads + k];
-  return csr_segment_sum(c.grad_coef, c.coef_rows, heads, c.row_entry, c.entries, seg_begin, seg_end, k);
+  if (c.row_ptr == nullptr) return entry_coef(c.grad_coef, c.loss, heads, n, k);
+  return csr_segment_sum(c.grad_coef, c.loss, c.coef_rows, heads, c.row_entry, c.entries, seg_begin, seg_end, k);
 }
 
 // The kV columns of one thread within a D tile: kVec: kV consecutive columns (all in range or

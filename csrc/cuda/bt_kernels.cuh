@@ -36,18 +36,21 @@ cudaError_t launch_pool_forward(const HiddenArgs& hidden, const HeadArgs& head, 
                                 float* rewards, int64_t* pooled_pos, cudaStream_t stream);
 
 // bt_forward: rewards, pooled_pos, loss [P, K] and pair_grad [2, P, K] (all f32 but pooled_pos),
-// ONE launch. explicit_pairs false: default pairs (p, p + P), P = N / 2 (chosen, rejected and
-// `pairs` are not read), one block per pair. explicit_pairs true: int64 [P] chosen/rejected (null
-// when P = 0), one block per row, then one per pair. margin: f32 [P] or null.
+// ONE launch (the glue reduces loss when asked). explicit_pairs false: default pairs (p, p + P),
+// P = N / 2 (chosen, rejected and `pairs` are not read), one block per pair. explicit_pairs true:
+// int64 [P] chosen/rejected (null when P = 0), one block per row, then one per pair. margin: f32
+// [P] or null.
 cudaError_t launch_bt_forward(const HiddenArgs& hidden, const HeadArgs& head, const PoolSpec& pool,
                               bool explicit_pairs, const int64_t* chosen, const int64_t* rejected, const float* margin,
                               int64_t pairs, float label_smoothing, float center_coef, float* rewards,
                               int64_t* pooled_pos, float* loss, float* pair_grad, cudaStream_t stream);
 
-// Coefficients of the backward: coef[n, k] = grad_coef[n, k] (row_ptr null, grad_coef [N, K]),
-// or sum of grad_coef[row_entry[j], k] for j in [row_ptr[n], row_ptr[n+1]) in that order.
+// Coefficients of the backward: coef[n, k] = entry_coef(n, k) (row_ptr null, grad_coef [N, K]),
+// or the sum of entry_coef(row_entry[j], k) for j in [row_ptr[n], row_ptr[n+1]) in that order;
+// entry_coef (csrc/bt_layout.h) is grad_coef[e, k], times the loss's gradient when one is given.
 struct CoefArgs {
   const float* grad_coef;    // [M, K] contiguous f32
+  LossGrad loss;             // loss.grad null: grad_coef as given
   int64_t coef_rows;         // M
   const int64_t* row_ptr;    // [N + 1] or null
   const int64_t* row_entry;  // [entries] rows of grad_coef, or null
