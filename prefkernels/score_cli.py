@@ -224,10 +224,13 @@ def _skip_rows(numbered, count: int) -> tuple[int, int]:
     return skipped, number
 
 
-def _finish(partial_path: Path, output_path: Path) -> None:
+def _finish(partial_path: Path, info_path: Path, output_path: Path) -> None:
     """Move the complete partial file into place by an atomic rename, gzip-compressed (through a
-    temporary file) if ``output_path`` ends in .gz."""
+    temporary file) if ``output_path`` ends in .gz, and delete its run info. The info goes just
+    before the partial file frees the path for another run (whose info it must not delete); until
+    then a stopped run can still be resumed with its options checked."""
     if output_path.suffix != ".gz":
+        info_path.unlink(missing_ok=True)
         os.replace(partial_path, output_path)
         return
     tmp_path = output_path.with_name(f".{output_path.name}.tmp")
@@ -238,6 +241,7 @@ def _finish(partial_path: Path, output_path: Path) -> None:
         os.replace(tmp_path, output_path)
     finally:
         tmp_path.unlink(missing_ok=True)
+    info_path.unlink(missing_ok=True)
     partial_path.unlink()
 
 
@@ -382,8 +386,7 @@ def _score_locked(args, input_path, output_path, partial_path, info_path, sink, 
                 for record in records:
                     summary.add(record)
                 bar.update(chunk[-1][0] - bar.n)
-        info_path.unlink(missing_ok=True)  # before _finish frees the path for another run
-        _finish(partial_path, output_path)
+        _finish(partial_path, info_path, output_path)
     except InvalidRow as err:
         kept = f"; the {summary.rows} rows before it are kept in {partial_path} for --resume" if summary.rows else ""
         print(f"error: {input_path}: {err} (use --skip-invalid to write it as an error row and go on){kept}",

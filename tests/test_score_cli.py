@@ -403,6 +403,34 @@ def test_lock_file_follows_a_file_its_holder_renamed(tmp_path):
     newcomer.close()
 
 
+def test_a_run_killed_while_compressing_its_output_resumes_with_its_options_checked(reward_checkpoint, tmp_path,
+                                                                                     capsys, monkeypatch):
+    """Killed while gzip writes the output (every row already scored): the partial file and its run
+    info are both kept, so a --resume with other options is refused and one with the same options
+    writes the output an unbroken run writes."""
+    source = write_jsonl(tmp_path / "in.jsonl", mixed_rows(6, seed=8))
+    base = ["--model", str(reward_checkpoint), "--input", str(source), "--quiet"]
+    assert score_cli.main(base + ["--output", str(tmp_path / "unbroken.jsonl.gz")]) == 0
+
+    def killed(rows, sink):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(score_cli.shutil, "copyfileobj", killed)
+    output = tmp_path / "out.jsonl.gz"
+    with pytest.raises(KeyboardInterrupt):
+        score_cli.main(base + ["--output", str(output)])
+    monkeypatch.undo()
+    assert not output.exists() and len(read_jsonl(tmp_path / ".out.jsonl.gz.partial")) == 6
+    assert (tmp_path / ".out.jsonl.gz.partial.json").is_file()
+    capsys.readouterr()
+    assert score_cli.main(base + ["--output", str(output), "--resume", "--normalize"]) == 2
+    assert "(normalize False -> True)" in capsys.readouterr().err
+    assert score_cli.main(base + ["--output", str(output), "--resume"]) == 0
+    with gzip.open(output, "rt") as resumed, gzip.open(tmp_path / "unbroken.jsonl.gz", "rt") as unbroken:
+        assert resumed.read() == unbroken.read()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "out.jsonl.gz", "unbroken.jsonl.gz"]
+
+
 @pytest.mark.parametrize("rows", ["some", "none"])
 def test_a_finishing_run_leaves_the_files_of_a_run_that_starts_right_after(reward_checkpoint, tmp_path, monkeypatch,
                                                                          rows):
@@ -414,8 +442,8 @@ def test_a_finishing_run_leaves_the_files_of_a_run_that_starts_right_after(rewar
     partial, info = tmp_path / ".out.jsonl.partial", tmp_path / ".out.jsonl.partial.json"
     original, started = score_cli._finish, []
 
-    def finish_then_b_starts(partial_path, output_path):
-        original(partial_path, output_path)
+    def finish_then_b_starts(partial_path, info_path, output_path):
+        original(partial_path, info_path, output_path)
         started.append(lock_file(partial, "ab"))  # B: locks the fresh file at the path
         info.write_text("{}")
 
