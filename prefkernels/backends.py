@@ -23,17 +23,19 @@ TRITON_INSTALLED = importlib.util.find_spec("triton") is not None  # at import: 
 
 @dataclass(frozen=True)
 class OpSet:
-    """The three ops a kernel backend implements, ``prefkernels::{prefix}{op}``, all with the
-    schemas defined in csrc/ops.cpp (native: no prefix; Triton: ``triton_``)."""
+    """The three ops a kernel backend implements, ``{namespace}::{prefix}{op}``, all with the
+    schemas defined in csrc/ops.cpp (native: no prefix; Triton: ``triton_``; the tests' CPU
+    emulation of the CUDA code: namespace ``prefkernels_emu``)."""
 
     name: str
     prefix: str
+    namespace: str = "prefkernels"
 
     def qualname(self, op: str) -> str:
-        return f"prefkernels::{self.prefix}{op}"
+        return f"{self.namespace}::{self.prefix}{op}"
 
     def op(self, op: str) -> Callable:
-        return getattr(torch.ops.prefkernels, self.prefix + op).default
+        return getattr(getattr(torch.ops, self.namespace), self.prefix + op).default
 
     @property
     def bt_forward(self) -> Callable:

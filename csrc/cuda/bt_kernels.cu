@@ -26,6 +26,12 @@
 
 #include "../bt_math.h"
 
+// kernel<<<grid, block, 0, stream>>>, as a macro that tests/cuda_emu redefines to run the kernels
+// on CPU fibers; `kernel` is a plain name (a function pointer for a template instantiation).
+#ifndef PK_LAUNCH
+#define PK_LAUNCH(kernel, grid, block, stream) kernel<<<grid, block, 0, stream>>>
+#endif
+
 namespace prefkernels {
 namespace gpu {
 namespace {
@@ -612,11 +618,10 @@ cudaError_t launch_score(const ForwardParams& params, int64_t blocks, cudaStream
     using H = typename decltype(h)::type;
     using W = typename decltype(w)::type;
     const dim3 grid{unsigned(blocks)};
-    if (can_vectorize(params.hidden, vec_width<H>(), params.head.weight)) {
-      score_kernel<H, W, true, kPairs><<<grid, kForwardThreads, 0, stream>>>(params);
-    } else {
-      score_kernel<H, W, false, kPairs><<<grid, kForwardThreads, 0, stream>>>(params);
-    }
+    const auto kernel = can_vectorize(params.hidden, vec_width<H>(), params.head.weight)
+                            ? &score_kernel<H, W, true, kPairs>
+                            : &score_kernel<H, W, false, kPairs>;
+    PK_LAUNCH(kernel, grid, kForwardThreads, stream)(params);
     return cudaGetLastError();
   });
 }
@@ -717,12 +722,10 @@ cudaError_t launch_pool_backward(const CoefArgs& coef, const HiddenArgs& hidden,
     const dim3 grid(unsigned(plan.row_blocks), unsigned(tiles));
     // grad_hidden rows (n*grad_stride_n + pos*D), partial rows (K*D multiples) and grad_weight
     // rows keep the base alignment when D % width == 0, which can_vectorize requires.
-    if (can_vectorize(hidden, kV, head.weight) && grad_stride_n % kV == 0 && aligned(grad_hidden, 16) &&
-        aligned(scratch, 16) && aligned(grad_weight, 16)) {
-      pool_backward_kernel<H, W, true><<<grid, kBackwardThreads, 0, stream>>>(p);
-    } else {
-      pool_backward_kernel<H, W, false><<<grid, kBackwardThreads, 0, stream>>>(p);
-    }
+    const bool vec = can_vectorize(hidden, kV, head.weight) && grad_stride_n % kV == 0 &&
+                     aligned(grad_hidden, 16) && aligned(scratch, 16) && aligned(grad_weight, 16);
+    const auto kernel = vec ? &pool_backward_kernel<H, W, true> : &pool_backward_kernel<H, W, false>;
+    PK_LAUNCH(kernel, grid, kBackwardThreads, stream)(p);
     return cudaGetLastError();
   });
 }

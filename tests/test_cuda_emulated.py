@@ -1,0 +1,88 @@
+"""The CUDA code run without a GPU: csrc/cuda (kernels, glue, op schemas) compiled as plain C++
+against tests/cuda_emu/cuda_emu.h, which runs each launch's threads as fibers on the CPU. The
+emulated ops (``torch.ops.prefkernels_emu.*`` on CPU tensors) then meet the checks the GPU tests
+make of the real ones: the op table against the float64 reference through the public op, the
+edge layouts and invalid rows against the native CPU op, the direct op calls and opcheck.
+
+What it cannot check: speed, and anything that depends on real concurrency (races, the memory
+model's ordering, a missing fence); those still need ``benchmarks/gpu_check.sh`` on a GPU.
+"""
+from __future__ import annotations
+
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+
+from prefkernels import autograd, backends
+from op_cases import Case, assert_matches, make_inputs, opcheck_ops, public, reference_float64, run_op
+from test_cuda_compile import cuda_include_dir, find_nvcc
+from test_gpu import EDGE_OP_CASES, check_edge_ops
+from test_op_edge_cases import DIRECT_CALL_CHECKS
+from test_ops import DTYPES, VARIANTS
+
+EMU_DIR = Path(__file__).resolve().parent / "cuda_emu"
+
+
+@pytest.fixture(scope="module")
+def emulated_ops(tmp_path_factory):
+    """The OpSet of the emulated CUDA ops, with the fake kernels and autograd of every backend."""
+    nvcc = find_nvcc()
+    include = cuda_include_dir(nvcc) if nvcc else None
+    if include is None:
+        print("CUDA headers not found (next to nvcc, /usr/local/cuda): skipping the emulated CUDA tests")
+        pytest.skip("CUDA headers not found (next to nvcc, /usr/local/cuda)")
+    if backends.native_ops() is None:
+        pytest.skip("prefkernels._C not built: the native CPU op is the emulation's reference")
+    from torch.utils.cpp_extension import load
+    load(name="prefkernels_cuda_emu", sources=[str(EMU_DIR / "emu_ops.cpp")],
+         extra_include_paths=[str(EMU_DIR / "include"), str(EMU_DIR), str(include)], extra_cflags=["-O1"],
+         build_directory=str(tmp_path_factory.mktemp("cuda_emu_build")))
+    ops = backends.OpSet("cuda_emu", "", namespace="prefkernels_emu")
+    autograd.register(ops)
+    return ops
+
+
+@pytest.fixture
+def public_runs_emulated(emulated_ops, monkeypatch):
+    """prefkernels.fused_bt_loss / pool_score with backend="native" run the emulated CUDA ops."""
+    monkeypatch.setattr(backends, "select", lambda backend, device: emulated_ops)
+    return public("native")
+
+
+@pytest.mark.parametrize("heads", [1, 3])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_emulated_cuda_matches_float64_reference(public_runs_emulated, variant, dtype, heads):
+    case = Case(dtype=dtype, heads=heads).with_(**VARIANTS[variant])
+    inputs = make_inputs(case, seed=zlib.crc32(variant.encode()) % 1000)
+    assert_matches(run_op(public_runs_emulated, inputs), reference_float64(inputs), inputs, what=f"{case}: ")
+
+
+@pytest.mark.parametrize("case", [Case(dtype=torch.bfloat16, heads=2, rows=64, positions=40, dim=512, pairs="shared",
+                                       margin=True, pooling="mask_left"),
+                                  Case(heads=1, rows=300, positions=9, dim=96, pooling="cu_seqlens", reduction="sum")],
+                         ids=["bf16_vector_shared_rows", "fp32_300_rows_packed"])
+def test_emulated_cuda_several_row_blocks_and_tiles(public_runs_emulated, case):
+    """Grids of several row blocks and D tiles: the backward's tickets and last-block sums."""
+    inputs = make_inputs(case)
+    assert_matches(run_op(public_runs_emulated, inputs), reference_float64(inputs), inputs, what=f"{case}: ")
+
+
+@pytest.mark.parametrize("case", EDGE_OP_CASES)
+def test_emulated_cuda_edge_layouts_and_invalid_rows_match_native_cpu(emulated_ops, case):
+    check_edge_ops(emulated_ops, backends.native_ops(), case, "cpu")
+
+
+@pytest.mark.parametrize("check", DIRECT_CALL_CHECKS, ids=lambda check: check.__name__.removeprefix("check_"))
+def test_emulated_cuda_direct_op_calls(emulated_ops, check):
+    check(emulated_ops, "cpu")
+
+
+def test_emulated_cuda_opcheck(emulated_ops):
+    inputs = make_inputs(Case(heads=2, pairs="shared", margin=True))
+    kw = inputs["kwargs"]
+    opcheck_ops(emulated_ops, (inputs["hidden"].requires_grad_(), inputs["weight"].requires_grad_(),
+                               inputs["bias"].requires_grad_(), kw["attention_mask"], None, None, kw["chosen_index"],
+                               kw["rejected_index"], kw["margin"]))
