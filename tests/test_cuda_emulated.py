@@ -62,10 +62,12 @@ def test_emulated_cuda_matches_float64_reference(public_runs_emulated, variant, 
 
 @pytest.mark.parametrize("case", [Case(dtype=torch.bfloat16, heads=2, rows=64, positions=40, dim=512, pairs="shared",
                                        margin=True, pooling="mask_left"),
-                                  Case(heads=1, rows=300, positions=9, dim=96, pooling="cu_seqlens", reduction="sum")],
-                         ids=["bf16_vector_shared_rows", "fp32_300_rows_packed"])
+                                  Case(heads=1, rows=300, positions=9, dim=96, pooling="cu_seqlens", reduction="sum"),
+                                  Case(heads=2, rows=8300, positions=3, dim=16, pooling="last_index")],
+                         ids=["bf16_vector_shared_rows", "fp32_300_rows_packed", "fp32_8300_rows_256_row_blocks"])
 def test_emulated_cuda_several_row_blocks_and_tiles(public_runs_emulated, case):
-    """Grids of several row blocks and D tiles: the backward's tickets and last-block sums."""
+    """Grids of several row blocks and D tiles: the backward's tickets and last-block sums, and
+    (8300 rows) the cap of 256 row blocks, where each warp takes its rows in several passes."""
     inputs = make_inputs(case)
     assert_matches(run_op(public_runs_emulated, inputs), reference_float64(inputs), inputs, what=f"{case}: ")
 

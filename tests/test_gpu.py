@@ -191,8 +191,8 @@ def test_auto_picks_native_cuda_then_triton():
 # Op level against the native CPU ops (the semantic reference): the vector/scalar path choice
 # (data pointer 2 bytes off 16, row strides off the vector width, storage offsets), invalid rows
 # (empty cu_seqlens sequences, empty mask rows, last_index out of range: NaN rewards,
-# pooled_pos -1, no gradient), mask dtypes with multi-step scans (T > 1024), K = 64, more rows
-# than 256 * 4 (row blocks of several rows, a partial last block), the CSR of explicit pairs
+# pooled_pos -1, no gradient), mask dtypes with multi-step scans (T > 1024), K = 64, many rows
+# (65 row blocks of 32 rows, a partial last block), the CSR of explicit pairs
 # (a row in several pairs, a row in none, out-of-range pairs), and the memset-cleared grad buffer
 # (poisoned allocator; every element outside the pooled rows must be exactly 0).
 # ---------------------------------------------------------------------------------------------
@@ -234,7 +234,7 @@ def edge_op_case(name, device="cpu"):
         N, T, D = 6, 9, 36
         hidden = randn(N, T, D + 1)[..., :D]
         return hidden, randn(5, D) / 6, randn(5), None, on(torch.tensor([8, -1, 0, 9, 4, 8])), None
-    if name == "fp32_many_rows_int64_mask":  # 2050 rows: 256 row blocks of 9 rows, partial last one
+    if name == "fp32_many_rows_int64_mask":  # 2050 rows: 65 row blocks of 32 rows, 2 in the last one
         N, T, D = 2050, 5, 128
         lengths = torch.randint(0, T + 1, (N,), generator=g)
         mask = on((torch.arange(T) < lengths[:, None]).long())

@@ -8,11 +8,14 @@
 //                        block per pair that pools its two rows again (the same code, so the same
 //                        rewards) rather than wait for theirs.
 // Backward (grad_hidden and the tile tickets are zeroed by the caller), ONE launch:
-//   pool_backward_kernel grid (row blocks, D tiles): scatters the pooled rows of grad_hidden and
-//                        writes the row block's partial weight gradient [K, D-tile] (fp32); the
-//                        blocks of D tile 0 also its partial bias gradient [K]. The last block of
-//                        each D tile to finish (an atomic ticket) sums the partials of every row
-//                        block in row-block order -> grad_weight in weight's dtype and grad_bias.
+//   pool_backward_kernel grid (row blocks of 32 rows, D tiles of 32 x 16 bytes): each of the
+//                        block's 8 warps takes 4 of its rows at a time, loads in flight together;
+//                        it scatters the pooled rows of grad_hidden and writes the row block's
+//                        partial weight gradient [K, D-tile] (fp32; the warps' sums added in
+//                        order in shared memory); the blocks of D tile 0 also its partial bias
+//                        gradient [K]. The last block of each D tile to finish (an atomic ticket)
+//                        sums the partials of every row block (its warps over row blocks, then
+//                        in order) -> grad_weight in weight's dtype and grad_bias.
 // Determinism: no floating-point atomics; every sum runs in an order fixed by the launch shape,
 // so two runs give bitwise equal results.
 #include "bt_kernels.cuh"
@@ -38,12 +41,15 @@ namespace {
 
 constexpr int kWarp = 32;
 constexpr int kForwardThreads = 256;
-constexpr int kBackwardThreads = 128;
-constexpr int kHeadChunk = 4;   // heads accumulated in registers per pass over D
-constexpr int kScanUnroll = 4;  // mask positions each thread tests per scan step
+constexpr int kBackwardThreads = 256;
+constexpr int kBackwardWarps = kBackwardThreads / kWarp;
+constexpr int kRowsPerPass = 4;  // backward: rows of one warp whose loads are in flight together
+constexpr int kHeadChunk = 4;    // heads accumulated in registers per pass over D
+constexpr int kScanUnroll = 4;   // mask positions each thread tests per scan step
 
-// Backward planning: rows per block >= 4, at most 256 row blocks, scratch <= 16M floats.
-constexpr int64_t kMinRowsPerBlock = 4;
+// Backward planning: row blocks of kBackwardWarps * kRowsPerPass = 32 rows (every warp's loads
+// in one pass), at most 256 row blocks (then more rows each), scratch <= 16M floats.
+constexpr int64_t kRowsPerBlock = int64_t(kBackwardWarps) * kRowsPerPass;
 constexpr int64_t kMaxRowBlocks = 256;
 constexpr int64_t kScratchBudgetFloats = int64_t(16) << 20;
 
@@ -409,29 +415,44 @@ __device__ __forceinline__ float row_coef(const CoefArgs& c, int64_t heads, int6
   return csr_segment_sum(c.grad_coef, c.loss, c.coef_rows, heads, c.row_entry, c.entries, seg_begin, seg_end, k);
 }
 
-// The kV columns of one thread within a D tile: kVec: kV consecutive columns (all in range or
-// none, as D % kV == 0); scalar: columns first, first + threads, ... each checked against D.
+// The kV columns of one lane within a D tile of kWarp * kV columns, as offsets in the tile:
+// kVec: kV consecutive columns from lane * kV (all in range or none, as D % kV == 0); scalar:
+// lane, lane + 32, ... each checked against D.
+template <bool kVec, int kV>
+__device__ __forceinline__ int tile_col(int lane, int i) {
+  return kVec ? lane * kV + i : lane + i * kWarp;
+}
+
 template <bool kVec, int kV, typename T>
-__device__ __forceinline__ void load_cols(const T* __restrict__ row, int64_t first, int64_t dim, float (&out)[kV]) {
+__device__ __forceinline__ void load_lane_cols(const T* __restrict__ row, int64_t tile, int lane, int64_t dim,
+                                               float (&out)[kV]) {
   if constexpr (kVec) {
-    load_vec<kV>(row + first, out);
+    const int64_t first = tile + tile_col<kVec, kV>(lane, 0);
+    if (first < dim) {
+      load_vec<kV>(row + first, out);
+    } else {
+#pragma unroll
+      for (int i = 0; i < kV; ++i) out[i] = 0.f;
+    }
   } else {
 #pragma unroll
     for (int i = 0; i < kV; ++i) {
-      const int64_t d = first + int64_t(i) * kBackwardThreads;
+      const int64_t d = tile + tile_col<kVec, kV>(lane, i);
       out[i] = d < dim ? to_float(row[d]) : 0.f;
     }
   }
 }
 
-// load_cols for the fp32 partials other blocks wrote: through L2 (ld.global.cg), never a stale L1
-// line and never the read-only path.
+// load_lane_cols for the fp32 partials other blocks wrote: through L2 (ld.global.cg), never a
+// stale L1 line and never the read-only path.
 template <bool kVec, int kV>
-__device__ __forceinline__ void load_partial_cols(const float* row, int64_t first, int64_t dim, float (&out)[kV]) {
+__device__ __forceinline__ void load_partial_lane_cols(const float* row, int64_t tile, int lane, int64_t dim,
+                                                       float (&out)[kV]) {
   if constexpr (kVec) {
+    const int64_t first = tile + tile_col<kVec, kV>(lane, 0);
 #pragma unroll
     for (int q = 0; q < kV / 4; ++q) {
-      const float4 v = __ldcg(reinterpret_cast<const float4*>(row + first) + q);
+      const float4 v = first < dim ? __ldcg(reinterpret_cast<const float4*>(row + first) + q) : float4{0.f, 0.f, 0.f, 0.f};
       out[4 * q] = v.x;
       out[4 * q + 1] = v.y;
       out[4 * q + 2] = v.z;
@@ -440,119 +461,166 @@ __device__ __forceinline__ void load_partial_cols(const float* row, int64_t firs
   } else {
 #pragma unroll
     for (int i = 0; i < kV; ++i) {
-      const int64_t d = first + int64_t(i) * kBackwardThreads;
+      const int64_t d = tile + tile_col<kVec, kV>(lane, i);
       out[i] = d < dim ? __ldcg(row + d) : 0.f;
     }
   }
 }
 
 template <bool kVec, int kV, typename T>
-__device__ __forceinline__ void store_cols(T* __restrict__ row, int64_t first, int64_t dim, const float (&in)[kV]) {
+__device__ __forceinline__ void store_lane_cols(T* __restrict__ row, int64_t tile, int lane, int64_t dim,
+                                                const float (&in)[kV]) {
   if constexpr (kVec) {
-    store_vec<kV>(row + first, in);
+    const int64_t first = tile + tile_col<kVec, kV>(lane, 0);
+    if (first < dim) store_vec<kV>(row + first, in);
   } else {
 #pragma unroll
     for (int i = 0; i < kV; ++i) {
-      const int64_t d = first + int64_t(i) * kBackwardThreads;
+      const int64_t d = tile + tile_col<kVec, kV>(lane, i);
       if (d < dim) from_float(in[i], row[d]);
     }
   }
 }
 
-// Block (x: row block, y: D tile of kBackwardThreads*kV columns); each thread owns kV columns
-// of the tile for all rows of the row block.
+// kRowsPerPass rows of one warp, first, first + kBackwardWarps, ...: their pooled positions (-1:
+// past the row block or invalid) and CSR segments, loaded together.
+struct PassRows {
+  int64_t n[kRowsPerPass];
+  int64_t pos[kRowsPerPass];
+  int64_t seg_begin[kRowsPerPass];
+  int64_t seg_end[kRowsPerPass];
+};
+
+__device__ __forceinline__ PassRows pass_rows(const BackwardParams& p, int64_t first, int64_t n_end) {
+  PassRows r;
+#pragma unroll
+  for (int i = 0; i < kRowsPerPass; ++i) {
+    const int64_t n = first + int64_t(i) * kBackwardWarps;
+    r.n[i] = n;
+    r.pos[i] = n < n_end ? valid_position(p.pooled_pos[n], p.hidden.positions) : -1;
+    const bool csr = p.coef.row_ptr != nullptr && r.pos[i] >= 0;
+    r.seg_begin[i] = csr ? p.coef.row_ptr[n] : 0;
+    r.seg_end[i] = csr ? p.coef.row_ptr[n + 1] : 0;
+  }
+  return r;
+}
+
+// Block (x: row block, y: D tile of kWarp * kV columns), kBackwardWarps warps; warp w takes the
+// rows n_begin + w, n_begin + w + kBackwardWarps, ... of the row block, kRowsPerPass at a time
+// with their loads in flight together, and each lane kV columns of the tile:
 //   scatter: grad_hidden[n, pos_n, cols] = sum_k coef[n, k] * weight[k, cols]  (k ascending)
-//   partial[row_block, k, cols] = sum_n coef[n, k] * hidden[n, pos_n, cols]     (n ascending)
-//   D tile 0, thread k (k < K, strided): bias_partial[row_block, k] = sum_n coef[n, k]
+//   partial[row_block, k, cols] = sum_n coef[n, k] * hidden[n, pos_n, cols]: each warp's rows in
+//     ascending order, then the warps' sums added warp 0 first (shared memory)
+//   D tile 0: bias_partial[row_block, k] = sum_n coef[n, k] (a warp per head: lanes over rows,
+//     then a fixed shuffle tree)
 // (n over the rows with a valid pooled position). Every element of partial and bias_partial is
 // written exactly once (zeros for a block with no valid row): neither needs initialization.
 // Then the block takes a ticket of its D tile (threadfence-reduction pattern: the partial stores
-// are fenced before the ticket); the block that takes the last one sums the tile's partials over
-// row blocks b = 0, 1, ... in that order into grad_weight (and, tile 0, grad_bias).
+// are fenced before the ticket); the block that takes the last one sums the tile's partials:
+// warp w the row blocks w, w + kBackwardWarps, ... in ascending order, then the warps' sums
+// warp 0 first, into grad_weight (and, tile 0, grad_bias). Every order is fixed by the launch
+// shape: two runs give bitwise equal results.
 template <typename H, typename W, bool kVec>
-__global__ void __launch_bounds__(kBackwardThreads) pool_backward_kernel(const BackwardParams p) {
+__global__ void __launch_bounds__(kBackwardThreads, 1) pool_backward_kernel(const BackwardParams p) {
   constexpr int kV = vec_width<H>();
+  constexpr int kTileCols = kWarp * kV;
+  __shared__ float s_red[kBackwardWarps][kHeadChunk][kTileCols];  // each warp's sums, then added in order
+  __shared__ bool s_last;
   const HiddenArgs& hs = p.hidden;
   const int64_t heads = p.heads, dim = hs.dim;
+  const int warp = int(threadIdx.x) / kWarp, lane = int(threadIdx.x) % kWarp;
   const int64_t n_begin = int64_t(blockIdx.x) * p.rows_per_block;
   const int64_t n_end = min64(hs.rows, n_begin + p.rows_per_block);
-  const int64_t* __restrict__ row_ptr = p.coef.row_ptr;
-
-  if (blockIdx.y == 0) {
-    for (int64_t k = threadIdx.x; k < heads; k += kBackwardThreads) {
-      float sum = 0.f;
-      for (int64_t n = n_begin; n < n_end; ++n) {
-        if (valid_position(p.pooled_pos[n], hs.positions) < 0) continue;
-        const int64_t seg_begin = row_ptr != nullptr ? row_ptr[n] : 0;
-        const int64_t seg_end = row_ptr != nullptr ? row_ptr[n + 1] : 0;
-        sum += row_coef(p.coef, heads, n, seg_begin, seg_end, k);
-      }
-      p.bias_partial[int64_t(blockIdx.x) * heads + k] = sum;
-    }
-  }
-
-  const int64_t tile = int64_t(blockIdx.y) * kBackwardThreads * kV;
-  const int64_t first = kVec ? tile + int64_t(threadIdx.x) * kV : tile + threadIdx.x;
-  const bool has_cols = first < dim;  // some column of this thread is in range
+  const int64_t tile = int64_t(blockIdx.y) * kTileCols;
+  const int64_t pass_step = int64_t(kBackwardWarps) * kRowsPerPass;
   const H* __restrict__ hidden = static_cast<const H*>(hs.data);
   const W* __restrict__ weight = static_cast<const W*>(p.weight);
 
-  // Scatter of the pooled rows.
-  if (has_cols && p.grad_hidden != nullptr) {
-    H* __restrict__ grad_hidden = static_cast<H*>(p.grad_hidden);
-    for (int64_t n = n_begin; n < n_end; ++n) {
-      const int64_t pos = valid_position(p.pooled_pos[n], hs.positions);
-      if (pos < 0) continue;
-      const int64_t seg_begin = row_ptr != nullptr ? row_ptr[n] : 0;
-      const int64_t seg_end = row_ptr != nullptr ? row_ptr[n + 1] : 0;
-      float acc[kV];
-#pragma unroll
-      for (int i = 0; i < kV; ++i) acc[i] = 0.f;
-      for (int64_t k = 0; k < heads; ++k) {
-        const float c = row_coef(p.coef, heads, n, seg_begin, seg_end, k);
-        float w[kV];
-        load_cols<kVec, kV>(weight + k * dim, first, dim, w);
-#pragma unroll
-        for (int i = 0; i < kV; ++i) acc[i] = fmaf(c, w[i], acc[i]);
+  if (blockIdx.y == 0) {
+    for (int64_t k = warp; k < heads; k += kBackwardWarps) {  // warp-uniform: the whole warp shuffles
+      float sum = 0.f;
+      for (int64_t n = n_begin + lane; n < n_end; n += kWarp) {
+        if (valid_position(p.pooled_pos[n], hs.positions) < 0) continue;
+        const int64_t seg_begin = p.coef.row_ptr != nullptr ? p.coef.row_ptr[n] : 0;
+        const int64_t seg_end = p.coef.row_ptr != nullptr ? p.coef.row_ptr[n + 1] : 0;
+        sum += row_coef(p.coef, heads, n, seg_begin, seg_end, k);
       }
-      store_cols<kVec, kV>(grad_hidden + n * p.grad_stride_n + pos * dim, first, dim, acc);
+      sum = warp_sum(sum);
+      if (lane == 0) p.bias_partial[int64_t(blockIdx.x) * heads + k] = sum;
     }
   }
 
-  // Partial weight gradient of this row block, kHeadChunk heads per pass over its rows.
-  float* __restrict__ partial = p.partial + int64_t(blockIdx.x) * heads * dim;
-  for (int64_t k0 = 0; has_cols && k0 < heads; k0 += kHeadChunk) {
-    const int kc = int(min64(kHeadChunk, heads - k0));
-    float acc[kHeadChunk][kV];
+  // Scatter of the pooled rows.
+  if (p.grad_hidden != nullptr) {
+    H* __restrict__ grad_hidden = static_cast<H*>(p.grad_hidden);
+    for (int64_t first = n_begin + warp; first < n_end; first += pass_step) {
+      const PassRows r = pass_rows(p, first, n_end);
+      float acc[kRowsPerPass][kV] = {};
+      for (int64_t k = 0; k < heads; ++k) {
+        float w[kV];
+        load_lane_cols<kVec, kV>(weight + k * dim, tile, lane, dim, w);
 #pragma unroll
-    for (int j = 0; j < kHeadChunk; ++j) {
+        for (int i = 0; i < kRowsPerPass; ++i) {
+          if (r.pos[i] < 0) continue;
+          const float c = row_coef(p.coef, heads, r.n[i], r.seg_begin[i], r.seg_end[i], k);
 #pragma unroll
-      for (int i = 0; i < kV; ++i) acc[j][i] = 0.f;
+          for (int v = 0; v < kV; ++v) acc[i][v] = fmaf(c, w[v], acc[i][v]);
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < kRowsPerPass; ++i) {
+        if (r.pos[i] >= 0) store_lane_cols<kVec, kV>(grad_hidden + r.n[i] * p.grad_stride_n + r.pos[i] * dim, tile, lane, dim, acc[i]);
+      }
     }
-    for (int64_t n = n_begin; n < n_end; ++n) {
-      const int64_t pos = valid_position(p.pooled_pos[n], hs.positions);
-      if (pos < 0) continue;
-      const int64_t seg_begin = row_ptr != nullptr ? row_ptr[n] : 0;
-      const int64_t seg_end = row_ptr != nullptr ? row_ptr[n + 1] : 0;
-      float h[kV];
-      load_cols<kVec, kV>(hidden + n * hs.stride_n + pos * hs.stride_t, first, dim, h);
+  }
+
+  // Partial weight gradient of this row block, kHeadChunk heads at a time.
+  float* __restrict__ partial = p.partial + int64_t(blockIdx.x) * heads * dim;
+  for (int64_t k0 = 0; k0 < heads; k0 += kHeadChunk) {
+    const int kc = int(min64(kHeadChunk, heads - k0));
+    float acc[kHeadChunk][kV] = {};
+    for (int64_t first = n_begin + warp; first < n_end; first += pass_step) {
+      const PassRows r = pass_rows(p, first, n_end);
+      float h[kRowsPerPass][kV];
 #pragma unroll
-      for (int j = 0; j < kHeadChunk; ++j) {
-        if (j < kc) {
-          const float c = row_coef(p.coef, heads, n, seg_begin, seg_end, k0 + j);
+      for (int i = 0; i < kRowsPerPass; ++i) {
+        if (r.pos[i] >= 0) {
+          load_lane_cols<kVec, kV>(hidden + r.n[i] * hs.stride_n + r.pos[i] * hs.stride_t, tile, lane, dim, h[i]);
+        } else {
 #pragma unroll
-          for (int i = 0; i < kV; ++i) acc[j][i] = fmaf(c, h[i], acc[j][i]);
+          for (int v = 0; v < kV; ++v) h[i][v] = 0.f;
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < kRowsPerPass; ++i) {
+        if (r.pos[i] < 0) continue;
+#pragma unroll
+        for (int j = 0; j < kHeadChunk; ++j) {
+          if (j >= kc) continue;
+          const float c = row_coef(p.coef, heads, r.n[i], r.seg_begin[i], r.seg_end[i], k0 + j);
+#pragma unroll
+          for (int v = 0; v < kV; ++v) acc[j][v] = fmaf(c, h[i][v], acc[j][v]);
         }
       }
     }
 #pragma unroll
     for (int j = 0; j < kHeadChunk; ++j) {
-      if (j < kc) store_cols<kVec, kV>(partial + (k0 + j) * dim, first, dim, acc[j]);
+#pragma unroll
+      for (int v = 0; v < kV; ++v) s_red[warp][j][tile_col<kVec, kV>(lane, v)] = acc[j][v];
     }
+    __syncthreads();
+    for (int idx = int(threadIdx.x); idx < kc * kTileCols; idx += kBackwardThreads) {
+      const int j = idx / kTileCols, c = idx % kTileCols;
+      if (tile + c >= dim) continue;
+      float sum = 0.f;
+#pragma unroll
+      for (int w = 0; w < kBackwardWarps; ++w) sum += s_red[w][j][c];
+      partial[(k0 + j) * dim + tile + c] = sum;
+    }
+    __syncthreads();  // s_red is rewritten by the next head chunk
   }
 
   // Ticket of this D tile; the last block of the tile sums every row block's partials.
-  __shared__ bool s_last;
   __threadfence();  // release: this thread's partial stores, before the ticket
   __syncthreads();
   if (threadIdx.x == 0) {
@@ -564,26 +632,41 @@ __global__ void __launch_bounds__(kBackwardThreads) pool_backward_kernel(const B
   if (!s_last) return;
   const int64_t row_blocks = gridDim.x;
   if (blockIdx.y == 0) {
-    for (int64_t k = threadIdx.x; k < heads; k += kBackwardThreads) {
+    for (int64_t k0 = 0; k0 < heads; k0 += kWarp) {  // lanes over heads
+      const int64_t k = k0 + lane;
       float sum = 0.f;
-      for (int64_t b = 0; b < row_blocks; ++b) sum += __ldcg(p.bias_partial + b * heads + k);
-      p.grad_bias[k] = sum;
+      for (int64_t b = warp; k < heads && b < row_blocks; b += kBackwardWarps) sum += __ldcg(p.bias_partial + b * heads + k);
+      s_red[warp][0][lane] = sum;
+      __syncthreads();
+      if (threadIdx.x < kWarp && k0 + threadIdx.x < heads) {
+        float total = 0.f;
+#pragma unroll
+        for (int w = 0; w < kBackwardWarps; ++w) total += s_red[w][0][threadIdx.x];
+        p.grad_bias[k0 + threadIdx.x] = total;
+      }
+      __syncthreads();
     }
   }
-  if (!has_cols) return;
   W* __restrict__ grad_weight = static_cast<W*>(p.grad_weight);
   for (int64_t k = 0; k < heads; ++k) {
-    float acc[kV];
-#pragma unroll
-    for (int i = 0; i < kV; ++i) acc[i] = 0.f;
-#pragma unroll 4
-    for (int64_t b = 0; b < row_blocks; ++b) {
+    float acc[kV] = {};
+    for (int64_t b = warp; b < row_blocks; b += kBackwardWarps) {
       float part[kV];
-      load_partial_cols<kVec, kV>(p.partial + (b * heads + k) * dim, first, dim, part);
+      load_partial_lane_cols<kVec, kV>(p.partial + (b * heads + k) * dim, tile, lane, dim, part);
 #pragma unroll
-      for (int i = 0; i < kV; ++i) acc[i] += part[i];
+      for (int v = 0; v < kV; ++v) acc[v] += part[v];
     }
-    store_cols<kVec, kV>(grad_weight + k * dim, first, dim, acc);
+#pragma unroll
+    for (int v = 0; v < kV; ++v) s_red[warp][0][tile_col<kVec, kV>(lane, v)] = acc[v];
+    __syncthreads();
+    for (int c = int(threadIdx.x); c < kTileCols; c += kBackwardThreads) {
+      if (tile + c >= dim) continue;
+      float total = 0.f;
+#pragma unroll
+      for (int w = 0; w < kBackwardWarps; ++w) total += s_red[w][0][c];
+      from_float(total, grad_weight[k * dim + tile + c]);
+    }
+    __syncthreads();  // s_red is rewritten by the next head
   }
 }
 
@@ -642,10 +725,10 @@ struct BackwardPlan {
   int64_t row_blocks;
 };
 
-// Row blocks: ~rows/4 for parallelism, capped at 256 and by the scratch budget (large K*D).
+// Row blocks: rows/32, capped at 256 and by the scratch budget (large K*D).
 BackwardPlan backward_plan(int64_t rows, int64_t heads, int64_t dim) {
   if (rows <= 0) return {1, 0};
-  int64_t blocks = min64(ceil_div(rows, kMinRowsPerBlock), kMaxRowBlocks);
+  int64_t blocks = min64(ceil_div(rows, kRowsPerBlock), kMaxRowBlocks);
   blocks = max64(1, min64(blocks, kScratchBudgetFloats / max64(1, heads * dim)));
   const int64_t rows_per_block = ceil_div(rows, blocks);
   return {rows_per_block, ceil_div(rows, rows_per_block)};
@@ -685,7 +768,7 @@ int64_t pool_backward_scratch_floats(int64_t rows, int64_t heads, int64_t dim) {
 
 int64_t pool_backward_tiles(int64_t dim, DType hidden_dtype) {
   const int64_t width = hidden_dtype == DType::kFloat32 ? vec_width<float>() : vec_width<__half>();
-  return max64(1, ceil_div(dim, int64_t(kBackwardThreads) * width));
+  return max64(1, ceil_div(dim, int64_t(kWarp) * width));
 }
 
 cudaError_t launch_pool_backward(const CoefArgs& coef, const HiddenArgs& hidden, const HeadArgs& head,
@@ -720,10 +803,11 @@ cudaError_t launch_pool_backward(const CoefArgs& coef, const HiddenArgs& hidden,
     const int64_t tiles = pool_backward_tiles(hidden.dim, hidden.dtype);  // >= 1: the bias needs one
     if (tiles > 65535 || plan.row_blocks > INT_MAX) return cudaErrorInvalidConfiguration;
     const dim3 grid(unsigned(plan.row_blocks), unsigned(tiles));
-    // grad_hidden rows (n*grad_stride_n + pos*D), partial rows (K*D multiples) and grad_weight
-    // rows keep the base alignment when D % width == 0, which can_vectorize requires.
+    // grad_hidden rows (n*grad_stride_n + pos*D) and partial rows (K*D multiples) keep the base
+    // alignment when D % width == 0, which can_vectorize requires (grad_weight is written by
+    // element).
     const bool vec = can_vectorize(hidden, kV, head.weight) && grad_stride_n % kV == 0 &&
-                     aligned(grad_hidden, 16) && aligned(scratch, 16) && aligned(grad_weight, 16);
+                     aligned(grad_hidden, 16) && aligned(scratch, 16);
     const auto kernel = vec ? &pool_backward_kernel<H, W, true> : &pool_backward_kernel<H, W, false>;
     PK_LAUNCH(kernel, grid, kBackwardThreads, stream)(p);
     return cudaGetLastError();
