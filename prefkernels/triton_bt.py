@@ -13,8 +13,8 @@ with the schemas of csrc/ops.cpp and the semantics of csrc/cpu/bt_cpu.cpp (the r
   as 4-byte words), then ONE launch over (row block of up to 32 rows, D tile), each program one
   [rows, D tile] tile: it scatters the pooled rows' gradient and writes its row block's partial
   weight and bias gradients (fp32) to scratch; the last program of each D tile to finish sums
-  every row block's partials, in row-block order, into grad_weight (weight's dtype) and
-  grad_bias. With a single row block (N <= 32) the program writes both directly. No float
+  every row block's partials, 8 row blocks at a time in row-block order, into grad_weight
+  (weight's dtype) and grad_bias. With a single row block (N <= 32) the program writes both directly. No float
   atomics anywhere: two runs are bitwise equal. The CSR sums of explicit pairs run in row_entry
   order, as the CPU op. Each pair entry's coefficient is multiplied by the loss's gradient in
   the kernel (``grad_loss``, one value or one per pair), so nothing scales them beforehand.
@@ -253,7 +253,7 @@ def _pool_backward_kernel(
     grad_hidden_ptr, grad_weight_ptr, grad_bias_ptr, partial_ptr, bias_partial_ptr, tile_done_ptr,
     N, D, K, positions, coef_rows, entries, loss_pairs, loss_scale, stride_n, stride_t, grad_stride_n, row_blocks,
     HAS_CSR: tl.constexpr, LOSS_GRAD: tl.constexpr, NEED_GRAD_HIDDEN: tl.constexpr, ONE_BLOCK: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, SUM_ROWS: tl.constexpr,
 ):
     """Program (b, j): rows [b*BLOCK_N, (b+1)*BLOCK_N) x D tile j, as one [BLOCK_N, BLOCK_D] tile.
 
@@ -264,8 +264,8 @@ def _pool_backward_kernel(
     its row block's fp32 partials, partial[b, k, d] = sum over the block's such rows of coef[n, k] *
     hidden[n, pos_n, d] and (tile 0) bias_partial[b, k] = sum of coef[n, k], and the last program
     of tile j to finish (a ticket from the zeroed int32 tile_done[j]) sums the partials of all row
-    blocks in order b = 0, 1, ... into grad_weight's tile (and grad_bias): one launch, no float
-    atomics. CSR segment bounds and entries outside [0, entries) / [0, coef_rows) are skipped, as
+    blocks, SUM_ROWS row blocks loaded at once and reduced as a tile, chunks in order, into
+    grad_weight's tile (and grad_bias): one launch, no float atomics, a fixed order. CSR segment bounds and entries outside [0, entries) / [0, coef_rows) are skipped, as
     by the CPU and CUDA ops.
     """
     pid_b = tl.program_id(0).to(tl.int64)
@@ -322,20 +322,27 @@ def _pool_backward_kernel(
         tl.debug_barrier()  # every thread's partial stores precede the ticket (released with it)
         ticket = tl.atomic_add(tile_done_ptr + pid_d, 1, sem="acq_rel")
         if ticket == row_blocks - 1:  # the other row blocks of this tile are done: sum them all
-            # pointers step one row block (K*D, K) at a time: offsets up to row_blocks*K*D need no int32 product
+            # SUM_ROWS row blocks per step, loaded together and summed as one tile; the pointers
+            # step SUM_ROWS row blocks (SUM_ROWS*K*D) at a time, so no offset is an int32 product
+            # of up to row_blocks*K*D
+            offs_r = tl.arange(0, SUM_ROWS)
             for k in range(0, K):
                 acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-                block_partial = partial_ptr + k * D + offs_d
-                for _ in range(0, row_blocks):
-                    acc += tl.load(block_partial, mask=d_mask, other=0.0, cache_modifier=".cg")
-                    block_partial += K * D
+                chunk = partial_ptr + k * D
+                for b0 in range(0, row_blocks, SUM_ROWS):
+                    rows = (b0 + offs_r < row_blocks)[:, None] & d_mask[None, :]
+                    acc += tl.sum(tl.load(chunk + (offs_r * (K * D))[:, None] + offs_d[None, :], mask=rows, other=0.0,
+                                          cache_modifier=".cg"), axis=0)
+                    chunk += SUM_ROWS * K * D
                 tl.store(grad_weight_ptr + k * D + offs_d, acc.to(grad_weight_ptr.dtype.element_ty), mask=d_mask)
             if pid_d == 0:
                 bias_acc = tl.zeros([BLOCK_K], dtype=tl.float32)
-                block_bias = bias_partial_ptr + offs_k
-                for _ in range(0, row_blocks):
-                    bias_acc += tl.load(block_bias, mask=k_mask, other=0.0, cache_modifier=".cg")
-                    block_bias += K
+                chunk = bias_partial_ptr
+                for b0 in range(0, row_blocks, SUM_ROWS):
+                    rows = (b0 + offs_r < row_blocks)[:, None] & k_mask[None, :]
+                    bias_acc += tl.sum(tl.load(chunk + (offs_r * K)[:, None] + offs_k[None, :], mask=rows, other=0.0,
+                                               cache_modifier=".cg"), axis=0)
+                    chunk += SUM_ROWS * K
                 tl.store(grad_bias_ptr + offs_k, bias_acc, mask=k_mask)
 
 
@@ -347,6 +354,7 @@ _MAX_TILE = 8192           # forward: BLOCK_K * BLOCK_D register tile budget
 _MAX_BLOCK_T = 4096        # forward: mask positions per tile
 _MAX_BLOCK_N = 32          # backward: rows per program (one [BLOCK_N, BLOCK_D] tile); tuned on H200
 _BWD_TILE = 4096           # backward: BLOCK_N * BLOCK_D
+_SUM_ROW_BLOCKS = 8        # backward: row blocks' partials the last program loads and sums at once
 
 
 def _new(shape, like: Tensor, dtype: torch.dtype) -> Tensor:
@@ -586,7 +594,7 @@ def pool_backward(grad_coef, grad_loss, loss_scale, row_ptr, row_entry, hidden, 
             rows, D, K, positions, grad_coef.shape[0], row_entry.shape[0] if row_entry is not None else 0,
             loss_pairs, float(loss_scale), stride_n, stride_t, positions * D if hidden.dim() == 3 else 0, row_blocks,
             HAS_CSR=row_ptr is not None, LOSS_GRAD=loss_grad, NEED_GRAD_HIDDEN=bool(need_grad_hidden),
-            ONE_BLOCK=row_blocks == 1,
+            ONE_BLOCK=row_blocks == 1, SUM_ROWS=_SUM_ROW_BLOCKS,
             BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=block_d, num_warps=_warps(block_n * block_d),
         )
     return grad_hidden, grad_weight, grad_bias

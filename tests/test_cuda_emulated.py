@@ -35,7 +35,9 @@ def emulated_ops(tmp_path_factory):
         pytest.skip("CUDA headers not found (next to nvcc, /usr/local/cuda)")
     if backends.native_ops() is None:
         pytest.skip("prefkernels._C not built: the native CPU op is the emulation's reference")
-    from torch.utils.cpp_extension import load
+    from torch.utils.cpp_extension import is_ninja_available, load
+    if not is_ninja_available():
+        pytest.skip("ninja not found (pip install ninja; the test extras include it): it builds the emulation")
     load(name="prefkernels_cuda_emu", sources=[str(EMU_DIR / "emu_ops.cpp")],
          extra_include_paths=[str(EMU_DIR / "include"), str(EMU_DIR), str(include)], extra_cflags=["-O1"],
          build_directory=str(tmp_path_factory.mktemp("cuda_emu_build")))

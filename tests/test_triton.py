@@ -200,12 +200,13 @@ def test_pool_score_matches_reference(dtype, K, pooling):
 @pytest.mark.parametrize("max_block_n", [2, 4, 32])
 def test_small_tiles_and_row_blocks(monkeypatch, max_block_n, K, pairs):
     """Several D tiles (odd tail) and mask tiles; in the backward, several row blocks (2: three
-    blocks whose partials the last program of each D tile sums; 4: a partial last block) or one
-    block (32) that writes grad_weight directly."""
+    blocks whose partials the last program of each D tile sums, two at a time: a full chunk, then
+    a partial one; 4: a partial last block) or one block (32) that writes grad_weight directly."""
     monkeypatch.setattr(triton_bt, "_MAX_BLOCK_D", 16)
     monkeypatch.setattr(triton_bt, "_MAX_BLOCK_T", 4)
     monkeypatch.setattr(triton_bt, "_MAX_BLOCK_N", max_block_n)
     monkeypatch.setattr(triton_bt, "_BWD_TILE", 16 * max_block_n)
+    monkeypatch.setattr(triton_bt, "_SUM_ROW_BLOCKS", 2)
     for wdtype in (F32, BF16):
         inputs = make_inputs(N=6, T=7, K=K, dtype=BF16, wdtype=wdtype, pairs=pairs, seed=11)
         compare(*inputs, what=f"tiles block_n={max_block_n} {wdtype}")
