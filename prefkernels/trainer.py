@@ -440,8 +440,10 @@ class Trainer:
             self.optimizer, WarmupSchedule(self.total_steps, warmup, config.schedule))
         # best_metrics: the full validation result of the best model (plain JSON-able values), kept so
         # that finishing, also after --resume, needs no second evaluation
+        # stop_log_bytes: the log's size before the partial window an early stop logged off a log step
         self.state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best_value": None, "best_step": None,
-                      "best_metrics": None, "evals_since_best": 0, "stopped_early": False, "done": False}
+                      "best_metrics": None, "evals_since_best": 0, "stopped_early": False, "done": False,
+                      "stop_log_bytes": None}
         self.train_sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # loss*n, n, correct, pairs
         set_seed(config.seed + self.dist.rank)
         self._prepare_output_dir(saved)
@@ -666,6 +668,10 @@ class Trainer:
             # unbroken run with this patience would have
             state["stopped_early"] = False
             state["done"] = self._final_step()
+            if state.get("stop_log_bytes") is not None and self.dist.is_main:  # take back the stop's partial window
+                with open(self.output_dir / METRICS_FILE, "r+b") as f:
+                    f.truncate(state["stop_log_bytes"])
+            state["stop_log_bytes"] = None
             self.log(f"the run had stopped early after {state['evals_since_best']} evaluations without a "
                      f"better {self.config.early_stopping_metric}; patience is now {patience}: training on")
         elif exhausted and not state["done"]:  # resumed with a patience this run has already used up
@@ -770,7 +776,9 @@ class Trainer:
             self._evaluate_and_keep_best(bar)
             evaluated = True
         if state["stopped_early"] and not logged:  # the last partial window, as a run that ends on schedule
-            self._log_train(grad_norm, bar)
+            if self.dist.is_main:  # a resume with more patience takes it back and logs the whole window later
+                state["stop_log_bytes"] = (self.output_dir / METRICS_FILE).stat().st_size
+            self._log_train(grad_norm, bar, window_ends=False)
         state["done"] = final or state["stopped_early"]
         if (config.save_every and step % config.save_every == 0) or state["done"] or (
                 not config.save_every and (evaluated or end_of_epoch)):
@@ -781,9 +789,13 @@ class Trainer:
         config, state = self.config, self.state
         return state["step"] >= self.total_steps or (not config.max_steps and state["epoch"] >= config.epochs)
 
-    def _log_train(self, grad_norm: torch.Tensor, bar) -> None:
+    def _log_train(self, grad_norm: torch.Tensor, bar, window_ends: bool = True) -> None:
+        """Log the train window's metrics. ``window_ends=False`` (a run stopping early off a log
+        step) leaves its sums in place: a resume with more patience trains on and logs the whole
+        window at its log step, as an unbroken run does."""
         sums = self.dist.sum(self.train_sums.clone()).tolist()
-        self.train_sums.zero_()
+        if window_ends:
+            self.train_sums.zero_()
         if sums[1] == 0:
             return
         loss = sums[0] / sums[1]

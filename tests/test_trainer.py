@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from _train_fixtures import Killed, quiet, train_config as config, write_assets
+from test_resume import events_without_timing
 from prefkernels import checkpoint, cli, metrics
 from prefkernels.data import read_records
 from prefkernels.model import RewardModel, load_tokenizer
@@ -91,6 +92,9 @@ def test_a_run_stopped_early_trains_on_when_resumed_with_more_patience(assets, t
     train(config(assets, tmp_path / "unbroken", patience=10, **options), log=quiet)
     a, b = final_weights(tmp_path / "run"), final_weights(tmp_path / "unbroken")
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # the log too: the stop's partial window (steps 1-3) is taken back and logged whole at step 6
+    assert (events_without_timing(tmp_path / "run" / "metrics.jsonl")
+            == events_without_timing(tmp_path / "unbroken" / "metrics.jsonl"))
     again = train(config(assets, tmp_path / "run", patience=10, resume=True, **options), log=quiet)
     assert again.steps == 6  # a finished run stays finished
 
