@@ -84,6 +84,31 @@ def test_emulated_cuda_direct_op_calls(emulated_ops, check):
     check(emulated_ops, "cpu")
 
 
+@pytest.mark.parametrize("pairs", ["default", "shared"])
+def test_emulated_cuda_forward_and_backward_are_one_launch_each(emulated_ops, pairs):
+    """The launch structure of the GPU test, counted by the emulator: bt_forward is ONE kernel
+    launch for default and explicit pairs (no memset); pool_backward is ONE memset (the grad
+    buffer and the tickets) plus ONE launch, also over several row blocks and D tiles."""
+    from prefkernels.autograd import rows_csr
+    inputs = make_inputs(Case(dtype=torch.bfloat16, heads=2, rows=96, positions=9, dim=640, pairs=pairs, margin=True))
+    kw = inputs["kwargs"]
+    args = (inputs["hidden"], inputs["weight"], inputs["bias"], kw["attention_mask"], None, None,
+            kw.get("chosen_index"), kw.get("rejected_index"), kw.get("margin"), 0.1, 0.01, 0)
+
+    def device_work(fn):
+        before = torch.ops.prefkernels_emu.device_work()
+        out = fn()
+        return [after - was for after, was in zip(torch.ops.prefkernels_emu.device_work(), before)], out
+
+    work, (_, _, pair_grad, pooled_pos) = device_work(lambda: emulated_ops.bt_forward(*args))
+    assert work == [1, 0]
+    csr = (None, None) if args[6] is None else rows_csr(torch.cat(args[6:8]), args[0].shape[0])
+    entries = pair_grad.reshape(-1, 2)
+    work, _ = device_work(lambda: emulated_ops.pool_backward(entries, torch.tensor(0.5), 0.25, *csr, args[0], args[1],
+                                                             pooled_pos, True))
+    assert work == [1, 1]
+
+
 def test_emulated_cuda_opcheck(emulated_ops):
     inputs = make_inputs(Case(heads=2, pairs="shared", margin=True))
     kw = inputs["kwargs"]

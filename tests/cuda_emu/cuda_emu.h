@@ -104,6 +104,17 @@ inline BlockState& state() {
   return s;
 }
 
+// What the emulated device has run: kernel launches and memsets (the tests count them).
+struct Counts {
+  int64_t launches = 0;
+  int64_t memsets = 0;
+};
+
+inline Counts& counts() {
+  static Counts c;
+  return c;
+}
+
 }  // namespace pk_emu
 
 inline uint3 threadIdx, blockIdx;
@@ -197,6 +208,7 @@ struct Launch {
   dim3 grid, block;
   template <typename Params>
   void operator()(const Params& params) const {
+    ++counts().launches;
     blockDim = block;
     gridDim = grid;
     BlockCall<Kernel, Params> call{kernel, &params};

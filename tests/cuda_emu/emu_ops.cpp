@@ -10,8 +10,16 @@
 
 cudaError_t CUDARTAPI cudaGetLastError(void) { return cudaSuccess; }
 cudaError_t CUDARTAPI cudaMemsetAsync(void* dst, int value, size_t bytes, cudaStream_t) {
+  ++pk_emu::counts().memsets;
   std::memset(dst, value, bytes);
   return cudaSuccess;
+}
+
+// prefkernels_emu::device_work() -> [kernel launches, memsets] since the process started.
+TORCH_LIBRARY_FRAGMENT(prefkernels_emu, m) {
+  m.def("device_work() -> int[]", [] {
+    return std::vector<int64_t>{pk_emu::counts().launches, pk_emu::counts().memsets};
+  });
 }
 
 // After every system header: rename the op namespace (and the C++ one with it), register the
