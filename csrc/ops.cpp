@@ -1,7 +1,11 @@
 // Op schemas (defined once, for every backend) and the pybind11 module prefkernels._C.
 #include <torch/extension.h>
 
-TORCH_LIBRARY(prefkernels, m) {
+// TORCH_LIBRARY through one more macro, so a `prefkernels` macro expands before torch < 2.7
+// stringizes the namespace: tests/cuda_emu compiles these schemas under prefkernels_emu.
+#define PK_DEFINE_OPS(ns, m) TORCH_LIBRARY(ns, m)
+
+PK_DEFINE_OPS(prefkernels, m) {
   // (loss f32: [P,K] for reduction 0 (none), [] for 1 (mean) and 2 (sum); rewards [N,K] f32,
   //  pair_grad [2,P,K] f32: d loss[p,k] / d rewards of the chosen and rejected row; pooled_pos [N] i64)
   m.def(

@@ -515,11 +515,12 @@ __device__ __forceinline__ PassRows pass_rows(const BackwardParams& p, int64_t f
 //     then a fixed shuffle tree)
 // (n over the rows with a valid pooled position). Every element of partial and bias_partial is
 // written exactly once (zeros for a block with no valid row): neither needs initialization.
-// Then the block takes a ticket of its D tile (threadfence-reduction pattern: the partial stores
-// are fenced before the ticket); the block that takes the last one sums the tile's partials:
-// warp w the row blocks w, w + kBackwardWarps, ... in ascending order, then the warps' sums
-// warp 0 first, into grad_weight (and, tile 0, grad_bias). Every order is fixed by the launch
-// shape: two runs give bitwise equal results.
+// With a single row block (N <= 32) those sums are the gradients: the block writes grad_weight
+// and grad_bias directly and stops. Otherwise it takes a ticket of its D tile
+// (threadfence-reduction pattern: the partial stores are fenced before the ticket); the block
+// that takes the last one sums the tile's partials: warp w the row blocks w, w + kBackwardWarps,
+// ... in ascending order, then the warps' sums warp 0 first, into grad_weight (and, tile 0,
+// grad_bias). Every order is fixed by the launch shape: two runs give bitwise equal results.
 template <typename H, typename W, bool kVec>
 __global__ void __launch_bounds__(kBackwardThreads, 1) pool_backward_kernel(const BackwardParams p) {
   constexpr int kV = vec_width<H>();
@@ -535,6 +536,8 @@ __global__ void __launch_bounds__(kBackwardThreads, 1) pool_backward_kernel(cons
   const int64_t pass_step = int64_t(kBackwardWarps) * kRowsPerPass;
   const H* __restrict__ hidden = static_cast<const H*>(hs.data);
   const W* __restrict__ weight = static_cast<const W*>(p.weight);
+  W* __restrict__ grad_weight = static_cast<W*>(p.grad_weight);
+  const bool one_block = gridDim.x == 1;  // one row block: its sums are the gradients, no partials
 
   if (blockIdx.y == 0) {
     for (int64_t k = warp; k < heads; k += kBackwardWarps) {  // warp-uniform: the whole warp shuffles
@@ -546,7 +549,7 @@ __global__ void __launch_bounds__(kBackwardThreads, 1) pool_backward_kernel(cons
         sum += row_coef(p.coef, heads, n, seg_begin, seg_end, k);
       }
       sum = warp_sum(sum);
-      if (lane == 0) p.bias_partial[int64_t(blockIdx.x) * heads + k] = sum;
+      if (lane == 0) (one_block ? p.grad_bias[k] : p.bias_partial[int64_t(blockIdx.x) * heads + k]) = sum;
     }
   }
 
@@ -615,10 +618,15 @@ __global__ void __launch_bounds__(kBackwardThreads, 1) pool_backward_kernel(cons
       float sum = 0.f;
 #pragma unroll
       for (int w = 0; w < kBackwardWarps; ++w) sum += s_red[w][j][c];
-      partial[(k0 + j) * dim + tile + c] = sum;
+      if (one_block) {
+        from_float(sum, grad_weight[(k0 + j) * dim + tile + c]);
+      } else {
+        partial[(k0 + j) * dim + tile + c] = sum;
+      }
     }
     __syncthreads();  // s_red is rewritten by the next head chunk
   }
+  if (one_block) return;
 
   // Ticket of this D tile; the last block of the tile sums every row block's partials.
   __threadfence();  // release: this thread's partial stores, before the ticket
@@ -647,7 +655,6 @@ __global__ void __launch_bounds__(kBackwardThreads, 1) pool_backward_kernel(cons
       __syncthreads();
     }
   }
-  W* __restrict__ grad_weight = static_cast<W*>(p.grad_weight);
   for (int64_t k = 0; k < heads; ++k) {
     float acc[kV] = {};
     for (int64_t b = warp; b < row_blocks; b += kBackwardWarps) {
