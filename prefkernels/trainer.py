@@ -477,8 +477,9 @@ class Trainer:
                                     f"run has {self.dist.world_size}; resume with the same number")
         metrics = self.output_dir / METRICS_FILE
         size = metrics.stat().st_size if metrics.is_file() else None
-        if size is None or size < state["metrics_bytes"]:
-            found = "missing" if size is None else f"{size} bytes, shorter than the {state['metrics_bytes']}"
+        keep = self._log_bytes_to_keep(state)
+        if size is None or size < keep:
+            found = "missing" if size is None else f"{size} bytes, shorter than the {keep}"
             raise RunDirectoryError(f"resume: {metrics}: {found} the checkpoint recorded; the log of the run "
                                     "was removed or cut since, so the run cannot continue it")
         return state
@@ -620,7 +621,7 @@ class Trainer:
             _remove(stale)
         if saved is not None:
             with open(path / METRICS_FILE, "r+b") as f:
-                f.truncate(saved["metrics_bytes"])
+                f.truncate(self._log_bytes_to_keep(saved))
             return grouped
         if self.config.overwrite:  # renamed aside first: a kill never leaves a half-deleted checkpoint
             token = uuid.uuid4().hex[:8]
@@ -662,15 +663,13 @@ class Trainer:
         self.log(f"resumed from {self.output_dir / CHECKPOINT_DIR} at step {self.state['step']} "
                  f"(epoch {self.state['epoch']}, batch {self.state['batch_in_epoch']})")
         patience, state = self.config.patience, self.state
-        exhausted = bool(patience) and state["evals_since_best"] >= patience
+        exhausted = self._patience_used_up(state)
         if state["stopped_early"] and not exhausted:
             # stopped early, resumed with a patience that would not have stopped it: train on, as an
-            # unbroken run with this patience would have
+            # unbroken run with this patience would have (the log was cut back before the stop's
+            # partial window, see _log_bytes_to_keep)
             state["stopped_early"] = False
             state["done"] = self._final_step()
-            if state.get("stop_log_bytes") is not None and self.dist.is_main:  # take back the stop's partial window
-                with open(self.output_dir / METRICS_FILE, "r+b") as f:
-                    f.truncate(state["stop_log_bytes"])
             state["stop_log_bytes"] = None
             self.log(f"the run had stopped early after {state['evals_since_best']} evaluations without a "
                      f"better {self.config.early_stopping_metric}; patience is now {patience}: training on")
@@ -678,6 +677,20 @@ class Trainer:
             state["stopped_early"] = state["done"] = True
             self.log(f"{state['evals_since_best']} evaluations without a better {self.config.early_stopping_metric} "
                      f"already exceed patience {patience}: stopping early")
+
+    def _patience_used_up(self, state: dict) -> bool:
+        return bool(self.config.patience) and state["evals_since_best"] >= self.config.patience
+
+    def _log_bytes_to_keep(self, saved: dict) -> int:
+        """How much of the log a resume from the checkpoint ``saved`` keeps: what the checkpoint
+        recorded; or, when a run that stopped early off a log step trains on (more patience), the
+        log before that stop's partial window, whose steps the next log step reports whole, as an
+        unbroken run's. (A resume killed before its first checkpoint leaves the log at least that
+        long, so it resumes again the same way.)"""
+        state, stop_log = saved["state"], saved["state"].get("stop_log_bytes")
+        if stop_log is not None and state["stopped_early"] and not self._patience_used_up(state):
+            return stop_log
+        return saved["metrics_bytes"]
 
     # --- training
 

@@ -80,11 +80,19 @@ def test_early_stopping_keeps_the_best_checkpoint(assets, tmp_path):
     assert checkpoint.read_config(out / "best")["training"]["best_step"] == 1
 
 
-def test_a_run_stopped_early_trains_on_when_resumed_with_more_patience(assets, tmp_path):
-    """patience may change on resume: a larger one continues the run as an unbroken run with it would."""
+def test_a_run_stopped_early_trains_on_when_resumed_with_more_patience(assets, tmp_path, monkeypatch):
+    """patience may change on resume: a larger one continues the run as an unbroken run with it
+    would, also when that resume is itself killed before its first checkpoint."""
     options = dict(lr=1e-12, warmup_ratio=0.0, eval_every=1, max_steps=6)
     stopped = train(config(assets, tmp_path / "run", patience=2, **options), log=quiet)
     assert stopped.stopped_early and stopped.steps == 3
+    with monkeypatch.context() as patch:  # killed in step 4, the log already cut back, nothing logged since
+        def killed_instead_of_stepping(self):
+            raise Killed
+
+        patch.setattr(Trainer, "_optimizer_step", killed_instead_of_stepping)
+        with pytest.raises(Killed):
+            train(config(assets, tmp_path / "run", patience=10, resume=True, **options), log=quiet)
     messages = []
     resumed = train(config(assets, tmp_path / "run", patience=10, resume=True, **options), log=messages.append)
     assert not resumed.stopped_early and resumed.steps == 6
