@@ -8,7 +8,7 @@
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-#include <cuda_runtime_api.h>
+#include <cuda_runtime.h>
 #include <ucontext.h>
 
 #include <cstdint>

@@ -8,12 +8,18 @@
 
 #include "cuda_emu.h"
 
-cudaError_t CUDARTAPI cudaGetLastError(void) { return cudaSuccess; }
-cudaError_t CUDARTAPI cudaMemsetAsync(void* dst, int value, size_t bytes, cudaStream_t) {
-  ++pk_emu::counts().memsets;
+// The CUDA runtime calls of csrc/cuda, renamed to the emulation's (a definition under the real
+// names could be interposed by a CUDA runtime another loaded library brings).
+namespace pk_emu {
+inline cudaError_t get_last_error() { return cudaSuccess; }
+inline cudaError_t memset_async(void* dst, int value, size_t bytes, cudaStream_t) {
+  ++counts().memsets;
   std::memset(dst, value, bytes);
   return cudaSuccess;
 }
+}  // namespace pk_emu
+#define cudaGetLastError pk_emu::get_last_error
+#define cudaMemsetAsync pk_emu::memset_async
 
 // prefkernels_emu::device_work() -> [kernel launches, memsets] since the process started.
 TORCH_LIBRARY_FRAGMENT(prefkernels_emu, m) {
