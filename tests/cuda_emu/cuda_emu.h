@@ -1,6 +1,6 @@
 // A CPU emulation of the few CUDA device features csrc/cuda uses, so the real kernels and their
-// glue run in a test process without a GPU. Each CUDA thread of a block is a fiber (ucontext) on
-// the calling OS thread; the blocks of a grid run one after another, the fibers of a block in
+// glue run in a test process without a GPU. Each CUDA thread of a block is a fiber (a stack of
+// its own) on the calling OS thread; the blocks of a grid run one after another, the fibers of a block in
 // turn until each reaches a barrier (__syncthreads, a warp shuffle), which releases when every
 // thread of the block (warp) still running has reached it. Memory is the host's: "device"
 // pointers are CPU tensors' pointers. What this cannot show: timing, races the emulation orders
