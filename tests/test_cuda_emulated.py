@@ -79,6 +79,20 @@ def test_emulated_cuda_edge_layouts_and_invalid_rows_match_native_cpu(emulated_o
     check_edge_ops(emulated_ops, backends.native_ops(), case, "cpu")
 
 
+@pytest.fixture
+def threads_in_reverse(emulated_ops):
+    torch.ops.prefkernels_emu.run_threads_in_reverse(True)
+    yield
+    torch.ops.prefkernels_emu.run_threads_in_reverse(False)
+
+
+@pytest.mark.parametrize("case", EDGE_OP_CASES)
+def test_emulated_cuda_threads_last_to_first_match_native_cpu(emulated_ops, threads_in_reverse, case):
+    """Between two barriers the emulation runs a block's threads first to last; here last to first,
+    so a missing barrier shows whichever of its writer and reader the hardware runs first."""
+    check_edge_ops(emulated_ops, backends.native_ops(), case, "cpu")
+
+
 @pytest.mark.parametrize("check", DIRECT_CALL_CHECKS, ids=lambda check: check.__name__.removeprefix("check_"))
 def test_emulated_cuda_direct_op_calls(emulated_ops, check):
     check(emulated_ops, "cpu")

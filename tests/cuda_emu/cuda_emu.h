@@ -1,8 +1,8 @@
 // A CPU emulation of the few CUDA device features csrc/cuda uses, so the real kernels and their
 // glue run in a test process without a GPU. Each CUDA thread of a block is a fiber (a stack of
-// its own) on the calling OS thread; the blocks of a grid run one after another, the fibers of a block in
-// turn until each reaches a barrier (__syncthreads, a warp shuffle), which releases when every
-// thread of the block (warp) still running has reached it. Memory is the host's: "device"
+// its own) on the calling OS thread; the blocks of a grid run one after another, the fibers of a
+// block in turn (first to last, or last to first) until each reaches a barrier (__syncthreads, a
+// warp shuffle), which releases when every thread of the block (warp) still running has reached it. Memory is the host's: "device"
 // pointers are CPU tensors' pointers. What this cannot show: timing, races the emulation orders
 // away, the weak memory model (fences are no-ops here), register or shared-memory limits.
 #pragma once
@@ -95,6 +95,7 @@ struct BlockState {
   int current = 0;
   int block_or = 0, block_or_result = 0;     // __syncthreads_or
   std::vector<uint64_t> lanes;               // warp shuffles: each thread's value, by thread index
+  bool reverse = false;                      // run the threads last to first between barriers
   void (*body)(void*) = nullptr;
   void* arg = nullptr;
 };
@@ -151,7 +152,8 @@ inline void run_block(void (*body)(void*), void* arg) {
   }
   for (;;) {
     bool ran = false;
-    for (int t = 0; t < threads; ++t) {
+    for (int i = 0; i < threads; ++i) {
+      const int t = s.reverse ? threads - 1 - i : i;
       Fiber& f = s.fibers[t];
       if (f.done || f.wait != Wait::kNone) continue;
       s.current = t;

@@ -21,11 +21,14 @@ inline cudaError_t memset_async(void* dst, int value, size_t bytes, cudaStream_t
 #define cudaGetLastError pk_emu::get_last_error
 #define cudaMemsetAsync pk_emu::memset_async
 
-// prefkernels_emu::device_work() -> [kernel launches, memsets] since the process started.
+// prefkernels_emu::device_work() -> [kernel launches, memsets] since the process started;
+// prefkernels_emu::run_threads_in_reverse(bool): between two barriers, run a block's threads last
+// to first (a missing barrier then shows for the reader and writer in the other order).
 TORCH_LIBRARY_FRAGMENT(prefkernels_emu, m) {
   m.def("device_work() -> int[]", [] {
     return std::vector<int64_t>{pk_emu::counts().launches, pk_emu::counts().memsets};
   });
+  m.def("run_threads_in_reverse(bool reverse) -> ()", [](bool reverse) { pk_emu::state().reverse = reverse; });
 }
 
 // After every system header: rename the op namespace (and the C++ one with it), register the
