@@ -41,15 +41,16 @@ def _pool_backward_fake(grad_coef, grad_loss, loss_scale, row_ptr, row_entry, hi
     return grad_hidden, torch.empty_like(weight), hidden.new_empty((weight.shape[0],), dtype=_F32)
 
 
-def rows_csr(entries_row, rows):
-    """CSR of pair entries per row: entries (``entries_row`` [M] int64, the row of each, e.g.
-    ``cat(chosen, rejected)``) grouped by row.
-
-    Returns (row_ptr [N+1], row_entry [M]) int64, built with a stable sort so the backward's
-    per-row sums run in a fixed order (deterministic, no atomics).
+def rows_csr(chosen_index, rejected_index, rows):
+    """CSR of the 2P pair entries (entry e < P: row chosen_index[e]; else rejected_index[e - P],
+    both [P] int64) grouped by row: (row_ptr [N+1], row_entry [2P]) int64, built with a stable
+    sort so the backward's per-row sums run in a fixed order (deterministic, no atomics).
+    (None, None) for the default pairing (chosen_index None), whose entry e is row e.
     """
-    sorted_rows, row_entry = torch.sort(entries_row, stable=True)
-    boundaries = torch.arange(rows + 1, device=entries_row.device, dtype=sorted_rows.dtype)
+    if chosen_index is None:
+        return None, None
+    sorted_rows, row_entry = torch.sort(torch.cat([chosen_index, rejected_index]), stable=True)
+    boundaries = torch.arange(rows + 1, device=sorted_rows.device, dtype=sorted_rows.dtype)
     row_ptr = torch.searchsorted(sorted_rows, boundaries)
     return row_ptr, row_entry
 
@@ -119,9 +120,7 @@ def register(ops: OpSet) -> None:
         hidden, pooled_pos, weight, pair_grad, chosen_index, rejected_index = ctx.saved_tensors
         pairs, heads = pair_grad.shape[1], pair_grad.shape[2]
         loss_scale = 1.0 / max(pairs * heads, 1) if ctx.mean else 1.0
-        row_ptr = row_entry = None
-        if chosen_index is not None:
-            row_ptr, row_entry = rows_csr(torch.cat([chosen_index, rejected_index]), ctx.rows)
+        row_ptr, row_entry = rows_csr(chosen_index, rejected_index, ctx.rows)
         grads = backward_into_inputs(ctx, hidden, weight, pooled_pos, pair_grad.reshape(-1, heads), row_ptr, row_entry,
                                      grad_loss.float().contiguous(), loss_scale)
         return (*grads, None, None, None, None, None, None, None, None, None)

@@ -174,7 +174,7 @@ def opcheck_ops(ops, args):
     torch.library.opcheck(ops.pool_backward, (torch.randn_like(rewards), None, 1.0, None, None, hidden, weight,
                                               pooled_pos, True))
     loss, _, pair_grad, _ = ops.bt_forward(*detached, 0.1, 0.01, REDUCTION_CODES["none"])
-    csr = (None, None) if detached[6] is None else rows_csr(torch.cat(detached[6:8]), rewards.shape[0])
+    csr = rows_csr(*detached[6:8], rewards.shape[0])
     entries = pair_grad.reshape(-1, pair_grad.shape[-1])
     for grad_loss, scale in ((torch.randn((), device=loss.device), 1.0 / loss.numel()), (torch.randn_like(loss), 1.0)):
         torch.library.opcheck(ops.pool_backward, (entries, grad_loss, scale, *csr, hidden, weight, pooled_pos, True))

@@ -116,7 +116,7 @@ def test_emulated_cuda_forward_and_backward_are_one_launch_each(emulated_ops, pa
 
     work, (_, _, pair_grad, pooled_pos) = device_work(lambda: emulated_ops.bt_forward(*args))
     assert work == [1, 0]
-    csr = (None, None) if args[6] is None else rows_csr(torch.cat(args[6:8]), args[0].shape[0])
+    csr = rows_csr(*args[6:8], args[0].shape[0])
     entries = pair_grad.reshape(-1, 2)
     work, _ = device_work(lambda: emulated_ops.pool_backward(entries, torch.tensor(0.5), 0.25, *csr, args[0], args[1],
                                                              pooled_pos, True))

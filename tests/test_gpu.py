@@ -7,6 +7,7 @@ import torch
 
 import prefkernels
 from prefkernels import backends, checks, reference
+from prefkernels.autograd import rows_csr
 from op_cases import (Case, assert_matches, make_inputs, opcheck_ops, poison_allocator, public, reference_float64,
                       run_op)
 from test_op_edge_cases import DIRECT_CALL_CHECKS
@@ -131,10 +132,7 @@ def test_cuda_forward_and_backward_are_one_launch_each(backend, pairs):
     ops.bt_forward(*mean_args)
     assert len(device_activities(lambda: ops.bt_forward(*mean_args))) == 2
     entries = pair_grad.reshape(-1, heads)
-    csr = (None, None)
-    if args[6] is not None:
-        from prefkernels.autograd import rows_csr
-        csr = rows_csr(torch.cat([args[6], args[7]]), args[0].shape[0])
+    csr = rows_csr(*args[6:8], args[0].shape[0])
     for call in (lambda: ops.pool_backward(coef, None, 1.0, None, None, args[0], args[1], pooled_pos, True),
                  lambda: ops.pool_backward(entries, torch.rand((), device="cuda"), 0.5, *csr, args[0], args[1],
                                            pooled_pos, True)):
@@ -268,7 +266,6 @@ def _same(got, want, what):
 def check_edge_ops(ops, native_cpu, case, device):
     """``ops`` on ``device`` against the native CPU ops, for pool_forward, bt_forward (default and
     explicit pairs) and pool_backward (dense and CSR coefficients, with and without grad_hidden)."""
-    from prefkernels.autograd import rows_csr
     args = edge_op_case(case)
     dev_args = edge_op_case(case, device)
     assert dev_args[0].stride() == args[0].stride() and dev_args[0].storage_offset() == args[0].storage_offset()
@@ -298,7 +295,7 @@ def check_edge_ops(ops, native_cpu, case, device):
     dense = torch.randn(N, K, generator=g)
     dense[invalid] = float("nan")  # skipped rows contribute nothing, even a NaN coefficient
     entries = torch.cat([chosen, rejected]).clamp(0, N - 1)
-    row_ptr, row_entry = rows_csr(torch.cat([chosen, rejected]), N)  # out-of-range entries belong to no row
+    row_ptr, row_entry = rows_csr(chosen, rejected, N)  # out-of-range entries belong to no row
     csr_coef = torch.randn(entries.shape[0], K, generator=g)
     csr_coef[invalid[entries]] = float("nan")
     # The coefficients as given, and (entries as pairs' chosen then rejected) times a loss gradient

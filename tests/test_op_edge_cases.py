@@ -211,9 +211,9 @@ def check_pool_backward_scales_entries_by_the_loss_gradient(ops, device):
     hidden, weight = torch.randn(N, 5, 8, generator=g).to(device), torch.randn(K, 8, generator=g).to(device)
     pooled_pos = torch.tensor([2, 4, 0, 3, 1, 4], device=device)
     explicit = (torch.tensor([0, 1, 2, 0], device=device), torch.tensor([3, 4, 5, 5], device=device))
-    for csr in (None, rows_csr(torch.cat(explicit), N)):
-        P = N // 2 if csr is None else explicit[0].shape[0]
-        row_ptr, row_entry = csr if csr is not None else (None, None)
+    for pairs in (None, explicit):
+        P = N // 2 if pairs is None else pairs[0].shape[0]
+        row_ptr, row_entry = rows_csr(*(pairs or (None, None)), N)
         grad_coef = torch.randn(2 * P, K, generator=g).to(device)
         for grad_loss, scale in ((torch.randn((), generator=g), 1.0 / (P * K)), (torch.randn(P, K, generator=g), 1.0),
                                  (torch.randn(P, K, generator=g), 0.5)):
@@ -222,7 +222,7 @@ def check_pool_backward_scales_entries_by_the_loss_gradient(ops, device):
             want = ops.pool_backward(grad_coef * (per_entry * scale), None, 1.0, row_ptr, row_entry, hidden, weight,
                                      pooled_pos, True)
             got = ops.pool_backward(grad_coef, grad_loss, scale, row_ptr, row_entry, hidden, weight, pooled_pos, True)
-            what = f"csr={csr is not None} grad_loss {list(grad_loss.shape)} scale {scale}"
+            what = f"csr={pairs is not None} grad_loss {list(grad_loss.shape)} scale {scale}"
             for name, x, y in zip(("grad_hidden", "grad_weight", "grad_bias"), got, want):
                 torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-6, msg=lambda m: f"{what} {name}: {m}")
 
