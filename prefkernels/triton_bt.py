@@ -265,8 +265,9 @@ def _pool_backward_kernel(
     hidden[n, pos_n, d] and (tile 0) bias_partial[b, k] = sum of coef[n, k], and the last program
     of tile j to finish (a ticket from the zeroed int32 tile_done[j]) sums the partials of all row
     blocks, SUM_ROWS row blocks loaded at once and reduced as a tile, chunks in order, into
-    grad_weight's tile (and grad_bias): one launch, no float atomics, a fixed order. CSR segment bounds and entries outside [0, entries) / [0, coef_rows) are skipped, as
-    by the CPU and CUDA ops.
+    grad_weight's tile (and grad_bias): one launch, no float atomics, a fixed order. CSR segment
+    bounds and entries outside [0, entries) / [0, coef_rows) are skipped, as by the CPU and CUDA
+    ops.
     """
     pid_b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)

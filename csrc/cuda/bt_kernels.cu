@@ -452,7 +452,8 @@ __device__ __forceinline__ void load_partial_lane_cols(const float* row, int64_t
     const int64_t first = tile + tile_col<kVec, kV>(lane, 0);
 #pragma unroll
     for (int q = 0; q < kV / 4; ++q) {
-      const float4 v = first < dim ? __ldcg(reinterpret_cast<const float4*>(row + first) + q) : float4{0.f, 0.f, 0.f, 0.f};
+      const float4 v =
+          first < dim ? __ldcg(reinterpret_cast<const float4*>(row + first) + q) : float4{0.f, 0.f, 0.f, 0.f};
       out[4 * q] = v.x;
       out[4 * q + 1] = v.y;
       out[4 * q + 2] = v.z;
@@ -572,7 +573,8 @@ __global__ void __launch_bounds__(kBackwardThreads, 1) pool_backward_kernel(cons
       }
 #pragma unroll
       for (int i = 0; i < kRowsPerPass; ++i) {
-        if (r.pos[i] >= 0) store_lane_cols<kVec, kV>(grad_hidden + r.n[i] * p.grad_stride_n + r.pos[i] * dim, tile, lane, dim, acc[i]);
+        if (r.pos[i] < 0) continue;
+        store_lane_cols<kVec, kV>(grad_hidden + r.n[i] * p.grad_stride_n + r.pos[i] * dim, tile, lane, dim, acc[i]);
       }
     }
   }
@@ -643,7 +645,9 @@ __global__ void __launch_bounds__(kBackwardThreads, 1) pool_backward_kernel(cons
     for (int64_t k0 = 0; k0 < heads; k0 += kWarp) {  // lanes over heads
       const int64_t k = k0 + lane;
       float sum = 0.f;
-      for (int64_t b = warp; k < heads && b < row_blocks; b += kBackwardWarps) sum += __ldcg(p.bias_partial + b * heads + k);
+      for (int64_t b = warp; k < heads && b < row_blocks; b += kBackwardWarps) {
+        sum += __ldcg(p.bias_partial + b * heads + k);
+      }
       s_red[warp][0][lane] = sum;
       __syncthreads();
       if (threadIdx.x < kWarp && k0 + threadIdx.x < heads) {

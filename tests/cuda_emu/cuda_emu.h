@@ -2,9 +2,10 @@
 // glue run in a test process without a GPU. Each CUDA thread of a block is a fiber (a stack of
 // its own) on the calling OS thread; the blocks of a grid run one after another, the fibers of a
 // block in turn (first to last, or last to first) until each reaches a barrier (__syncthreads, a
-// warp shuffle), which releases when every thread of the block (warp) still running has reached it. Memory is the host's: "device"
-// pointers are CPU tensors' pointers. What this cannot show: timing, races the emulation orders
-// away, the weak memory model (fences are no-ops here), register or shared-memory limits.
+// warp shuffle), which releases when every thread of the block (warp) still running has reached
+// it. Memory is the host's: "device" pointers are CPU tensors' pointers. What this cannot show:
+// timing, races the emulation orders away, the weak memory model (fences are no-ops here),
+// register or shared-memory limits.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
