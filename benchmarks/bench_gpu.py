@@ -9,7 +9,10 @@ backward (``.grad = None``):
   CUDA graphs / torch.compile(mode="reduce-overhead") give. Value checks are off there (a host
   sync cannot be captured).
 The floor is ``torch.zeros_like(hidden)``; ``memset`` zeroes the same bytes as float32 words
-(about a memset's cost whatever the dtype; the kernels clear their grad buffer that way).
+(about a memset's cost whatever the dtype). ``native`` runs as shipped (PREFKERNELS_GRAD_FILL
+auto: on these shapes its backward writes the whole grad buffer in its one kernel, no memset);
+``native_memset`` is the same op with the grad buffer cleared by a memset before the kernel, the
+A/B of that choice (its eager timing includes setting the variable, a few us of Python).
 Also the host time of the eager step (the Python call alone, device synchronized after the
 timer) and, for the smallest grad buffer, torch.profiler tables per method (host time, kernels).
 Prints a table (us, effective GB/s of the grad buffer, ratios, peak extra memory) and writes
@@ -146,6 +149,14 @@ def memset_step(batch):
     batch["floor"] = torch.zeros(hidden.numel() * hidden.element_size() // 4, device=hidden.device)
 
 
+def with_grad_fill(step, fill: str):
+    """``step`` with PREFKERNELS_GRAD_FILL=fill while it runs (read by the native op on each call)."""
+    def run(batch):
+        with mock.patch.dict(os.environ, {"PREFKERNELS_GRAD_FILL": fill}):
+            step(batch)
+    return run
+
+
 def add_ratios(row: dict, times: dict, kernels: list[str], nbytes: int, suffix: str) -> None:
     for name, seconds in times.items():
         if seconds is None:
@@ -166,6 +177,9 @@ def run(shapes, repeats: int, warmup: int, bandwidth: float, on_row, profile_pat
         device: str = "cuda") -> tuple[list[dict], list[str]]:
     kernels = available_kernel_backends()
     all_steps = {**common.methods(kernels), "memset": memset_step}
+    if "native" in kernels:
+        all_steps["native_memset"] = with_grad_fill(all_steps["native"], "memset")
+        kernels = kernels + ["native_memset"]
     rows = []
     # profiled: the first shape of the smallest grad buffer (fixed costs weigh most there)
     profiled_shape = min(shapes, key=lambda s: s[0] * 2 * s[1] * s[2] * common.DTYPES[s[3]].itemsize)

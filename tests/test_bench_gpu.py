@@ -3,6 +3,7 @@ memory counters) replaced, so a GPU session never loses its run to an error in t
 own Python: key names, tables, JSON, plots, the profiler table, a method whose capture fails,
 a method that fails outright."""
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -49,11 +50,11 @@ def test_bench_gpu_runs_and_reports_on_cpu(on_cpu, tmp_path, capsys):
                                   profile_path=tmp_path / "bench_gpu_profile.txt", device="cpu")
     bench_gpu.report(rows, kernels, "cpu (test)", save)
 
-    assert kernels == ["native"] and saved == [1, 2, 3, 3]
+    assert kernels == ["native", "native_memset"] and saved == [1, 2, 3, 3]
     torch_2_6 = tuple(int(part) for part in torch.__version__.split(".")[:2]) < (2, 7)
     for row in rows:
         assert row["broken error"] == "RuntimeError: broken method (test)" and "broken us" not in row
-        timed = ["native", "eager", "compile(eager)", "hf_style", "memset"]
+        timed = ["native", "native_memset", "eager", "compile(eager)", "hf_style", "memset"]
         if torch_2_6 and "compile(eager) error" in row:  # torch 2.6's Inductor fails on this graph on CPU
             timed.remove("compile(eager)")
         for method in timed:
@@ -62,6 +63,7 @@ def test_bench_gpu_runs_and_reports_on_cpu(on_cpu, tmp_path, capsys):
             assert row[f"{method} host us"] > 0 and row[f"{method} peak MB"] == 3
         assert row["floor graph error"].startswith("RuntimeError: capture failed")
         assert row["hf_style/native"] == pytest.approx(row["hf_style us"] / row["native us"])
+        assert row["native_memset/memset"] == pytest.approx(row["native_memset us"] / row["memset us"])
     written = json.loads((tmp_path / "bench_gpu.json").read_text())["rows"]
     assert [r["shape"] for r in written] == ["P=2 T=16 D=32 fp32", "P=1 T=8 D=16 bf16", "N=4 P=6 T=8 D=16 bf16 ranked4"]
     assert [r["pairing"] for r in written] == ["default", "default", "ranked4"]
@@ -75,3 +77,10 @@ def test_bench_gpu_runs_and_reports_on_cpu(on_cpu, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "not captured in a CUDA graph" in out and "native/memset" in out and "wrote" in out
     assert "broken failed, left out: RuntimeError: broken method (test)" in out
+
+
+def test_with_grad_fill_sets_the_variable_only_while_the_step_runs(monkeypatch):
+    monkeypatch.delenv("PREFKERNELS_GRAD_FILL", raising=False)
+    seen = []
+    bench_gpu.with_grad_fill(lambda batch: seen.append(os.environ.get("PREFKERNELS_GRAD_FILL")), "memset")({})
+    assert seen == ["memset"] and "PREFKERNELS_GRAD_FILL" not in os.environ

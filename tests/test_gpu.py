@@ -16,6 +16,9 @@ from test_ops import VARIANTS
 pytestmark = pytest.mark.gpu
 
 GPU_BACKENDS = ["native", "triton"]
+# Backends with each way the native backward gets its zeroed grad buffer (PREFKERNELS_GRAD_FILL):
+# the fill kernel writes it whole in the one launch, or a memset clears it first. Triton has one way.
+FILL_VARIANTS = ["native-kernel", "native-memset", "triton"]
 
 
 def require(backend):
@@ -23,6 +26,14 @@ def require(backend):
     if ops is None or ops.name != backend:
         pytest.skip(f"backend {backend!r} not available on cuda")
     return ops
+
+
+def require_variant(variant, monkeypatch):
+    """The ops of a FILL_VARIANTS entry, with its PREFKERNELS_GRAD_FILL set for the test."""
+    backend, _, fill = variant.partition("-")
+    if fill:
+        monkeypatch.setenv("PREFKERNELS_GRAD_FILL", fill)
+    return require(backend)
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
@@ -113,15 +124,15 @@ def op_args(case, device="cuda", reduction="none"):
             checks.REDUCTION_CODES[reduction]), case.heads
 
 
-@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("variant", FILL_VARIANTS)
 @pytest.mark.parametrize("pairs", ["default", "shared"])
-def test_cuda_forward_and_backward_are_one_launch_each(backend, pairs):
+def test_cuda_forward_and_backward_are_one_launch_each(variant, pairs, monkeypatch):
     """The issue's launch structure, counted by the profiler: bt_forward is ONE kernel for default
     and explicit pairs (plus the mean's reduction kernel with reduction="mean"); pool_backward is
-    the grad buffer's clear plus ONE kernel, with many row blocks and several D tiles (the last
-    block of each tile sums the partials), whether or not it scales the pair entries by the loss's
-    gradient."""
-    ops = require(backend)
+    ONE kernel (native's fill kernel, which writes the whole grad buffer) or the grad buffer's clear
+    plus ONE kernel, with many row blocks and several D tiles (the last block of each tile sums the
+    partials), whether or not it scales the pair entries by the loss's gradient."""
+    ops = require_variant(variant, monkeypatch)
     case = Case(dtype=torch.bfloat16, heads=2, rows=96, positions=64, dim=2560, pairs=pairs, margin=True)
     args, heads = op_args(case)
     _, _, pair_grad, pooled_pos = ops.bt_forward(*args)  # warm-up (Triton compiles here)
@@ -138,15 +149,17 @@ def test_cuda_forward_and_backward_are_one_launch_each(backend, pairs):
                                            pooled_pos, True)):
         call()  # warm-up
         backward = device_activities(call)
-        assert len(backward) == 2 and sum("pool_backward_kernel" in name for name in backward) == 1, backward
+        kernels = [name for name in backward if "pool_backward" in name]
+        assert len(kernels) == 1 and len(backward) == (1 if variant == "native-kernel" else 2), backward
+        assert ("pool_backward_fill_kernel" in kernels[0]) == (variant == "native-kernel"), kernels
 
 
-@pytest.mark.parametrize("backend", GPU_BACKENDS)
-def test_cuda_graph_replays_are_bitwise_eager(backend):
+@pytest.mark.parametrize("variant", FILL_VARIANTS)
+def test_cuda_graph_replays_are_bitwise_eager(variant, monkeypatch):
     """bt_forward + pool_backward captured in a CUDA graph and replayed 3 times: each replay equals
     the eager call bit for bit (the backward's tile tickets are cleared by the captured memset, so a
-    replay never starts from the last one's counts)."""
-    ops = require(backend)
+    replay never starts from the last one's counts; the fill kernel rewrites the whole grad buffer)."""
+    ops = require_variant(variant, monkeypatch)
     args, heads = op_args(Case(dtype=torch.bfloat16, heads=3, rows=128, positions=64, dim=2048))
 
     def step():
@@ -316,11 +329,37 @@ def check_edge_ops(ops, native_cpu, case, device):
                 _same(got[2], want[2], f"{what} grad_bias")
 
 
-@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("variant", FILL_VARIANTS)
 @pytest.mark.parametrize("case", EDGE_OP_CASES)
-def test_cuda_edge_layouts_and_invalid_rows_match_native_cpu(backend, case):
-    ops = require(backend)
+def test_cuda_edge_layouts_and_invalid_rows_match_native_cpu(variant, case, monkeypatch):
+    ops = require_variant(variant, monkeypatch)
     check_edge_ops(ops, backends.native_ops(), case, "cuda")
+
+
+@pytest.mark.parametrize("pairs", ["default", "shared"])
+def test_cuda_native_fill_kernel_matches_memset_path(pairs, monkeypatch):
+    """The fill kernel (one launch, no memset) against the memset path on a benchmark-sized shape
+    under a poisoned allocator: grad_hidden bit for bit (the scatter's arithmetic, zeros elsewhere),
+    grad_weight and grad_bias to rounding (4 row blocks' partials against one block's rows)."""
+    ops = require("native")
+    args, heads = op_args(Case(dtype=torch.bfloat16, heads=1, rows=128, positions=512, dim=2048, pairs=pairs),
+                          reduction="mean")
+    _, _, pair_grad, pooled_pos = ops.bt_forward(*args)
+    csr = rows_csr(*args[6:8], args[0].shape[0])
+    results = {}
+    for fill in ("kernel", "memset"):
+        monkeypatch.setenv("PREFKERNELS_GRAD_FILL", fill)
+        poison_allocator("cuda", sizes=(1 << 20, 1 << 27))
+        results[fill] = ops.pool_backward(pair_grad.reshape(-1, heads), torch.tensor(0.7, device="cuda"),
+                                          1 / pair_grad[0].numel(), *csr, args[0], args[1], pooled_pos, True)
+    (grad_hidden, grad_weight, grad_bias), want = results["kernel"], results["memset"]
+    assert not grad_hidden.isnan().any() and torch.equal(grad_hidden, want[0])
+    valid = pooled_pos >= 0
+    pooled = torch.zeros(grad_hidden.shape[:2], dtype=torch.bool, device="cuda")
+    pooled[valid.nonzero()[:, 0], pooled_pos[valid]] = True
+    assert grad_hidden[~pooled].eq(0).all() and grad_hidden[pooled].ne(0).any()
+    torch.testing.assert_close(grad_weight, want[1], rtol=8e-3, atol=1e-5)
+    torch.testing.assert_close(grad_bias, want[2], rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)

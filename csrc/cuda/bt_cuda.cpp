@@ -7,6 +7,9 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/extension.h>
 
+#include <cstdlib>
+#include <string>
+
 #include "../op_args.h"
 #include "bt_kernels.cuh"
 
@@ -41,6 +44,17 @@ gpu::HeadArgs head_args(const at::Tensor& weight, const c10::optional<at::Tensor
   w.weight_f32 = weight.scalar_type() == at::kFloat;
   w.heads = weight.size(0);
   return w;
+}
+
+// How the backward clears grad_hidden: PREFKERNELS_GRAD_FILL = auto (unset: the default),
+// kernel or memset (see gpu::GradFill); read on every call, so a benchmark can compare them.
+gpu::GradFill grad_fill() {
+  const char* value = std::getenv("PREFKERNELS_GRAD_FILL");
+  const std::string mode = value == nullptr ? "" : value;
+  if (mode.empty() || mode == "auto") return gpu::GradFill::kAuto;
+  if (mode == "kernel") return gpu::GradFill::kKernel;
+  if (mode == "memset") return gpu::GradFill::kMemset;
+  TORCH_CHECK(false, "PREFKERNELS_GRAD_FILL: expected auto, kernel or memset, got '", mode, "'");
 }
 
 // Device checks (hidden is on CUDA), then the layout/pooling/head checks shared with the CPU glue.
@@ -129,24 +143,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_backward_cuda(
   const LossGrad loss = loss_grad_of(grad_loss, loss_scale, grad_coef);
   const int64_t heads = weight.size(0);
 
-  // ONE allocation cleared with ONE memset (zero bits are 0.0 in every float type; a memset runs
-  // at write bandwidth whatever the dtype, at::zeros' fill kernel is slower on 2-byte types): the
-  // big grad buffer, padded to 16 bytes, then the backward kernel's D-tile tickets. The kernel
-  // then writes only the N pooled rows. grad_hidden is a contiguous view of its head.
+  // ONE allocation: the big grad buffer, padded to 16 bytes, then the backward kernel's D-tile
+  // tickets. The fill kernel writes the whole grad buffer (zeros and the pooled rows) in the one
+  // launch, with no memset (plan.fill_rows > 0, then no tickets either); otherwise ONE memset
+  // clears what the launch needs cleared (zero bits are 0.0 in every float type; a memset runs at
+  // write bandwidth whatever the dtype, at::zeros' fill kernel is slower on 2-byte types) and the
+  // kernel writes only the N pooled rows. grad_hidden is a contiguous view of its head.
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   const gpu::HiddenArgs h = hidden_args(hidden, l);
+  const gpu::HeadArgs head = head_args(weight, c10::nullopt);
+  const int64_t stride_n = grad_stride_n(hidden, l);
+  const gpu::PoolBackwardPlan plan = gpu::plan_pool_backward(h, head, need_grad_hidden, stride_n, grad_fill());
   const int64_t grad_bytes = need_grad_hidden ? hidden.numel() * hidden.element_size() : 0;
   const int64_t tickets_at = (grad_bytes + 15) / 16 * 16;
-  const int64_t tiles = gpu::pool_backward_tiles(l.dim, h.dtype);
-  auto zeroed = at::empty({tickets_at + tiles * int64_t(sizeof(unsigned))}, hidden.options().dtype(at::kByte));
-  C10_CUDA_CHECK(cudaMemsetAsync(zeroed.data_ptr(), 0, zeroed.nbytes(), stream));
+  auto buffer = at::empty({tickets_at + plan.tickets * int64_t(sizeof(unsigned))}, hidden.options().dtype(at::kByte));
+  const int64_t clear_from = plan.fill_rows > 0 ? tickets_at : 0;
+  if (buffer.numel() > clear_from) {
+    C10_CUDA_CHECK(cudaMemsetAsync(buffer.data_ptr<uint8_t>() + clear_from, 0, buffer.numel() - clear_from, stream));
+  }
   auto grad_hidden = need_grad_hidden
-                         ? zeroed.narrow(0, 0, grad_bytes).view(hidden.scalar_type()).view(hidden.sizes())
+                         ? buffer.narrow(0, 0, grad_bytes).view(hidden.scalar_type()).view(hidden.sizes())
                          : at::empty({0}, hidden.options());
-  auto* tile_done = reinterpret_cast<unsigned*>(zeroed.data_ptr<uint8_t>() + tickets_at);
+  auto* tile_done = reinterpret_cast<unsigned*>(buffer.data_ptr<uint8_t>() + tickets_at);
   auto grad_weight = at::empty_like(weight);  // contiguous: check_head requires a contiguous weight
   auto grad_bias = at::empty({heads}, hidden.options().dtype(at::kFloat));
-  auto scratch = at::empty({gpu::pool_backward_scratch_floats(l.rows, heads, l.dim)}, hidden.options().dtype(at::kFloat));
+  auto scratch = at::empty({plan.scratch_floats}, hidden.options().dtype(at::kFloat));
 
   gpu::CoefArgs coef;
   coef.grad_coef = grad_coef.data_ptr<float>();
@@ -155,8 +176,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_backward_cuda(
   coef.row_ptr = optional_ptr<int64_t>(row_ptr);
   coef.row_entry = optional_ptr<int64_t>(row_entry);
   coef.entries = row_entry.has_value() ? row_entry->size(0) : 0;
-  C10_CUDA_CHECK(gpu::launch_pool_backward(coef, h, head_args(weight, c10::nullopt), pooled_pos.data_ptr<int64_t>(),
-                                           need_grad_hidden ? grad_hidden.data_ptr() : nullptr, grad_stride_n(hidden, l),
+  C10_CUDA_CHECK(gpu::launch_pool_backward(plan, coef, h, head, pooled_pos.data_ptr<int64_t>(),
+                                           need_grad_hidden ? grad_hidden.data_ptr() : nullptr, stride_n,
                                            scratch.data_ptr<float>(), tile_done, grad_weight.data_ptr(),
                                            grad_bias.data_ptr<float>(), stream));
   return {grad_hidden, grad_weight, grad_bias};

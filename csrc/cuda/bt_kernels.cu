@@ -52,6 +52,12 @@ constexpr int kScanUnroll = 4;   // mask positions each thread tests per scan st
 constexpr int64_t kRowsPerBlock = int64_t(kBackwardWarps) * kRowsPerPass;
 constexpr int64_t kMaxRowBlocks = 256;
 constexpr int64_t kScratchBudgetFloats = int64_t(16) << 20;
+// Fill kernel (pool_backward_fill_kernel): grad bytes per fill block, and, for GradFill::kAuto,
+// the grad bytes it takes per pass of its one-row-block reduction (a pass of 32 rows x 4 heads,
+// a dependent load of about 2 us under the fill's traffic) for that reduction to take at most
+// half of the fill's time at 3 TB/s.
+constexpr int64_t kFillBlockBytes = int64_t(64) << 10;
+constexpr int64_t kFillBytesPerPass = int64_t(12) << 20;
 
 __host__ __device__ __forceinline__ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 __host__ __device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
@@ -405,6 +411,8 @@ struct BackwardParams {
   float* bias_partial;    // [row_blocks, K]
   unsigned* tile_done;    // [D tiles], zeroed: row blocks of the tile that have written their partials
   int64_t rows_per_block;
+  int64_t tiles;          // D tiles
+  int64_t fill_rows;      // pool_backward_fill_kernel: grad_hidden rows per fill block
 };
 
 // coef[n, k]: entry n's coefficient, or the CSR segment [seg_begin, seg_end) of row n summed in
@@ -506,10 +514,12 @@ __device__ __forceinline__ PassRows pass_rows(const BackwardParams& p, int64_t f
   return r;
 }
 
-// Block (x: row block, y: D tile of kWarp * kV columns), kBackwardWarps warps; warp w takes the
+// One block of the backward's reduction: row block `row_block` (of `row_blocks`) x D tile
+// `tile_index` (kWarp * kV columns), kBackwardWarps warps; warp w takes the
 // rows n_begin + w, n_begin + w + kBackwardWarps, ... of the row block, kRowsPerPass at a time
 // with their loads in flight together, and each lane kV columns of the tile:
-//   scatter: grad_hidden[n, pos_n, cols] = sum_k coef[n, k] * weight[k, cols]  (k ascending)
+//   scatter (when asked): grad_hidden[n, pos_n, cols] = sum_k coef[n, k] * weight[k, cols]
+//     (k ascending)
 //   partial[row_block, k, cols] = sum_n coef[n, k] * hidden[n, pos_n, cols]: each warp's rows in
 //     ascending order, then the warps' sums added warp 0 first (shared memory)
 //   D tile 0: bias_partial[row_block, k] = sum_n coef[n, k] (a warp per head: lanes over rows,
@@ -523,7 +533,8 @@ __device__ __forceinline__ PassRows pass_rows(const BackwardParams& p, int64_t f
 // ... in ascending order, then the warps' sums warp 0 first, into grad_weight (and, tile 0,
 // grad_bias). Every order is fixed by the launch shape: two runs give bitwise equal results.
 template <typename H, typename W, bool kVec>
-__global__ void __launch_bounds__(kBackwardThreads, 1) pool_backward_kernel(const BackwardParams p) {
+__device__ __forceinline__ void reduce_row_block(const BackwardParams& p, int64_t row_block, int64_t tile_index,
+                                                 int64_t row_blocks, bool scatter) {
   constexpr int kV = vec_width<H>();
   constexpr int kTileCols = kWarp * kV;
   __shared__ float s_red[kBackwardWarps][kHeadChunk][kTileCols];  // each warp's sums, then added in order
@@ -531,16 +542,16 @@ __global__ void __launch_bounds__(kBackwardThreads, 1) pool_backward_kernel(cons
   const HiddenArgs& hs = p.hidden;
   const int64_t heads = p.heads, dim = hs.dim;
   const int warp = int(threadIdx.x) / kWarp, lane = int(threadIdx.x) % kWarp;
-  const int64_t n_begin = int64_t(blockIdx.x) * p.rows_per_block;
+  const int64_t n_begin = row_block * p.rows_per_block;
   const int64_t n_end = min64(hs.rows, n_begin + p.rows_per_block);
-  const int64_t tile = int64_t(blockIdx.y) * kTileCols;
+  const int64_t tile = tile_index * kTileCols;
   const int64_t pass_step = int64_t(kBackwardWarps) * kRowsPerPass;
   const H* __restrict__ hidden = static_cast<const H*>(hs.data);
   const W* __restrict__ weight = static_cast<const W*>(p.weight);
   W* __restrict__ grad_weight = static_cast<W*>(p.grad_weight);
-  const bool one_block = gridDim.x == 1;  // one row block: its sums are the gradients, no partials
+  const bool one_block = row_blocks == 1;  // one row block: its sums are the gradients, no partials
 
-  if (blockIdx.y == 0) {
+  if (tile_index == 0) {
     for (int64_t k = warp; k < heads; k += kBackwardWarps) {  // warp-uniform: the whole warp shuffles
       float sum = 0.f;
       for (int64_t n = n_begin + lane; n < n_end; n += kWarp) {
@@ -550,12 +561,12 @@ __global__ void __launch_bounds__(kBackwardThreads, 1) pool_backward_kernel(cons
         sum += row_coef(p.coef, heads, n, seg_begin, seg_end, k);
       }
       sum = warp_sum(sum);
-      if (lane == 0) (one_block ? p.grad_bias[k] : p.bias_partial[int64_t(blockIdx.x) * heads + k]) = sum;
+      if (lane == 0) (one_block ? p.grad_bias[k] : p.bias_partial[row_block * heads + k]) = sum;
     }
   }
 
   // Scatter of the pooled rows.
-  if (p.grad_hidden != nullptr) {
+  if (scatter) {
     H* __restrict__ grad_hidden = static_cast<H*>(p.grad_hidden);
     for (int64_t first = n_begin + warp; first < n_end; first += pass_step) {
       const PassRows r = pass_rows(p, first, n_end);
@@ -580,7 +591,7 @@ __global__ void __launch_bounds__(kBackwardThreads, 1) pool_backward_kernel(cons
   }
 
   // Partial weight gradient of this row block, kHeadChunk heads at a time.
-  float* __restrict__ partial = p.partial + int64_t(blockIdx.x) * heads * dim;
+  float* __restrict__ partial = p.partial + row_block * heads * dim;
   for (int64_t k0 = 0; k0 < heads; k0 += kHeadChunk) {
     const int kc = int(min64(kHeadChunk, heads - k0));
     float acc[kHeadChunk][kV] = {};
@@ -634,14 +645,13 @@ __global__ void __launch_bounds__(kBackwardThreads, 1) pool_backward_kernel(cons
   __threadfence();  // release: this thread's partial stores, before the ticket
   __syncthreads();
   if (threadIdx.x == 0) {
-    const unsigned ticket = atomicAdd(p.tile_done + blockIdx.y, 1u);
+    const unsigned ticket = atomicAdd(p.tile_done + tile_index, 1u);
     __threadfence();  // acquire: the other blocks' partials, before the block reads them
-    s_last = ticket == gridDim.x - 1;
+    s_last = ticket == row_blocks - 1;
   }
   __syncthreads();
   if (!s_last) return;
-  const int64_t row_blocks = gridDim.x;
-  if (blockIdx.y == 0) {
+  if (tile_index == 0) {
     for (int64_t k0 = 0; k0 < heads; k0 += kWarp) {  // lanes over heads
       const int64_t k = k0 + lane;
       float sum = 0.f;
@@ -678,6 +688,65 @@ __global__ void __launch_bounds__(kBackwardThreads, 1) pool_backward_kernel(cons
       from_float(total, grad_weight[k * dim + tile + c]);
     }
     __syncthreads();  // s_red is rewritten by the next head
+  }
+}
+
+// Rows [fill_block * fill_rows, ...) of grad_hidden viewed as [N * T, D] rows (padded layout,
+// contiguous; 16-byte vectors), warp w the rows first + w, first + w + kBackwardWarps, ...: row
+// (n, t) gets its gradient when t is row n's valid pooled position (the scatter's arithmetic in
+// the scatter's order, so bitwise its values) and zeros otherwise. Every element of grad_hidden
+// is written exactly once over the fill blocks: the buffer needs no clearing.
+template <typename H, typename W>
+__device__ __forceinline__ void fill_grad_rows(const BackwardParams& p, int64_t fill_block) {
+  constexpr int kV = vec_width<H>();
+  constexpr int kTileCols = kWarp * kV;
+  const HiddenArgs& hs = p.hidden;
+  const int64_t heads = p.heads, dim = hs.dim, positions = hs.positions;
+  const int warp = int(threadIdx.x) / kWarp, lane = int(threadIdx.x) % kWarp;
+  const int64_t first = fill_block * p.fill_rows;
+  const int64_t end = min64(hs.rows * positions, first + p.fill_rows);
+  const W* __restrict__ weight = static_cast<const W*>(p.weight);
+  H* __restrict__ grad_hidden = static_cast<H*>(p.grad_hidden);
+  for (int64_t r = first + warp; r < end; r += kBackwardWarps) {
+    const int64_t n = r / positions;
+    H* __restrict__ row = grad_hidden + r * dim;
+    if (valid_position(p.pooled_pos[n], positions) != r - n * positions) {
+      const float zeros[kV] = {};
+#pragma unroll 4
+      for (int64_t tile = 0; tile < dim; tile += kTileCols) store_lane_cols<true, kV>(row, tile, lane, dim, zeros);
+      continue;
+    }
+    const bool csr = p.coef.row_ptr != nullptr;
+    const int64_t seg_begin = csr ? p.coef.row_ptr[n] : 0, seg_end = csr ? p.coef.row_ptr[n + 1] : 0;
+    for (int64_t tile = 0; tile < dim; tile += kTileCols) {
+      float acc[kV] = {};
+      for (int64_t k = 0; k < heads; ++k) {
+        float w[kV];
+        load_lane_cols<true, kV>(weight + k * dim, tile, lane, dim, w);
+        const float c = row_coef(p.coef, heads, n, seg_begin, seg_end, k);
+#pragma unroll
+        for (int v = 0; v < kV; ++v) acc[v] = fmaf(c, w[v], acc[v]);
+      }
+      store_lane_cols<true, kV>(row, tile, lane, dim, acc);
+    }
+  }
+}
+
+// Grid (row blocks, D tiles): grad_hidden zeroed by the caller (or null), then scattered.
+template <typename H, typename W, bool kVec>
+__global__ void __launch_bounds__(kBackwardThreads, 1) pool_backward_kernel(const BackwardParams p) {
+  reduce_row_block<H, W, kVec>(p, blockIdx.x, blockIdx.y, gridDim.x, p.grad_hidden != nullptr);
+}
+
+// Grid p.tiles + fill blocks, one row block (no partials, no tickets): blocks b < p.tiles reduce D
+// tile b over every row, the others write the whole of grad_hidden (fill_grad_rows), so no memset
+// precedes the launch and the small reduction runs alongside the fill's writes.
+template <typename H, typename W>
+__global__ void __launch_bounds__(kBackwardThreads, 2) pool_backward_fill_kernel(const BackwardParams p) {
+  if (blockIdx.x < p.tiles) {
+    reduce_row_block<H, W, true>(p, 0, blockIdx.x, 1, false);
+  } else {
+    fill_grad_rows<H, W>(p, int64_t(blockIdx.x) - p.tiles);
   }
 }
 
@@ -731,20 +800,6 @@ ForwardParams forward_params(const HiddenArgs& hidden, const HeadArgs& head, con
   return p;
 }
 
-struct BackwardPlan {
-  int64_t rows_per_block;
-  int64_t row_blocks;
-};
-
-// Row blocks: rows/32, capped at 256 and by the scratch budget (large K*D).
-BackwardPlan backward_plan(int64_t rows, int64_t heads, int64_t dim) {
-  if (rows <= 0) return {1, 0};
-  int64_t blocks = min64(ceil_div(rows, kRowsPerBlock), kMaxRowBlocks);
-  blocks = max64(1, min64(blocks, kScratchBudgetFloats / max64(1, heads * dim)));
-  const int64_t rows_per_block = ceil_div(rows, blocks);
-  return {rows_per_block, ceil_div(rows, rows_per_block)};
-}
-
 }  // namespace
 
 cudaError_t launch_pool_forward(const HiddenArgs& hidden, const HeadArgs& head, const PoolSpec& pool,
@@ -773,19 +828,42 @@ cudaError_t launch_bt_forward(const HiddenArgs& hidden, const HeadArgs& head, co
   return launch_score<Pairs::kExplicit>(p, hidden.rows + pairs, stream);
 }
 
-int64_t pool_backward_scratch_floats(int64_t rows, int64_t heads, int64_t dim) {
-  return backward_plan(rows, heads, dim).row_blocks * (heads * dim + heads);
+PoolBackwardPlan plan_pool_backward(const HiddenArgs& hidden, const HeadArgs& head, bool grad_hidden,
+                                    int64_t grad_stride_n, GradFill fill) {
+  PoolBackwardPlan plan{};
+  const int64_t rows = hidden.rows, heads = head.heads, dim = hidden.dim;
+  const int64_t width = hidden.dtype == DType::kFloat32 ? vec_width<float>() : vec_width<__half>();
+  plan.tiles = max64(1, ceil_div(dim, int64_t(kWarp) * width));  // >= 1: the bias needs one
+  if (rows <= 0) return plan;
+  // The fill kernel: padded grad_hidden of 16-byte vectors, and (auto) its bytes at least
+  // kFillBytesPerPass per pass of the one-row-block reduction beside it.
+  const int64_t grad_rows = rows * hidden.positions, row_bytes = dim * (width == 4 ? 4 : 2);
+  const int64_t passes = ceil_div(rows, kRowsPerBlock) * ceil_div(heads, kHeadChunk);
+  const bool fillable = grad_hidden && grad_rows > 0 && grad_stride_n == hidden.positions * dim &&
+                        can_vectorize(hidden, int(width), head.weight);
+  if (fillable && (fill == GradFill::kKernel ||
+                   (fill == GradFill::kAuto && grad_rows * row_bytes >= passes * kFillBytesPerPass))) {
+    plan.rows_per_block = rows;
+    plan.row_blocks = 1;
+    plan.fill_rows = max64(kBackwardWarps, ceil_div(kFillBlockBytes, row_bytes));
+    return plan;
+  }
+  // Row blocks of 32 rows, capped at 256 and by the scratch budget (large K*D).
+  int64_t blocks = min64(ceil_div(rows, kRowsPerBlock), kMaxRowBlocks);
+  blocks = max64(1, min64(blocks, kScratchBudgetFloats / max64(1, heads * dim)));
+  plan.rows_per_block = ceil_div(rows, blocks);
+  plan.row_blocks = ceil_div(rows, plan.rows_per_block);
+  if (plan.row_blocks > 1) {
+    plan.scratch_floats = plan.row_blocks * (heads * dim + heads);
+    plan.tickets = plan.tiles;
+  }
+  return plan;
 }
 
-int64_t pool_backward_tiles(int64_t dim, DType hidden_dtype) {
-  const int64_t width = hidden_dtype == DType::kFloat32 ? vec_width<float>() : vec_width<__half>();
-  return max64(1, ceil_div(dim, int64_t(kWarp) * width));
-}
-
-cudaError_t launch_pool_backward(const CoefArgs& coef, const HiddenArgs& hidden, const HeadArgs& head,
-                                 const int64_t* pooled_pos, void* grad_hidden, int64_t grad_stride_n, float* scratch,
-                                 unsigned* tile_done, void* grad_weight, float* grad_bias, cudaStream_t stream) {
-  const BackwardPlan plan = backward_plan(hidden.rows, head.heads, hidden.dim);
+cudaError_t launch_pool_backward(const PoolBackwardPlan& plan, const CoefArgs& coef, const HiddenArgs& hidden,
+                                 const HeadArgs& head, const int64_t* pooled_pos, void* grad_hidden,
+                                 int64_t grad_stride_n, float* scratch, unsigned* tile_done, void* grad_weight,
+                                 float* grad_bias, cudaStream_t stream) {
   const int64_t size = head.heads * hidden.dim;
   if (plan.row_blocks == 0) {  // no row: zero gradients (zero bits are 0.0 in every float type)
     const size_t weight_bytes = size_t(size) * (head.weight_f32 || hidden.dtype == DType::kFloat32 ? 4 : 2);
@@ -807,13 +885,22 @@ cudaError_t launch_pool_backward(const CoefArgs& coef, const HiddenArgs& hidden,
   p.bias_partial = scratch + plan.row_blocks * size;
   p.tile_done = tile_done;
   p.rows_per_block = plan.rows_per_block;
+  p.tiles = plan.tiles;
+  p.fill_rows = plan.fill_rows;
   return dispatch_types(hidden.dtype, head.weight_f32, [&](auto h, auto w) {
     using H = typename decltype(h)::type;
     using W = typename decltype(w)::type;
     constexpr int kV = vec_width<H>();
-    const int64_t tiles = pool_backward_tiles(hidden.dim, hidden.dtype);  // >= 1: the bias needs one
-    if (tiles > 65535 || plan.row_blocks > INT_MAX) return cudaErrorInvalidConfiguration;
-    const dim3 grid(unsigned(plan.row_blocks), unsigned(tiles));
+    if (plan.fill_rows > 0) {
+      const int64_t blocks = plan.tiles + ceil_div(hidden.rows * hidden.positions, plan.fill_rows);
+      if (blocks > INT_MAX) return cudaErrorInvalidConfiguration;
+      if (!aligned(grad_hidden, 16)) return cudaErrorInvalidValue;  // the plan's vectors need it
+      const auto kernel = &pool_backward_fill_kernel<H, W>;
+      PK_LAUNCH(kernel, unsigned(blocks), kBackwardThreads, stream)(p);
+      return cudaGetLastError();
+    }
+    if (plan.tiles > 65535 || plan.row_blocks > INT_MAX) return cudaErrorInvalidConfiguration;
+    const dim3 grid(unsigned(plan.row_blocks), unsigned(plan.tiles));
     // grad_hidden rows (n*grad_stride_n + pos*D) and partial rows (K*D multiples) keep the base
     // alignment when D % width == 0, which can_vectorize requires (grad_weight is written by
     // element).

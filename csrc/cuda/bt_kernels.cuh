@@ -57,26 +57,46 @@ struct CoefArgs {
   int64_t entries;           // length of row_entry (segments are clamped to it)
 };
 
-// Floats of scratch launch_pool_backward needs (weight- and bias-gradient partials,
-// [row_blocks, K, D] then [row_blocks, K]).
-int64_t pool_backward_scratch_floats(int64_t rows, int64_t heads, int64_t dim);
+// How pool_backward gets a zeroed grad_hidden.
+enum class GradFill : int {
+  kAuto = 0,    // the fill kernel where plan_pool_backward expects it to be faster, else a memset
+  kKernel = 1,  // the fill kernel wherever the layout allows it
+  kMemset = 2,  // a memset by the caller before the launch
+};
 
-// D tiles of launch_pool_backward for hidden of this dtype: the length of its tile_done.
-int64_t pool_backward_tiles(int64_t dim, DType hidden_dtype);
+// The shape of one launch_pool_backward, from plan_pool_backward; the caller allocates by it and
+// passes it back unchanged.
+struct PoolBackwardPlan {
+  int64_t rows_per_block;  // the reduction's row blocks: this many rows each
+  int64_t row_blocks;      // 0: no row (grad_weight and grad_bias are cleared with memsets)
+  int64_t tiles;           // D tiles
+  int64_t fill_rows;       // > 0: the launch writes every element of grad_hidden (allocate it
+                           // uncleared, 16-byte aligned), this many rows per fill block; 0: the
+                           // caller zeroes grad_hidden before the launch
+  int64_t scratch_floats;  // weight- and bias-gradient partials, [row_blocks, K, D] then
+                           // [row_blocks, K] (0 with one row block)
+  int64_t tickets;         // length of tile_done, zeroed by the caller (0 with one row block)
+};
+
+// grad_hidden: whether it is wanted; grad_stride_n as for launch_pool_backward. The fill kernel
+// needs the padded layout (grad_stride_n = T*D) and 16-byte vectors (D a multiple of the width).
+PoolBackwardPlan plan_pool_backward(const HiddenArgs& hidden, const HeadArgs& head, bool grad_hidden,
+                                    int64_t grad_stride_n, GradFill fill);
 
 // pool_backward, ONE launch (rows with pos_n = pooled_pos[n] outside [0, T) are skipped):
-//   grad_hidden (contiguous like hidden, ALREADY ZEROED by the caller; null: not needed):
-//     element n*grad_stride_n + pos_n*D + d = sum_k coef[n, k] * weight[k, d]
-//     (grad_stride_n = T*D padded, 0 packed);
+//   grad_hidden (contiguous like hidden; null: not needed): element n*grad_stride_n + pos_n*D + d
+//     = sum_k coef[n, k] * weight[k, d] (grad_stride_n = T*D padded, 0 packed), every other
+//     element 0: written whole by the launch when plan.fill_rows > 0, else ALREADY ZEROED by the
+//     caller and only the pooled rows written;
 //   grad_weight [K, D] in weight's dtype = sum_n coef[n, k] * hidden[n, pos_n, :] and grad_bias
-//     [K] f32 = sum_n coef[n, k]: per-row-block fp32 partials in `scratch`
-//     (pool_backward_scratch_floats()), summed in row-block order by the last block of each D
-//     tile, found with the tile's ticket counter in tile_done (pool_backward_tiles() unsigned
-//     ints, ALREADY ZEROED by the caller). Deterministic: no floating-point atomics.
-//     head.bias is not used. No row: grad_weight and grad_bias are cleared with memsets.
-cudaError_t launch_pool_backward(const CoefArgs& coef, const HiddenArgs& hidden, const HeadArgs& head,
-                                 const int64_t* pooled_pos, void* grad_hidden, int64_t grad_stride_n, float* scratch,
-                                 unsigned* tile_done, void* grad_weight, float* grad_bias, cudaStream_t stream);
+//     [K] f32 = sum_n coef[n, k]: with one row block, summed by the block of each D tile; else
+//     per-row-block fp32 partials in `scratch`, summed in row-block order by the last block of
+//     each D tile, found with the tile's ticket counter in tile_done (ALREADY ZEROED by the
+//     caller). Deterministic: no floating-point atomics. head.bias is not used.
+cudaError_t launch_pool_backward(const PoolBackwardPlan& plan, const CoefArgs& coef, const HiddenArgs& hidden,
+                                 const HeadArgs& head, const int64_t* pooled_pos, void* grad_hidden,
+                                 int64_t grad_stride_n, float* scratch, unsigned* tile_done, void* grad_weight,
+                                 float* grad_bias, cudaStream_t stream);
 
 }  // namespace gpu
 }  // namespace prefkernels
