@@ -7,8 +7,13 @@
 //                        loss and gradient coefficients. Explicit pairs: a block per row, then a
 //                        block per pair that pools its two rows again (the same code, so the same
 //                        rewards) rather than wait for theirs.
-// Backward (grad_hidden and the tile tickets are zeroed by the caller), ONE launch:
-//   pool_backward_kernel grid (row blocks of 32 rows, D tiles of 32 x 16 bytes): each of the
+// Backward, ONE launch of either kernel (plan_pool_backward picks; PREFKERNELS_GRAD_FILL overrides):
+//   pool_backward_fill_kernel  (padded hidden, 16-byte rows; no memset before it) blocks 0 ..
+//                        tiles-1 reduce one D tile each over all rows, as the one-row-block case
+//                        below; the other blocks write grad_hidden whole, a warp per [D] row: the
+//                        pooled row's gradient or zeros.
+//   pool_backward_kernel (grad_hidden and the tile tickets zeroed by the caller)
+//                        grid (row blocks of 32 rows, D tiles of 32 x 16 bytes): each of the
 //                        block's 8 warps takes 4 of its rows at a time, loads in flight together;
 //                        it scatters the pooled rows of grad_hidden and writes the row block's
 //                        partial weight gradient [K, D-tile] (fp32; the warps' sums added in
