@@ -408,7 +408,7 @@ struct BackwardParams {
   const void* weight;
   int64_t heads;
   const int64_t* pooled_pos;
-  void* grad_hidden;      // null: skip the scatter
+  void* grad_hidden;      // null: not wanted (no scatter, no fill)
   int64_t grad_stride_n;  // T*D (padded) or 0 (packed); grad_hidden is contiguous
   void* grad_weight;      // [K, D] in weight's dtype
   float* grad_bias;       // [K]
@@ -496,27 +496,60 @@ __device__ __forceinline__ void store_lane_cols(T* __restrict__ row, int64_t til
   }
 }
 
-// kRowsPerPass rows of one warp, first, first + kBackwardWarps, ...: their pooled positions (-1:
-// past the row block or invalid) and CSR segments, loaded together.
-struct PassRows {
-  int64_t n[kRowsPerPass];
-  int64_t pos[kRowsPerPass];
-  int64_t seg_begin[kRowsPerPass];
-  int64_t seg_end[kRowsPerPass];
+// kRows pooled rows: their pooled positions (-1: past the row block or invalid) and CSR segments.
+template <int kRows>
+struct RowSet {
+  int64_t n[kRows];
+  int64_t pos[kRows];
+  int64_t seg_begin[kRows];
+  int64_t seg_end[kRows];
 };
+using PassRows = RowSet<kRowsPerPass>;
 
+// Row i of a RowSet: row n with pooled position pos, and its CSR segment when the row has one.
+template <int kRows>
+__device__ __forceinline__ void set_row(const BackwardParams& p, RowSet<kRows>& r, int i, int64_t n, int64_t pos) {
+  r.n[i] = n;
+  r.pos[i] = pos;
+  const bool csr = p.coef.row_ptr != nullptr && pos >= 0;
+  r.seg_begin[i] = csr ? p.coef.row_ptr[n] : 0;
+  r.seg_end[i] = csr ? p.coef.row_ptr[n + 1] : 0;
+}
+
+// kRowsPerPass rows of one warp, first, first + kBackwardWarps, ..., loaded together.
 __device__ __forceinline__ PassRows pass_rows(const BackwardParams& p, int64_t first, int64_t n_end) {
   PassRows r;
 #pragma unroll
   for (int i = 0; i < kRowsPerPass; ++i) {
     const int64_t n = first + int64_t(i) * kBackwardWarps;
-    r.n[i] = n;
-    r.pos[i] = n < n_end ? valid_position(p.pooled_pos[n], p.hidden.positions) : -1;
-    const bool csr = p.coef.row_ptr != nullptr && r.pos[i] >= 0;
-    r.seg_begin[i] = csr ? p.coef.row_ptr[n] : 0;
-    r.seg_end[i] = csr ? p.coef.row_ptr[n + 1] : 0;
+    set_row(p, r, i, n, n < n_end ? valid_position(p.pooled_pos[n], p.hidden.positions) : -1);
   }
   return r;
+}
+
+// The lane's kV columns of D tile `tile` of each valid row's gradient, grad[i] = sum_k coef[n_i, k]
+// * weight[k, cols] (k ascending, one weight load per head for all the rows): the scatter's
+// values, and the fill kernel's for its pooled rows (so both write the same bits).
+template <bool kVec, int kV, typename W, int kRows>
+__device__ __forceinline__ void pooled_row_grads(const BackwardParams& p, const RowSet<kRows>& r, int64_t tile,
+                                                 int lane, float (&grad)[kRows][kV]) {
+  const W* __restrict__ weight = static_cast<const W*>(p.weight);
+#pragma unroll
+  for (int i = 0; i < kRows; ++i) {
+#pragma unroll
+    for (int v = 0; v < kV; ++v) grad[i][v] = 0.f;
+  }
+  for (int64_t k = 0; k < p.heads; ++k) {
+    float w[kV];
+    load_lane_cols<kVec, kV>(weight + k * p.hidden.dim, tile, lane, p.hidden.dim, w);
+#pragma unroll
+    for (int i = 0; i < kRows; ++i) {
+      if (r.pos[i] < 0) continue;
+      const float c = row_coef(p.coef, p.heads, r.n[i], r.seg_begin[i], r.seg_end[i], k);
+#pragma unroll
+      for (int v = 0; v < kV; ++v) grad[i][v] = fmaf(c, w[v], grad[i][v]);
+    }
+  }
 }
 
 // One block of the backward's reduction: row block `row_block` (of `row_blocks`) x D tile
@@ -552,7 +585,6 @@ __device__ __forceinline__ void reduce_row_block(const BackwardParams& p, int64_
   const int64_t tile = tile_index * kTileCols;
   const int64_t pass_step = int64_t(kBackwardWarps) * kRowsPerPass;
   const H* __restrict__ hidden = static_cast<const H*>(hs.data);
-  const W* __restrict__ weight = static_cast<const W*>(p.weight);
   W* __restrict__ grad_weight = static_cast<W*>(p.grad_weight);
   const bool one_block = row_blocks == 1;  // one row block: its sums are the gradients, no partials
 
@@ -575,18 +607,8 @@ __device__ __forceinline__ void reduce_row_block(const BackwardParams& p, int64_
     H* __restrict__ grad_hidden = static_cast<H*>(p.grad_hidden);
     for (int64_t first = n_begin + warp; first < n_end; first += pass_step) {
       const PassRows r = pass_rows(p, first, n_end);
-      float acc[kRowsPerPass][kV] = {};
-      for (int64_t k = 0; k < heads; ++k) {
-        float w[kV];
-        load_lane_cols<kVec, kV>(weight + k * dim, tile, lane, dim, w);
-#pragma unroll
-        for (int i = 0; i < kRowsPerPass; ++i) {
-          if (r.pos[i] < 0) continue;
-          const float c = row_coef(p.coef, heads, r.n[i], r.seg_begin[i], r.seg_end[i], k);
-#pragma unroll
-          for (int v = 0; v < kV; ++v) acc[i][v] = fmaf(c, w[v], acc[i][v]);
-        }
-      }
+      float acc[kRowsPerPass][kV];
+      pooled_row_grads<kVec, kV, W>(p, r, tile, lane, acc);
 #pragma unroll
       for (int i = 0; i < kRowsPerPass; ++i) {
         if (r.pos[i] < 0) continue;
@@ -698,41 +720,34 @@ __device__ __forceinline__ void reduce_row_block(const BackwardParams& p, int64_
 
 // Rows [fill_block * fill_rows, ...) of grad_hidden viewed as [N * T, D] rows (padded layout,
 // contiguous; 16-byte vectors), warp w the rows first + w, first + w + kBackwardWarps, ...: row
-// (n, t) gets its gradient when t is row n's valid pooled position (the scatter's arithmetic in
-// the scatter's order, so bitwise its values) and zeros otherwise. Every element of grad_hidden
-// is written exactly once over the fill blocks: the buffer needs no clearing.
+// (n, t) gets its gradient when t is row n's valid pooled position (pooled_row_grads, as the
+// scatter) and zeros otherwise. Every element of grad_hidden is written exactly once over the
+// fill blocks: the buffer needs no clearing.
 template <typename H, typename W>
 __device__ __forceinline__ void fill_grad_rows(const BackwardParams& p, int64_t fill_block) {
   constexpr int kV = vec_width<H>();
   constexpr int kTileCols = kWarp * kV;
   const HiddenArgs& hs = p.hidden;
-  const int64_t heads = p.heads, dim = hs.dim, positions = hs.positions;
+  const int64_t dim = hs.dim, positions = hs.positions;
   const int warp = int(threadIdx.x) / kWarp, lane = int(threadIdx.x) % kWarp;
   const int64_t first = fill_block * p.fill_rows;
   const int64_t end = min64(hs.rows * positions, first + p.fill_rows);
-  const W* __restrict__ weight = static_cast<const W*>(p.weight);
   H* __restrict__ grad_hidden = static_cast<H*>(p.grad_hidden);
   for (int64_t r = first + warp; r < end; r += kBackwardWarps) {
-    const int64_t n = r / positions;
+    const int64_t n = r / positions, t = r - n * positions;
     H* __restrict__ row = grad_hidden + r * dim;
-    if (valid_position(p.pooled_pos[n], positions) != r - n * positions) {
+    if (valid_position(p.pooled_pos[n], positions) != t) {
       const float zeros[kV] = {};
 #pragma unroll 4
       for (int64_t tile = 0; tile < dim; tile += kTileCols) store_lane_cols<true, kV>(row, tile, lane, dim, zeros);
       continue;
     }
-    const bool csr = p.coef.row_ptr != nullptr;
-    const int64_t seg_begin = csr ? p.coef.row_ptr[n] : 0, seg_end = csr ? p.coef.row_ptr[n + 1] : 0;
+    RowSet<1> pooled;
+    set_row(p, pooled, 0, n, t);
     for (int64_t tile = 0; tile < dim; tile += kTileCols) {
-      float acc[kV] = {};
-      for (int64_t k = 0; k < heads; ++k) {
-        float w[kV];
-        load_lane_cols<true, kV>(weight + k * dim, tile, lane, dim, w);
-        const float c = row_coef(p.coef, heads, n, seg_begin, seg_end, k);
-#pragma unroll
-        for (int v = 0; v < kV; ++v) acc[v] = fmaf(c, w[v], acc[v]);
-      }
-      store_lane_cols<true, kV>(row, tile, lane, dim, acc);
+      float grad[1][kV];
+      pooled_row_grads<true, kV, W>(p, pooled, tile, lane, grad);
+      store_lane_cols<true, kV>(row, tile, lane, dim, grad[0]);
     }
   }
 }
