@@ -23,7 +23,7 @@ from prefkernels import autograd, backends
 from prefkernels.autograd import rows_csr
 from op_cases import Case, assert_matches, make_inputs, opcheck_ops, public, reference_float64, run_op
 from test_cuda_compile import cuda_include_dir, find_nvcc
-from test_gpu import EDGE_OP_CASES, check_edge_ops
+from test_gpu import EDGE_OP_CASES, check_edge_ops, op_args
 from test_op_edge_cases import DIRECT_CALL_CHECKS
 from test_ops import DTYPES, VARIANTS
 
@@ -127,21 +127,14 @@ def test_emulated_cuda_direct_op_calls(emulated_ops, check):
     check(emulated_ops, "cpu")
 
 
-def forward_args(case, reduction=0):
-    inputs = make_inputs(case)
-    kw = inputs["kwargs"]
-    return (inputs["hidden"], inputs["weight"], inputs["bias"], kw.get("attention_mask"), kw.get("last_index"),
-            kw.get("cu_seqlens"), kw.get("chosen_index"), kw.get("rejected_index"), kw.get("margin"), 0.1, 0.01,
-            reduction)
-
-
 @pytest.mark.parametrize("pairs", ["default", "shared"])
 def test_emulated_cuda_forward_and_backward_are_one_launch_each(emulated_ops, grad_fill, pairs):
     """The launch structure of the GPU test, counted by the emulator: bt_forward is ONE kernel
     launch for default and explicit pairs (no memset); pool_backward is ONE launch, which writes
     the whole grad buffer itself (fill kernel: no memset), or ONE memset (the grad buffer and the
     tickets) plus that launch, also over several row blocks and D tiles."""
-    args = forward_args(Case(dtype=torch.bfloat16, heads=2, rows=96, positions=9, dim=640, pairs=pairs, margin=True))
+    args, _ = op_args(Case(dtype=torch.bfloat16, heads=2, rows=96, positions=9, dim=640, pairs=pairs, margin=True),
+                      device="cpu")
     work, (_, _, pair_grad, pooled_pos) = device_work(lambda: emulated_ops.bt_forward(*args))
     assert work == [1, 0]
     csr = rows_csr(*args[6:8], args[0].shape[0])
@@ -163,7 +156,7 @@ def test_emulated_cuda_fill_kernel_equals_memset_path(emulated_ops, monkeypatch,
     block (24 rows); with 40 the memset path sums 2 row blocks' partials, the fill kernel one
     block's rows, in another order (each deterministic)."""
     case = Case(dtype=dtype, heads=3, rows=rows, positions=7, dim=128, pairs=pairs, margin=True, weight_fp32=weight_f32)
-    args = forward_args(case)
+    args, _ = op_args(case, device="cpu")
     hidden, weight = args[0], args[1]
     _, _, pair_grad, pooled_pos = emulated_ops.bt_forward(*args)
     pooled_pos = pooled_pos.clone()
@@ -202,8 +195,8 @@ def test_emulated_cuda_auto_fill_takes_the_kernel_for_large_grad_buffers(emulate
     """PREFKERNELS_GRAD_FILL unset (auto): the fill kernel from 12 MiB of grad buffer per pass of
     its one-row-block reduction (2 rows, 1 head: one pass), a memset below."""
     monkeypatch.delenv("PREFKERNELS_GRAD_FILL", raising=False)
-    args = forward_args(Case(dtype=torch.bfloat16, heads=1, rows=2, positions=positions, dim=2048,
-                             pooling="last_index"))
+    args, _ = op_args(Case(dtype=torch.bfloat16, heads=1, rows=2, positions=positions, dim=2048, pooling="last_index"),
+                      device="cpu")
     _, _, pair_grad, pooled_pos = emulated_ops.bt_forward(*args)
     work, (grad_hidden, _, _) = device_work(lambda: emulated_ops.pool_backward(
         pair_grad.reshape(-1, 1), torch.tensor(1.0), 1.0, None, None, args[0], args[1], pooled_pos, True))
@@ -212,7 +205,7 @@ def test_emulated_cuda_auto_fill_takes_the_kernel_for_large_grad_buffers(emulate
 
 
 def test_emulated_cuda_bad_grad_fill_is_refused_by_name(emulated_ops, monkeypatch):
-    args = forward_args(Case(heads=1))
+    args, _ = op_args(Case(heads=1), device="cpu")
     _, _, pair_grad, pooled_pos = emulated_ops.bt_forward(*args)
     monkeypatch.setenv("PREFKERNELS_GRAD_FILL", "zeros")
     with pytest.raises(RuntimeError, match="PREFKERNELS_GRAD_FILL: expected auto, kernel or memset, got 'zeros'"):

@@ -116,11 +116,11 @@ def device_activities(fn):
 
 
 def op_args(case, device="cuda", reduction="none"):
-    """(forward args of bt_forward, heads) for ``case``, pooling by attention mask."""
+    """(forward args of bt_forward, heads) for ``case``."""
     inputs = make_inputs(case, device=device)
     kw = inputs["kwargs"]
-    return (inputs["hidden"], inputs["weight"], inputs["bias"], kw["attention_mask"], None, None,
-            kw.get("chosen_index"), kw.get("rejected_index"), kw.get("margin"), 0.1, 0.01,
+    return (inputs["hidden"], inputs["weight"], inputs["bias"], kw.get("attention_mask"), kw.get("last_index"),
+            kw.get("cu_seqlens"), kw.get("chosen_index"), kw.get("rejected_index"), kw.get("margin"), 0.1, 0.01,
             checks.REDUCTION_CODES[reduction]), case.heads
 
 
