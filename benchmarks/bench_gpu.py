@@ -9,10 +9,11 @@ backward (``.grad = None``):
   CUDA graphs / torch.compile(mode="reduce-overhead") give. Value checks are off there (a host
   sync cannot be captured).
 The floor is ``torch.zeros_like(hidden)``; ``memset`` zeroes the same bytes as float32 words
-(about a memset's cost whatever the dtype). ``native`` runs as shipped (PREFKERNELS_GRAD_FILL
-auto: on these shapes its backward writes the whole grad buffer in its one kernel, no memset);
-``native_memset`` is the same op with the grad buffer cleared by a memset before the kernel, the
-A/B of that choice (its eager timing includes setting the variable, a few us of Python).
+(about a memset's cost whatever the dtype). ``native`` and ``triton`` run as shipped
+(PREFKERNELS_GRAD_FILL auto: on these shapes the backward writes the whole grad buffer in its one
+kernel, no memset); ``native_memset`` and ``triton_memset`` are the same ops with the grad buffer
+cleared by a memset (Triton: a zero fill) before the kernel, the A/B of that choice (their eager
+timing includes setting the variable, a few us of Python).
 Also the host time of the eager step (the Python call alone, device synchronized after the
 timer) and, for the smallest grad buffer, torch.profiler tables per method (host time, kernels).
 Prints a table (us, effective GB/s of the grad buffer, ratios, peak extra memory) and writes
@@ -150,7 +151,7 @@ def memset_step(batch):
 
 
 def with_grad_fill(step, fill: str):
-    """``step`` with PREFKERNELS_GRAD_FILL=fill while it runs (read by the native op on each call)."""
+    """``step`` with PREFKERNELS_GRAD_FILL=fill while it runs (read by the backward on each call)."""
     def run(batch):
         with mock.patch.dict(os.environ, {"PREFKERNELS_GRAD_FILL": fill}):
             step(batch)
@@ -177,9 +178,9 @@ def run(shapes, repeats: int, warmup: int, bandwidth: float, on_row, profile_pat
         device: str = "cuda") -> tuple[list[dict], list[str]]:
     kernels = available_kernel_backends()
     all_steps = {**common.methods(kernels), "memset": memset_step}
-    if "native" in kernels:
-        all_steps["native_memset"] = with_grad_fill(all_steps["native"], "memset")
-        kernels = kernels + ["native_memset"]
+    for name in list(kernels):
+        all_steps[f"{name}_memset"] = with_grad_fill(all_steps[name], "memset")
+        kernels.append(f"{name}_memset")
     rows = []
     # profiled: the first shape of the smallest grad buffer (fixed costs weigh most there)
     profiled_shape = min(shapes, key=lambda s: s[0] * 2 * s[1] * s[2] * common.DTYPES[s[3]].itemsize)

@@ -9,15 +9,22 @@ with the schemas of csrc/ops.cpp and the semantics of csrc/cpu/bt_cpu.cpp (the r
   coefficients. Explicit pairs (or an odd N): one program per row (rewards, pooled_pos), then one
   per pair, which pools its two rows again rather than wait for theirs. A mean or sum of the
   loss is taken after it (``reduction``). ``pool_forward``: one program per row.
-- Backward: ONE zero-filled allocation (the grad buffer, then the tiles' int32 tickets; cleared
-  as 4-byte words), then ONE launch over (row block of up to 32 rows, D tile), each program one
-  [rows, D tile] tile: it scatters the pooled rows' gradient and writes its row block's partial
-  weight and bias gradients (fp32) to scratch; the last program of each D tile to finish sums
-  every row block's partials, 8 row blocks at a time in row-block order, into grad_weight
-  (weight's dtype) and grad_bias. With a single row block (N <= 32) the program writes both directly. No float
-  atomics anywhere: two runs are bitwise equal. The CSR sums of explicit pairs run in row_entry
-  order, as the CPU op. Each pair entry's coefficient is multiplied by the loss's gradient in
-  the kernel (``grad_loss``, one value or one per pair), so nothing scales them beforehand.
+- Backward, ONE launch, two ways (``grad_fill``, env PREFKERNELS_GRAD_FILL, as native CUDA):
+  - fill kernel (padded [N, T, D] hidden with a large grad buffer): no zero fill before it.
+    Its first programs each reduce one D tile's weight and bias gradients over all N rows;
+    the others write the grad buffer whole, FILL_ROWS rows each: zeros, or a pooled row's
+    gradient.
+  - memset path: ONE zero-filled allocation (the grad buffer, then the tiles' int32 tickets;
+    cleared as 4-byte words), then a launch over (row block of up to 32 rows, D tile), each
+    program one [rows, D tile] tile: it scatters the pooled rows' gradient and writes its row
+    block's partial weight and bias gradients (fp32) to scratch; the last program of each D
+    tile to finish sums every row block's partials, 8 row blocks at a time in row-block order,
+    into grad_weight (weight's dtype) and grad_bias. With a single row block (N <= 32) the
+    program writes both directly.
+  No float atomics anywhere: two runs are bitwise equal. The CSR sums of explicit pairs run in
+  row_entry order, as the CPU op. Each pair entry's coefficient is multiplied by the loss's
+  gradient in the kernel (``grad_loss``, one value or one per pair), so nothing scales them
+  beforehand.
 - Hidden is addressed as ``n * stride_n + pos * stride_t + d`` with int64 offsets; packed
   [total, D] hidden (``cu_seqlens``) pools row ``cu[n+1] - 1`` with ``stride_n = 0``.
 
@@ -30,6 +37,7 @@ autograd registrations of ``prefkernels.autograd`` with the native ops.
 Fake kernels and autograd are registered by ``prefkernels.backends.triton_ops()``, not here.
 """
 import contextlib
+import os
 from typing import Optional, Tuple
 
 import torch
@@ -248,6 +256,50 @@ def _entry_coef(grad_coef_ptr, grad_loss_ptr, entry, offs_k, mask, K, loss_pairs
 
 
 @triton.jit
+def _row_coefs(grad_coef_ptr, grad_loss_ptr, row_ptr_ptr, row_entry_ptr, offs_n, n_mask, valid, offs_k, k_mask, K,
+               coef_rows, entries, loss_pairs, loss_scale,
+               HAS_CSR: tl.constexpr, LOSS_GRAD: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """coef [ROWS, BLOCK_K] fp32 of rows offs_n ([ROWS], read where n_mask): _entry_coef(n), or the
+    sum of _entry_coef over the row's CSR entries in row_entry order (as the CPU op), skipping
+    segment bounds and entries outside [0, entries) / [0, coef_rows); 0 where not ``valid``, so a
+    skipped row adds nothing, even with a NaN coefficient."""
+    if HAS_CSR:
+        start = tl.maximum(tl.load(row_ptr_ptr + offs_n, mask=n_mask, other=0), 0)
+        end = tl.minimum(tl.load(row_ptr_ptr + offs_n + 1, mask=n_mask, other=0), entries)
+        coef = tl.zeros([ROWS, BLOCK_K], dtype=tl.float32)
+        for j in range(0, tl.max(end - start, axis=0)):
+            # [ROWS, BLOCK_K] throughout (the entry index repeated over k): a [ROWS] load here
+            # crashes Triton 3.6's layout pass for some ROWS/num_warps.
+            in_segment = (start + j < end)[:, None] & k_mask[None, :]
+            entry = tl.load(row_entry_ptr + (start + j)[:, None] + 0 * offs_k[None, :], mask=in_segment, other=-1)
+            in_range = in_segment & (entry >= 0) & (entry < coef_rows)
+            coef += _entry_coef(grad_coef_ptr, grad_loss_ptr, entry, offs_k, in_range, K, loss_pairs, loss_scale,
+                                LOSS_GRAD)
+    else:
+        coef = _entry_coef(grad_coef_ptr, grad_loss_ptr, offs_n[:, None], offs_k, n_mask[:, None] & k_mask[None, :],
+                           K, loss_pairs, loss_scale, LOSS_GRAD)
+    return tl.where(valid[:, None], coef, 0.0)
+
+
+@triton.jit
+def _head_coef(coef, offs_k, k):
+    """Column k of coef [ROWS, BLOCK_K], as [ROWS]."""
+    return tl.sum(tl.where(offs_k[None, :] == k, coef, 0.0), axis=1)
+
+
+@triton.jit
+def _pooled_row_grads(coef, offs_k, weight_ptr, offs_d, d_mask, K, D, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """grad_hidden of pooled rows, [ROWS, BLOCK_D] fp32: sum over heads k = 0, 1, ... of
+    coef[:, k] * weight[k, offs_d]. Both backward kernels call it, so their grad_hidden has the
+    same bits."""
+    g = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
+    for k in range(0, K):
+        w = tl.load(weight_ptr + k * D + offs_d, mask=d_mask, other=0.0).to(tl.float32)
+        g += _head_coef(coef, offs_k, k)[:, None] * w[None, :]
+    return g
+
+
+@triton.jit
 def _pool_backward_kernel(
     grad_coef_ptr, grad_loss_ptr, row_ptr_ptr, row_entry_ptr, hidden_ptr, weight_ptr, pooled_pos_ptr,
     grad_hidden_ptr, grad_weight_ptr, grad_bias_ptr, partial_ptr, bias_partial_ptr, tile_done_ptr,
@@ -255,19 +307,17 @@ def _pool_backward_kernel(
     HAS_CSR: tl.constexpr, LOSS_GRAD: tl.constexpr, NEED_GRAD_HIDDEN: tl.constexpr, ONE_BLOCK: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, SUM_ROWS: tl.constexpr,
 ):
-    """Program (b, j): rows [b*BLOCK_N, (b+1)*BLOCK_N) x D tile j, as one [BLOCK_N, BLOCK_D] tile.
+    """Program (b, j): rows [b*BLOCK_N, (b+1)*BLOCK_N) x D tile j, as one [BLOCK_N, BLOCK_D] tile,
+    after a zero fill of grad_hidden (the memset path).
 
-    coef[n, :] = _entry_coef(n), or the sum of _entry_coef over the row's CSR entries in order (as
-    the CPU op);
-    grad_hidden[n, pos_n, d] = sum_k coef[n, k] * weight[k, d] for rows with pos_n in [0, positions).
+    coef = _row_coefs of the rows (0 unless pos_n is in [0, positions));
+    grad_hidden[n, pos_n, :] = _pooled_row_grads(coef) (NEED_GRAD_HIDDEN; the other rows stay 0).
     Weight and bias gradients: with one row block the program writes them directly; else it writes
-    its row block's fp32 partials, partial[b, k, d] = sum over the block's such rows of coef[n, k] *
+    its row block's fp32 partials, partial[b, k, d] = sum over the block's rows of coef[n, k] *
     hidden[n, pos_n, d] and (tile 0) bias_partial[b, k] = sum of coef[n, k], and the last program
     of tile j to finish (a ticket from the zeroed int32 tile_done[j]) sums the partials of all row
     blocks, SUM_ROWS row blocks loaded at once and reduced as a tile, chunks in order, into
-    grad_weight's tile (and grad_bias): one launch, no float atomics, a fixed order. CSR segment
-    bounds and entries outside [0, entries) / [0, coef_rows) are skipped, as by the CPU and CUDA
-    ops.
+    grad_weight's tile (and grad_bias): one launch, no float atomics, a fixed order.
     """
     pid_b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
@@ -280,22 +330,8 @@ def _pool_backward_kernel(
     pos = tl.load(pooled_pos_ptr + offs_n, mask=n_mask, other=-1)
     valid = (pos >= 0) & (pos < positions)
     safe_pos = tl.where(valid, pos, 0)
-    if HAS_CSR:
-        start = tl.maximum(tl.load(row_ptr_ptr + offs_n, mask=n_mask, other=0), 0)
-        end = tl.minimum(tl.load(row_ptr_ptr + offs_n + 1, mask=n_mask, other=0), entries)
-        coef = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-        for j in range(0, tl.max(end - start, axis=0)):
-            # [BLOCK_N, BLOCK_K] throughout (the entry index repeated over k): a [BLOCK_N] load here
-            # crashes Triton 3.6's layout pass for some BLOCK_N/num_warps.
-            in_segment = (start + j < end)[:, None] & k_mask[None, :]
-            entry = tl.load(row_entry_ptr + (start + j)[:, None] + 0 * offs_k[None, :], mask=in_segment, other=-1)
-            in_range = in_segment & (entry >= 0) & (entry < coef_rows)
-            coef += _entry_coef(grad_coef_ptr, grad_loss_ptr, entry, offs_k, in_range, K, loss_pairs, loss_scale,
-                                LOSS_GRAD)
-    else:
-        coef = _entry_coef(grad_coef_ptr, grad_loss_ptr, offs_n[:, None], offs_k, n_mask[:, None] & k_mask[None, :],
-                           K, loss_pairs, loss_scale, LOSS_GRAD)
-    coef = tl.where(valid[:, None], coef, 0.0)  # a skipped row adds nothing, even with a NaN coef
+    coef = _row_coefs(grad_coef_ptr, grad_loss_ptr, row_ptr_ptr, row_entry_ptr, offs_n, n_mask, valid, offs_k, k_mask,
+                      K, coef_rows, entries, loss_pairs, loss_scale, HAS_CSR, LOSS_GRAD, BLOCK_N, BLOCK_K)
     if pid_d == 0:
         bias_sum = tl.sum(coef, axis=0)
         if ONE_BLOCK:
@@ -305,18 +341,14 @@ def _pool_backward_kernel(
     row_mask = valid[:, None] & d_mask[None, :]
     h = tl.load(hidden_ptr + (offs_n * stride_n + safe_pos * stride_t)[:, None] + offs_d[None, :],
                 mask=row_mask, other=0.0).to(tl.float32)
-    g = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     for k in range(0, K):
-        coef_k = tl.sum(tl.where(offs_k[None, :] == k, coef, 0.0), axis=1)
-        grad_w = tl.sum(coef_k[:, None] * h, axis=0)
+        grad_w = tl.sum(_head_coef(coef, offs_k, k)[:, None] * h, axis=0)
         if ONE_BLOCK:
             tl.store(grad_weight_ptr + k * D + offs_d, grad_w.to(grad_weight_ptr.dtype.element_ty), mask=d_mask)
         else:
             tl.store(partial_ptr + (pid_b * K + k) * D + offs_d, grad_w, mask=d_mask)
-        if NEED_GRAD_HIDDEN:
-            w = tl.load(weight_ptr + k * D + offs_d, mask=d_mask, other=0.0).to(tl.float32)
-            g += coef_k[:, None] * w[None, :]
     if NEED_GRAD_HIDDEN:
+        g = _pooled_row_grads(coef, offs_k, weight_ptr, offs_d, d_mask, K, D, BLOCK_N, BLOCK_D)
         tl.store(grad_hidden_ptr + (offs_n * grad_stride_n + safe_pos * D)[:, None] + offs_d[None, :],
                  g.to(grad_hidden_ptr.dtype.element_ty), mask=row_mask)
     if not ONE_BLOCK:
@@ -347,6 +379,79 @@ def _pool_backward_kernel(
                 tl.store(grad_bias_ptr + offs_k, bias_acc, mask=k_mask)
 
 
+@triton.jit
+def _pool_backward_fill_kernel(
+    grad_coef_ptr, grad_loss_ptr, row_ptr_ptr, row_entry_ptr, hidden_ptr, weight_ptr, pooled_pos_ptr,
+    grad_hidden_ptr, grad_weight_ptr, grad_bias_ptr,
+    N, D, K, positions, coef_rows, entries, loss_pairs, loss_scale, stride_n, stride_t, d_tiles,
+    HAS_CSR: tl.constexpr, LOSS_GRAD: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    FILL_ROWS: tl.constexpr, FILL_D: tl.constexpr, FILL_TILE: tl.constexpr,
+):
+    """The backward without a zero fill before it: grad_hidden (contiguous [N, positions, D],
+    uninitialized) is written whole by this launch.
+
+    Programs 0 .. d_tiles-1, the reduction: D tile j's weight gradient (and, tile 0, the bias
+    gradient) over all N rows, BLOCK_N rows at a time, summed in row-block order into registers
+    and stored once: no partials, no tickets.
+    Programs d_tiles ..: FILL_ROWS rows each of grad_hidden viewed as [N * positions, D]. Row
+    (n, t) gets _pooled_row_grads of row n where t is n's pooled position (the memset path's
+    arithmetic, so the same bits), else zeros; a program holding no pooled row stores zeros in
+    flat FILL_TILE-element chunks.
+    """
+    pid = tl.program_id(0)
+    offs_k = tl.arange(0, BLOCK_K)
+    k_mask = offs_k < K
+    if pid < d_tiles:
+        offs_d = pid * BLOCK_D + tl.arange(0, BLOCK_D)
+        d_mask = offs_d < D
+        acc_w = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)
+        acc_b = tl.zeros([BLOCK_K], dtype=tl.float32)
+        for n0 in range(0, N, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
+            n_mask = offs_n < N
+            pos = tl.load(pooled_pos_ptr + offs_n, mask=n_mask, other=-1)
+            valid = (pos >= 0) & (pos < positions)
+            coef = _row_coefs(grad_coef_ptr, grad_loss_ptr, row_ptr_ptr, row_entry_ptr, offs_n, n_mask, valid, offs_k,
+                              k_mask, K, coef_rows, entries, loss_pairs, loss_scale, HAS_CSR, LOSS_GRAD, BLOCK_N,
+                              BLOCK_K)
+            acc_b += tl.sum(coef, axis=0)
+            row_at = offs_n * stride_n + tl.where(valid, pos, 0) * stride_t
+            h = tl.load(hidden_ptr + row_at[:, None] + offs_d[None, :], mask=valid[:, None] & d_mask[None, :],
+                        other=0.0).to(tl.float32)
+            for k in range(0, K):
+                grad_w = tl.sum(_head_coef(coef, offs_k, k)[:, None] * h, axis=0)
+                acc_w += tl.where(offs_k[:, None] == k, grad_w[None, :], 0.0)
+        tl.store(grad_weight_ptr + offs_k[:, None] * D + offs_d[None, :], acc_w.to(grad_weight_ptr.dtype.element_ty),
+                 mask=k_mask[:, None] & d_mask[None, :])
+        if pid == 0:
+            tl.store(grad_bias_ptr + offs_k, acc_b, mask=k_mask)
+    else:
+        total = N.to(tl.int64) * positions
+        r = (pid - d_tiles).to(tl.int64) * FILL_ROWS + tl.arange(0, FILL_ROWS)
+        r_mask = r < total
+        n = r // positions
+        pooled = r_mask & (tl.load(pooled_pos_ptr + n, mask=r_mask, other=-1) == r - n * positions)
+        if tl.max(pooled.to(tl.int32), axis=0) > 0:
+            coef = _row_coefs(grad_coef_ptr, grad_loss_ptr, row_ptr_ptr, row_entry_ptr, n, pooled, pooled, offs_k,
+                              k_mask, K, coef_rows, entries, loss_pairs, loss_scale, HAS_CSR, LOSS_GRAD, FILL_ROWS,
+                              BLOCK_K)
+            for d0 in range(0, D, FILL_D):
+                offs_d = d0 + tl.arange(0, FILL_D)
+                d_mask = offs_d < D
+                g = _pooled_row_grads(coef, offs_k, weight_ptr, offs_d, d_mask, K, D, FILL_ROWS, FILL_D)
+                tl.store(grad_hidden_ptr + r[:, None] * D + offs_d[None, :],
+                         tl.where(pooled[:, None], g, 0.0).to(grad_hidden_ptr.dtype.element_ty),
+                         mask=r_mask[:, None] & d_mask[None, :])
+        else:
+            first = (pid - d_tiles).to(tl.int64) * FILL_ROWS * D
+            end = tl.minimum(first + FILL_ROWS * D, total * D)
+            zeros = tl.zeros([FILL_TILE], dtype=grad_hidden_ptr.dtype.element_ty)
+            for at in range(0, FILL_ROWS * D, FILL_TILE):
+                offs = first + at + tl.arange(0, FILL_TILE)
+                tl.store(grad_hidden_ptr + offs, zeros, mask=offs < end)
+
+
 # ---------------------------------------------------------------------------------------------
 # Launchers.
 # ---------------------------------------------------------------------------------------------
@@ -356,6 +461,10 @@ _MAX_BLOCK_T = 4096        # forward: mask positions per tile
 _MAX_BLOCK_N = 32          # backward: rows per program (one [BLOCK_N, BLOCK_D] tile); tuned on H200
 _BWD_TILE = 4096           # backward: BLOCK_N * BLOCK_D
 _SUM_ROW_BLOCKS = 8        # backward: row blocks' partials the last program loads and sums at once
+_FILL_BYTES = 64 * 1024    # backward fill kernel: grad_hidden bytes per fill program (8 rows at least)
+_FILL_TILE = 4096          # backward fill kernel: elements per store
+_FILL_BYTES_PER_PASS = 12 << 20  # grad fill auto: the kernel from this many grad bytes per reduction pass
+_PASS_ROWS, _PASS_HEADS = 32, 4  # ... a pass being 32 rows x 4 heads, as in csrc/cuda/bt_kernels.cu
 
 
 def _new(shape, like: Tensor, dtype: torch.dtype) -> Tensor:
@@ -375,6 +484,31 @@ def _zeroed_grad_buffer(hidden: Tensor, need_grad_hidden: bool, counters: int):
     grad_hidden = (words.view(torch.uint8)[:grad_bytes].view(hidden.dtype).view(hidden.shape) if need_grad_hidden
                    else hidden.new_empty((0,)))
     return grad_hidden, (words[grad_words:] if counters else None)
+
+
+def grad_fill() -> str:
+    """How the backward gets grad_hidden's zeros: env PREFKERNELS_GRAD_FILL = ``auto`` (unset: the
+    default), ``kernel`` or ``memset``, read on every call as the CUDA glue reads it, so a benchmark
+    can compare the two ways."""
+    mode = os.environ.get("PREFKERNELS_GRAD_FILL") or "auto"
+    if mode not in ("auto", "kernel", "memset"):
+        raise RuntimeError(f"PREFKERNELS_GRAD_FILL: expected auto, kernel or memset, got '{mode}'")
+    return mode
+
+
+def _fill_rows(hidden: Tensor, need_grad_hidden: bool, rows: int, K: int, fill: str) -> int:
+    """grad_hidden rows per program of _pool_backward_fill_kernel, or 0 for the memset path (a
+    zeroed buffer, then _pool_backward_kernel). The fill kernel takes padded [N, T, D] hidden
+    (packed hidden keeps the memset); under ``auto`` only where grad_hidden holds at least
+    _FILL_BYTES_PER_PASS per pass of its one-program-per-tile reduction over all N rows: the rule
+    of plan_pool_backward in csrc/cuda/bt_kernels.cu."""
+    if fill == "memset" or not need_grad_hidden or hidden.dim() != 3 or hidden.numel() == 0 or K == 0:
+        return 0
+    passes = triton.cdiv(rows, _PASS_ROWS) * triton.cdiv(K, _PASS_HEADS)
+    if fill == "auto" and hidden.numel() * hidden.element_size() < passes * _FILL_BYTES_PER_PASS:
+        return 0
+    row_bytes = hidden.shape[2] * hidden.element_size()
+    return min(triton.next_power_of_2(max(8, triton.cdiv(_FILL_BYTES, row_bytes))), _FILL_TILE // 16)
 
 
 def _device(t: Tensor):
@@ -567,12 +701,32 @@ def pool_backward(grad_coef, grad_loss, loss_scale, row_ptr, row_entry, hidden, 
         raise RuntimeError("pooled_pos: expected int64")
     loss_grad, loss_pairs = _loss_grad_mode(grad_loss, grad_coef)
 
+    fill_rows = _fill_rows(hidden, need_grad_hidden, rows, K, grad_fill())
+
     grad_weight = _new(weight.shape, weight, weight.dtype)  # weight is contiguous
     grad_bias = _new((K,), hidden, torch.float32)
     block_n = min(triton.next_power_of_2(max(rows, 1)), _MAX_BLOCK_N)
     block_k = triton.next_power_of_2(max(K, 1))
     block_d = min(triton.next_power_of_2(max(D, 1)), max(16, _BWD_TILE // block_n))
     row_blocks, d_tiles = triton.cdiv(rows, block_n), max(1, triton.cdiv(D, block_d))
+    coef_args = (grad_coef, grad_loss if grad_loss is not None else grad_coef,
+                 row_ptr if row_ptr is not None else grad_coef, row_entry if row_entry is not None else grad_coef)
+    sizes = (rows, D, K, positions, grad_coef.shape[0], row_entry.shape[0] if row_entry is not None else 0,
+             loss_pairs, float(loss_scale), stride_n, stride_t)
+    if fill_rows:
+        grad_hidden = _new(hidden.shape, hidden, hidden.dtype)  # contiguous; the launch writes all of it
+        # the reduction's [BLOCK_K, BLOCK_D] accumulator within the tile budget too (many heads)
+        reduce_d = min(block_d, max(16, _BWD_TILE // block_k))
+        reduce_tiles = triton.cdiv(D, reduce_d)
+        fill_d = min(triton.next_power_of_2(D), max(16, _FILL_TILE // fill_rows))
+        with _device(hidden):
+            _pool_backward_fill_kernel[(reduce_tiles + triton.cdiv(rows * positions, fill_rows),)](
+                *coef_args, hidden, weight, pooled_pos, grad_hidden, grad_weight, grad_bias, *sizes, reduce_tiles,
+                HAS_CSR=row_ptr is not None, LOSS_GRAD=loss_grad, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=reduce_d,
+                FILL_ROWS=fill_rows, FILL_D=fill_d, FILL_TILE=_FILL_TILE,
+                num_warps=_warps(max(block_n * reduce_d, fill_rows * fill_d)),
+            )
+        return grad_hidden, grad_weight, grad_bias
     grad_hidden, tile_done = _zeroed_grad_buffer(hidden, need_grad_hidden, d_tiles if row_blocks > 1 else 0)
     if K == 0:
         return grad_hidden, grad_weight, grad_bias
@@ -588,12 +742,9 @@ def pool_backward(grad_coef, grad_loss, loss_scale, row_ptr, row_entry, hidden, 
         partial, bias_partial = scratch[:row_blocks * K * D], scratch[row_blocks * K * D:]
     with _device(hidden):
         _pool_backward_kernel[(row_blocks, d_tiles)](
-            grad_coef, grad_loss if grad_loss is not None else grad_coef, row_ptr if row_ptr is not None else grad_coef,
-            row_entry if row_entry is not None else grad_coef,
-            hidden, weight, pooled_pos, grad_hidden if need_grad_hidden else grad_coef, grad_weight, grad_bias,
-            partial, bias_partial, tile_done if tile_done is not None else grad_coef,
-            rows, D, K, positions, grad_coef.shape[0], row_entry.shape[0] if row_entry is not None else 0,
-            loss_pairs, float(loss_scale), stride_n, stride_t, positions * D if hidden.dim() == 3 else 0, row_blocks,
+            *coef_args, hidden, weight, pooled_pos, grad_hidden if need_grad_hidden else grad_coef, grad_weight,
+            grad_bias, partial, bias_partial, tile_done if tile_done is not None else grad_coef,
+            *sizes, positions * D if hidden.dim() == 3 else 0, row_blocks,
             HAS_CSR=row_ptr is not None, LOSS_GRAD=loss_grad, NEED_GRAD_HIDDEN=bool(need_grad_hidden),
             ONE_BLOCK=row_blocks == 1, SUM_ROWS=_SUM_ROW_BLOCKS,
             BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=block_d, num_warps=_warps(block_n * block_d),

@@ -16,9 +16,9 @@ from test_ops import VARIANTS
 pytestmark = pytest.mark.gpu
 
 GPU_BACKENDS = ["native", "triton"]
-# Backends with each way the native backward gets its zeroed grad buffer (PREFKERNELS_GRAD_FILL):
-# the fill kernel writes it whole in the one launch, or a memset clears it first. Triton has one way.
-FILL_VARIANTS = ["native-kernel", "native-memset", "triton"]
+# Backends with each way the backward gets its zeroed grad buffer (PREFKERNELS_GRAD_FILL): the
+# fill kernel writes it whole in the one launch, or a memset (Triton: a zero fill) clears it first.
+FILL_VARIANTS = ["native-kernel", "native-memset", "triton-kernel", "triton-memset"]
 
 
 def require(backend):
@@ -129,8 +129,8 @@ def op_args(case, device="cuda", reduction="none"):
 def test_cuda_forward_and_backward_are_one_launch_each(variant, pairs, monkeypatch):
     """The issue's launch structure, counted by the profiler: bt_forward is ONE kernel for default
     and explicit pairs (plus the mean's reduction kernel with reduction="mean"); pool_backward is
-    ONE kernel (native's fill kernel, which writes the whole grad buffer) or the grad buffer's clear
-    plus ONE kernel, with many row blocks and several D tiles (the last block of each tile sums the
+    ONE kernel (the fill kernel, which writes the whole grad buffer) or the grad buffer's clear plus
+    ONE kernel, with many row blocks and several D tiles (the last block of each tile sums the
     partials), whether or not it scales the pair entries by the loss's gradient."""
     ops = require_variant(variant, monkeypatch)
     case = Case(dtype=torch.bfloat16, heads=2, rows=96, positions=64, dim=2560, pairs=pairs, margin=True)
@@ -150,8 +150,9 @@ def test_cuda_forward_and_backward_are_one_launch_each(variant, pairs, monkeypat
         call()  # warm-up
         backward = device_activities(call)
         kernels = [name for name in backward if "pool_backward" in name]
-        assert len(kernels) == 1 and len(backward) == (1 if variant == "native-kernel" else 2), backward
-        assert ("pool_backward_fill_kernel" in kernels[0]) == (variant == "native-kernel"), kernels
+        fill_kernel = variant.endswith("-kernel")
+        assert len(kernels) == 1 and len(backward) == (1 if fill_kernel else 2), backward
+        assert ("pool_backward_fill_kernel" in kernels[0]) == fill_kernel, kernels
 
 
 @pytest.mark.parametrize("variant", FILL_VARIANTS)
@@ -337,12 +338,13 @@ def test_cuda_edge_layouts_and_invalid_rows_match_native_cpu(variant, case, monk
     check_edge_ops(ops, backends.native_ops(), case, "cuda")
 
 
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("pairs", ["default", "shared"])
-def test_cuda_native_fill_kernel_matches_memset_path(pairs, monkeypatch):
+def test_cuda_fill_kernel_matches_memset_path(backend, pairs, monkeypatch):
     """The fill kernel (one launch, no memset) against the memset path on a benchmark-sized shape
     under a poisoned allocator: grad_hidden bit for bit (the scatter's arithmetic, zeros elsewhere),
     grad_weight and grad_bias to rounding (4 row blocks' partials against one block's rows)."""
-    ops = require("native")
+    ops = require(backend)
     args, heads = op_args(Case(dtype=torch.bfloat16, heads=1, rows=128, positions=512, dim=2048, pairs=pairs),
                           reduction="mean")
     _, _, pair_grad, pooled_pos = ops.bt_forward(*args)

@@ -41,6 +41,19 @@ def poisoned_outputs(monkeypatch):
     monkeypatch.setattr(triton_bt, "_new", poisoned)
 
 
+@pytest.fixture(params=["memset", "kernel"])
+def grad_fill(request, monkeypatch):
+    """Each way the backward gets grad_hidden's zeros (PREFKERNELS_GRAD_FILL): a zeroed buffer then
+    the scatter, or _pool_backward_fill_kernel writing every row itself, here in programs of 4 rows
+    and 16-column tiles and zeros in 64-element stores, so a program ends inside a sequence and
+    inside a row, and the reduction programs run beside several fill programs."""
+    monkeypatch.setenv("PREFKERNELS_GRAD_FILL", request.param)
+    if request.param == "kernel":
+        monkeypatch.setattr(triton_bt, "_FILL_BYTES", 1)
+        monkeypatch.setattr(triton_bt, "_FILL_TILE", 64)
+    return request.param
+
+
 def close(actual, expected, what=""):
     assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
     rtol, atol = TOL[actual.dtype] if actual.is_floating_point() else (0, 0)
@@ -150,7 +163,7 @@ POOLINGS = ["mask_right", "mask_left", "mask_holes", "last_index", "cu_seqlens"]
 @pytest.mark.parametrize("K", [1, 3])
 @pytest.mark.parametrize("pooling", POOLINGS)
 @pytest.mark.parametrize("dtype,wdtype", DTYPE_PAIRS, ids=lambda d: str(d).replace("torch.", ""))
-def test_matches_reference(dtype, wdtype, pooling, K):
+def test_matches_reference(dtype, wdtype, pooling, K, grad_fill):
     inputs = make_inputs(K=K, dtype=dtype, wdtype=wdtype, pooling=pooling, seed=K)
     compare(*inputs, what=f"{dtype}/{wdtype} {pooling} K={K}")
 
@@ -158,7 +171,7 @@ def test_matches_reference(dtype, wdtype, pooling, K):
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("pairs", ["default", "explicit"])
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=str)
-def test_pairs_and_loss_options(dtype, pairs, reduction):
+def test_pairs_and_loss_options(dtype, pairs, reduction, grad_fill):
     leaves, hidden_of, kwargs = make_inputs(N=6, K=3, dtype=dtype, pairs=pairs, margin=True, seed=3)
     kwargs.update(label_smoothing=0.15, center_coef=0.05, reduction=reduction)
     compare(leaves, hidden_of, kwargs, what=f"{pairs} {reduction}")
@@ -167,7 +180,7 @@ def test_pairs_and_loss_options(dtype, pairs, reduction):
 @pytest.mark.parametrize("layout,pooling", [("strided_t", "mask_right"), ("transposed", "mask_left"),
                                             ("padded_d", "last_index"), ("strided_rows", "cu_seqlens")])
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=str)
-def test_non_contiguous_hidden(layout, pooling, dtype):
+def test_non_contiguous_hidden(layout, pooling, dtype, grad_fill):
     inputs = make_inputs(K=3, dtype=dtype, pooling=pooling, layout=layout, seed=5)
     hidden = inputs[1](inputs[0])
     assert not hidden.is_contiguous() and hidden.stride(-1) == 1
@@ -176,7 +189,7 @@ def test_non_contiguous_hidden(layout, pooling, dtype):
 
 @pytest.mark.parametrize("pooling", ["mask_right", "cu_seqlens"])
 @pytest.mark.parametrize("K", [1, 3])
-def test_two_rows_no_bias(K, pooling):
+def test_two_rows_no_bias(K, pooling, grad_fill):
     compare(*make_inputs(N=2, T=5, K=K, bias=False, pooling=pooling, seed=7), what="N=2")
 
 
@@ -198,7 +211,7 @@ def test_pool_score_matches_reference(dtype, K, pooling):
 @pytest.mark.parametrize("pairs", ["default", "explicit"])
 @pytest.mark.parametrize("K", [1, 3])
 @pytest.mark.parametrize("max_block_n", [2, 4, 32])
-def test_small_tiles_and_row_blocks(monkeypatch, max_block_n, K, pairs):
+def test_small_tiles_and_row_blocks(monkeypatch, max_block_n, K, pairs, grad_fill):
     """Several D tiles (odd tail) and mask tiles; in the backward, several row blocks (2: three
     blocks whose partials the last program of each D tile sums, two at a time: a full chunk, then
     a partial one; 4: a partial last block) or one block (32) that writes grad_weight directly."""
@@ -216,7 +229,7 @@ def test_small_tiles_and_row_blocks(monkeypatch, max_block_n, K, pairs):
 # Determinism and numerics.
 # ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("pairs", ["default", "explicit"])
-def test_backward_is_deterministic(monkeypatch, pairs):
+def test_backward_is_deterministic(monkeypatch, pairs, grad_fill):
     monkeypatch.setattr(triton_bt, "_MAX_BLOCK_N", 2)  # partial sums over several row blocks
     inputs = make_inputs(N=6, K=3, dtype=BF16, wdtype=BF16, pairs=pairs, seed=13)
     first = run("triton", *inputs)
@@ -225,13 +238,113 @@ def test_backward_is_deterministic(monkeypatch, pairs):
         assert torch.equal(first[name], second[name]), name
 
 
+@pytest.mark.parametrize("fill_programs", ["one", "several"])
+@pytest.mark.parametrize("row_blocks", ["one", "several"])
+@pytest.mark.parametrize("pairs", ["default", "explicit"])
+@pytest.mark.parametrize("dtype,wdtype", [(BF16, F32), (F16, F16), (F32, F32)], ids=lambda d: str(d)[6:])
+def test_fill_kernel_grad_hidden_equals_memset_path_bit_for_bit(monkeypatch, dtype, wdtype, pairs, row_blocks,
+                                                                 fill_programs):
+    """pool_backward both ways (PREFKERNELS_GRAD_FILL memset, kernel) on the same inputs, with a
+    skipped row (pooled_pos -1), one past the end (T) and one coefficient NaN on a skipped row,
+    for each kind of loss gradient: grad_hidden has the same bits; the weight and bias gradients
+    too with one row block, and agree to rounding with several (the kernel sums all rows in one
+    program, the memset path sums per-block partials)."""
+    if row_blocks == "several":
+        monkeypatch.setattr(triton_bt, "_MAX_BLOCK_N", 2)
+    if fill_programs == "several":
+        monkeypatch.setattr(triton_bt, "_FILL_BYTES", 1)
+        monkeypatch.setattr(triton_bt, "_FILL_TILE", 64)
+    g = torch.Generator().manual_seed(41)
+    N, T, D, K = 6, 7, 37, 3
+    hidden = torch.randn(N, T, D, generator=g).to(dtype).to(DEVICE)
+    weight = (torch.randn(K, D, generator=g) / 6).to(wdtype).to(DEVICE)
+    pooled_pos = torch.randint(0, T, (N,), generator=g)
+    pooled_pos[1], pooled_pos[4] = -1, T
+    if pairs == "explicit":
+        from prefkernels.autograd import rows_csr
+        chosen, rejected = torch.tensor([0, 2, 2, 5, 3, 1, 0]), torch.tensor([3, 5, 0, 2, 4, 2, 5])
+        row_ptr, row_entry = (t.to(DEVICE) for t in rows_csr(chosen, rejected, N))
+        grad_coef = torch.randn(2 * chosen.shape[0], K, generator=g)
+    else:
+        row_ptr = row_entry = None
+        grad_coef = torch.randn(N, K, generator=g)
+        grad_coef[1] = float("nan")
+    pairs_n = grad_coef.shape[0] // 2
+    for grad_loss, scale in [(None, 1.0), (torch.rand((), generator=g) + 0.5, 0.25),
+                             (torch.rand(pairs_n, K, generator=g) + 0.5, 0.5)]:
+        if grad_loss is not None and pairs == "default":
+            grad_loss = grad_loss if grad_loss.dim() == 0 else None
+        args = (grad_coef.to(DEVICE), None if grad_loss is None else grad_loss.to(DEVICE), scale, row_ptr, row_entry,
+                hidden, weight, pooled_pos.to(DEVICE), True)
+        got = {}
+        for fill in ("memset", "kernel"):
+            monkeypatch.setenv("PREFKERNELS_GRAD_FILL", fill)
+            got[fill] = triton_bt.pool_backward(*args)
+        (hidden_m, weight_m, bias_m), (hidden_k, weight_k, bias_k) = got["memset"], got["kernel"]
+        assert torch.equal(hidden_k, hidden_m), f"grad_hidden with grad_loss {grad_loss}"
+        assert hidden_k.abs().sum() > 0 and not hidden_k.isnan().any()
+        if row_blocks == "one":
+            assert torch.equal(weight_k, weight_m) and torch.equal(bias_k, bias_m)
+        else:
+            close(weight_k, weight_m, "grad_weight")
+            close(bias_k, bias_m, "grad_bias")
+
+
+@pytest.mark.parametrize("fill", ["memset", "kernel"])
+def test_unpooled_grad_rows_stay_zero_with_a_nan_weight(monkeypatch, fill):
+    """A NaN in the head's weight reaches the pooled rows' gradients only: the fill kernel's
+    unpooled rows are zeros, not 0 * NaN, as the memset path leaves them."""
+    monkeypatch.setenv("PREFKERNELS_GRAD_FILL", fill)
+    g = torch.Generator().manual_seed(45)
+    hidden = torch.randn(4, 5, 37, generator=g).to(BF16).to(DEVICE)
+    weight = torch.randn(2, 37, generator=g).to(DEVICE)
+    weight[1, 6] = float("nan")
+    pooled_pos = torch.tensor([4, 0, 2, 2], device=DEVICE)
+    grad_hidden, _, _ = triton_bt.pool_backward(torch.rand(4, 2, generator=g).to(DEVICE) + 0.5, None, 1.0, None,
+                                                None, hidden, weight, pooled_pos, True)
+    pooled = torch.zeros(4, 5, dtype=torch.bool, device=DEVICE)
+    pooled[torch.arange(4, device=DEVICE), pooled_pos] = True
+    assert (grad_hidden[~pooled] == 0).all()
+    assert grad_hidden[pooled][:, 6].isnan().all() and not grad_hidden[pooled][:, :6].isnan().any()
+
+
+@pytest.mark.parametrize("N,K,T,fills", [(32, 4, 2048, True), (32, 4, 2047, False), (33, 4, 3972, True),
+                                         (33, 4, 3971, False), (32, 5, 4096, True), (32, 5, 4095, False),
+                                         (8, 1, 3, False)])
+def test_grad_fill_auto_threshold(N, K, T, fills):
+    """``auto`` takes the fill kernel from 12 MiB of grad_hidden per pass of 32 rows x 4 heads
+    (bf16, D = 96: 6 KiB per row of 32 positions), as the CUDA backend's plan; ``kernel`` takes it
+    for any padded [N, T, D] hidden, ``memset`` never, and packed or frozen hidden never."""
+    hidden = torch.empty(N, T, 96, dtype=BF16, device="meta")
+    assert bool(triton_bt._fill_rows(hidden, True, N, K, "auto")) == fills
+    assert triton_bt._fill_rows(hidden, True, N, K, "kernel") == 256  # 64 KiB of 192-byte rows: 342, capped
+    wide = torch.empty(N, T, 2048, dtype=BF16, device="meta")
+    assert triton_bt._fill_rows(wide, True, N, K, "kernel") == 16  # 64 KiB of 4 KiB rows
+    assert triton_bt._fill_rows(hidden, True, N, K, "memset") == 0
+    assert triton_bt._fill_rows(hidden, False, N, K, "kernel") == 0
+    assert triton_bt._fill_rows(hidden.view(N * T, 96), True, N, K, "kernel") == 0
+
+
+def test_grad_fill_env_value_is_checked(monkeypatch):
+    leaves, hidden_of, kwargs = make_inputs(N=4, K=1, seed=43)
+    monkeypatch.setenv("PREFKERNELS_GRAD_FILL", "sometimes")
+    loss, _ = prefkernels.fused_bt_loss(leaves["hidden"].requires_grad_(), leaves["weight"], leaves["bias"],
+                                        backend="triton", **kwargs)
+    with pytest.raises(RuntimeError, match="PREFKERNELS_GRAD_FILL: expected auto, kernel or memset, got 'sometimes'"):
+        loss.backward()
+
+
 @pytest.mark.parametrize("pairs", ["default", "odd", "explicit"])
-def test_forward_and_backward_are_one_launch_each(monkeypatch, pairs):
+def test_forward_and_backward_are_one_launch_each(monkeypatch, pairs, grad_fill):
     """The issue's launch structure: the forward is ONE kernel launch for every pairing (default,
-    default with an odd row count, explicit), the backward ONE launch after its one zero fill, with
-    several row blocks and D tiles (tickets in the grad buffer's tail, last program sums)."""
+    default with an odd row count, explicit); the backward is ONE launch, after its one zero fill
+    (memset path: several row blocks and D tiles, tickets in the grad buffer's tail, last program
+    sums) or with none (the fill kernel)."""
     monkeypatch.setattr(triton_bt, "_MAX_BLOCK_N", 2)
     monkeypatch.setattr(triton_bt, "_BWD_TILE", 32)
+    zero_fills = []
+    zeroed_grad_buffer = triton_bt._zeroed_grad_buffer
+    monkeypatch.setattr(triton_bt, "_zeroed_grad_buffer", lambda *a: zero_fills.append(a) or zeroed_grad_buffer(*a))
     launches = []
 
     class Counted:
@@ -261,12 +374,18 @@ def test_forward_and_backward_are_one_launch_each(monkeypatch, pairs):
     coef = torch.rand(N, 2, device=DEVICE) + 0.5
     grad_hidden, grad_weight, grad_bias = triton_bt.pool_backward(coef, None, 1.0, None, None, hidden, leaves["weight"],
                                                                   pooled_pos, True)
-    assert launches == ["_pool_backward_kernel"]
+    if grad_fill == "kernel":
+        assert launches == ["_pool_backward_fill_kernel"] and zero_fills == []
+    else:
+        assert launches == ["_pool_backward_kernel"] and len(zero_fills) == 1
     valid = pooled_pos >= 0
-    pooled = hidden[torch.arange(N, device=DEVICE)[valid], pooled_pos[valid]].float()
-    close(grad_weight, coef[valid].t() @ pooled, "grad_weight")
+    at = (torch.arange(N, device=DEVICE)[valid], pooled_pos[valid])
+    close(grad_weight, coef[valid].t() @ hidden[at].float(), "grad_weight")
     close(grad_bias, coef[valid].sum(0), "grad_bias")
     assert grad_hidden.shape == hidden.shape and grad_hidden.is_contiguous()
+    want_hidden = torch.zeros(hidden.shape, device=DEVICE)
+    want_hidden[at] = coef[valid] @ leaves["weight"].float()
+    close(grad_hidden, want_hidden, "grad_hidden")
 
 
 def test_nan_in_pooled_hidden_propagates():
@@ -424,7 +543,7 @@ MODELS = {"pool_forward": model_pool_forward, "bt_forward": model_bt_forward, "p
 
 @pytest.mark.parametrize("case", ["empty_mask_row", "bool_mask", "last_index_out_of_range",
                                   "cu_seqlens_out_of_range", "strided"])
-def test_op_semantics_invalid_rows(case):
+def test_op_semantics_invalid_rows(case, grad_fill):
     cases = op_cases()
     hidden, weight, bias, mask, last_index, cu = cases[case]
     rewards, pos = check_op(case, "pool_forward", (hidden, weight, bias, mask, last_index, cu))
@@ -478,7 +597,7 @@ def test_op_default_pairs_odd_rows():
 # ------------------------------------------------------------------------------------------
 # torch.library.opcheck and graph capture.
 # ------------------------------------------------------------------------------------------
-def test_opcheck():
+def test_opcheck(grad_fill):
     cases = op_cases()
     hidden, weight, bias, mask, _, _ = cases["strided"]
     hidden, weight, bias = (t.to(DEVICE) for t in (hidden, weight, bias))
