@@ -383,8 +383,8 @@ def _pool_backward_kernel(
 def _pool_backward_fill_kernel(
     grad_coef_ptr, grad_loss_ptr, row_ptr_ptr, row_entry_ptr, hidden_ptr, weight_ptr, pooled_pos_ptr,
     grad_hidden_ptr, grad_weight_ptr, grad_bias_ptr,
-    N, D, K, positions, coef_rows, entries, loss_pairs, loss_scale, stride_n, stride_t, d_tiles,
-    HAS_CSR: tl.constexpr, LOSS_GRAD: tl.constexpr,
+    N, D, K, positions, coef_rows, entries, loss_pairs, loss_scale, stride_n, stride_t, d_tiles, grad_rows,
+    grad_numel, HAS_CSR: tl.constexpr, LOSS_GRAD: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
     FILL_ROWS: tl.constexpr, FILL_D: tl.constexpr, FILL_TILE: tl.constexpr,
 ):
@@ -394,7 +394,8 @@ def _pool_backward_fill_kernel(
     Programs 0 .. d_tiles-1, the reduction: D tile j's weight gradient (and, tile 0, the bias
     gradient) over all N rows, BLOCK_N rows at a time, summed in row-block order into registers
     and stored once: no partials, no tickets.
-    Programs d_tiles ..: FILL_ROWS rows each of grad_hidden viewed as [N * positions, D]. Row
+    Programs d_tiles ..: FILL_ROWS rows each of grad_hidden viewed as [grad_rows = N * positions,
+    D] (grad_numel elements; both passed in, so Triton types them int64 when they need it). Row
     (n, t) gets _pooled_row_grads of row n where t is n's pooled position (the memset path's
     arithmetic, so the same bits), else zeros; a program holding no pooled row stores zeros in
     flat FILL_TILE-element chunks.
@@ -427,9 +428,8 @@ def _pool_backward_fill_kernel(
         if pid == 0:
             tl.store(grad_bias_ptr + offs_k, acc_b, mask=k_mask)
     else:
-        total = N.to(tl.int64) * positions
         r = (pid - d_tiles).to(tl.int64) * FILL_ROWS + tl.arange(0, FILL_ROWS)
-        r_mask = r < total
+        r_mask = r < grad_rows
         n = r // positions
         pooled = r_mask & (tl.load(pooled_pos_ptr + n, mask=r_mask, other=-1) == r - n * positions)
         if tl.max(pooled.to(tl.int32), axis=0) > 0:
@@ -445,7 +445,7 @@ def _pool_backward_fill_kernel(
                          mask=r_mask[:, None] & d_mask[None, :])
         else:
             first = (pid - d_tiles).to(tl.int64) * FILL_ROWS * D
-            end = tl.minimum(first + FILL_ROWS * D, total * D)
+            end = tl.minimum(first + FILL_ROWS * D, grad_numel)
             zeros = tl.zeros([FILL_TILE], dtype=grad_hidden_ptr.dtype.element_ty)
             for at in range(0, FILL_ROWS * D, FILL_TILE):
                 offs = first + at + tl.arange(0, FILL_TILE)
@@ -722,6 +722,7 @@ def pool_backward(grad_coef, grad_loss, loss_scale, row_ptr, row_entry, hidden, 
         with _device(hidden):
             _pool_backward_fill_kernel[(reduce_tiles + triton.cdiv(rows * positions, fill_rows),)](
                 *coef_args, hidden, weight, pooled_pos, grad_hidden, grad_weight, grad_bias, *sizes, reduce_tiles,
+                rows * positions, hidden.numel(),
                 HAS_CSR=row_ptr is not None, LOSS_GRAD=loss_grad, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=reduce_d,
                 FILL_ROWS=fill_rows, FILL_D=fill_d, FILL_TILE=_FILL_TILE,
                 num_warps=_warps(max(block_n * reduce_d, fill_rows * fill_d)),

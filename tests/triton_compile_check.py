@@ -149,30 +149,48 @@ def fused_step(b: dict):
                             pooled_pos, True)
 
 
-# (label, batch, PREFKERNELS_GRAD_FILL): the bench_gpu shapes as shipped and on the memset path,
-# plus K = 3 heads, many row blocks of an odd D (the tickets and partial sums) and the fill kernel
-# with 64 heads.
+def pool_step(b: dict):
+    """pool_forward, then pool_backward with one gradient per row: pool_score's step."""
+    rewards, pooled_pos = triton_bt.pool_forward(b["hidden"], b["weight"], b["bias"], b["mask"], None, None)
+    triton_bt.pool_backward(torch.empty(rewards.shape, device=META), None, 1.0, None, None, b["hidden"], b["weight"],
+                            pooled_pos, True)
+
+
+def rows_batch(rows: int, positions: int, dim: int, dtype: torch.dtype) -> dict:
+    """Meta tensors of ``rows`` rows (odd, or 1) for pool_step."""
+    return {"hidden": torch.empty(rows, positions, dim, dtype=dtype, device=META),
+            "weight": torch.empty(1, dim, device=META), "bias": torch.empty(1, device=META),
+            "mask": torch.empty(rows, positions, dtype=torch.int64, device=META)}
+
+
+# (label, step, batch, PREFKERNELS_GRAD_FILL): the bench_gpu shapes as shipped and on the memset
+# path; K = 3 heads; many row blocks of an odd D (the tickets and partial sums); the fill kernel
+# with 64 heads; sizes Triton's JIT makes constants (one row, one position) or int64 (a grad
+# buffer of 2^31 elements).
 CASES = [
-    ("16x2048x4096 bf16", batch(16, 2048, 4096, torch.bfloat16), "auto"),
-    ("8x4096x8192 bf16", batch(8, 4096, 8192, torch.bfloat16), "auto"),
-    ("64x512x2048 bf16", batch(64, 512, 2048, torch.bfloat16), "auto"),
-    ("4x8192x4096 fp32", batch(4, 8192, 4096, torch.float32), "auto"),
-    ("64x512x2048 bf16 ranked4", batch(64, 512, 2048, torch.bfloat16, explicit=192), "auto"),
-    ("64x512x2048 bf16 memset", batch(64, 512, 2048, torch.bfloat16), "memset"),
-    ("4x8192x4096 fp32 memset", batch(4, 8192, 4096, torch.float32), "memset"),
-    ("64x512x2048 bf16 ranked4 memset", batch(64, 512, 2048, torch.bfloat16, explicit=192), "memset"),
-    ("16x512x4096 bf16 K=3", batch(16, 512, 4096, torch.bfloat16, heads=3, explicit=40), "auto"),
-    ("512x16x1031 fp16 memset", batch(512, 16, 1031, torch.float16, heads=3), "memset"),
-    ("4x256x4096 bf16 K=64 kernel", batch(4, 256, 4096, torch.bfloat16, heads=64), "kernel"),
+    ("16x2048x4096 bf16", fused_step, batch(16, 2048, 4096, torch.bfloat16), "auto"),
+    ("8x4096x8192 bf16", fused_step, batch(8, 4096, 8192, torch.bfloat16), "auto"),
+    ("64x512x2048 bf16", fused_step, batch(64, 512, 2048, torch.bfloat16), "auto"),
+    ("4x8192x4096 fp32", fused_step, batch(4, 8192, 4096, torch.float32), "auto"),
+    ("64x512x2048 bf16 ranked4", fused_step, batch(64, 512, 2048, torch.bfloat16, explicit=192), "auto"),
+    ("64x512x2048 bf16 memset", fused_step, batch(64, 512, 2048, torch.bfloat16), "memset"),
+    ("4x8192x4096 fp32 memset", fused_step, batch(4, 8192, 4096, torch.float32), "memset"),
+    ("64x512x2048 bf16 ranked4 memset", fused_step, batch(64, 512, 2048, torch.bfloat16, explicit=192), "memset"),
+    ("16x512x4096 bf16 K=3", fused_step, batch(16, 512, 4096, torch.bfloat16, heads=3, explicit=40), "auto"),
+    ("512x16x1031 fp16 memset", fused_step, batch(512, 16, 1031, torch.float16, heads=3), "memset"),
+    ("4x256x4096 bf16 K=64 kernel", fused_step, batch(4, 256, 4096, torch.bfloat16, heads=64), "kernel"),
+    ("1 row 8192x4096 bf16 pool", pool_step, rows_batch(1, 8192, 4096, torch.bfloat16), "auto"),
+    ("3 rows 1x4096 fp32 pool kernel", pool_step, rows_batch(3, 1, 4096, torch.float32), "kernel"),
+    ("64x4096x4096 bf16 2^31 elements", fused_step, batch(64, 4096, 4096, torch.bfloat16), "auto"),
 ]
 
 
 def report() -> list[dict]:
     tool = cuobjdump()
     rows = []
-    for label, b, fill in CASES:
+    for label, step, b, fill in CASES:
         with mock.patch.dict(os.environ, {"PREFKERNELS_GRAD_FILL": fill}):
-            launches = capture(lambda: fused_step(b))
+            launches = capture(lambda: step(b))
         for name, kernel, args, kwargs in launches:
             for arch in ARCHS:
                 rows.append({"case": label, "fill": fill, "kernel": name, "arch": arch,
@@ -194,7 +212,7 @@ def main() -> None:
     for r in rows:
         detail = r.get("error") or " ".join(f"{k}={r[k]}" for k in ("regs", "stack", "local", "ld_v4", "ld_other",
                                                                     "st_v4", "st_other") if k in r)
-        print(f"{r['case']:34} {r['kernel']:28} sm_{r['arch']}  {detail}")
+        print(f"{r['case']:36} {r['kernel']:28} sm_{r['arch']}  {detail}")
 
 
 if __name__ == "__main__":
