@@ -7,7 +7,7 @@ warm for it, as in a training loop, instead of being left by the other methods),
 cost of a step at a tiny shape (Python, autograd, dispatch: what dominates small batches).
 Prints the tables, writes benchmarks/results/bench_op_cpu.json and a PNG.
 
-    python benchmarks/bench_op.py [--repeats 21] [--quick]
+    python benchmarks/bench_op.py [--repeats 21] [--quick] [--fixed-cost-only]
 """
 from __future__ import annotations
 
@@ -76,7 +76,16 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="tiny shapes, for a smoke run")
     parser.add_argument("--out", type=Path, default=None, help="results folder (default: $OUT or benchmarks/results)")
+    parser.add_argument("--fixed-cost-only", action="store_true",
+                        help="only the tiny-shape fixed cost, written to bench_op_cpu_fixed.json")
     args = parser.parse_args(argv)
+    if args.fixed_cost_only:
+        fixed = fixed_cost(max(200, 20 * args.repeats))
+        common.print_table([fixed], list(fixed))
+        path = common.write_results("bench_op_cpu_fixed", {"environment": common.environment("cpu"),
+                                                           "fixed_cost": fixed}, args.out)
+        print(f"wrote {path}")
+        return
     rows = run(QUICK_SHAPES if args.quick else SHAPES, args.repeats, args.warmup)
     columns = ["shape", "floor ms", "native ms", "eager ms", "compile(eager) ms", "hf_style ms",
                "native/floor", "eager/floor", "compile(eager)/floor", "hf_style/floor", "hf_style/native",

@@ -62,7 +62,7 @@ def is_finite_nonnegative(value) -> bool:
 
 
 def refuse_function_transforms(backend: str, inputs: OpInputs) -> None:
-    """The kernel backends' autograd (``register_autograd``) has neither a forward-mode rule nor
+    """The kernel backends' autograd (an autograd.Function) has neither a forward-mode rule nor
     torch.func support: refuse dual or functorch-wrapped inputs rather than drop their tangents."""
     if torch.compiler.is_compiling():
         return

@@ -28,11 +28,13 @@ with the schemas of csrc/ops.cpp and the semantics of csrc/cpu/bt_cpu.cpp (the r
 - Hidden is addressed as ``n * stride_n + pos * stride_t + d`` with int64 offsets; packed
   [total, D] hidden (``cu_seqlens``) pools row ``cu[n+1] - 1`` with ``stride_n = 0``.
 
-The ops are registered with ``torch.library.custom_op`` rather than ``triton_op``/``wrap_triton``
-because custom_op behaves the same on torch 2.6 through 2.13, keeps each op opaque to
-torch.compile (Inductor never re-traces our Python launchers and their block-size heuristics),
-runs unchanged on CPU tensors under TRITON_INTERPRET=1, and lets the backend share the fake and
-autograd registrations of ``prefkernels.autograd`` with the native ops.
+The ops are defined with ``torch.library.Library`` (csrc/ops.cpp's schemas, the launchers as
+their CUDA and CPU kernels) rather than ``triton_op``/``wrap_triton``: it behaves the same on
+torch 2.6 through 2.13, keeps each op opaque to torch.compile (Inductor never re-traces our
+Python launchers and their block-size heuristics), runs unchanged on CPU tensors under
+TRITON_INTERPRET=1, and lets the backend share the fake and autograd registrations of
+``prefkernels.autograd`` with the native ops. Nor ``custom_op``: the dispatcher calls these
+launchers directly, without custom_op's Python wrapper around each call.
 
 Fake kernels and autograd are registered by ``prefkernels.backends.triton_ops()``, not here.
 """
@@ -467,6 +469,17 @@ _FILL_BYTES_PER_PASS = 12 << 20  # grad fill auto: the kernel from this many gra
 _PASS_ROWS, _PASS_HEADS = 32, 4  # ... a pass being 32 rows x 4 heads, as in csrc/cuda/bt_kernels.cu
 
 
+def _cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for launch sizes. Not triton.cdiv/next_power_of_2: since Triton 3.3 those are
+    constexpr functions whose Python call costs a few us each, a dozen times per step."""
+    return -(-a // b)
+
+
+def _next_power_of_2(n: int) -> int:
+    """The smallest power of 2 >= n (0 for 0, as triton.next_power_of_2)."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
 def _new(shape, like: Tensor, dtype: torch.dtype) -> Tensor:
     """Uninitialized output/scratch buffer on ``like``'s device (tests patch it to poison outputs)."""
     return torch.empty(shape, device=like.device, dtype=dtype)
@@ -478,7 +491,7 @@ def _zeroed_grad_buffer(hidden: Tensor, need_grad_hidden: bool, counters: int):
     grad_hidden shaped like ``hidden`` ([0] when not needed), padded to 16 bytes, then
     ``counters`` int32 (None when 0), so the backward's tile tickets cost no launch of their own."""
     grad_bytes = hidden.numel() * hidden.element_size() if need_grad_hidden else 0
-    grad_words = triton.cdiv(grad_bytes, 16) * 4
+    grad_words = _cdiv(grad_bytes, 16) * 4
     words = _new((grad_words + counters,), hidden, torch.int32)
     words.zero_()
     grad_hidden = (words.view(torch.uint8)[:grad_bytes].view(hidden.dtype).view(hidden.shape) if need_grad_hidden
@@ -504,11 +517,11 @@ def _fill_rows(hidden: Tensor, need_grad_hidden: bool, rows: int, K: int, fill: 
     of plan_pool_backward in csrc/cuda/bt_kernels.cu."""
     if fill == "memset" or not need_grad_hidden or hidden.dim() != 3 or hidden.numel() == 0 or K == 0:
         return 0
-    passes = triton.cdiv(rows, _PASS_ROWS) * triton.cdiv(K, _PASS_HEADS)
+    passes = _cdiv(rows, _PASS_ROWS) * _cdiv(K, _PASS_HEADS)
     if fill == "auto" and hidden.numel() * hidden.element_size() < passes * _FILL_BYTES_PER_PASS:
         return 0
     row_bytes = hidden.shape[2] * hidden.element_size()
-    return min(triton.next_power_of_2(max(8, triton.cdiv(_FILL_BYTES, row_bytes))), _FILL_TILE // 16)
+    return min(_next_power_of_2(max(8, _cdiv(_FILL_BYTES, row_bytes))), _FILL_TILE // 16)
 
 
 def _device(t: Tensor):
@@ -516,8 +529,8 @@ def _device(t: Tensor):
 
 
 def _block_kd(K: int, D: int) -> Tuple[int, int]:
-    block_k = triton.next_power_of_2(K)
-    block_d = min(triton.next_power_of_2(D), _MAX_BLOCK_D, max(16, _MAX_TILE // block_k))
+    block_k = _next_power_of_2(K)
+    block_d = min(_next_power_of_2(D), _MAX_BLOCK_D, max(16, _MAX_TILE // block_k))
     return block_k, block_d
 
 
@@ -573,7 +586,7 @@ def _pool_args(hidden, weight, bias, attention_mask, last_index, cu_seqlens):
         mode = POOL_LAST_INDEX if last_index is not None else POOL_CU_SEQLENS
         index_ptr = idx
     block_k, block_d = _block_kd(K, D)
-    block_t = min(triton.next_power_of_2(positions), _MAX_BLOCK_T) if mode == POOL_MASK else 1
+    block_t = min(_next_power_of_2(positions), _MAX_BLOCK_T) if mode == POOL_MASK else 1
     return dict(rows=rows, positions=positions, D=D, K=K, stride_n=stride_n, stride_t=stride_t, mode=mode,
                 mask_ptr=mask_ptr, index_ptr=index_ptr, bias_ptr=bias if bias is not None else weight,
                 has_bias=bias is not None, block_t=block_t, block_k=block_k, block_d=block_d)
@@ -705,10 +718,10 @@ def pool_backward(grad_coef, grad_loss, loss_scale, row_ptr, row_entry, hidden, 
 
     grad_weight = _new(weight.shape, weight, weight.dtype)  # weight is contiguous
     grad_bias = _new((K,), hidden, torch.float32)
-    block_n = min(triton.next_power_of_2(max(rows, 1)), _MAX_BLOCK_N)
-    block_k = triton.next_power_of_2(max(K, 1))
-    block_d = min(triton.next_power_of_2(max(D, 1)), max(16, _BWD_TILE // block_n))
-    row_blocks, d_tiles = triton.cdiv(rows, block_n), max(1, triton.cdiv(D, block_d))
+    block_n = min(_next_power_of_2(max(rows, 1)), _MAX_BLOCK_N)
+    block_k = _next_power_of_2(max(K, 1))
+    block_d = min(_next_power_of_2(max(D, 1)), max(16, _BWD_TILE // block_n))
+    row_blocks, d_tiles = _cdiv(rows, block_n), max(1, _cdiv(D, block_d))
     coef_args = (grad_coef, grad_loss if grad_loss is not None else grad_coef,
                  row_ptr if row_ptr is not None else grad_coef, row_entry if row_entry is not None else grad_coef)
     sizes = (rows, D, K, positions, grad_coef.shape[0], row_entry.shape[0] if row_entry is not None else 0,
@@ -717,10 +730,10 @@ def pool_backward(grad_coef, grad_loss, loss_scale, row_ptr, row_entry, hidden, 
         grad_hidden = _new(hidden.shape, hidden, hidden.dtype)  # contiguous; the launch writes all of it
         # the reduction's [BLOCK_K, BLOCK_D] accumulator within the tile budget too (many heads)
         reduce_d = min(block_d, max(16, _BWD_TILE // block_k))
-        reduce_tiles = triton.cdiv(D, reduce_d)
-        fill_d = min(triton.next_power_of_2(D), max(16, _FILL_TILE // fill_rows))
+        reduce_tiles = _cdiv(D, reduce_d)
+        fill_d = min(_next_power_of_2(D), max(16, _FILL_TILE // fill_rows))
         with _device(hidden):
-            _pool_backward_fill_kernel[(reduce_tiles + triton.cdiv(rows * positions, fill_rows),)](
+            _pool_backward_fill_kernel[(reduce_tiles + _cdiv(rows * positions, fill_rows),)](
                 *coef_args, hidden, weight, pooled_pos, grad_hidden, grad_weight, grad_bias, *sizes, reduce_tiles,
                 rows * positions, hidden.numel(),
                 HAS_CSR=row_ptr is not None, LOSS_GRAD=loss_grad, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=reduce_d,
@@ -754,34 +767,37 @@ def pool_backward(grad_coef, grad_loss, loss_scale, row_ptr, row_entry, hidden, 
 
 
 # ---------------------------------------------------------------------------------------------
-# Ops (schemas of csrc/ops.cpp); fake kernels + autograd come from prefkernels.autograd.
+# Ops: csrc/ops.cpp's schemas as prefkernels::triton_*; fake kernels + autograd come from
+# prefkernels.autograd.
 # ---------------------------------------------------------------------------------------------
-@torch.library.custom_op("prefkernels::triton_bt_forward", mutates_args=())
-def triton_bt_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], attention_mask: Optional[Tensor],
-                      last_index: Optional[Tensor], cu_seqlens: Optional[Tensor], chosen_index: Optional[Tensor],
-                      rejected_index: Optional[Tensor], margin: Optional[Tensor], label_smoothing: float,
-                      center_coef: float, reduction: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(loss f32 [P, K] (reduction 0) or [] (1: mean, 2: sum), rewards [N, K] f32, pair_grad [2, P, K]
-    f32, pooled_pos [N] i64)."""
-    return bt_forward(hidden, weight, bias, attention_mask, last_index, cu_seqlens, chosen_index, rejected_index,
-                      margin, label_smoothing, center_coef, reduction)
+SCHEMAS = {
+    # (loss f32 [P, K] (reduction 0) or [] (1: mean, 2: sum), rewards [N, K] f32, pair_grad
+    #  [2, P, K] f32, pooled_pos [N] i64)
+    "bt_forward": "(Tensor hidden, Tensor weight, Tensor? bias, Tensor? attention_mask, Tensor? last_index, "
+                  "Tensor? cu_seqlens, Tensor? chosen_index, Tensor? rejected_index, Tensor? margin, "
+                  "float label_smoothing, float center_coef, int reduction) -> (Tensor, Tensor, Tensor, Tensor)",
+    # (rewards [N, K] f32, pooled_pos [N] i64)
+    "pool_forward": "(Tensor hidden, Tensor weight, Tensor? bias, Tensor? attention_mask, Tensor? last_index, "
+                    "Tensor? cu_seqlens) -> (Tensor, Tensor)",
+    # (grad_hidden contiguous like hidden, or [0] when not needed; grad_weight like weight;
+    #  grad_bias [K] f32)
+    "pool_backward": "(Tensor grad_coef, Tensor? grad_loss, float loss_scale, Tensor? row_ptr, Tensor? row_entry, "
+                     "Tensor hidden, Tensor weight, Tensor pooled_pos, bool need_grad_hidden) "
+                     "-> (Tensor, Tensor, Tensor)",
+}
 
 
-@torch.library.custom_op("prefkernels::triton_pool_forward", mutates_args=())
-def triton_pool_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], attention_mask: Optional[Tensor],
-                        last_index: Optional[Tensor], cu_seqlens: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
-    """(rewards [N, K] f32, pooled_pos [N] i64)."""
-    return pool_forward(hidden, weight, bias, attention_mask, last_index, cu_seqlens)
+def _define_ops() -> torch.library.Library:
+    """prefkernels::triton_{op} for each of SCHEMAS, its launcher the kernel for CUDA tensors and
+    for CPU tensors (under TRITON_INTERPRET=1)."""
+    library = torch.library.Library("prefkernels", "FRAGMENT")
+    for op, launcher in (("bt_forward", bt_forward), ("pool_forward", pool_forward), ("pool_backward", pool_backward)):
+        library.define(f"triton_{op}{SCHEMAS[op]}")
+        for dispatch_key in ("CUDA", "CPU"):
+            library.impl(f"triton_{op}", launcher, dispatch_key)
+    return library
 
 
-@torch.library.custom_op("prefkernels::triton_pool_backward", mutates_args=())
-def triton_pool_backward(grad_coef: Tensor, grad_loss: Optional[Tensor], loss_scale: float,
-                         row_ptr: Optional[Tensor], row_entry: Optional[Tensor], hidden: Tensor, weight: Tensor,
-                         pooled_pos: Tensor, need_grad_hidden: bool) -> Tuple[Tensor, Tensor, Tensor]:
-    """(grad_hidden contiguous like hidden, or [0] when not needed; grad_weight like weight;
-    grad_bias [K] float32)."""
-    return pool_backward(grad_coef, grad_loss, loss_scale, row_ptr, row_entry, hidden, weight, pooled_pos,
-                         need_grad_hidden)
-
+_LIBRARY = _define_ops()  # kept alive: it holds the registrations
 
 OPS = OpSet("triton", "triton_")

@@ -622,6 +622,18 @@ def test_opcheck(grad_fill):
                                                     1.0, row_ptr, row_entry, hidden, weight, pos, True))
 
 
+def test_schemas_are_the_native_ops():
+    """The Triton ops take and return what csrc/ops.cpp's ops do, so they share one fake kernel and
+    one autograd formula."""
+    native = native_or_none()
+    if native is None:
+        pytest.skip("prefkernels._C is not built")
+    for op in triton_bt.SCHEMAS:
+        triton_schema = str(OPS.op(op)._schema)
+        assert triton_schema.startswith(f"prefkernels::triton_{op}(")
+        assert triton_schema.replace("::triton_", "::", 1) == str(native.op(op)._schema)
+
+
 def test_dynamo_fullgraph_capture():
     """The custom ops are opaque to torch.compile: Dynamo captures the whole call in one graph."""
     leaves, hidden_of, kwargs = make_inputs(N=4, K=1, dtype=BF16, pooling="mask_right", seed=25)
