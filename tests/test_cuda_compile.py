@@ -2,7 +2,8 @@
 
 - every csrc/cuda/*.cu compiles with ``nvcc -c`` for sm_80 and sm_90 (the default
   TORCH_CUDA_ARCH_LIST), with the defines torch's CUDAExtension adds (no implicit half/bfloat16
-  conversions), and without a single warning;
+  conversions), without a single warning, and (``ptxas -v``) with no kernel spilling registers
+  or keeping a stack frame;
 - the torch glue csrc/cuda/*.cpp passes ``g++ -fsyntax-only`` against the installed torch's
   headers with PREFKERNELS_WITH_CUDA (CPU wheels lack one generated c10/cuda header: a stub
   stands in for it).
@@ -12,6 +13,7 @@ All compilations start at once (module fixture) and each test waits for its own.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -64,7 +66,8 @@ def nvcc_jobs(nvcc: str, tmp: Path) -> dict[str, Job]:
     for arch in ARCHS:
         for cu in sorted(CUDA_DIR.glob("*.cu")):
             cmd = [nvcc, "-c", str(cu), "-o", str(tmp / f"{cu.stem}.sm{arch}.o"), "-std=c++17", "-O3",
-                   "-gencode", f"arch=compute_{arch},code=sm_{arch}", *TORCH_NVCC_FLAGS, "-Xcompiler", "-Wall"]
+                   "-gencode", f"arch=compute_{arch},code=sm_{arch}", *TORCH_NVCC_FLAGS, "-Xcompiler", "-Wall",
+                   "-Xptxas", "-v"]
             jobs[f"{cu.name}:sm_{arch}"] = Job(f"{cu.name} sm_{arch}", cmd)
     return jobs
 
@@ -125,6 +128,21 @@ def test_nvcc_compiles_kernels(compile_jobs, arch):
         rc, out = job.result()
         assert rc == 0, f"{job.name} failed:\n{' '.join(job.cmd)}\n{out}"
         assert "warning" not in out.lower(), f"{job.name} warns:\n{out}"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_no_kernel_spills(compile_jobs, arch):
+    """Every kernel instantiation ptxas reports keeps its state in registers: no stack frame, no
+    spill stores or loads (the kernels are tuned to their register budgets, see csrc/cuda)."""
+    jobs = {k: j for k, j in compile_jobs["nvcc"].items() if k.endswith(f":sm_{arch}")}
+    for job in jobs.values():
+        rc, out = job.result()
+        assert rc == 0, out
+        frames = re.findall(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", out)
+        assert len(frames) >= len(re.findall(r"Compiling entry function", out)) > 0, out[-2000:]
+        spilled = [line for line in out.splitlines() if "stack frame" in line and not line.strip().startswith("0 bytes")
+                   or re.search(r"[1-9]\d* bytes spill", line)]
+        assert not spilled, f"{job.name}:\n" + "\n".join(spilled)
 
 
 def test_glue_syntax(compile_jobs):
