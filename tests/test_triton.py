@@ -247,8 +247,8 @@ def test_fill_kernel_grad_hidden_equals_memset_path_bit_for_bit(monkeypatch, dty
     """pool_backward both ways (PREFKERNELS_GRAD_FILL memset, kernel) on the same inputs, with a
     skipped row (pooled_pos -1), one past the end (T) and one coefficient NaN on a skipped row,
     for each kind of loss gradient: grad_hidden has the same bits; the weight and bias gradients
-    too with one row block, and agree to rounding with several (the kernel sums all rows in one
-    program, the memset path sums per-block partials)."""
+    too with one row block under the interpreter, else they agree to rounding (the kernel sums all
+    rows in one program, the memset path per-block partials)."""
     if row_blocks == "several":
         monkeypatch.setattr(triton_bt, "_MAX_BLOCK_N", 2)
     if fill_programs == "several":
@@ -283,7 +283,7 @@ def test_fill_kernel_grad_hidden_equals_memset_path_bit_for_bit(monkeypatch, dty
         (hidden_m, weight_m, bias_m), (hidden_k, weight_k, bias_k) = got["memset"], got["kernel"]
         assert torch.equal(hidden_k, hidden_m), f"grad_hidden with grad_loss {grad_loss}"
         assert hidden_k.abs().sum() > 0 and not hidden_k.isnan().any()
-        if row_blocks == "one":
+        if row_blocks == "one" and INTERPRETED:  # compiled, the two launches' warp counts may sum in other orders
             assert torch.equal(weight_k, weight_m) and torch.equal(bias_k, bias_m)
         else:
             close(weight_k, weight_m, "grad_weight")
