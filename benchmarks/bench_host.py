@@ -80,8 +80,8 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
-    names = [name for name in ("native", "triton") if backends.select(name, torch.device("cpu")) is not None
-             and backends.select(name, torch.device("cpu")).name == name]
+    names = [name for name in ("native", "triton")
+             if (ops := backends.select(name, torch.device("cpu"))) is not None and ops.name == name]
     with ExitStack() as stack:
         no_triton_kernels(stack)
         best = measure({name: step_of(name) for name in names}, args.steps, args.rounds)

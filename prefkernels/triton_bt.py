@@ -721,7 +721,6 @@ def pool_backward(grad_coef, grad_loss, loss_scale, row_ptr, row_entry, hidden, 
     block_n = min(_next_power_of_2(max(rows, 1)), _MAX_BLOCK_N)
     block_k = _next_power_of_2(max(K, 1))
     block_d = min(_next_power_of_2(max(D, 1)), max(16, _BWD_TILE // block_n))
-    row_blocks, d_tiles = _cdiv(rows, block_n), max(1, _cdiv(D, block_d))
     coef_args = (grad_coef, grad_loss if grad_loss is not None else grad_coef,
                  row_ptr if row_ptr is not None else grad_coef, row_entry if row_entry is not None else grad_coef)
     sizes = (rows, D, K, positions, grad_coef.shape[0], row_entry.shape[0] if row_entry is not None else 0,
@@ -741,6 +740,7 @@ def pool_backward(grad_coef, grad_loss, loss_scale, row_ptr, row_entry, hidden, 
                 num_warps=_warps(max(block_n * reduce_d, fill_rows * fill_d)),
             )
         return grad_hidden, grad_weight, grad_bias
+    row_blocks, d_tiles = _cdiv(rows, block_n), max(1, _cdiv(D, block_d))
     grad_hidden, tile_done = _zeroed_grad_buffer(hidden, need_grad_hidden, d_tiles if row_blocks > 1 else 0)
     if K == 0:
         return grad_hidden, grad_weight, grad_bias

@@ -206,8 +206,8 @@ def test_auto_picks_native_cuda_then_triton():
 # pooled_pos -1, no gradient), mask dtypes with multi-step scans (T > 1024), K = 64, many rows
 # (65 row blocks of 32 rows, a partial last block), the CSR of explicit pairs
 # (a row in several pairs, a row in none, out-of-range pairs), and the grad buffer, memset-cleared
-# or written whole by native's fill kernel (poisoned allocator; every element outside the pooled
-# rows must be exactly 0).
+# or written whole by the fill kernel (poisoned allocator; every element outside the pooled rows
+# must be exactly 0).
 # ---------------------------------------------------------------------------------------------
 def edge_op_case(name, device="cpu"):
     """(hidden, weight, bias, attention_mask, last_index, cu_seqlens) on ``device``, the same values

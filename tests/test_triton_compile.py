@@ -29,7 +29,8 @@ def compile_problem() -> str | None:
     return None
 
 
-pytestmark = pytest.mark.skipif(compile_problem() is not None, reason=str(compile_problem()))
+COMPILE_PROBLEM = compile_problem()
+pytestmark = pytest.mark.skipif(COMPILE_PROBLEM is not None, reason=str(COMPILE_PROBLEM))
 
 
 @pytest.fixture(scope="module")
