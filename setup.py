@@ -54,12 +54,22 @@ def want_cuda() -> bool:
     return True
 
 
+def link_args() -> list[str]:
+    """OpenMP, and on Linux the shared libstdc++ named before the compiler driver's own -lstdc++.
+    A toolchain that links libstdc++ statically into a shared object (the H200 image's g++ 13 did:
+    every torch extension built there held a private copy) leaves that copy's iostreams
+    uninitialized: c10::str("got ", 3) in an error message segfaulted there and dropped the number
+    with g++ 12. Linked first, the shared library defines every libstdc++ symbol the extension
+    needs, so no archive member is pulled in and libtorch and the extension share one libstdc++."""
+    return ["-fopenmp"] + (["-l:libstdc++.so.6"] if sys.platform.startswith("linux") else [])
+
+
 def extension():
     cpp_sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
     cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
     if not want_cuda():
         return CppExtension("prefkernels._C", cpp_sources, extra_compile_args={"cxx": cxx_flags},
-                            extra_link_args=["-fopenmp"])
+                            extra_link_args=link_args())
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     sources = cpp_sources + sorted(glob.glob("csrc/cuda/*.cpp")) + sorted(glob.glob("csrc/cuda/*.cu"))
     return CUDAExtension(
@@ -68,7 +78,7 @@ def extension():
         # No --use_fast_math: the kernels are memory-bound, and exact expf/log1pf/division keep
         # the loss and its gradient matching the CPU reference (csrc/bt_math.h).
         extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "-lineinfo"]},
-        extra_link_args=["-fopenmp"])
+        extra_link_args=link_args())
 
 
 setup(ext_modules=[extension()], cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)})

@@ -204,6 +204,19 @@ def test_emulated_cuda_auto_fill_takes_the_kernel_for_large_grad_buffers(emulate
     assert grad_hidden.ne(0).sum() == 2 * 2048 and not grad_hidden.isnan().any()
 
 
+@pytest.mark.parametrize("positions,fp32,fills", [(3072, False, True), (3073, False, False), (1536, True, True),
+                                                  (1537, True, False)])
+def test_emulated_cuda_auto_fill_stops_at_768_mib(emulated_ops, positions, fp32, fills):
+    """``auto``'s upper bound, from the plan alone (no buffer): the fill kernel up to 768 MiB of
+    grad buffer (32 rows of 4096 columns: 3072 bf16 or 1536 fp32 positions), the memset path from
+    one position more; ``kernel`` takes the fill kernel at any size, 8 rows per 64 KiB block."""
+    plan = torch.ops.prefkernels_emu.fill_rows_of_plan
+    auto, kernel = 0, 1
+    assert (plan(32, positions, 4096, 1, fp32, auto) > 0) == fills
+    assert plan(32, positions, 4096, 1, fp32, kernel) == 8
+    assert plan(2, 1536, 2048, 1, False, auto) == 16 and plan(2, 1535, 2048, 1, False, auto) == 0  # 12 MiB a pass
+
+
 def test_emulated_cuda_bad_grad_fill_is_refused_by_name(emulated_ops, monkeypatch):
     args, _ = op_args(Case(heads=1), device="cpu")
     _, _, pair_grad, pooled_pos = emulated_ops.bt_forward(*args)

@@ -10,7 +10,7 @@ from prefkernels import backends, checks, reference
 from prefkernels.autograd import rows_csr
 from op_cases import (Case, assert_matches, make_inputs, opcheck_ops, poison_allocator, public, reference_float64,
                       run_op)
-from test_op_edge_cases import DIRECT_CALL_CHECKS
+from test_op_edge_cases import DIRECT_CALL_CHECKS, check_extension_shares_the_process_libstdcxx
 from test_ops import VARIANTS
 
 pytestmark = pytest.mark.gpu
@@ -34,6 +34,12 @@ def require_variant(variant, monkeypatch):
     if fill:
         monkeypatch.setenv("PREFKERNELS_GRAD_FILL", fill)
     return require(backend)
+
+
+def test_extension_built_here_shares_the_process_libstdcxx():
+    """First, before any op call that formats an error message: the H200 image's g++ 13 linked
+    libstdc++ statically into every torch extension, and those messages segfaulted."""
+    check_extension_shares_the_process_libstdcxx()
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
@@ -144,9 +150,9 @@ def test_cuda_forward_and_backward_are_one_launch_each(variant, pairs, monkeypat
     assert len(device_activities(lambda: ops.bt_forward(*mean_args))) == 2
     entries = pair_grad.reshape(-1, heads)
     csr = rows_csr(*args[6:8], args[0].shape[0])
+    grad_loss = torch.rand((), device="cuda")  # made here: the profiler would count its kernel
     for call in (lambda: ops.pool_backward(coef, None, 1.0, None, None, args[0], args[1], pooled_pos, True),
-                 lambda: ops.pool_backward(entries, torch.rand((), device="cuda"), 0.5, *csr, args[0], args[1],
-                                           pooled_pos, True)):
+                 lambda: ops.pool_backward(entries, grad_loss, 0.5, *csr, args[0], args[1], pooled_pos, True)):
         call()  # warm-up
         backward = device_activities(call)
         kernels = [name for name in backward if "pool_backward" in name]

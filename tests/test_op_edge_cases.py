@@ -1,4 +1,7 @@
 """Edge cases of the public ops on every backend: autocast, and invalid rows with the value checks off."""
+import shutil
+import subprocess
+
 import pytest
 import torch
 
@@ -253,3 +256,22 @@ DIRECT_CALL_CHECKS = [check_direct_bt_forward_with_no_explicit_pairs,
 def test_direct_op_calls(backend, check):
     """Direct calls of the raw ops (each check on CPU tensors; tests/test_gpu.py runs them on CUDA)."""
     check(cpu_kernel_ops(backend), "cpu")
+
+
+def check_extension_shares_the_process_libstdcxx():
+    """prefkernels._C defines no libstdc++ internals of its own (setup.py links the shared
+    libstdc++ first): a private, uninitialized copy formats integers wrong or segfaults, as every
+    error message that names a value does (e.g. "reduction: ... got 3")."""
+    if backends.native_ops() is None:
+        pytest.skip("prefkernels._C is not built")
+    if shutil.which("nm") is None:
+        pytest.skip("nm (binutils) is not installed")
+    from prefkernels import _C
+    symbols = subprocess.run(["nm", "-D", "-C", "--defined-only", _C.__file__], capture_output=True, text=True,
+                             check=True).stdout
+    assert "std::locale::classic()" not in symbols and "std::ios_base::Init::Init()" not in symbols, (
+        f"{_C.__file__} carries its own libstdc++ (linked statically): rebuild with setup.py's link_args()")
+
+
+def test_extension_shares_the_process_libstdcxx():
+    check_extension_shares_the_process_libstdcxx()

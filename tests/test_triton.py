@@ -310,11 +310,12 @@ def test_unpooled_grad_rows_stay_zero_with_a_nan_weight(monkeypatch, fill):
 
 @pytest.mark.parametrize("N,K,T,fills", [(32, 4, 2048, True), (32, 4, 2047, False), (33, 4, 3972, True),
                                          (33, 4, 3971, False), (32, 5, 4096, True), (32, 5, 4095, False),
-                                         (8, 1, 3, False)])
+                                         (8, 1, 3, False), (32, 1, 43690, True), (32, 1, 43691, False)])
 def test_grad_fill_auto_threshold(N, K, T, fills):
     """``auto`` takes the fill kernel from 12 MiB of grad_hidden per pass of 32 rows x 4 heads
-    (bf16, D = 96: 6 KiB per row of 32 positions), as the CUDA backend's plan; ``kernel`` takes it
-    for any padded [N, T, D] hidden, ``memset`` never, and packed or frozen hidden never."""
+    (bf16, D = 96: 6 KiB per row of 32 positions), as the CUDA backend's plan, up to 256 MiB
+    (43690 positions of 32 rows); ``kernel`` takes it for any padded [N, T, D] hidden, ``memset``
+    never, and packed or frozen hidden never."""
     hidden = torch.empty(N, T, 96, dtype=BF16, device="meta")
     assert bool(triton_bt._fill_rows(hidden, True, N, K, "auto")) == fills
     assert triton_bt._fill_rows(hidden, True, N, K, "kernel") == 256  # 64 KiB of 192-byte rows: 342, capped

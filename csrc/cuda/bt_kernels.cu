@@ -60,9 +60,13 @@ constexpr int64_t kScratchBudgetFloats = int64_t(16) << 20;
 // Fill kernel (pool_backward_fill_kernel): grad bytes per fill block, and, for GradFill::kAuto,
 // the grad bytes it takes per pass of its one-row-block reduction (a pass of 32 rows x 4 heads,
 // a dependent load of about 2 us under the fill's traffic) for that reduction to take at most
-// half of the fill's time at 3 TB/s.
+// half of the fill's time at 3 TB/s; and the most grad bytes it takes: on an H200 it writes about
+// 4.2 TB/s against the memset's 4.5, 22 ps a byte more, while it saves the memset path's backward
+// kernel and a launch, about 17 us, so the two cross near 750 MiB (measured: the fill kernel
+// 12 and 8 us ahead at 256 and 512 MiB, 5 and 7 us behind at 1 GiB).
 constexpr int64_t kFillBlockBytes = int64_t(64) << 10;
 constexpr int64_t kFillBytesPerPass = int64_t(12) << 20;
+constexpr int64_t kFillMaxBytes = int64_t(768) << 20;
 
 __host__ __device__ __forceinline__ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 __host__ __device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
@@ -856,13 +860,14 @@ PoolBackwardPlan plan_pool_backward(const HiddenArgs& hidden, const HeadArgs& he
   plan.tiles = max64(1, ceil_div(dim, int64_t(kWarp) * width));  // >= 1: the bias needs one
   if (rows <= 0) return plan;
   // The fill kernel: padded grad_hidden of 16-byte vectors, and (auto) its bytes at least
-  // kFillBytesPerPass per pass of the one-row-block reduction beside it.
+  // kFillBytesPerPass per pass of the one-row-block reduction beside it and at most kFillMaxBytes.
   const int64_t grad_rows = rows * hidden.positions, row_bytes = dim * (width == 4 ? 4 : 2);
+  const int64_t grad_bytes = grad_rows * row_bytes;
   const int64_t passes = ceil_div(rows, kRowsPerBlock) * ceil_div(heads, kHeadChunk);
   const bool fillable = grad_hidden && grad_rows > 0 && grad_stride_n == hidden.positions * dim &&
                         can_vectorize(hidden, int(width), head.weight);
-  if (fillable && (fill == GradFill::kKernel ||
-                   (fill == GradFill::kAuto && grad_rows * row_bytes >= passes * kFillBytesPerPass))) {
+  const bool fill_pays = grad_bytes >= passes * kFillBytesPerPass && grad_bytes <= kFillMaxBytes;
+  if (fillable && (fill == GradFill::kKernel || (fill == GradFill::kAuto && fill_pays))) {
     plan.rows_per_block = rows;
     plan.row_blocks = 1;
     plan.fill_rows = max64(kBackwardWarps, ceil_div(kFillBlockBytes, row_bytes));

@@ -39,3 +39,25 @@ TORCH_LIBRARY_FRAGMENT(prefkernels_emu, m) {
 #include "../../csrc/ops.cpp"
 #include "../../csrc/cuda/bt_kernels.cu"
 #include "../../csrc/cuda/bt_cuda.cpp"
+
+// prefkernels_emu::fill_rows_of_plan(rows, positions, dim, heads, fp32, fill) -> int: the
+// backward plan's fill_rows (0: the memset path) for padded [rows, positions, dim] hidden with
+// 16-byte aligned rows, at sizes too large to allocate in a test (the pointers are never read).
+TORCH_LIBRARY_FRAGMENT(prefkernels, m) {
+  m.def("fill_rows_of_plan(int rows, int positions, int dim, int heads, bool fp32, int fill) -> int",
+        [](int64_t rows, int64_t positions, int64_t dim, int64_t heads, bool fp32, int64_t fill) {
+          alignas(16) static const char aligned[16] = {};
+          prefkernels::gpu::HiddenArgs hidden{};
+          hidden.rows = rows;
+          hidden.positions = positions;
+          hidden.dim = dim;
+          hidden.stride_t = dim;
+          hidden.stride_n = positions * dim;
+          hidden.data = aligned;
+          hidden.dtype = fp32 ? prefkernels::gpu::DType::kFloat32 : prefkernels::gpu::DType::kBFloat16;
+          prefkernels::gpu::HeadArgs head{aligned, nullptr, true, heads};
+          return prefkernels::gpu::plan_pool_backward(hidden, head, true, positions * dim,
+                                                      static_cast<prefkernels::gpu::GradFill>(fill))
+              .fill_rows;
+        });
+}
