@@ -10,10 +10,11 @@ backward (``.grad = None``):
   sync cannot be captured).
 The floor is ``torch.zeros_like(hidden)``; ``memset`` zeroes the same bytes as float32 words
 (about a memset's cost whatever the dtype). ``native`` and ``triton`` run as shipped
-(PREFKERNELS_GRAD_FILL auto: on these shapes the backward writes the whole grad buffer in its one
-kernel, no memset); ``native_memset`` and ``triton_memset`` are the same ops with the grad buffer
-cleared by a memset (Triton: a zero fill) before the kernel, the A/B of that choice (their eager
-timing includes setting the variable, a few us of Python).
+(PREFKERNELS_GRAD_FILL auto: up to 768 MiB of grad buffer for native, 256 MiB for Triton, the
+backward writes the whole grad buffer in its one kernel, no memset); ``native_memset`` and
+``triton_memset`` are the same ops with the grad buffer cleared by a memset (Triton: a zero fill)
+before the kernel, the A/B of that choice (their eager timing includes setting the variable, a few
+us of Python; on the shapes past auto's bound they time what ``native``/``triton`` do).
 Also the host time of the eager step (the Python call alone, device synchronized after the
 timer) and, for the smallest grad buffer, torch.profiler tables per method (host time, kernels).
 Prints a table (us, effective GB/s of the grad buffer, ratios, peak extra memory) and writes
