@@ -84,3 +84,14 @@ def test_with_grad_fill_sets_the_variable_only_while_the_step_runs(monkeypatch):
     seen = []
     bench_gpu.with_grad_fill(lambda batch: seen.append(os.environ.get("PREFKERNELS_GRAD_FILL")), "memset")({})
     assert seen == ["memset"] and "PREFKERNELS_GRAD_FILL" not in os.environ
+    monkeypatch.setenv("PREFKERNELS_GRAD_FILL", "kernel")
+    monkeypatch.setenv("PREFKERNELS_UNRELATED", "kept")
+
+    def failing_step(batch):
+        seen.append(os.environ.get("PREFKERNELS_GRAD_FILL"))
+        raise RuntimeError("step failed")
+
+    with pytest.raises(RuntimeError, match="step failed"):
+        bench_gpu.with_grad_fill(failing_step, "memset")({})
+    assert seen == ["memset", "memset"] and os.environ["PREFKERNELS_GRAD_FILL"] == "kernel"
+    assert os.environ["PREFKERNELS_UNRELATED"] == "kept"
