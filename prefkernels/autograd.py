@@ -118,6 +118,7 @@ def register(ops: OpSet) -> None:
                 grad_bias.to(ctx.bias_dtype) if need_bias else None)
 
     def save_head_info(ctx, bias, pooled_pos):
+        ctx.set_materialize_grads(False)  # no zero-filled gradients of the outputs without one
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.rows = pooled_pos.shape[0]
 

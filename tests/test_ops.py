@@ -326,6 +326,41 @@ def test_autograd_kernel_skips_the_per_call_schema_walk(backend, monkeypatch):
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("op", ["fused_bt_loss", "pool_score"])
+def test_backward_fills_no_gradient_of_the_outputs_without_one(backend, op):
+    """The outputs that get no gradient (rewards, pair coefficients and pooled positions of
+    bt_forward; pooled positions of pool_forward) are not handed to the backward as zero-filled
+    tensors: on a GPU each was a fill kernel of its own in every training step (3 of a step's 8
+    launches in the H200 profile). The backward dispatches pool_backward and no fill."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    require_backend(backend, "cpu")
+    g = torch.Generator().manual_seed(6)
+    hidden = torch.randn(4, 3, 5, generator=g, requires_grad=True)
+    weight = torch.randn(2, 5, generator=g, requires_grad=True)
+    kwargs = {"last_index": torch.tensor([2, 1, 0, 2]), "backend": backend}
+    if op == "fused_bt_loss":
+        out = prefkernels.fused_bt_loss(hidden, weight, **kwargs)[0]
+    else:
+        out = prefkernels.pool_score(hidden, weight, **kwargs).sum()
+
+    class Log(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    with Log() as log:
+        out.backward()
+    assert any("pool_backward" in name for name in log.ops), log.ops
+    fills = [name for name in log.ops if name.split(".")[-1] in ("zeros", "zeros_like", "zero_", "fill_", "new_zeros")]
+    assert fills == [], log.ops
+    assert hidden.grad.abs().sum() > 0 and weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_double_backward_raises_on_kernel_backends_and_works_on_reference(backend):
     """A gradient penalty needs the backward's own graph: the kernel backends refuse it clearly
     (never gradients silently detached from it); the reference computes it."""
