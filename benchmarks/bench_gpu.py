@@ -16,7 +16,8 @@ backward writes the whole grad buffer in its one kernel, no memset); ``native_me
 before the kernel, the A/B of that choice (their eager timing includes setting the variable, a few
 us of Python; on the shapes past auto's bound they time what ``native``/``triton`` do).
 Also the host time of the eager step (the Python call alone, device synchronized after the
-timer) and, for the smallest grad buffer, torch.profiler tables per method (host time, kernels).
+timer) and, for the smallest grad buffer of each pairing, torch.profiler tables per method (host time,
+kernels).
 Prints a table (us, effective GB/s of the grad buffer, ratios, peak extra memory) and writes
 JSON + PNG + bench_gpu_profile.txt under $OUT when set, else benchmarks/results/.
 
@@ -196,8 +197,11 @@ def run(shapes, repeats: int, warmup: int, bandwidth: float, on_row, profile_pat
         all_steps[f"{name}_memset"] = with_grad_fill(all_steps[name], "memset")
         kernels.append(f"{name}_memset")
     rows = []
-    # profiled: the first shape of the smallest grad buffer (fixed costs weigh most there)
-    profiled_shape = min(shapes, key=lambda s: s[0] * 2 * s[1] * s[2] * common.DTYPES[s[3]].itemsize)
+    # profiled: per pairing, the first shape of its smallest grad buffer (fixed costs weigh most there)
+    profiled_shapes = {}
+    for shape in sorted(shapes, key=lambda s: s[0] * 2 * s[1] * s[2] * common.DTYPES[s[3]].itemsize):
+        profiled_shapes.setdefault(shape[4] if len(shape) > 4 else "default", shape)
+    profiles = []
     for shape in shapes:
         pairs, positions, dim, dtype, *pairing = shape
         pairing = pairing[0] if pairing else "default"
@@ -212,8 +216,9 @@ def run(shapes, repeats: int, warmup: int, bandwidth: float, on_row, profile_pat
         add_ratios(row, common.time_interleaved(steps, batch, repeats, warmup, cuda_timer), kernels, nbytes, "")
         for name, seconds in common.time_interleaved(steps, batch, repeats, 1, host_timer).items():
             row[f"{name} host us"] = seconds * 1e6
-        if profile_path is not None and shape is profiled_shape:
-            profile_path.write_text(f"{row['shape']}\n{profile_table(steps, batch, kernels)}\n")
+        if profile_path is not None and shape is profiled_shapes[pairing]:
+            profiles.append(f"{row['shape']}\n{profile_table(steps, batch, kernels)}\n")
+            profile_path.write_text("\n".join(profiles))
         for name, step in steps.items():
             row[f"{name} peak MB"] = cuda_peak_extra_bytes(step, batch) / 2**20
         replays = {}

@@ -70,10 +70,14 @@ def test_bench_gpu_runs_and_reports_on_cpu(on_cpu, tmp_path, capsys):
     assert (tmp_path / "bench_gpu_eager.png").stat().st_size > 0
     assert not (tmp_path / "bench_gpu_graph.png").exists()  # no floor time to divide by
     profile = (tmp_path / "bench_gpu_profile.txt").read_text()
-    assert profile.startswith("P=1 T=8 D=16 bf16")  # the smallest grad buffer: fixed costs weigh most there
-    for sort_by in ("self_cpu_time_total", "self_cuda_time_total"):
-        assert f"== native (5 steps), by {sort_by}" in profile
-    assert "== native: cProfile of 20 steps" in profile and "fused_bt_loss" in profile
+    # per pairing, its smallest grad buffer (fixed costs weigh most there), in the order run
+    default, ranked = profile.split("\nN=4 P=6 T=8 D=16 bf16 ranked4\n")
+    assert default.startswith("P=1 T=8 D=16 bf16\n") and "P=2 T=16" not in profile
+    for table in (default, ranked):
+        for sort_by in ("self_cpu_time_total", "self_cuda_time_total"):
+            assert f"== native (5 steps), by {sort_by}" in table
+        assert "== native: cProfile of 20 steps" in table and "fused_bt_loss" in table
+    assert "aten::sort" in ranked and "aten::sort" not in default  # the explicit pairs' rows_csr
     out = capsys.readouterr().out
     assert "not captured in a CUDA graph" in out and "native/memset" in out and "wrote" in out
     assert "broken failed, left out: RuntimeError: broken method (test)" in out
