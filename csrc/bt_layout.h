@@ -71,6 +71,13 @@ PK_HOST_DEVICE float csr_segment_sum(const float* grad_coef, const LossGrad& los
   return acc;
 }
 
+// rows_csr's bucket of a pair entry whose row is `row`: 0 below row 0, row + 1 for a row in
+// [0, rows), rows + 1 past the last. The entries in bucket order, each bucket's in entry order,
+// are row_entry; row_ptr[n] is the first slot of bucket n + 1 (the count of entries of rows < n).
+PK_HOST_DEVICE int64_t csr_bucket(int64_t row, int64_t rows) {
+  return row < 0 ? 0 : (row < rows ? row + 1 : rows + 1);
+}
+
 // pos if it is a position of hidden, [0, positions); else -1: the row is invalid (NaN rewards).
 PK_HOST_DEVICE int64_t valid_position(int64_t pos, int64_t positions) {
   return (pos >= 0 && pos < positions) ? pos : -1;

@@ -81,6 +81,21 @@ inline int64_t num_pairs(int64_t rows, const c10::optional<at::Tensor>& chosen, 
   return chosen->size(0);
 }
 
+// rows_csr's arguments: P, the length of both index tensors.
+inline int64_t csr_pairs(const at::Tensor& chosen_index, const at::Tensor& rejected_index, int64_t rows) {
+  TORCH_CHECK(chosen_index.scalar_type() == at::kLong && chosen_index.dim() == 1 && chosen_index.is_contiguous(),
+              "chosen_index: expected contiguous int64 [P], got ", chosen_index.scalar_type(), " ",
+              chosen_index.sizes());
+  TORCH_CHECK(rejected_index.scalar_type() == at::kLong && rejected_index.dim() == 1 && rejected_index.is_contiguous() &&
+                  rejected_index.size(0) == chosen_index.size(0),
+              "rejected_index: expected contiguous int64 [P] with P = ", chosen_index.size(0), " (chosen_index), got ",
+              rejected_index.scalar_type(), " ", rejected_index.sizes());
+  TORCH_CHECK(rows >= 0, "rows: expected >= 0, got ", rows);
+  TORCH_CHECK(chosen_index.size(0) <= (int64_t(1) << 30), "chosen_index: expected at most 2^30 pairs, got ",
+              chosen_index.size(0));
+  return chosen_index.size(0);
+}
+
 template <typename T>
 const T* optional_ptr(const c10::optional<at::Tensor>& t) {
   return t.has_value() ? t->data_ptr<T>() : nullptr;

@@ -26,6 +26,11 @@ PK_DEFINE_OPS(prefkernels, m) {
       "pool_backward(Tensor grad_coef, Tensor? grad_loss, float loss_scale, Tensor? row_ptr, "
       "Tensor? row_entry, Tensor hidden, Tensor weight, Tensor pooled_pos, bool need_grad_hidden) "
       "-> (Tensor, Tensor, Tensor)");
+  // (row_ptr [rows + 1], row_entry [2P]) int64: the CSR of the 2P pair entries by row (entry e < P:
+  // row chosen_index[e], else rejected_index[e - P]), each row's entries in ascending order, as a
+  // stable sort by row gives them; row n's are row_entry[row_ptr[n] : row_ptr[n + 1]]. Entries of
+  // rows outside [0, rows) lie outside every row's segment. pool_backward's row_ptr/row_entry.
+  m.def("rows_csr(Tensor chosen_index, Tensor rejected_index, int rows) -> (Tensor, Tensor)");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -3,7 +3,8 @@
 The forward ops return the per-pair gradient coefficients, so backward never recomputes
 the forward: it hands them, with the loss's incoming gradient, to the backend's single
 ``pool_backward`` (grad buffer + one pass that scales the coefficients, scatters the pooled rows
-and reduces the weight and bias gradients). ``bt_forward`` takes the loss's reduction, so a mean
+and reduces the weight and bias gradients); explicit pairs' entries are first grouped by row
+(``OpSet.rows_csr``: one launch of the native op). ``bt_forward`` takes the loss's reduction, so a mean
 loss's gradient reaches the kernel as one value: no kernel expands or multiplies it first.
 
 That backward is not itself differentiable: a backward with ``create_graph=True`` (double
@@ -35,24 +36,14 @@ def _bt_forward_fake(hidden, weight, bias, attention_mask, last_index, cu_seqlen
     return loss, rewards, pair_grad, pooled_pos
 
 
+def _rows_csr_fake(chosen_index, rejected_index, rows):
+    return chosen_index.new_empty((rows + 1,)), chosen_index.new_empty((2 * chosen_index.shape[0],))
+
+
 def _pool_backward_fake(grad_coef, grad_loss, loss_scale, row_ptr, row_entry, hidden, weight, pooled_pos,
                         need_grad_hidden):
     grad_hidden = hidden.new_empty(hidden.shape) if need_grad_hidden else hidden.new_empty((0,))
     return grad_hidden, torch.empty_like(weight), hidden.new_empty((weight.shape[0],), dtype=_F32)
-
-
-def rows_csr(chosen_index, rejected_index, rows):
-    """CSR of the 2P pair entries (entry e < P: row chosen_index[e]; else rejected_index[e - P],
-    both [P] int64) grouped by row: (row_ptr [N+1], row_entry [2P]) int64, built with a stable
-    sort so the backward's per-row sums run in a fixed order (deterministic, no atomics).
-    (None, None) for the default pairing (chosen_index None), whose entry e is row e.
-    """
-    if chosen_index is None:
-        return None, None
-    sorted_rows, row_entry = torch.sort(torch.cat([chosen_index, rejected_index]), stable=True)
-    boundaries = torch.arange(rows + 1, device=sorted_rows.device, dtype=sorted_rows.dtype)
-    row_ptr = torch.searchsorted(sorted_rows, boundaries)
-    return row_ptr, row_entry
 
 
 _libraries: dict[str, torch.library.Library] = {}  # per namespace, kept alive: they hold the kernels
@@ -99,6 +90,8 @@ def register(ops: OpSet) -> None:
     torch.library.register_fake(qualname("bt_forward"))(_bt_forward_fake)
     torch.library.register_fake(qualname("pool_forward"))(_pool_forward_fake)
     torch.library.register_fake(qualname("pool_backward"))(_pool_backward_fake)
+    if ops.defines("rows_csr"):
+        torch.library.register_fake(qualname("rows_csr"))(_rows_csr_fake)
 
     def backward_into_inputs(ctx, hidden, weight, pooled_pos, coef, row_ptr, row_entry, grad_loss=None,
                              loss_scale=1.0):
@@ -159,7 +152,8 @@ def register(ops: OpSet) -> None:
         hidden, pooled_pos, weight, pair_grad, chosen_index, rejected_index = ctx.saved_tensors
         pairs, heads = pair_grad.shape[1], pair_grad.shape[2]
         loss_scale = 1.0 / max(pairs * heads, 1) if ctx.mean else 1.0
-        row_ptr, row_entry = rows_csr(chosen_index, rejected_index, ctx.rows)
+        row_ptr, row_entry = (None, None) if chosen_index is None else ops.rows_csr(chosen_index, rejected_index,
+                                                                                      ctx.rows)
         grads = backward_into_inputs(ctx, hidden, weight, pooled_pos, pair_grad.reshape(-1, heads), row_ptr, row_entry,
                                      grad_loss.float().contiguous(), loss_scale)
         return (*grads, None, None, None, None, None, None, None, None, None)

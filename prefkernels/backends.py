@@ -19,12 +19,16 @@ import torch
 BACKENDS = ("auto", "native", "triton", "reference")
 ENV_VAR = "PREFKERNELS_BACKEND"
 TRITON_INSTALLED = importlib.util.find_spec("triton") is not None  # at import: find_spec is not traceable
+# The most pair entries (2P) the CUDA rows_csr op groups by row: its placement takes steps of 32
+# entries, each a dependent chain of about 0.1 us, so 128 steps (~13 us) against the reference's
+# sort (six launches, ~15-30 us in a CUDA graph; estimates, not yet measured).
+CUDA_CSR_MAX_ENTRIES = 4096
 
 
 @dataclass(frozen=True)
 class OpSet:
-    """The three ops a kernel backend implements, ``{namespace}::{prefix}{op}``, all with the
-    schemas defined in csrc/ops.cpp (native: no prefix; Triton: ``triton_``; the tests' CPU
+    """The ops a kernel backend implements, ``{namespace}::{prefix}{op}``, all with the schemas
+    defined in csrc/ops.cpp (rows_csr only where the namespace defines it) (native: no prefix; Triton: ``triton_``; the tests' CPU
     emulation of the CUDA code: namespace ``prefkernels_emu``)."""
 
     name: str
@@ -48,6 +52,23 @@ class OpSet:
     @property
     def pool_backward(self) -> Callable:
         return self.op("pool_backward")
+
+    def defines(self, op: str) -> bool:
+        return hasattr(getattr(torch.ops, self.namespace), self.prefix + op)
+
+    def rows_csr(self, chosen_index, rejected_index, rows: int):
+        """(row_ptr [rows + 1], row_entry [2P]) int64, the explicit pairs' entries by row for
+        pool_backward: this namespace's rows_csr op (native, the emulated CUDA), else the native
+        op where it runs on the indices' device (Triton has none of its own), else the
+        reference's stable sort (six launches on a GPU). On CUDA the op's one warp places 32
+        entries a step: past CUDA_CSR_MAX_ENTRIES the reference's sort takes over."""
+        ops = self if self.defines("rows_csr") else _native_for(chosen_index.device)
+        if chosen_index.device.type == "cuda" and 2 * chosen_index.shape[0] > CUDA_CSR_MAX_ENTRIES:
+            ops = None
+        if ops is None:
+            from prefkernels import reference
+            return reference.rows_csr(chosen_index, rejected_index, rows)
+        return ops.op("rows_csr")(chosen_index, rejected_index, rows)
 
 
 _warned: set[str] = set()

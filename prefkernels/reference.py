@@ -131,6 +131,16 @@ def fused_bt_loss(hidden, weight, bias=None, *, attention_mask=None, last_index=
     return reduce_loss(loss, reduction), rewards.detach()
 
 
+def rows_csr(chosen_index, rejected_index, rows):
+    """The kernels' rows_csr op (csrc/ops.cpp) by a stable sort: the 2P pair entries (entry e < P:
+    row chosen_index[e], else rejected_index[e - P]; both [P] int64) grouped by row, each row's in
+    ascending order. Returns (row_ptr [rows + 1], row_entry [2P]) int64: row n's entries are
+    row_entry[row_ptr[n]:row_ptr[n + 1]]; entries of rows outside [0, rows) lie outside them all."""
+    sorted_rows, row_entry = torch.sort(torch.cat([chosen_index, rejected_index]), stable=True)
+    boundaries = torch.arange(rows + 1, device=sorted_rows.device, dtype=sorted_rows.dtype)
+    return torch.searchsorted(sorted_rows, boundaries), row_entry
+
+
 def _pairs_or_default(chosen_index, rejected_index, rows, device):
     if chosen_index is None:
         return default_pairs(rows, device)

@@ -157,13 +157,22 @@ def public(backend):
     return fn
 
 
+def csr_of(chosen_index, rejected_index, rows, ops=None):
+    """pool_backward's (row_ptr, row_entry): (None, None) for the default pairing (chosen_index
+    None), else ``ops.rows_csr`` (an OpSet), or the reference's without ``ops``."""
+    if chosen_index is None:
+        return None, None
+    if ops is None:
+        return reference.rows_csr(chosen_index, rejected_index, rows)
+    return ops.rows_csr(chosen_index, rejected_index, rows)
+
+
 def opcheck_ops(ops, args):
     """torch.library.opcheck of the three ops of ``ops`` (an OpSet) on ``args``, bt_forward's tensor
     arguments (hidden, weight, bias requiring grad, then attention_mask, last_index, cu_seqlens,
     chosen_index, rejected_index, margin): bt_forward with each reduction, pool_forward, and
     pool_backward with per-row coefficients and with bt_forward's pair entries times a loss
-    gradient of one value and of one value per pair."""
-    from prefkernels.autograd import rows_csr
+    gradient of one value and of one value per pair; and rows_csr where ``ops`` defines it."""
     from prefkernels.checks import REDUCTION_CODES
     for reduction in REDUCTION_CODES.values():
         torch.library.opcheck(ops.bt_forward, (*args, 0.1, 0.01, reduction))
@@ -174,7 +183,9 @@ def opcheck_ops(ops, args):
     torch.library.opcheck(ops.pool_backward, (torch.randn_like(rewards), None, 1.0, None, None, hidden, weight,
                                               pooled_pos, True))
     loss, _, pair_grad, _ = ops.bt_forward(*detached, 0.1, 0.01, REDUCTION_CODES["none"])
-    csr = rows_csr(*detached[6:8], rewards.shape[0])
+    csr = csr_of(*detached[6:8], rewards.shape[0], ops)
+    if ops.defines("rows_csr") and detached[6] is not None:
+        torch.library.opcheck(ops.op("rows_csr"), (*detached[6:8], rewards.shape[0]))
     entries = pair_grad.reshape(-1, pair_grad.shape[-1])
     for grad_loss, scale in ((torch.randn((), device=loss.device), 1.0 / loss.numel()), (torch.randn_like(loss), 1.0)):
         torch.library.opcheck(ops.pool_backward, (entries, grad_loss, scale, *csr, hidden, weight, pooled_pos, True))

@@ -77,7 +77,7 @@ def test_bench_gpu_runs_and_reports_on_cpu(on_cpu, tmp_path, capsys):
         for sort_by in ("self_cpu_time_total", "self_cuda_time_total"):
             assert f"== native (5 steps), by {sort_by}" in table
         assert "== native: cProfile of 20 steps" in table and "fused_bt_loss" in table
-    assert "aten::sort" in ranked and "aten::sort" not in default  # the explicit pairs' rows_csr
+    assert "prefkernels::rows_csr" in ranked and "rows_csr" not in default  # the explicit pairs grouped by row
     out = capsys.readouterr().out
     assert "not captured in a CUDA graph" in out and "native/memset" in out and "wrote" in out
     assert "broken failed, left out: RuntimeError: broken method (test)" in out

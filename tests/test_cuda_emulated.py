@@ -20,11 +20,11 @@ import pytest
 import torch
 
 from prefkernels import autograd, backends
-from prefkernels.autograd import rows_csr
-from op_cases import Case, assert_matches, make_inputs, opcheck_ops, public, reference_float64, run_op
+from op_cases import (Case, assert_matches, csr_of, make_inputs, opcheck_ops, public, reference_float64,
+                      run_op)
 from test_cuda_compile import cuda_include_dir, find_nvcc
 from test_gpu import EDGE_OP_CASES, check_edge_ops, op_args
-from test_op_edge_cases import DIRECT_CALL_CHECKS
+from test_op_edge_cases import DIRECT_CALL_CHECKS, check_rows_csr
 from test_ops import DTYPES, VARIANTS
 
 EMU_DIR = Path(__file__).resolve().parent / "cuda_emu"
@@ -127,6 +127,20 @@ def test_emulated_cuda_direct_op_calls(emulated_ops, check):
     check(emulated_ops, "cpu")
 
 
+@pytest.mark.parametrize("order", ["first_to_last", "last_to_first"])
+def test_emulated_cuda_rows_csr(emulated_ops, order):
+    """The CUDA rows_csr against the reference (check_rows_csr), its block's threads run in either
+    order between barriers; ONE launch, no memset."""
+    torch.ops.prefkernels_emu.run_threads_in_reverse(order == "last_to_first")
+    try:
+        check_rows_csr(emulated_ops.op("rows_csr"), "cpu")
+    finally:
+        torch.ops.prefkernels_emu.run_threads_in_reverse(False)
+    index = torch.tensor([3, 0, 2, 2])
+    work, _ = device_work(lambda: emulated_ops.rows_csr(index, index.flip(0), 4))
+    assert work == [1, 0]
+
+
 @pytest.mark.parametrize("pairs", ["default", "shared"])
 def test_emulated_cuda_forward_and_backward_are_one_launch_each(emulated_ops, grad_fill, pairs):
     """The launch structure of the GPU test, counted by the emulator: bt_forward is ONE kernel
@@ -137,7 +151,7 @@ def test_emulated_cuda_forward_and_backward_are_one_launch_each(emulated_ops, gr
                       device="cpu")
     work, (_, _, pair_grad, pooled_pos) = device_work(lambda: emulated_ops.bt_forward(*args))
     assert work == [1, 0]
-    csr = rows_csr(*args[6:8], args[0].shape[0])
+    csr = csr_of(*args[6:8], args[0].shape[0], emulated_ops)
     entries = pair_grad.reshape(-1, 2)
     work, _ = device_work(lambda: emulated_ops.pool_backward(entries, torch.tensor(0.5), 0.25, *csr, args[0], args[1],
                                                              pooled_pos, True))
@@ -162,7 +176,7 @@ def test_emulated_cuda_fill_kernel_equals_memset_path(emulated_ops, monkeypatch,
     pooled_pos = pooled_pos.clone()
     pooled_pos[[3, 17]] = torch.tensor([-1, case.positions])
     entries = pair_grad.reshape(-1, case.heads)
-    csr = rows_csr(*args[6:8], hidden.shape[0])
+    csr = csr_of(*args[6:8], hidden.shape[0], emulated_ops)
     g = torch.Generator().manual_seed(5)
     for grad_loss, scale in ((torch.rand((), generator=g) + 0.5, 0.25),
                              (torch.rand(entries.shape[0] // 2, case.heads, generator=g) + 0.5, 1.0)):

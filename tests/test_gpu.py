@@ -7,10 +7,9 @@ import torch
 
 import prefkernels
 from prefkernels import backends, checks, reference
-from prefkernels.autograd import rows_csr
-from op_cases import (Case, assert_matches, make_inputs, opcheck_ops, poison_allocator, public, reference_float64,
-                      run_op)
-from test_op_edge_cases import DIRECT_CALL_CHECKS, check_extension_shares_the_process_libstdcxx
+from op_cases import (Case, assert_matches, csr_of, make_inputs, opcheck_ops, poison_allocator, public,
+                      reference_float64, run_op)
+from test_op_edge_cases import DIRECT_CALL_CHECKS, check_extension_shares_the_process_libstdcxx, check_rows_csr
 from test_ops import VARIANTS
 
 pytestmark = pytest.mark.gpu
@@ -149,7 +148,7 @@ def test_cuda_forward_and_backward_are_one_launch_each(variant, pairs, monkeypat
     ops.bt_forward(*mean_args)
     assert len(device_activities(lambda: ops.bt_forward(*mean_args))) == 2
     entries = pair_grad.reshape(-1, heads)
-    csr = rows_csr(*args[6:8], args[0].shape[0])
+    csr = csr_of(*args[6:8], args[0].shape[0], ops)
     grad_loss = torch.rand((), device="cuda")  # made here: the profiler would count its kernel
     for call in (lambda: ops.pool_backward(coef, None, 1.0, None, None, args[0], args[1], pooled_pos, True),
                  lambda: ops.pool_backward(entries, grad_loss, 0.5, *csr, args[0], args[1], pooled_pos, True)):
@@ -159,6 +158,33 @@ def test_cuda_forward_and_backward_are_one_launch_each(variant, pairs, monkeypat
         fill_kernel = variant.endswith("-kernel")
         assert len(kernels) == 1 and len(backward) == (1 if fill_kernel else 2), backward
         assert ("pool_backward_fill_kernel" in kernels[0]) == fill_kernel, kernels
+
+
+def test_cuda_rows_csr():
+    """The CUDA rows_csr against the reference (check_rows_csr), then on 400k entries of 4096 rows:
+    ONE kernel, equal to the reference and to its own replay in a CUDA graph (no host sync). Both
+    backends' OpSet.rows_csr take it up to CUDA_CSR_MAX_ENTRIES entries, the reference past it."""
+    require("native")
+    check_rows_csr(torch.ops.prefkernels.rows_csr, "cuda")
+    g = torch.Generator().manual_seed(12)
+    chosen, rejected = (torch.randint(0, 4096, (200_000,), generator=g).cuda() for _ in range(2))
+    want_ptr, want_entry = reference.rows_csr(chosen, rejected, 4096)
+    kernels = device_activities(lambda: torch.ops.prefkernels.rows_csr(chosen, rejected, 4096))
+    assert len(kernels) == 1 and "rows_csr_kernel" in kernels[0], kernels
+    graph = torch.cuda.CUDAGraph()
+    torch.ops.prefkernels.rows_csr(chosen, rejected, 4096)  # warm-up outside the capture
+    with torch.cuda.graph(graph):
+        row_ptr, row_entry = torch.ops.prefkernels.rows_csr(chosen, rejected, 4096)
+    for t in (row_ptr, row_entry):
+        t.fill_(-7)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(row_ptr, want_ptr) and torch.equal(row_entry, want_entry)
+    for entries, kernel in ((backends.CUDA_CSR_MAX_ENTRIES, True), (backends.CUDA_CSR_MAX_ENTRIES + 2, False)):
+        pairs = (chosen[:entries // 2], rejected[:entries // 2])
+        for ops in filter(None, (backends.native_ops(), backends.triton_ops())):  # Triton takes native's
+            kernels = device_activities(lambda: ops.rows_csr(*pairs, 4096))
+            assert any("rows_csr_kernel" in name for name in kernels) == kernel, (entries, kernels)
 
 
 @pytest.mark.parametrize("variant", FILL_VARIANTS)
@@ -316,7 +342,7 @@ def check_edge_ops(ops, native_cpu, case, device):
     dense = torch.randn(N, K, generator=g)
     dense[invalid] = float("nan")  # skipped rows contribute nothing, even a NaN coefficient
     entries = torch.cat([chosen, rejected]).clamp(0, N - 1)
-    row_ptr, row_entry = rows_csr(chosen, rejected, N)  # out-of-range entries belong to no row
+    row_ptr, row_entry = reference.rows_csr(chosen, rejected, N)  # out-of-range entries belong to no row
     csr_coef = torch.randn(entries.shape[0], K, generator=g)
     csr_coef[invalid[entries]] = float("nan")
     # The coefficients as given, and (entries as pairs' chosen then rejected) times a loss gradient
@@ -354,7 +380,7 @@ def test_cuda_fill_kernel_matches_memset_path(backend, pairs, monkeypatch):
     args, heads = op_args(Case(dtype=torch.bfloat16, heads=1, rows=128, positions=512, dim=2048, pairs=pairs),
                           reduction="mean")
     _, _, pair_grad, pooled_pos = ops.bt_forward(*args)
-    csr = rows_csr(*args[6:8], args[0].shape[0])
+    csr = csr_of(*args[6:8], args[0].shape[0], ops)
     results = {}
     for fill in ("kernel", "memset"):
         monkeypatch.setenv("PREFKERNELS_GRAD_FILL", fill)

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import prefkernels
-from prefkernels import backends
+from prefkernels import backends, reference
+from op_cases import csr_of
 
 BACKENDS = ["native", "triton", "reference"]
 
@@ -208,7 +209,6 @@ def check_pool_backward_scales_entries_by_the_loss_gradient(ops, device):
     """``pool_backward`` with the loss's gradient (``grad_loss`` [] with a ``loss_scale``, or [P, K])
     equals ``pool_backward`` of the coefficients multiplied beforehand, grad_coef[e] * grad_loss[e mod
     P] * loss_scale over the 2P pair entries: dense (default pairs, entry e = row e) and by CSR."""
-    from prefkernels.autograd import rows_csr
     g = torch.Generator().manual_seed(7)
     N, K = 6, 2
     hidden, weight = torch.randn(N, 5, 8, generator=g).to(device), torch.randn(K, 8, generator=g).to(device)
@@ -216,7 +216,7 @@ def check_pool_backward_scales_entries_by_the_loss_gradient(ops, device):
     explicit = (torch.tensor([0, 1, 2, 0], device=device), torch.tensor([3, 4, 5, 5], device=device))
     for pairs in (None, explicit):
         P = N // 2 if pairs is None else pairs[0].shape[0]
-        row_ptr, row_entry = rows_csr(*(pairs or (None, None)), N)
+        row_ptr, row_entry = csr_of(*(pairs or (None, None)), N, ops)
         grad_coef = torch.randn(2 * P, K, generator=g).to(device)
         for grad_loss, scale in ((torch.randn((), generator=g), 1.0 / (P * K)), (torch.randn(P, K, generator=g), 1.0),
                                  (torch.randn(P, K, generator=g), 0.5)):
@@ -244,6 +244,46 @@ def check_direct_calls_refuse_a_bad_reduction_or_grad_loss(ops, device):
     for bad in (torch.ones(3, 2), torch.ones(2, 2, dtype=torch.float64), torch.ones(1), torch.ones(2, 3)):
         with pytest.raises(RuntimeError, match="grad_loss: expected a contiguous float32 \\[\\] or \\[P, K\\]"):
             ops.pool_backward(entries, bad.to(device), 1.0, None, None, hidden, weight, pooled_pos, True)
+
+
+def check_rows_csr(rows_csr, device):
+    """A rows_csr op (native CPU, emulated CUDA, CUDA) equals the reference's stable sort: row_ptr,
+    and every row's entries in ascending order; the whole of row_entry is a permutation of the 2P
+    entries (those of rows outside [0, rows) outside every segment). Over empty and one-row cases,
+    rows in many pairs (long segments, several 32-entry chunks and a partial one), indices far out
+    of range, 9000 rows (the CUDA kernel's counters in global memory, not shared); and clear errors
+    for bad arguments."""
+    g = torch.Generator().manual_seed(11)
+    for rows, pairs in ((0, 0), (0, 3), (1, 1), (4, 0), (5, 150), (37, 200), (300, 451), (9000, 700)):
+        chosen = torch.randint(-2, rows + 3, (pairs,), generator=g)
+        rejected = torch.randint(-2, rows + 3, (pairs,), generator=g)
+        if pairs > 2:
+            chosen[1], rejected[2] = -2 ** 62, 2 ** 62
+        what = f"rows={rows} pairs={pairs}"
+        want_ptr, want_entry = reference.rows_csr(chosen, rejected, rows)
+        row_ptr, row_entry = rows_csr(chosen.to(device), rejected.to(device), rows)
+        assert row_ptr.dtype == row_entry.dtype == torch.int64 and row_entry.shape == (2 * pairs,), what
+        assert torch.equal(row_ptr.cpu(), want_ptr), what
+        inside = slice(int(want_ptr[0]), int(want_ptr[-1]))
+        assert torch.equal(row_entry.cpu()[inside], want_entry[inside]), what
+        assert torch.equal(row_entry.cpu().sort().values, torch.arange(2 * pairs)), what
+    index = torch.arange(3, device=device)
+    bad_calls = [
+        ((index.int(), index, 4), "chosen_index: expected contiguous int64 \\[P\\], got Int"),
+        ((index.view(3, 1), index, 4), "chosen_index: expected contiguous int64 \\[P\\]"),
+        ((torch.arange(6, device=device)[::2], index, 4), "chosen_index: expected contiguous int64"),
+        ((index, index[:2], 4), "rejected_index: expected contiguous int64 \\[P\\] with P = 3 \\(chosen_index\\)"),
+        ((index, index, -1), "rows: expected >= 0, got -1"),
+    ]
+    for args, message in bad_calls:
+        with pytest.raises(RuntimeError, match=message):
+            rows_csr(*args)
+
+
+def test_native_rows_csr():
+    if backends.native_ops() is None:
+        pytest.skip("prefkernels._C is not built")
+    check_rows_csr(torch.ops.prefkernels.rows_csr, "cpu")
 
 
 DIRECT_CALL_CHECKS = [check_direct_bt_forward_with_no_explicit_pairs,

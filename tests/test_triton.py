@@ -261,7 +261,7 @@ def test_fill_kernel_grad_hidden_equals_memset_path_bit_for_bit(monkeypatch, dty
     pooled_pos = torch.randint(0, T, (N,), generator=g)
     pooled_pos[1], pooled_pos[4] = -1, T
     if pairs == "explicit":
-        from prefkernels.autograd import rows_csr
+        from prefkernels.reference import rows_csr
         chosen, rejected = torch.tensor([0, 2, 2, 5, 3, 1, 0]), torch.tensor([3, 5, 0, 2, 4, 2, 5])
         row_ptr, row_entry = (t.to(DEVICE) for t in rows_csr(chosen, rejected, N))
         grad_coef = torch.randn(2 * chosen.shape[0], K, generator=g)
@@ -565,7 +565,7 @@ def test_op_semantics_invalid_rows(case, grad_fill):
     # Backward: rows with pooled_pos < 0 are skipped, CSR sums, need_grad_hidden False -> [0].
     g = torch.Generator().manual_seed(23)
     grad_coef = torch.randn(2 * chosen.shape[0], weight.shape[0], generator=g)
-    from prefkernels.autograd import rows_csr
+    from prefkernels.reference import rows_csr
     row_ptr, row_entry = rows_csr(chosen.clamp(0, N - 1), rejected.clamp(0, N - 1), N)
     dense = torch.randn(N, weight.shape[0], generator=g)
     dense[invalid] = float("nan")
@@ -617,7 +617,7 @@ def test_opcheck(grad_fill):
     torch.library.opcheck(OPS.op("pool_backward"), (coef, None, 1.0, None, None, hidden, weight, pos, True))
     torch.library.opcheck(OPS.op("pool_backward"), (coef, torch.rand((), device=DEVICE), 0.5, None, None, hidden,
                                                     weight, pos, False))
-    from prefkernels.autograd import rows_csr
+    from prefkernels.reference import rows_csr
     row_ptr, row_entry = rows_csr(chosen, rejected, 4)
     torch.library.opcheck(OPS.op("pool_backward"), (torch.randn(6, 3, device=DEVICE), torch.rand(3, 3, device=DEVICE),
                                                     1.0, row_ptr, row_entry, hidden, weight, pos, True))

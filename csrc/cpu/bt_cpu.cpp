@@ -7,6 +7,7 @@
 // zero-filled grad buffer, one parallel scatter of the N pooled rows, and the weight gradient
 // reduced over rows per D-slice, and the bias gradient summed over the valid rows
 // (deterministic: no atomics, fixed order).
+// rows_csr: the explicit pairs' entries grouped by row, for the backward (a counting sort).
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
@@ -16,6 +17,7 @@
 #include <cstdlib>
 #include <limits>
 #include <string>
+#include <vector>
 
 #include "../bt_math.h"
 #include "../op_args.h"
@@ -263,10 +265,38 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_backward_cpu(
 
 }  // namespace
 
+// Counting sort of the 2P entries by csr_bucket: counts, their running sum (each bucket's first
+// slot), then the entries placed in entry order: O(P + rows), stable.
+std::tuple<at::Tensor, at::Tensor> rows_csr_cpu(const at::Tensor& chosen_index, const at::Tensor& rejected_index,
+                                                int64_t rows) {
+  TORCH_CHECK(rejected_index.device().is_cpu(), "rejected_index: expected a CPU tensor like chosen_index, got one on ",
+              rejected_index.device());
+  const int64_t pairs = csr_pairs(chosen_index, rejected_index, rows);
+  auto row_ptr = at::empty({rows + 1}, chosen_index.options());
+  auto row_entry = at::empty({2 * pairs}, chosen_index.options());
+  const int64_t* chosen = chosen_index.data_ptr<int64_t>();
+  const int64_t* rejected = rejected_index.data_ptr<int64_t>();
+  const auto bucket = [&](int64_t e) { return csr_bucket(e < pairs ? chosen[e] : rejected[e - pairs], rows); };
+  std::vector<int64_t> slot(rows + 2, 0);
+  for (int64_t e = 0; e < 2 * pairs; ++e) ++slot[bucket(e)];
+  int64_t first = 0;
+  for (int64_t& s : slot) {
+    const int64_t count = s;
+    s = first;
+    first += count;
+  }
+  int64_t* ptr = row_ptr.data_ptr<int64_t>();
+  for (int64_t n = 0; n <= rows; ++n) ptr[n] = slot[n + 1];
+  int64_t* entry = row_entry.data_ptr<int64_t>();
+  for (int64_t e = 0; e < 2 * pairs; ++e) entry[slot[bucket(e)]++] = e;
+  return {row_ptr, row_entry};
+}
+
 TORCH_LIBRARY_IMPL(prefkernels, CPU, m) {
   m.impl("bt_forward", &bt_forward_cpu);
   m.impl("pool_forward", &pool_forward_cpu);
   m.impl("pool_backward", &pool_backward_cpu);
+  m.impl("rows_csr", &rows_csr_cpu);
 }
 
 }  // namespace prefkernels

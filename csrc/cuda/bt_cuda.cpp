@@ -183,12 +183,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_backward_cuda(
   return {grad_hidden, grad_weight, grad_bias};
 }
 
+std::tuple<at::Tensor, at::Tensor> rows_csr_cuda(const at::Tensor& chosen_index, const at::Tensor& rejected_index,
+                                                 int64_t rows) {
+  TORCH_CHECK(chosen_index.is_cuda(), "chosen_index: expected a CUDA tensor");
+  check_device("rejected_index", rejected_index, chosen_index);
+  const int64_t pairs = csr_pairs(chosen_index, rejected_index, rows);
+  const c10::cuda::CUDAGuard guard(chosen_index.device());
+  auto row_ptr = at::empty({rows + 1}, chosen_index.options());
+  auto row_entry = at::empty({2 * pairs}, chosen_index.options());
+  auto counters = at::empty({gpu::rows_csr_scratch_ints(rows)}, chosen_index.options().dtype(at::kInt));
+  C10_CUDA_CHECK(gpu::launch_rows_csr(chosen_index.data_ptr<int64_t>(), rejected_index.data_ptr<int64_t>(), pairs,
+                                      rows, counters.data_ptr<int>(), row_ptr.data_ptr<int64_t>(),
+                                      row_entry.data_ptr<int64_t>(), c10::cuda::getCurrentCUDAStream().stream()));
+  return {row_ptr, row_entry};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(prefkernels, CUDA, m) {
   m.impl("bt_forward", &bt_forward_cuda);
   m.impl("pool_forward", &pool_forward_cuda);
   m.impl("pool_backward", &pool_backward_cuda);
+  m.impl("rows_csr", &rows_csr_cuda);
 }
 
 }  // namespace prefkernels

@@ -21,6 +21,9 @@
 //                        gradient [K]. The last block of each D tile to finish (an atomic ticket)
 //                        sums the partials of every row block (its warps over row blocks, then
 //                        in order) -> grad_weight in weight's dtype and grad_bias.
+// Explicit pairs' entries by row, ONE launch of one block:
+//   rows_csr_kernel      counts the entries of each row (integer atomics), turns the counts into
+//                        row_ptr, then warp 0 places the entries in entry order, 32 at a time.
 // Determinism: no floating-point atomics; every sum runs in an order fixed by the launch shape,
 // so two runs give bitwise equal results.
 #include "bt_kernels.cuh"
@@ -775,6 +778,98 @@ __global__ void __launch_bounds__(kBackwardThreads, 2) pool_backward_fill_kernel
 }
 
 // ---------------------------------------------------------------------------------------------
+// Pair entries grouped by row (rows_csr)
+// ---------------------------------------------------------------------------------------------
+constexpr int kCsrThreads = 256;
+constexpr int kCsrUnroll = 4;                // placement: chunks of 32 entries whose rows load together
+constexpr int64_t kCsrSharedBuckets = 8192;  // bucket counters in shared memory up to this many
+
+struct CsrParams {
+  const int64_t* chosen;    // [P]
+  const int64_t* rejected;  // [P]
+  int64_t pairs;
+  int64_t rows;
+  int* counters;            // [rows + 2] when they do not fit in shared memory
+  int64_t* row_ptr;         // [rows + 1]
+  int64_t* row_entry;       // [2P]
+};
+
+__device__ __forceinline__ int64_t entry_bucket(const CsrParams& p, int64_t e) {
+  return csr_bucket(e < p.pairs ? __ldg(p.chosen + e) : __ldg(p.rejected + e - p.pairs), p.rows);
+}
+
+// The sum of v over the block's threads before this one (blockDim.x == kCsrThreads; every thread
+// calls it). smem: a slot per warp.
+__device__ __forceinline__ int block_exclusive_sum(int v, int* smem) {
+  const int lane = int(threadIdx.x) % kWarp, warp = int(threadIdx.x) / kWarp;
+  int inclusive = v;
+#pragma unroll
+  for (int off = 1; off < kWarp; off <<= 1) {
+    const int below = __shfl_up_sync(0xffffffffu, inclusive, off);
+    if (lane >= off) inclusive += below;
+  }
+  if (lane == kWarp - 1) smem[warp] = inclusive;
+  __syncthreads();
+  int before = 0;
+  for (int w = 0; w < warp; ++w) before += smem[w];
+  __syncthreads();  // smem may be reused right after
+  return before + inclusive - v;
+}
+
+// One block. The entries of each csr_bucket are counted (exact: integer atomics); thread t turns
+// its run of consecutive buckets into their first slots (the block's exclusive sum of the runs'
+// counts, then the run in order), row_ptr[n] being bucket n + 1's. Then warp 0 places the entries
+// in entry order, 32 at a time: the lanes of one bucket (__match_any_sync) take consecutive slots
+// in lane order from the bucket's cursor, which their lowest lane advances. So each row lists its
+// entries in ascending order, the order of a stable sort by row, whatever order the counting ran.
+__global__ void __launch_bounds__(kCsrThreads) rows_csr_kernel(const CsrParams p) {
+  __shared__ int s_counters[kCsrSharedBuckets];
+  __shared__ int s_warp[kCsrThreads / kWarp];
+  const int64_t buckets = p.rows + 2, entries = 2 * p.pairs;
+  int* counters = buckets <= kCsrSharedBuckets ? s_counters : p.counters;
+  for (int64_t b = threadIdx.x; b < buckets; b += kCsrThreads) counters[b] = 0;
+  __syncthreads();
+  for (int64_t e = threadIdx.x; e < entries; e += kCsrThreads) atomicAdd(counters + entry_bucket(p, e), 1);
+  __syncthreads();
+  const int64_t run = ceil_div(buckets, kCsrThreads);
+  const int64_t lo = min64(buckets, int64_t(threadIdx.x) * run), hi = min64(buckets, lo + run);
+  int count = 0;
+  for (int64_t b = lo; b < hi; ++b) count += counters[b];
+  int slot = block_exclusive_sum(count, s_warp);
+  for (int64_t b = lo; b < hi; ++b) {
+    const int c = counters[b];
+    counters[b] = slot;
+    slot += c;
+  }
+  __syncthreads();
+  for (int64_t n = threadIdx.x; n <= p.rows; n += kCsrThreads) p.row_ptr[n] = counters[n + 1];
+  __syncthreads();  // from here the counters are warp 0's cursors
+  if (threadIdx.x >= kWarp) return;
+  const int lane = int(threadIdx.x);
+  const unsigned lanes_below = (1u << lane) - 1u;
+  for (int64_t first = 0; first < entries; first += int64_t(kWarp) * kCsrUnroll) {
+    int64_t bucket[kCsrUnroll];  // -1: past the last entry
+#pragma unroll
+    for (int u = 0; u < kCsrUnroll; ++u) {
+      const int64_t e = first + u * kWarp + lane;
+      bucket[u] = e < entries ? entry_bucket(p, e) : -1;
+    }
+#pragma unroll
+    for (int u = 0; u < kCsrUnroll; ++u) {
+      const unsigned peers = __match_any_sync(0xffffffffu, bucket[u]);
+      const int leader = __ffs(int(peers)) - 1;
+      int base = lane == leader && bucket[u] >= 0 ? counters[bucket[u]] : 0;
+      base = __shfl_sync(0xffffffffu, base, leader);
+      if (bucket[u] >= 0) {
+        p.row_entry[base + __popc(peers & lanes_below)] = first + u * kWarp + lane;
+        if (lane == leader) counters[bucket[u]] = base + __popc(peers);
+      }
+      __syncwarp();  // the cursor's update before the next chunk reads it
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Launchers
 // ---------------------------------------------------------------------------------------------
 template <typename T>
@@ -935,6 +1030,16 @@ cudaError_t launch_pool_backward(const PoolBackwardPlan& plan, const CoefArgs& c
     PK_LAUNCH(kernel, grid, kBackwardThreads, stream)(p);
     return cudaGetLastError();
   });
+}
+
+int64_t rows_csr_scratch_ints(int64_t rows) { return rows + 2 > kCsrSharedBuckets ? rows + 2 : 0; }
+
+cudaError_t launch_rows_csr(const int64_t* chosen, const int64_t* rejected, int64_t pairs, int64_t rows, int* counters,
+                            int64_t* row_ptr, int64_t* row_entry, cudaStream_t stream) {
+  if (pairs > (int64_t(1) << 30)) return cudaErrorInvalidValue;  // slots are int32
+  const CsrParams p{chosen, rejected, pairs, rows, counters, row_ptr, row_entry};
+  PK_LAUNCH(rows_csr_kernel, 1, kCsrThreads, stream)(p);
+  return cudaGetLastError();
 }
 
 }  // namespace gpu

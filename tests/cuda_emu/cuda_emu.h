@@ -12,6 +12,7 @@
 #include <cuda_runtime.h>
 #include <ucontext.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -241,20 +242,68 @@ inline int __syncthreads_or(int predicate) {
   return pk_emu::state().block_or_result;
 }
 
-// Lane l gets v of lane l + offset (its own v past the warp's end), all lanes taking part.
+namespace pk_emu {
+// A warp-wide exchange, every lane of the warp taking part: each lane publishes v, then
+// read(lane_value, lane, first_thread_of_warp, lanes_in_warp) computes its result from the
+// published values (lane_value(l): lane l's v).
+template <typename T, typename Read>
+auto warp_exchange(T v, Read read) {
+  static_assert(sizeof(T) <= sizeof(uint64_t), "exchange of a value wider than 8 bytes");
+  BlockState& s = state();
+  const int t = s.current, lane = t % kWarpSize, first = t - lane;
+  const int width = std::min(kWarpSize, int(s.lanes.size()) - first);
+  s.lanes[t] = 0;
+  std::memcpy(&s.lanes[t], &v, sizeof(T));
+  wait_at(Wait::kWarp);
+  const auto lane_value = [&](int l) {
+    T out;
+    std::memcpy(&out, &s.lanes[first + l], sizeof(T));
+    return out;
+  };
+  const auto out = read(lane_value, lane, width);
+  wait_at(Wait::kWarp);  // every lane has read before the slots are rewritten
+  return out;
+}
+}  // namespace pk_emu
+
+// Lane l gets v of lane l + offset (its own v past the warp's end).
 template <typename T>
 T __shfl_down_sync(unsigned, T v, unsigned offset) {
-  static_assert(sizeof(T) <= sizeof(uint64_t), "shuffle of a value wider than 8 bytes");
-  pk_emu::BlockState& s = pk_emu::state();
-  const int t = s.current, lane = t % pk_emu::kWarpSize;
-  std::memcpy(&s.lanes[t], &v, sizeof(T));
-  pk_emu::wait_at(pk_emu::Wait::kWarp);
-  T out = v;
-  if (lane + int(offset) < pk_emu::kWarpSize && t + int(offset) < int(s.lanes.size())) {
-    std::memcpy(&out, &s.lanes[t + offset], sizeof(T));
-  }
-  pk_emu::wait_at(pk_emu::Wait::kWarp);  // every lane has read before the slots are rewritten
-  return out;
+  return pk_emu::warp_exchange(v, [&](auto lane_value, int lane, int width) {
+    return lane + int(offset) < width ? lane_value(lane + int(offset)) : v;
+  });
+}
+
+// Lane l gets v of lane l - offset (its own v for l < offset).
+template <typename T>
+T __shfl_up_sync(unsigned, T v, unsigned offset) {
+  return pk_emu::warp_exchange(v, [&](auto lane_value, int lane, int) {
+    return lane >= int(offset) ? lane_value(lane - int(offset)) : v;
+  });
+}
+
+// Every lane gets v of lane src.
+template <typename T>
+T __shfl_sync(unsigned, T v, int src) {
+  return pk_emu::warp_exchange(v, [&](auto lane_value, int, int) { return lane_value(src % pk_emu::kWarpSize); });
+}
+
+// The lanes whose v equals this lane's, as a bit mask.
+template <typename T>
+unsigned __match_any_sync(unsigned, T v) {
+  return pk_emu::warp_exchange(v, [&](auto lane_value, int, int width) {
+    unsigned peers = 0;
+    for (int l = 0; l < width; ++l) peers |= unsigned(lane_value(l) == v) << l;
+    return peers;
+  });
+}
+
+inline void __syncwarp() { pk_emu::warp_exchange(0, [](auto, int, int) { return 0; }); }
+inline int __popc(unsigned x) { return __builtin_popcount(x); }
+inline int atomicAdd(int* address, int value) {
+  const int old = *address;
+  *address = old + value;
+  return old;
 }
 
 inline void __threadfence() {}
