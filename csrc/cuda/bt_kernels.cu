@@ -427,14 +427,6 @@ struct BackwardParams {
   int64_t fill_rows;      // pool_backward_fill_kernel: grad_hidden rows per fill block
 };
 
-// coef[n, k]: entry n's coefficient, or the CSR segment [seg_begin, seg_end) of row n summed in
-// order (the CPU's functions in the CPU's order, so the coefficients are bitwise the CPU's).
-__device__ __forceinline__ float row_coef(const CoefArgs& c, int64_t heads, int64_t n, int64_t seg_begin,
-                                          int64_t seg_end, int64_t k) {
-  if (c.row_ptr == nullptr) return entry_coef(c.grad_coef, c.loss, heads, n, k);
-  return csr_segment_sum(c.grad_coef, c.loss, c.coef_rows, heads, c.row_entry, c.entries, seg_begin, seg_end, k);
-}
-
 // The kV columns of one lane within a D tile of kWarp * kV columns, as offsets in the tile:
 // kVec: kV consecutive columns from lane * kV (all in range or none, as D % kV == 0); scalar:
 // lane, lane + 32, ... each checked against D.
@@ -523,15 +515,63 @@ __device__ __forceinline__ void set_row(const BackwardParams& p, RowSet<kRows>& 
   r.seg_end[i] = csr ? p.coef.row_ptr[n + 1] : 0;
 }
 
-// kRowsPerPass rows of one warp, first, first + kBackwardWarps, ..., loaded together.
-__device__ __forceinline__ PassRows pass_rows(const BackwardParams& p, int64_t first, int64_t n_end) {
+// kRowsPerPass rows first, first + stride, ... (those from n_end on: none), loaded together.
+__device__ __forceinline__ PassRows pass_rows(const BackwardParams& p, int64_t first, int64_t stride, int64_t n_end) {
   PassRows r;
 #pragma unroll
   for (int i = 0; i < kRowsPerPass; ++i) {
-    const int64_t n = first + int64_t(i) * kBackwardWarps;
+    const int64_t n = first + int64_t(i) * stride;
     set_row(p, r, i, n, n < n_end ? valid_position(p.pooled_pos[n], p.hidden.positions) : -1);
   }
   return r;
+}
+
+// coef[i][j], j < kc: row i's coefficient of head k0 + j (0 for a row without a valid position):
+// entry_coef of entry n_i, or the sum of entry_coef over the row's CSR segment in segment order
+// (csr_segment_sum's bounds; the CPU's functions in the CPU's order, so bitwise the CPU's). The
+// rows walk their segments together, an entry of each row per step: a step's loads (row_entry,
+// then grad_coef and the loss's gradient) are in flight for all the rows at once, rather than a
+// chain of dependent loads per entry, row after row.
+template <int kRows>
+__device__ __forceinline__ void rows_coefs(const BackwardParams& p, const RowSet<kRows>& r, int64_t k0, int kc,
+                                           float (&coef)[kRows][kHeadChunk]) {
+  const CoefArgs& c = p.coef;
+#pragma unroll
+  for (int i = 0; i < kRows; ++i) {
+#pragma unroll
+    for (int j = 0; j < kHeadChunk; ++j) coef[i][j] = 0.f;
+  }
+  if (c.row_ptr == nullptr) {
+#pragma unroll
+    for (int i = 0; i < kRows; ++i) {
+      if (r.pos[i] < 0) continue;
+#pragma unroll
+      for (int j = 0; j < kHeadChunk; ++j) {
+        if (j < kc) coef[i][j] = entry_coef(c.grad_coef, c.loss, p.heads, r.n[i], k0 + j);
+      }
+    }
+    return;
+  }
+  int64_t begin[kRows], end[kRows], steps = 0;
+#pragma unroll
+  for (int i = 0; i < kRows; ++i) {
+    begin[i] = max64(r.seg_begin[i], 0);
+    end[i] = r.pos[i] < 0 ? begin[i] : min64(r.seg_end[i], c.entries);
+    steps = max64(steps, end[i] - begin[i]);
+  }
+  for (int64_t s = 0; s < steps; ++s) {
+    int64_t e[kRows];
+#pragma unroll
+    for (int i = 0; i < kRows; ++i) e[i] = begin[i] + s < end[i] ? c.row_entry[begin[i] + s] : -1;
+#pragma unroll
+    for (int i = 0; i < kRows; ++i) {
+      if (e[i] < 0 || e[i] >= c.coef_rows) continue;
+#pragma unroll
+      for (int j = 0; j < kHeadChunk; ++j) {
+        if (j < kc) coef[i][j] += entry_coef(c.grad_coef, c.loss, p.heads, e[i], k0 + j);
+      }
+    }
+  }
 }
 
 // The lane's kV columns of D tile `tile` of each valid row's gradient, grad[i] = sum_k coef[n_i, k]
@@ -546,15 +586,21 @@ __device__ __forceinline__ void pooled_row_grads(const BackwardParams& p, const 
 #pragma unroll
     for (int v = 0; v < kV; ++v) grad[i][v] = 0.f;
   }
-  for (int64_t k = 0; k < p.heads; ++k) {
-    float w[kV];
-    load_lane_cols<kVec, kV>(weight + k * p.hidden.dim, tile, lane, p.hidden.dim, w);
+  for (int64_t k0 = 0; k0 < p.heads; k0 += kHeadChunk) {
+    const int kc = int(min64(kHeadChunk, p.heads - k0));
+    float coef[kRows][kHeadChunk];
+    rows_coefs(p, r, k0, kc, coef);
 #pragma unroll
-    for (int i = 0; i < kRows; ++i) {
-      if (r.pos[i] < 0) continue;
-      const float c = row_coef(p.coef, p.heads, r.n[i], r.seg_begin[i], r.seg_end[i], k);
+    for (int j = 0; j < kHeadChunk; ++j) {
+      if (j >= kc) continue;
+      float w[kV];
+      load_lane_cols<kVec, kV>(weight + (k0 + j) * p.hidden.dim, tile, lane, p.hidden.dim, w);
 #pragma unroll
-      for (int v = 0; v < kV; ++v) grad[i][v] = fmaf(c, w[v], grad[i][v]);
+      for (int i = 0; i < kRows; ++i) {
+        if (r.pos[i] < 0) continue;
+#pragma unroll
+        for (int v = 0; v < kV; ++v) grad[i][v] = fmaf(coef[i][j], w[v], grad[i][v]);
+      }
     }
   }
 }
@@ -597,12 +643,15 @@ __device__ __forceinline__ void reduce_row_block(const BackwardParams& p, int64_
 
   if (tile_index == 0) {
     for (int64_t k = warp; k < heads; k += kBackwardWarps) {  // warp-uniform: the whole warp shuffles
-      float sum = 0.f;
-      for (int64_t n = n_begin + lane; n < n_end; n += kWarp) {
-        if (valid_position(p.pooled_pos[n], hs.positions) < 0) continue;
-        const int64_t seg_begin = p.coef.row_ptr != nullptr ? p.coef.row_ptr[n] : 0;
-        const int64_t seg_end = p.coef.row_ptr != nullptr ? p.coef.row_ptr[n + 1] : 0;
-        sum += row_coef(p.coef, heads, n, seg_begin, seg_end, k);
+      float sum = 0.f;  // the lane's rows n_begin + lane, + 32, ... in ascending order
+      for (int64_t first = n_begin + lane; first < n_end; first += int64_t(kWarp) * kRowsPerPass) {
+        const PassRows r = pass_rows(p, first, kWarp, n_end);
+        float coef[kRowsPerPass][kHeadChunk];
+        rows_coefs(p, r, k, 1, coef);
+#pragma unroll
+        for (int i = 0; i < kRowsPerPass; ++i) {
+          if (r.pos[i] >= 0) sum += coef[i][0];
+        }
       }
       sum = warp_sum(sum);
       if (lane == 0) (one_block ? p.grad_bias[k] : p.bias_partial[row_block * heads + k]) = sum;
@@ -613,7 +662,7 @@ __device__ __forceinline__ void reduce_row_block(const BackwardParams& p, int64_
   if (scatter) {
     H* __restrict__ grad_hidden = static_cast<H*>(p.grad_hidden);
     for (int64_t first = n_begin + warp; first < n_end; first += pass_step) {
-      const PassRows r = pass_rows(p, first, n_end);
+      const PassRows r = pass_rows(p, first, kBackwardWarps, n_end);
       float acc[kRowsPerPass][kV];
       pooled_row_grads<kVec, kV, W>(p, r, tile, lane, acc);
 #pragma unroll
@@ -630,7 +679,9 @@ __device__ __forceinline__ void reduce_row_block(const BackwardParams& p, int64_
     const int kc = int(min64(kHeadChunk, heads - k0));
     float acc[kHeadChunk][kV] = {};
     for (int64_t first = n_begin + warp; first < n_end; first += pass_step) {
-      const PassRows r = pass_rows(p, first, n_end);
+      const PassRows r = pass_rows(p, first, kBackwardWarps, n_end);
+      float coef[kRowsPerPass][kHeadChunk];
+      rows_coefs(p, r, k0, kc, coef);
       float h[kRowsPerPass][kV];
 #pragma unroll
       for (int i = 0; i < kRowsPerPass; ++i) {
@@ -647,9 +698,8 @@ __device__ __forceinline__ void reduce_row_block(const BackwardParams& p, int64_
 #pragma unroll
         for (int j = 0; j < kHeadChunk; ++j) {
           if (j >= kc) continue;
-          const float c = row_coef(p.coef, heads, r.n[i], r.seg_begin[i], r.seg_end[i], k0 + j);
 #pragma unroll
-          for (int v = 0; v < kV; ++v) acc[j][v] = fmaf(c, h[i][v], acc[j][v]);
+          for (int v = 0; v < kV; ++v) acc[j][v] = fmaf(coef[i][j], h[i][v], acc[j][v]);
         }
       }
     }
