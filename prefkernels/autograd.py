@@ -4,8 +4,8 @@ The forward ops return the per-pair gradient coefficients, so backward never rec
 the forward: it hands them, with the loss's incoming gradient, to the backend's single
 ``pool_backward`` (grad buffer + one pass that scales the coefficients, scatters the pooled rows
 and reduces the weight and bias gradients); explicit pairs' entries are first grouped by row
-(``OpSet.rows_csr``: one launch of the native op). ``bt_forward`` takes the loss's reduction, so a mean
-loss's gradient reaches the kernel as one value: no kernel expands or multiplies it first.
+(``OpSet.rows_csr``). ``bt_forward`` takes the loss's reduction, so a mean loss's gradient
+reaches the kernel as one value: no kernel expands or multiplies it first.
 
 That backward is not itself differentiable: a backward with ``create_graph=True`` (double
 backward, e.g. a gradient penalty) raises instead of silently returning gradients without a

@@ -28,8 +28,8 @@ CUDA_CSR_MAX_ENTRIES = 4096
 @dataclass(frozen=True)
 class OpSet:
     """The ops a kernel backend implements, ``{namespace}::{prefix}{op}``, all with the schemas
-    defined in csrc/ops.cpp (rows_csr only where the namespace defines it) (native: no prefix; Triton: ``triton_``; the tests' CPU
-    emulation of the CUDA code: namespace ``prefkernels_emu``)."""
+    defined in csrc/ops.cpp (native: no prefix; Triton: ``triton_``, without rows_csr; the tests'
+    CPU emulation of the CUDA code: namespace ``prefkernels_emu``)."""
 
     name: str
     prefix: str
