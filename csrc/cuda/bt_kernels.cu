@@ -10,8 +10,8 @@
 // Backward, ONE launch of either kernel (plan_pool_backward picks; PREFKERNELS_GRAD_FILL overrides):
 //   pool_backward_fill_kernel  (padded hidden, 16-byte rows; no memset before it) blocks 0 ..
 //                        tiles-1 reduce one D tile each over all rows, as the one-row-block case
-//                        below; the other blocks write grad_hidden whole, a warp per [D] row: the
-//                        pooled row's gradient or zeros.
+//                        below; the other blocks write grad_hidden whole, a warp per [D] row:
+//                        zeros, then the pooled rows' gradients over theirs.
 //   pool_backward_kernel (grad_hidden and the tile tickets zeroed by the caller)
 //                        grid (row blocks of 32 rows, D tiles of 32 x 16 bytes): each of the
 //                        block's 8 warps takes 4 of its rows at a time, loads in flight together;
@@ -776,10 +776,12 @@ __device__ __forceinline__ void reduce_row_block(const BackwardParams& p, int64_
 }
 
 // Rows [fill_block * fill_rows, ...) of grad_hidden viewed as [N * T, D] rows (padded layout,
-// contiguous; 16-byte vectors), warp w the rows first + w, first + w + kBackwardWarps, ...: row
-// (n, t) gets its gradient when t is row n's valid pooled position (pooled_row_grads, as the
-// scatter) and zeros otherwise. Every element of grad_hidden is written exactly once over the
-// fill blocks: the buffer needs no clearing.
+// contiguous; 16-byte vectors), warp w the rows first + w, first + w + kBackwardWarps, ...: every
+// row gets zeros, and row (n, t) where t is row n's valid pooled position then gets its gradient
+// over them (pooled_row_grads, as the scatter; each lane rewrites the columns it zeroed, so its
+// own stores keep their order). So no zero waits on the load of pooled_pos[n]: the load is in
+// flight while the zeros go out. Every element of grad_hidden is written over the fill blocks
+// (the N pooled rows twice): the buffer needs no clearing.
 template <typename H, typename W>
 __device__ __forceinline__ void fill_grad_rows(const BackwardParams& p, int64_t fill_block) {
   constexpr int kV = vec_width<H>();
@@ -793,12 +795,11 @@ __device__ __forceinline__ void fill_grad_rows(const BackwardParams& p, int64_t 
   for (int64_t r = first + warp; r < end; r += kBackwardWarps) {
     const int64_t n = r / positions, t = r - n * positions;
     H* __restrict__ row = grad_hidden + r * dim;
-    if (valid_position(p.pooled_pos[n], positions) != t) {
-      const float zeros[kV] = {};
+    const int64_t pooled_pos = p.pooled_pos[n];  // first used after the zeros
+    const float zeros[kV] = {};
 #pragma unroll 4
-      for (int64_t tile = 0; tile < dim; tile += kTileCols) store_lane_cols<true, kV>(row, tile, lane, dim, zeros);
-      continue;
-    }
+    for (int64_t tile = 0; tile < dim; tile += kTileCols) store_lane_cols<true, kV>(row, tile, lane, dim, zeros);
+    if (valid_position(pooled_pos, positions) != t) continue;
     RowSet<1> pooled;
     set_row(p, pooled, 0, n, t);
     for (int64_t tile = 0; tile < dim; tile += kTileCols) {
