@@ -397,10 +397,10 @@ def _pool_backward_fill_kernel(
     gradient) over all N rows, BLOCK_N rows at a time, summed in row-block order into registers
     and stored once: no partials, no tickets.
     Programs d_tiles ..: FILL_ROWS rows each of grad_hidden viewed as [grad_rows = N * positions,
-    D] (grad_numel elements; both passed in, so Triton types them int64 when they need it). Row
+    D] (grad_numel elements; both passed in, so Triton types them int64 when they need it): zeros
+    in flat FILL_TILE-element chunks (not waiting for the pooled_pos load), then, over them, row
     (n, t) gets _pooled_row_grads of row n where t is n's pooled position (the memset path's
-    arithmetic, so the same bits), else zeros; a program holding no pooled row stores zeros in
-    flat FILL_TILE-element chunks.
+    arithmetic, so the same bits).
     """
     pid = tl.program_id(0)
     offs_k = tl.arange(0, BLOCK_K)
@@ -434,7 +434,14 @@ def _pool_backward_fill_kernel(
         r_mask = r < grad_rows
         n = r // positions
         pooled = r_mask & (tl.load(pooled_pos_ptr + n, mask=r_mask, other=-1) == r - n * positions)
+        first = (pid - d_tiles).to(tl.int64) * FILL_ROWS * D
+        end = tl.minimum(first + FILL_ROWS * D, grad_numel)
+        zeros = tl.zeros([FILL_TILE], dtype=grad_hidden_ptr.dtype.element_ty)
+        for at in range(0, FILL_ROWS * D, FILL_TILE):
+            offs = first + at + tl.arange(0, FILL_TILE)
+            tl.store(grad_hidden_ptr + offs, zeros, mask=offs < end)
         if tl.max(pooled.to(tl.int32), axis=0) > 0:
+            tl.debug_barrier()  # every thread's zeros before the gradient over them (other threads may own them)
             coef = _row_coefs(grad_coef_ptr, grad_loss_ptr, row_ptr_ptr, row_entry_ptr, n, pooled, pooled, offs_k,
                               k_mask, K, coef_rows, entries, loss_pairs, loss_scale, HAS_CSR, LOSS_GRAD, FILL_ROWS,
                               BLOCK_K)
@@ -442,16 +449,8 @@ def _pool_backward_fill_kernel(
                 offs_d = d0 + tl.arange(0, FILL_D)
                 d_mask = offs_d < D
                 g = _pooled_row_grads(coef, offs_k, weight_ptr, offs_d, d_mask, K, D, FILL_ROWS, FILL_D)
-                tl.store(grad_hidden_ptr + r[:, None] * D + offs_d[None, :],
-                         tl.where(pooled[:, None], g, 0.0).to(grad_hidden_ptr.dtype.element_ty),
-                         mask=r_mask[:, None] & d_mask[None, :])
-        else:
-            first = (pid - d_tiles).to(tl.int64) * FILL_ROWS * D
-            end = tl.minimum(first + FILL_ROWS * D, grad_numel)
-            zeros = tl.zeros([FILL_TILE], dtype=grad_hidden_ptr.dtype.element_ty)
-            for at in range(0, FILL_ROWS * D, FILL_TILE):
-                offs = first + at + tl.arange(0, FILL_TILE)
-                tl.store(grad_hidden_ptr + offs, zeros, mask=offs < end)
+                tl.store(grad_hidden_ptr + r[:, None] * D + offs_d[None, :], g.to(grad_hidden_ptr.dtype.element_ty),
+                         mask=pooled[:, None] & d_mask[None, :])
 
 
 # ---------------------------------------------------------------------------------------------
