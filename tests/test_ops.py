@@ -330,7 +330,7 @@ def test_autograd_kernel_skips_the_per_call_schema_walk(backend, monkeypatch):
 def test_backward_fills_no_gradient_of_the_outputs_without_one(backend, op):
     """The outputs that get no gradient (rewards, pair coefficients and pooled positions of
     bt_forward; pooled positions of pool_forward) are not handed to the backward as zero-filled
-    tensors: on a GPU each was a fill kernel of its own in every training step (3 of a step's 8
+    tensors: on a GPU each was a fill kernel of its own in every training step (3 of a step's 7
     launches in the H200 profile). The backward dispatches pool_backward and no fill."""
     from torch.utils._python_dispatch import TorchDispatchMode
     require_backend(backend, "cpu")

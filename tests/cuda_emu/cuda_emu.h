@@ -244,8 +244,8 @@ inline int __syncthreads_or(int predicate) {
 
 namespace pk_emu {
 // A warp-wide exchange, every lane of the warp taking part: each lane publishes v, then
-// read(lane_value, lane, first_thread_of_warp, lanes_in_warp) computes its result from the
-// published values (lane_value(l): lane l's v).
+// read(lane_value, lane, lanes_in_warp) computes its result from the published values
+// (lane_value(l): lane l's v).
 template <typename T, typename Read>
 auto warp_exchange(T v, Read read) {
   static_assert(sizeof(T) <= sizeof(uint64_t), "exchange of a value wider than 8 bytes");
