@@ -7,6 +7,7 @@ kernels in the build) degrades to the next one with a single warning saying why.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import os
@@ -15,6 +16,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+
+from prefkernels import reference
 
 BACKENDS = ("auto", "native", "triton", "reference")
 ENV_VAR = "PREFKERNELS_BACKEND"
@@ -56,19 +59,26 @@ class OpSet:
     def defines(self, op: str) -> bool:
         return hasattr(getattr(torch.ops, self.namespace), self.prefix + op)
 
+    @functools.cached_property
+    def own_rows_csr(self) -> Callable | None:
+        """This namespace's rows_csr op, or None (Triton's): looked up once, as a missing op's
+        lookup costs a few us, once per backward otherwise."""
+        return self.op("rows_csr") if self.defines("rows_csr") else None
+
     def rows_csr(self, chosen_index, rejected_index, rows: int):
         """(row_ptr [rows + 1], row_entry [2P]) int64, the explicit pairs' entries by row for
         pool_backward: this namespace's rows_csr op (native, the emulated CUDA), else the native
         op where it runs on the indices' device (Triton has none of its own), else the
         reference's stable sort (six launches on a GPU). On CUDA the op's one warp places 32
         entries a step: past CUDA_CSR_MAX_ENTRIES the reference's sort takes over."""
-        ops = self if self.defines("rows_csr") else _native_for(chosen_index.device)
+        op = self.own_rows_csr
+        if op is None and (native := _native_for(chosen_index.device)) is not None:
+            op = native.own_rows_csr
         if chosen_index.device.type == "cuda" and 2 * chosen_index.shape[0] > CUDA_CSR_MAX_ENTRIES:
-            ops = None
-        if ops is None:
-            from prefkernels import reference
+            op = None
+        if op is None:
             return reference.rows_csr(chosen_index, rejected_index, rows)
-        return ops.op("rows_csr")(chosen_index, rejected_index, rows)
+        return op(chosen_index, rejected_index, rows)
 
 
 _warned: set[str] = set()

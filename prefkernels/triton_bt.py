@@ -12,8 +12,8 @@ with the schemas of csrc/ops.cpp and the semantics of csrc/cpu/bt_cpu.cpp (the r
 - Backward, ONE launch, two ways (``grad_fill``, env PREFKERNELS_GRAD_FILL, as native CUDA):
   - fill kernel (padded [N, T, D] hidden with a large grad buffer): no zero fill before it.
     Its first programs each reduce one D tile's weight and bias gradients over all N rows;
-    the others write the grad buffer whole, FILL_ROWS rows each: zeros, or a pooled row's
-    gradient.
+    the others write the grad buffer whole, FILL_ROWS rows each: zeros, then the pooled rows'
+    gradients over them.
   - memset path: ONE zero-filled allocation (the grad buffer, then the tiles' int32 tickets;
     cleared as 4-byte words), then a launch over (row block of up to 32 rows, D tile), each
     program one [rows, D tile] tile: it scatters the pooled rows' gradient and writes its row
