@@ -332,17 +332,20 @@ def _pool_backward_kernel(
     pos = tl.load(pooled_pos_ptr + offs_n, mask=n_mask, other=-1)
     valid = (pos >= 0) & (pos < positions)
     safe_pos = tl.where(valid, pos, 0)
+    row_mask = valid[:, None] & d_mask[None, :]
+    # the hidden rows are loaded first, so they are in flight while the coefficients' CSR walk runs
+    # (and held in hidden's dtype until then)
+    h = tl.load(hidden_ptr + (offs_n * stride_n + safe_pos * stride_t)[:, None] + offs_d[None, :],
+                mask=row_mask, other=0.0)
     coef = _row_coefs(grad_coef_ptr, grad_loss_ptr, row_ptr_ptr, row_entry_ptr, offs_n, n_mask, valid, offs_k, k_mask,
                       K, coef_rows, entries, loss_pairs, loss_scale, HAS_CSR, LOSS_GRAD, BLOCK_N, BLOCK_K)
+    h = h.to(tl.float32)
     if pid_d == 0:
         bias_sum = tl.sum(coef, axis=0)
         if ONE_BLOCK:
             tl.store(grad_bias_ptr + offs_k, bias_sum, mask=k_mask)
         else:
             tl.store(bias_partial_ptr + pid_b * K + offs_k, bias_sum, mask=k_mask)
-    row_mask = valid[:, None] & d_mask[None, :]
-    h = tl.load(hidden_ptr + (offs_n * stride_n + safe_pos * stride_t)[:, None] + offs_d[None, :],
-                mask=row_mask, other=0.0).to(tl.float32)
     for k in range(0, K):
         grad_w = tl.sum(_head_coef(coef, offs_k, k)[:, None] * h, axis=0)
         if ONE_BLOCK:

@@ -13,8 +13,10 @@
 //                        below; the other blocks write grad_hidden whole, a warp per [D] row:
 //                        zeros, then the pooled rows' gradients over theirs.
 //   pool_backward_kernel (grad_hidden and the tile tickets zeroed by the caller)
-//                        grid (row blocks of 32 rows, D tiles of 32 x 16 bytes): each of the
-//                        block's 8 warps takes 4 of its rows at a time, loads in flight together;
+//                        grid (row blocks of 32 rows, D tiles of 32 x 16 bytes): the block first
+//                        stages its rows' pooled positions and coefficients in shared memory (a
+//                        thread per row, every row's loads in flight at once), then each of its
+//                        8 warps takes 4 rows at a time, hidden loads in flight together;
 //                        it scatters the pooled rows of grad_hidden and writes the row block's
 //                        partial weight gradient [K, D-tile] (fp32; the warps' sums added in
 //                        order in shared memory); the blocks of D tile 0 also its partial bias
@@ -495,7 +497,8 @@ __device__ __forceinline__ void store_lane_cols(T* __restrict__ row, int64_t til
   }
 }
 
-// kRows pooled rows: their pooled positions (-1: past the row block or invalid) and CSR segments.
+// kRows pooled rows: their indices (-1: no row, past the row block), pooled positions (-1: no row
+// or invalid) and CSR segments.
 template <int kRows>
 struct RowSet {
   int64_t n[kRows];
@@ -505,12 +508,13 @@ struct RowSet {
 };
 using PassRows = RowSet<kRowsPerPass>;
 
-// Row i of a RowSet: row n with pooled position pos, and its CSR segment when the row has one.
+// Row i of a RowSet: row n (-1: none) with pooled position pos, and its CSR segment when the row
+// has one. The segment's loads do not wait for pos: it may come from a load still in flight.
 template <int kRows>
 __device__ __forceinline__ void set_row(const BackwardParams& p, RowSet<kRows>& r, int i, int64_t n, int64_t pos) {
   r.n[i] = n;
   r.pos[i] = pos;
-  const bool csr = p.coef.row_ptr != nullptr && pos >= 0;
+  const bool csr = p.coef.row_ptr != nullptr && n >= 0;
   r.seg_begin[i] = csr ? p.coef.row_ptr[n] : 0;
   r.seg_end[i] = csr ? p.coef.row_ptr[n + 1] : 0;
 }
@@ -521,7 +525,7 @@ __device__ __forceinline__ PassRows pass_rows(const BackwardParams& p, int64_t f
 #pragma unroll
   for (int i = 0; i < kRowsPerPass; ++i) {
     const int64_t n = first + int64_t(i) * stride;
-    set_row(p, r, i, n, n < n_end ? valid_position(p.pooled_pos[n], p.hidden.positions) : -1);
+    set_row(p, r, i, n < n_end ? n : -1, n < n_end ? valid_position(p.pooled_pos[n], p.hidden.positions) : -1);
   }
   return r;
 }
@@ -541,13 +545,15 @@ __device__ __forceinline__ void rows_coefs(const BackwardParams& p, const RowSet
 #pragma unroll
     for (int j = 0; j < kHeadChunk; ++j) coef[i][j] = 0.f;
   }
-  if (c.row_ptr == nullptr) {
+  if (c.row_ptr == nullptr) {  // loaded for every row, then kept where pos is valid: no wait for pos
 #pragma unroll
     for (int i = 0; i < kRows; ++i) {
-      if (r.pos[i] < 0) continue;
+      if (r.n[i] < 0) continue;
 #pragma unroll
       for (int j = 0; j < kHeadChunk; ++j) {
-        if (j < kc) coef[i][j] = entry_coef(c.grad_coef, c.loss, p.heads, r.n[i], k0 + j);
+        if (j >= kc) continue;
+        const float e = entry_coef(c.grad_coef, c.loss, p.heads, r.n[i], k0 + j);
+        coef[i][j] = r.pos[i] < 0 ? 0.f : e;
       }
     }
     return;
@@ -572,6 +578,29 @@ __device__ __forceinline__ void rows_coefs(const BackwardParams& p, const RowSet
       }
     }
   }
+}
+
+// The rows of one stage of a row block: row first + i's pooled position (-1: none or invalid) and
+// coefficients of heads k0 .. k0 + kc - 1 (rows_coefs; 0 for j >= kc), written by thread i, so that
+// every row's loads (pooled_pos, its CSR segment, grad_coef) are in flight at once and the warps'
+// passes over the stage read them from shared memory.
+constexpr int kStageRows = kBackwardThreads;
+struct StagedRows {
+  int64_t pos[kStageRows];
+  float coef[kHeadChunk][kStageRows];
+};
+
+__device__ __forceinline__ void stage_rows(const BackwardParams& p, int64_t first, int64_t end, int64_t k0, int kc,
+                                           StagedRows& s) {
+  const int i = int(threadIdx.x);
+  const int64_t n = first + i;
+  RowSet<1> row;
+  set_row(p, row, 0, n < end ? n : -1, n < end ? valid_position(p.pooled_pos[n], p.hidden.positions) : -1);
+  float coef[1][kHeadChunk];
+  rows_coefs(p, row, k0, kc, coef);
+  s.pos[i] = row.pos[0];
+#pragma unroll
+  for (int j = 0; j < kHeadChunk; ++j) s.coef[j][i] = coef[0][j];
 }
 
 // The lane's kV columns of D tile `tile` of each valid row's gradient, grad[i] = sum_k coef[n_i, k]
@@ -606,15 +635,18 @@ __device__ __forceinline__ void pooled_row_grads(const BackwardParams& p, const 
 }
 
 // One block of the backward's reduction: row block `row_block` (of `row_blocks`) x D tile
-// `tile_index` (kWarp * kV columns), kBackwardWarps warps; warp w takes the
-// rows n_begin + w, n_begin + w + kBackwardWarps, ... of the row block, kRowsPerPass at a time
-// with their loads in flight together, and each lane kV columns of the tile:
-//   scatter (when asked): grad_hidden[n, pos_n, cols] = sum_k coef[n, k] * weight[k, cols]
-//     (k ascending)
+// `tile_index` (kWarp * kV columns), kBackwardWarps warps, kHeadChunk heads at a time. The block
+// stages up to kStageRows rows at once (stage_rows: a thread per row, so every row's coefficient
+// loads are in flight together), then warp w takes the staged rows w, w + kBackwardWarps, ...,
+// kRowsPerPass at a time with their hidden loads in flight together, and each lane kV columns
+// of the tile:
 //   partial[row_block, k, cols] = sum_n coef[n, k] * hidden[n, pos_n, cols]: each warp's rows in
 //     ascending order, then the warps' sums added warp 0 first (shared memory)
-//   D tile 0: bias_partial[row_block, k] = sum_n coef[n, k] (a warp per head: lanes over rows,
-//     then a fixed shuffle tree)
+//   scatter (when asked): grad_hidden[n, pos_n, cols] = sum_k coef[n, k] * weight[k, cols]
+//     (k ascending): in the same passes when the heads are one chunk, else in passes of their own
+//     (pooled_row_grads over every chunk)
+//   D tile 0: bias_partial[row_block, k] = sum_n coef[n, k] (warp j head k0 + j: lanes over the
+//     staged rows, then a fixed shuffle tree)
 // (n over the rows with a valid pooled position). Every element of partial and bias_partial is
 // written exactly once (zeros for a block with no valid row): neither needs initialization.
 // With a single row block (N <= 32) those sums are the gradients: the block writes grad_weight
@@ -629,6 +661,7 @@ __device__ __forceinline__ void reduce_row_block(const BackwardParams& p, int64_
   constexpr int kV = vec_width<H>();
   constexpr int kTileCols = kWarp * kV;
   __shared__ float s_red[kBackwardWarps][kHeadChunk][kTileCols];  // each warp's sums, then added in order
+  __shared__ StagedRows s_rows;
   __shared__ bool s_last;
   const HiddenArgs& hs = p.hidden;
   const int64_t heads = p.heads, dim = hs.dim;
@@ -636,31 +669,16 @@ __device__ __forceinline__ void reduce_row_block(const BackwardParams& p, int64_
   const int64_t n_begin = row_block * p.rows_per_block;
   const int64_t n_end = min64(hs.rows, n_begin + p.rows_per_block);
   const int64_t tile = tile_index * kTileCols;
-  const int64_t pass_step = int64_t(kBackwardWarps) * kRowsPerPass;
   const H* __restrict__ hidden = static_cast<const H*>(hs.data);
+  H* __restrict__ grad_hidden = static_cast<H*>(p.grad_hidden);
+  const W* __restrict__ weight = static_cast<const W*>(p.weight);
   W* __restrict__ grad_weight = static_cast<W*>(p.grad_weight);
   const bool one_block = row_blocks == 1;  // one row block: its sums are the gradients, no partials
+  const bool scatter_in_passes = scatter && heads <= kHeadChunk;
 
-  if (tile_index == 0) {
-    for (int64_t k = warp; k < heads; k += kBackwardWarps) {  // warp-uniform: the whole warp shuffles
-      float sum = 0.f;  // the lane's rows n_begin + lane, + 32, ... in ascending order
-      for (int64_t first = n_begin + lane; first < n_end; first += int64_t(kWarp) * kRowsPerPass) {
-        const PassRows r = pass_rows(p, first, kWarp, n_end);
-        float coef[kRowsPerPass][kHeadChunk];
-        rows_coefs(p, r, k, 1, coef);
-#pragma unroll
-        for (int i = 0; i < kRowsPerPass; ++i) {
-          if (r.pos[i] >= 0) sum += coef[i][0];
-        }
-      }
-      sum = warp_sum(sum);
-      if (lane == 0) (one_block ? p.grad_bias[k] : p.bias_partial[row_block * heads + k]) = sum;
-    }
-  }
-
-  // Scatter of the pooled rows.
-  if (scatter) {
-    H* __restrict__ grad_hidden = static_cast<H*>(p.grad_hidden);
+  // Scatter of the pooled rows over several head chunks.
+  if (scatter && !scatter_in_passes) {
+    const int64_t pass_step = int64_t(kBackwardWarps) * kRowsPerPass;
     for (int64_t first = n_begin + warp; first < n_end; first += pass_step) {
       const PassRows r = pass_rows(p, first, kBackwardWarps, n_end);
       float acc[kRowsPerPass][kV];
@@ -673,35 +691,67 @@ __device__ __forceinline__ void reduce_row_block(const BackwardParams& p, int64_
     }
   }
 
-  // Partial weight gradient of this row block, kHeadChunk heads at a time.
+  // Partial weight and bias gradients of this row block (and the one-chunk scatter).
   float* __restrict__ partial = p.partial + row_block * heads * dim;
   for (int64_t k0 = 0; k0 < heads; k0 += kHeadChunk) {
     const int kc = int(min64(kHeadChunk, heads - k0));
+    float head_w[kHeadChunk][kV];  // the scatter's weights
+#pragma unroll
+    for (int j = 0; j < kHeadChunk; ++j) {
+      if (scatter_in_passes && j < kc) load_lane_cols<kVec, kV>(weight + (k0 + j) * dim, tile, lane, dim, head_w[j]);
+    }
     float acc[kHeadChunk][kV] = {};
-    for (int64_t first = n_begin + warp; first < n_end; first += pass_step) {
-      const PassRows r = pass_rows(p, first, kBackwardWarps, n_end);
-      float coef[kRowsPerPass][kHeadChunk];
-      rows_coefs(p, r, k0, kc, coef);
-      float h[kRowsPerPass][kV];
-#pragma unroll
-      for (int i = 0; i < kRowsPerPass; ++i) {
-        if (r.pos[i] >= 0) {
-          load_lane_cols<kVec, kV>(hidden + r.n[i] * hs.stride_n + r.pos[i] * hs.stride_t, tile, lane, dim, h[i]);
-        } else {
-#pragma unroll
-          for (int v = 0; v < kV; ++v) h[i][v] = 0.f;
+    float bias = 0.f;  // tile 0, warp j < kc: head k0 + j over the lane's rows in ascending order
+    for (int64_t first = n_begin; first < n_end; first += kStageRows) {
+      const int staged = int(min64(kStageRows, n_end - first));
+      __syncthreads();  // every warp is done with the previous stage
+      stage_rows(p, first, n_end, k0, kc, s_rows);
+      __syncthreads();
+      if (tile_index == 0 && warp < kc) {
+        for (int i = lane; i < staged; i += kWarp) {
+          if (s_rows.pos[i] >= 0) bias += s_rows.coef[warp][i];
         }
       }
+      for (int row0 = warp; row0 < staged; row0 += kBackwardWarps * kRowsPerPass) {
+        int64_t pos[kRowsPerPass];
+        float h[kRowsPerPass][kV];
 #pragma unroll
-      for (int i = 0; i < kRowsPerPass; ++i) {
-        if (r.pos[i] < 0) continue;
+        for (int i = 0; i < kRowsPerPass; ++i) {
+          const int row = row0 + i * kBackwardWarps;
+          pos[i] = row < staged ? s_rows.pos[row] : -1;
+          if (pos[i] >= 0) {
+            const H* __restrict__ src = hidden + (first + row) * hs.stride_n + pos[i] * hs.stride_t;
+            load_lane_cols<kVec, kV>(src, tile, lane, dim, h[i]);
+          } else {
 #pragma unroll
-        for (int j = 0; j < kHeadChunk; ++j) {
-          if (j >= kc) continue;
+            for (int v = 0; v < kV; ++v) h[i][v] = 0.f;
+          }
+        }
 #pragma unroll
-          for (int v = 0; v < kV; ++v) acc[j][v] = fmaf(coef[i][j], h[i][v], acc[j][v]);
+        for (int i = 0; i < kRowsPerPass; ++i) {
+          if (pos[i] < 0) continue;
+          const int row = row0 + i * kBackwardWarps;
+          float grad[kV] = {};
+#pragma unroll
+          for (int j = 0; j < kHeadChunk; ++j) {
+            if (j >= kc) continue;
+            const float coef = s_rows.coef[j][row];
+#pragma unroll
+            for (int v = 0; v < kV; ++v) {
+              acc[j][v] = fmaf(coef, h[i][v], acc[j][v]);
+              if (scatter_in_passes) grad[v] = fmaf(coef, head_w[j][v], grad[v]);
+            }
+          }
+          if (scatter_in_passes) {
+            H* __restrict__ dst = grad_hidden + (first + row) * p.grad_stride_n + pos[i] * dim;
+            store_lane_cols<kVec, kV>(dst, tile, lane, dim, grad);
+          }
         }
       }
+    }
+    if (tile_index == 0 && warp < kc) {  // warp-uniform: the whole warp shuffles
+      bias = warp_sum(bias);
+      if (lane == 0) (one_block ? p.grad_bias[k0 + warp] : p.bias_partial[row_block * heads + k0 + warp]) = bias;
     }
 #pragma unroll
     for (int j = 0; j < kHeadChunk; ++j) {
