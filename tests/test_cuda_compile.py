@@ -4,6 +4,8 @@
   TORCH_CUDA_ARCH_LIST), with the defines torch's CUDAExtension adds (no implicit half/bfloat16
   conversions), without a single warning, and (``ptxas -v``) with no kernel spilling registers
   or keeping a stack frame;
+- (``cuobjdump -sass``, where one is found) the backward kernels' 16-byte stores stay single,
+  weak STG.E.128 stores;
 - the torch glue csrc/cuda/*.cpp passes ``g++ -fsyntax-only`` against the installed torch's
   headers with PREFKERNELS_WITH_CUDA (CPU wheels lack one generated c10/cuda header: a stub
   stands in for it).
@@ -41,6 +43,17 @@ def find_nvcc() -> str | None:
         if c and os.path.isfile(c) and os.access(c, os.X_OK):
             return c
     return None
+
+
+def find_cuobjdump(nvcc: str) -> str | None:
+    """cuobjdump next to nvcc, on PATH, or Triton's bundled one."""
+    candidates = [str(Path(nvcc).resolve().parent / "cuobjdump"), shutil.which("cuobjdump")]
+    try:
+        import triton.backends.nvidia as nvidia
+        candidates.append(os.path.join(os.path.dirname(nvidia.__file__), "bin", "cuobjdump"))
+    except ImportError:
+        pass
+    return next((c for c in candidates if c and os.path.isfile(c) and os.access(c, os.X_OK)), None)
 
 
 def cuda_include_dir(nvcc: str) -> Path | None:
@@ -143,6 +156,31 @@ def test_no_kernel_spills(compile_jobs, arch):
         spilled = [line for line in out.splitlines() if "stack frame" in line and not line.strip().startswith("0 bytes")
                    or re.search(r"[1-9]\d* bytes spill", line)]
         assert not spilled, f"{job.name}:\n" + "\n".join(spilled)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_backward_vector_stores_are_single_weak_16_byte_stores(compile_jobs, arch):
+    """store_16_bytes reaches the SASS as STG.E.128, a weak store like PyTorch's fills and
+    Triton's: an aggregate assignment of a uint4 was split by nvcc into 4-byte stores in the
+    memset-path kernel (no STG.E.128 left) and in part of the fill kernel, and __stwb
+    (st.global.wb) made them strong (STG.E.128.STRONG.SM). Each backward kernel on the vector
+    path keeps at least its 8 (the fill kernel's zeros, unrolled 4, and the scatter's rows)."""
+    tool = find_cuobjdump(find_nvcc())
+    if tool is None:
+        print("no cuobjdump (next to nvcc, on PATH or bundled with Triton): skipping the SASS store check")
+        pytest.skip("no cuobjdump next to nvcc, on PATH or bundled with Triton")
+    job = compile_jobs["nvcc"][f"bt_kernels.cu:sm_{arch}"]
+    rc, out = job.result()
+    assert rc == 0, out
+    obj = job.cmd[job.cmd.index("-o") + 1]
+    sass = subprocess.run([tool, "-sass", obj], capture_output=True, text=True, check=True).stdout
+    kernels = re.split(r"\n\s*Function : ", sass)[1:]
+    vector_backward = [k for k in kernels if re.match(r"\S*(pool_backward_fill_kernel|pool_backward_kernelI\S*Lb1E)", k)]
+    assert len(vector_backward) == 10, "expected 5 (hidden, weight) type pairs x 2 backward kernels with vector loads"
+    for kernel in vector_backward:
+        name, stores = kernel.split("\n", 1)[0], re.findall(r"STG\.E[.\w]*", kernel)
+        assert not [s for s in stores if "STRONG" in s], f"{name}: strong stores {sorted(set(stores))}"
+        assert stores.count("STG.E.128") >= 8, f"{name}: {stores.count('STG.E.128')} 16-byte stores of {len(stores)}"
 
 
 def test_glue_syntax(compile_jobs):

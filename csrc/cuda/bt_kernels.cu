@@ -133,6 +133,18 @@ __device__ __forceinline__ void load_vec(const T* p, float (&out)[N]) {
   }
 }
 
+// One weak 16-byte store (st.global.v4.b32: STG.E.128 in the SASS), as PyTorch's fills and
+// Triton's stores are. An aggregate assignment may be split by nvcc into 4-byte stores, and
+// __stwb (st.global.wb) is a strong store (STG.E.128.STRONG.SM). Volatile, so a lane's stores to
+// one address keep their order (the fill kernel's zeros, then a pooled row's gradient).
+__device__ __forceinline__ void store_16_bytes(uint4* p, uint4 v) {
+#ifdef __CUDA_ARCH__
+  asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w));
+#else
+  *p = v;  // the host pass and tests/cuda_emu
+#endif
+}
+
 template <int N, typename T>
 __device__ __forceinline__ void store_vec(T* p, const float (&in)[N]) {
   constexpr int kPerWord = int(4 / sizeof(T));
@@ -140,10 +152,9 @@ __device__ __forceinline__ void store_vec(T* p, const float (&in)[N]) {
 #pragma unroll
   for (int q = 0; q < N / (4 * kPerWord); ++q) {
     const float* i = in + q * 4 * kPerWord;
-    // __stwb (a plain write-back store) keeps it one 16-byte store: an aggregate assignment
-    // may be split into 4-byte stores by the compiler.
-    __stwb(reinterpret_cast<uint4*>(p) + q, make_uint4(pack_word<T>(i), pack_word<T>(i + kPerWord),
-                                                       pack_word<T>(i + 2 * kPerWord), pack_word<T>(i + 3 * kPerWord)));
+    store_16_bytes(reinterpret_cast<uint4*>(p) + q, make_uint4(pack_word<T>(i), pack_word<T>(i + kPerWord),
+                                                               pack_word<T>(i + 2 * kPerWord),
+                                                               pack_word<T>(i + 3 * kPerWord)));
   }
 }
 
