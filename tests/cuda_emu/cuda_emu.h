@@ -316,8 +316,6 @@ template <typename T>
 T __ldg(const T* p) { return *p; }
 template <typename T>
 T __ldcg(const T* p) { return *p; }
-template <typename T>
-void __stwb(T* p, T v) { *p = v; }
 inline int __ffs(int x) { return __builtin_ffs(x); }
 inline float __int_as_float(int x) { float f; std::memcpy(&f, &x, 4); return f; }
 inline float __uint_as_float(unsigned x) { float f; std::memcpy(&f, &x, 4); return f; }
