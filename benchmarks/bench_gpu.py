@@ -18,14 +18,16 @@ us of Python; on the shapes past auto's bound they time what ``native``/``triton
 Also the host time of the eager step (the Python call alone, device synchronized after the
 timer) and, for the smallest grad buffer of each pairing, torch.profiler tables per method (host time,
 kernels).
-Prints a table (us, effective GB/s of the grad buffer, ratios, peak extra memory) and writes
-JSON + PNG + bench_gpu_profile.txt under $OUT when set, else benchmarks/results/.
+Prints a table (us, effective GB/s of the grad buffer, ratios, peak extra memory), then each
+prediction of benchmarks/gpu_predictions.json (written before the run) beside what was measured,
+and writes JSON + PNG + bench_gpu_profile.txt under $OUT when set, else benchmarks/results/.
 
     python benchmarks/bench_gpu.py [--repeats 20]
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -46,6 +48,7 @@ SHAPES = [(16, 2048, 4096, "bf16"), (8, 4096, 8192, "bf16"), (64, 512, 2048, "bf
 
 
 GRAD_FILL = "PREFKERNELS_GRAD_FILL"
+PREDICTIONS = Path(__file__).resolve().parent / "gpu_predictions.json"
 
 
 def predicted_floor_us(nbytes: int, write_bandwidth: float) -> float:
@@ -173,6 +176,15 @@ def with_grad_fill(step, fill: str):
     return run
 
 
+def shape_label(shape: tuple, explicit_pairs: int = 0) -> str:
+    """A SHAPES entry's name in the tables and JSON; a ranking pairing's name also gives its rows
+    and ``explicit_pairs``, the pairs its rankings expand to."""
+    pairs, positions, dim, dtype, *pairing = shape
+    if not pairing:
+        return f"P={pairs} T={positions} D={dim} {dtype}"
+    return f"N={2 * pairs} P={explicit_pairs} T={positions} D={dim} {dtype} {pairing[0]}"
+
+
 def add_ratios(row: dict, times: dict, kernels: list[str], nbytes: int, suffix: str) -> None:
     for name, seconds in times.items():
         if seconds is None:
@@ -207,9 +219,7 @@ def run(shapes, repeats: int, warmup: int, bandwidth: float, on_row, profile_pat
         pairing = pairing[0] if pairing else "default"
         batch = common.make_batch(pairs, positions, dim, dtype, device, pairing=pairing)
         nbytes = batch["hidden"].numel() * batch["hidden"].element_size()
-        label = f"P={pairs} T={positions} D={dim} {dtype}"
-        if pairing != "default":
-            label = f"N={2 * pairs} P={len(batch['pairs']['chosen_index'])} T={positions} D={dim} {dtype} {pairing}"
+        label = shape_label(shape, len(batch["pairs"]["chosen_index"]) if pairing != "default" else 0)
         row = {"shape": label, "pairs": pairs, "T": positions, "D": dim, "dtype": dtype, "pairing": pairing,
                "grad_buffer_MB": nbytes / 2**20, "predicted floor us": predicted_floor_us(nbytes, bandwidth)}
         steps = common.working_steps(all_steps, batch, row)
@@ -258,6 +268,25 @@ def main(argv=None):
     report(rows, kernels, env["device"], save)
 
 
+def against_predictions(rows: list[dict], predictions: dict) -> list[dict]:
+    """One line per predicted (shape, method) of ``predictions["graph us"]``: the range, the
+    measured graph time and whether it fell in, under or over the range (also stored in the row as
+    ``{method} predicted us (graph)``, so the JSON keeps both)."""
+    by_shape = {row["shape"]: row for row in rows}
+    lines = []
+    for shape, methods in predictions["graph us"].items():
+        for method, (low, high) in methods.items():
+            row = by_shape.get(shape, {})
+            measured = row.get(f"{method} us (graph)")
+            if shape in by_shape:
+                row[f"{method} predicted us (graph)"] = [low, high]
+            verdict = ("not measured" if measured is None else "under" if measured < low
+                       else "over" if measured > high else "in range")
+            lines.append({"shape": shape, "method": method, "predicted": f"{low}-{high}", "measured": measured,
+                          "verdict": verdict})
+    return lines
+
+
 def report(rows: list[dict], kernels: list[str], device: str, save) -> None:
     """Print the tables, write the JSON (``save``) and the two PNGs beside it."""
     methods = kernels + ["eager", "compile(eager)", "hf_style"]
@@ -271,6 +300,9 @@ def report(rows: list[dict], kernels: list[str], device: str, save) -> None:
         common.print_table(rows, columns)
     print("\npeak extra MB:")
     common.print_table(rows, ["shape", "grad_buffer_MB"] + [f"{m} peak MB" for m in methods + ["floor"]])
+    print(f"\n== predicted before the run ({PREDICTIONS.name}) vs measured, CUDA graph replay (us)")
+    common.print_table(against_predictions(rows, json.loads(PREDICTIONS.read_text())),
+                       ["shape", "method", "predicted", "measured", "verdict"])
     path = save(rows)
     for suffix, tag in (("", "eager"), (" (graph)", "graph")):
         common.plot_ratios(rows, [m for m in methods if f"{m}/floor{suffix}" in rows[0]],

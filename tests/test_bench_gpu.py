@@ -80,7 +80,37 @@ def test_bench_gpu_runs_and_reports_on_cpu(on_cpu, tmp_path, capsys):
     assert "prefkernels::rows_csr" in ranked and "rows_csr" not in default  # the explicit pairs grouped by row
     out = capsys.readouterr().out
     assert "not captured in a CUDA graph" in out and "native/memset" in out and "wrote" in out
+    assert "predicted before the run (gpu_predictions.json) vs measured" in out and "not measured" in out
     assert "broken failed, left out: RuntimeError: broken method (test)" in out
+
+
+def test_against_predictions_sets_each_measured_time_beside_its_range():
+    rows = [{"shape": "P=2 T=8 D=16 bf16", "native us (graph)": 80.0, "triton us (graph)": 70.0},
+            {"shape": "P=4 T=8 D=16 bf16", "native us (graph)": 90.5}]
+    predictions = {"graph us": {"P=2 T=8 D=16 bf16": {"native": [74, 83], "triton": [76, 85], "native_memset": [1, 2]},
+                                "P=4 T=8 D=16 bf16": {"native": [85, 90]}, "P=9 T=8 D=16 bf16": {"native": [1, 2]}}}
+    lines = bench_gpu.against_predictions(rows, predictions)
+    assert [(line["method"], line["predicted"], line["measured"], line["verdict"]) for line in lines] == [
+        ("native", "74-83", 80.0, "in range"), ("triton", "76-85", 70.0, "under"),
+        ("native_memset", "1-2", None, "not measured"), ("native", "85-90", 90.5, "over"),
+        ("native", "1-2", None, "not measured")]
+    assert rows[0]["native predicted us (graph)"] == [74, 83] and rows[1]["native predicted us (graph)"] == [85, 90]
+
+
+def test_shipped_predictions_name_benchmarked_shapes_and_methods():
+    """benchmarks/gpu_predictions.json names shapes as bench_gpu labels SHAPES (a typo would only
+    ever print "not measured") and methods it times, each with a range low < high."""
+    predictions = json.loads(bench_gpu.PREDICTIONS.read_text())["graph us"]
+    labels = set()
+    for shape in bench_gpu.SHAPES:
+        pairing = shape[4] if len(shape) > 4 else "default"
+        explicit = common.make_batch(shape[0], 2, 8, "fp32", "cpu", pairing=pairing)["pairs"]
+        labels.add(bench_gpu.shape_label(shape, len(explicit["chosen_index"]) if explicit else 0))
+    assert set(predictions) <= labels, set(predictions) - labels
+    timed = {*common.methods(["native", "triton"]), "native_memset", "triton_memset", "memset"}
+    for shape, methods in predictions.items():
+        for method, (low, high) in methods.items():
+            assert method in timed and 0 < low < high, (shape, method)
 
 
 def test_with_grad_fill_sets_the_variable_only_while_the_step_runs(monkeypatch):

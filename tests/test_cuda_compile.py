@@ -175,7 +175,8 @@ def test_backward_vector_stores_are_single_weak_16_byte_stores(compile_jobs, arc
     obj = job.cmd[job.cmd.index("-o") + 1]
     sass = subprocess.run([tool, "-sass", obj], capture_output=True, text=True, check=True).stdout
     kernels = re.split(r"\n\s*Function : ", sass)[1:]
-    vector_backward = [k for k in kernels if re.match(r"\S*(pool_backward_fill_kernel|pool_backward_kernelI\S*Lb1E)", k)]
+    vector_path = re.compile(r"\S*(pool_backward_fill_kernel|pool_backward_kernelI\S*Lb1E)")  # Lb1E: kVec true
+    vector_backward = [k for k in kernels if vector_path.match(k)]
     assert len(vector_backward) == 10, "expected 5 (hidden, weight) type pairs x 2 backward kernels with vector loads"
     for kernel in vector_backward:
         name, stores = kernel.split("\n", 1)[0], re.findall(r"STG\.E[.\w]*", kernel)
