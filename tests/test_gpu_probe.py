@@ -1,0 +1,79 @@
+"""benchmarks/gpu_probe.py's CPU-side parts: the case runner (CUDA calls stubbed), the table of
+ncu's CSV logs, and gpu_probe.sh's syntax, so a GPU session never loses its probe to the script."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import gpu_probe  # noqa: E402
+
+from prefkernels import backends  # noqa: E402
+
+HEADER = ('"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream","Block Size",'
+          '"Grid Size","Device","CC","Section Name","Metric Name","Metric Unit","Metric Value"')
+
+
+def ncu_row(kernel_id, kernel, metric, unit, value):
+    return (f'"{kernel_id}","7","python3","host","{kernel}","1","7","(256, 1, 1)","(4104, 1, 1)","0","9.0",'
+            f'"SpeedOfLight","{metric}","{unit}","{value}"')
+
+
+def test_summary_tabulates_each_profiled_kernel_of_each_case(tmp_path):
+    fill = "void prefkernels::gpu::(anonymous namespace)::pool_backward_fill_kernel<__nv_bfloat16, float>(BackwardParams)"
+    memset = "void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<int>, std::array<char *, 1>>(int, T2, T3)"
+    (tmp_path / "ncu_native.csv").write_text("\n".join([
+        "==PROF== Connected to process 7 (python3)", HEADER,
+        ncu_row(0, fill, "Duration", "usecond", "63.23"), ncu_row(0, fill, "DRAM Throughput", "%", "88.1"),
+        ncu_row(0, fill, "Registers Per Thread", "register/thread", "106"),
+        ncu_row(1, "_bt_default_pairs_kernel", "Duration", "nsecond", "5,696.00"),
+        "==PROF== Disconnected from process 7"]))
+    (tmp_path / "ncu_memset.csv").write_text("\n".join([HEADER, ncu_row(0, memset, "Duration", "msecond", "0.0581")]))
+    table = gpu_probe.summary([tmp_path / "ncu_native.csv", tmp_path / "ncu_memset.csv", tmp_path / "ncu_triton.csv"])
+    lines = [line.split() for line in table.splitlines()]
+    assert lines[0][:4] == ["case", "kernel", "us", "DRAM"]
+    assert lines[1] == ["native", "pool_backward_fill_kernel", "63.2", "88.1", "106"]
+    assert lines[2] == ["native", "_bt_default_pairs_kernel", "5.7"]
+    assert lines[3] == ["memset", "vectorized_elementwise_kernel", "58.1"]
+    assert lines[4] == ["triton", "(no", "kernel", "profiled)"]  # ncu wrote nothing for it
+
+
+def test_run_case_profiles_one_step_after_the_warm_up(monkeypatch):
+    calls = []
+
+    class Cudart:
+        def cudaProfilerStart(self):
+            calls.append("start")
+
+        def cudaProfilerStop(self):
+            calls.append("stop")
+
+    import bench_gpu
+    monkeypatch.setattr(torch.cuda, "cudart", Cudart)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: calls.append("sync"))
+    step = bench_gpu.memset_step
+    monkeypatch.setattr(bench_gpu, "memset_step", lambda batch: (calls.append("step"), step(batch)))
+    gpu_probe.run_case("memset", shape=(2, 8, 16, "fp32"), device="cpu", warmup=2)
+    assert calls == ["step", "step", "sync", "start", "step", "sync", "stop"]
+
+
+@pytest.mark.parametrize("name", list(gpu_probe.CASES))
+def test_every_case_runs_its_method_on_cpu(monkeypatch, name):
+    """Each case's method, pairing and grad fill resolve (on CPU: the native CPU kernel, and Triton
+    under the interpreter where it runs)."""
+    if gpu_probe.CASES[name][0] == "triton" and backends.triton_ops() is None:
+        pytest.skip("no Triton backend on CPU tensors here")
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: type("Cudart", (), {"cudaProfilerStart": lambda self: None,
+                                                                          "cudaProfilerStop": lambda self: None})())
+    gpu_probe.run_case(name, shape=(2, 8, 16, "fp32"), device="cpu", warmup=1)
+
+
+def test_cases_and_script_syntax():
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_probe.py"), "--cases"], capture_output=True,
+                         text=True, check=True).stdout.split()
+    assert out == list(gpu_probe.CASES) and len(out) + 1 <= 8  # the device tool brings back 8 files
+    subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / "gpu_probe.sh")], check=True)
