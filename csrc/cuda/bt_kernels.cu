@@ -3,10 +3,11 @@
 // Forward (reads only the N pooled rows, never the whole hidden tensor), ONE launch:
 //   score_kernel         one block per pooled row: find the pooled token (block-parallel mask
 //                        scan or index) and compute K fp32 dot products with the head. Default
-//                        pairs: one block per pair (rows p and p + P) that also writes the pair's
-//                        loss and gradient coefficients. Explicit pairs: a block per row, then a
-//                        block per pair that pools its two rows again (the same code, so the same
-//                        rewards) rather than wait for theirs.
+//                        pairs: one block per pair (rows p and p + P, their mask scans
+//                        together) that also writes the pair's loss and gradient coefficients.
+//                        Explicit pairs: a block per row, then a block per pair that pools its two
+//                        rows again (the same code, so the same rewards) rather than wait for
+//                        theirs.
 // Backward, ONE launch of either kernel (plan_pool_backward picks; PREFKERNELS_GRAD_FILL overrides):
 //   pool_backward_fill_kernel  (padded hidden, 16-byte rows; no memset before it) blocks 0 ..
 //                        tiles-1 reduce one D tile each over all rows, as the one-row-block case
@@ -199,48 +200,83 @@ __device__ __forceinline__ int64_t block_max(int64_t v, int64_t* smem) {
 // ---------------------------------------------------------------------------------------------
 // Pooled position
 // ---------------------------------------------------------------------------------------------
-// Last t with row[t] != 0, or -1. Steps of blockDim*kScanUnroll positions from the end: in a
-// step thread i tests hi-1-i, hi-1-i-blockDim, ... (coalesced; its first hit is its largest),
-// and the block stops at the first step where any thread hit (usually the first: the pooled
-// token sits near the end of left-padded rows; right padding costs (T - length) / 1024 steps).
-template <typename M>
-__device__ int64_t last_set_position(const M* __restrict__ row, int64_t positions, int64_t* smem) {
+// pos[r] = last t with rows[r][t] != 0, or -1 (also for rows[r] null), the kRows rows scanned
+// together so that their loads are in flight at once. Steps of blockDim*kScanUnroll positions
+// from the end: in a step thread i tests hi-1-i, hi-1-i-blockDim, ... of each row not yet found
+// (coalesced; its first hit is its largest), and a row is found at the first step where any
+// thread hit (usually the first: the pooled token sits near the end of left-padded rows; right
+// padding costs (T - length) / 1024 steps).
+template <int kRows, typename M>
+__device__ void last_set_positions(const M* const (&rows)[kRows], int64_t positions, int64_t* smem,
+                                   int64_t (&pos)[kRows]) {
   const int64_t step = int64_t(blockDim.x) * kScanUnroll;
+  bool open[kRows];  // block-uniform: row r still to find
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) {
+    pos[r] = -1;
+    open[r] = rows[r] != nullptr;
+  }
   for (int64_t hi = positions; hi > 0; hi -= step) {
     const int64_t top = hi - 1 - int64_t(threadIdx.x);
-    unsigned hits = 0;  // bit u: position top - u*blockDim is set (independent loads)
+    unsigned hits[kRows];  // bit u: position top - u*blockDim of row r is set (independent loads)
 #pragma unroll
-    for (int u = 0; u < kScanUnroll; ++u) {
-      const int64_t t = top - int64_t(u) * blockDim.x;
-      hits |= unsigned(t >= 0 && __ldg(row + t) != M(0)) << u;
+    for (int r = 0; r < kRows; ++r) {
+      hits[r] = 0;
+#pragma unroll
+      for (int u = 0; u < kScanUnroll; ++u) {
+        const int64_t t = top - int64_t(u) * blockDim.x;
+        hits[r] |= unsigned(open[r] && t >= 0 && __ldg(rows[r] + t) != M(0)) << u;
+      }
     }
-    const int64_t found = hits != 0 ? top - int64_t(__ffs(int(hits)) - 1) * blockDim.x : -1;
-    if (__syncthreads_or(found >= 0)) return block_max(found, smem);  // uniform branch
+    bool any_open = false;
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      if (!open[r]) continue;  // uniform branch
+      const int64_t found = hits[r] != 0 ? top - int64_t(__ffs(int(hits[r])) - 1) * blockDim.x : -1;
+      if (__syncthreads_or(found >= 0)) {
+        pos[r] = block_max(found, smem);
+        open[r] = false;
+      }
+      any_open |= open[r];
+    }
+    if (!any_open) return;
   }
-  return -1;
 }
 
-// Pooled position of row n, or -1 when the spec gives none in [0, positions) (the CPU rule).
-// Block-uniform; every thread must call it (the mask scan synchronizes).
-__device__ int64_t pooled_position(const PoolSpec& pool, int64_t n, int64_t positions, int64_t* smem) {
-  int64_t pos;
+// last_set_positions of the rows n[r] (-1: none) of an [N, positions] mask of element type M.
+template <int kRows, typename M>
+__device__ void scan_mask_rows(const void* mask, const int64_t (&n)[kRows], int64_t positions, int64_t* smem,
+                               int64_t (&pos)[kRows]) {
+  const M* rows[kRows];
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) rows[r] = n[r] >= 0 ? static_cast<const M*>(mask) + n[r] * positions : nullptr;
+  last_set_positions<kRows, M>(rows, positions, smem, pos);
+}
+
+// pos[r] = pooled position of row n[r], or -1 (no row: n[r] < 0, or the spec gives none in
+// [0, positions), the CPU rule); the rows' mask scans run together. Block-uniform; every thread
+// must call it (the mask scan synchronizes).
+template <int kRows>
+__device__ void pooled_positions(const PoolSpec& pool, const int64_t (&n)[kRows], int64_t positions, int64_t* smem,
+                                 int64_t (&pos)[kRows]) {
   if (pool.mode == kPoolMask) {
-    const int64_t offset = n * positions;
     switch (pool.mask_kind) {
       case kMaskBool:  // torch bool is one byte; test it as a byte
-        pos = last_set_position(static_cast<const uint8_t*>(pool.mask) + offset, positions, smem);
+        scan_mask_rows<kRows, uint8_t>(pool.mask, n, positions, smem, pos);
         break;
       case kMaskInt32:
-        pos = last_set_position(static_cast<const int32_t*>(pool.mask) + offset, positions, smem);
+        scan_mask_rows<kRows, int32_t>(pool.mask, n, positions, smem, pos);
         break;
       default:
-        pos = last_set_position(static_cast<const int64_t*>(pool.mask) + offset, positions, smem);
+        scan_mask_rows<kRows, int64_t>(pool.mask, n, positions, smem, pos);
         break;
     }
   } else {
-    pos = indexed_position(pool, n);
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) pos[r] = n[r] >= 0 ? indexed_position(pool, n[r]) : -1;
   }
-  return valid_position(pos, positions);
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) pos[r] = valid_position(pos[r], positions);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -320,15 +356,13 @@ __global__ void __launch_bounds__(kForwardThreads, 1) score_kernel(const Forward
   } else {
     row[0] = b;
   }
+  int64_t pos[kRows];
+  pooled_positions(p.pool, row, hs.positions, s_pos, pos);
   bool any_valid = false;
 #pragma unroll
   for (int r = 0; r < kRows; ++r) {
-    int64_t pos = -1;
-    if (row[r] >= 0) {  // block-uniform
-      pos = pooled_position(p.pool, row[r], hs.positions, s_pos);
-      if (writes_rows && threadIdx.x == 0) p.pooled_pos[row[r]] = pos;
-    }
-    src[r] = pos >= 0 ? static_cast<const H*>(hs.data) + row[r] * hs.stride_n + pos * hs.stride_t : nullptr;
+    if (writes_rows && row[r] >= 0 && threadIdx.x == 0) p.pooled_pos[row[r]] = pos[r];
+    src[r] = pos[r] >= 0 ? static_cast<const H*>(hs.data) + row[r] * hs.stride_n + pos[r] * hs.stride_t : nullptr;
     any_valid |= src[r] != nullptr;
   }
 
