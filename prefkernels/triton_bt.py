@@ -93,6 +93,13 @@ def _bt_pair(r_chosen, r_rejected, margin, label_smoothing, center_coef):
 # Per-row helpers: the pooled position and the K rewards of one row.
 # ---------------------------------------------------------------------------------------------
 @triton.jit
+def _valid_position(pos, positions):
+    """(pos, valid): pos if it is a position in [0, positions), else -1 (an invalid row)."""
+    valid = (pos >= 0) & (pos < positions)
+    return tl.where(valid, pos, -1), valid
+
+
+@triton.jit
 def _pooled_position(n, mask_ptr, index_ptr, positions, POOL_MODE: tl.constexpr, BLOCK_T: tl.constexpr):
     """(pos int64, valid) of row n: pos = -1 when the spec gives no position in [0, positions)."""
     if POOL_MODE == 0:
@@ -110,9 +117,29 @@ def _pooled_position(n, mask_ptr, index_ptr, positions, POOL_MODE: tl.constexpr,
     else:  # the last row of sequence n; none when the sequence is empty
         end = tl.load(index_ptr + n + 1).to(tl.int64)
         pos = tl.where(end > tl.load(index_ptr + n).to(tl.int64), end - 1, -1)
-    valid = (pos >= 0) & (pos < positions)
-    pos = tl.where(valid, pos, -1)
-    return pos, valid
+    return _valid_position(pos, positions)
+
+
+@triton.jit
+def _pooled_positions(n_a, n_b, mask_ptr, index_ptr, positions, POOL_MODE: tl.constexpr, BLOCK_T: tl.constexpr):
+    """_pooled_position of rows n_a and n_b, (pos_a, valid_a, pos_b, valid_b); with a mask the two
+    rows are scanned together, one [2, BLOCK_T] tile per step, so their loads are in flight at once."""
+    if POOL_MODE == 0:
+        which = tl.arange(0, 2)
+        rows = tl.where(which == 0, n_a, n_b)
+        offs_t = tl.arange(0, BLOCK_T)
+        best = tl.full([2, BLOCK_T], -1, tl.int32)
+        for t0 in range(0, positions, BLOCK_T):
+            t = t0 + offs_t
+            m = tl.load(mask_ptr + rows[:, None] * positions + t[None, :], mask=(t < positions)[None, :], other=0)
+            best = tl.maximum(best, tl.where(m != 0, t[None, :], -1))
+        last = tl.max(best, axis=1)
+        pos_a, valid_a = _valid_position(tl.max(tl.where(which == 0, last, -1), axis=0).to(tl.int64), positions)
+        pos_b, valid_b = _valid_position(tl.max(tl.where(which == 1, last, -1), axis=0).to(tl.int64), positions)
+    else:
+        pos_a, valid_a = _pooled_position(n_a, mask_ptr, index_ptr, positions, POOL_MODE, BLOCK_T)
+        pos_b, valid_b = _pooled_position(n_b, mask_ptr, index_ptr, positions, POOL_MODE, BLOCK_T)
+    return pos_a, valid_a, pos_b, valid_b
 
 
 @triton.jit
@@ -151,6 +178,20 @@ def _pool_row(n, hidden_ptr, weight_ptr, bias_ptr, mask_ptr, index_ptr, position
 
 
 @triton.jit
+def _pool_pair(c, r, hidden_ptr, weight_ptr, bias_ptr, mask_ptr, index_ptr, positions, D, K, stride_n, stride_t,
+               POOL_MODE: tl.constexpr, HAS_BIAS: tl.constexpr,
+               BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    """_pool_row of rows c and r, (pos_c, rewards_c, pos_r, rewards_r), their positions found
+    together (_pooled_positions); each row's rewards are _row_rewards', as _pool_row's."""
+    pos_c, valid_c, pos_r, valid_r = _pooled_positions(c, r, mask_ptr, index_ptr, positions, POOL_MODE, BLOCK_T)
+    rewards_c = _row_rewards(c, pos_c, valid_c, hidden_ptr, weight_ptr, bias_ptr, stride_n, stride_t, D, K,
+                             HAS_BIAS, BLOCK_K, BLOCK_D)
+    rewards_r = _row_rewards(r, pos_r, valid_r, hidden_ptr, weight_ptr, bias_ptr, stride_n, stride_t, D, K,
+                             HAS_BIAS, BLOCK_K, BLOCK_D)
+    return pos_c, rewards_c, pos_r, rewards_r
+
+
+@triton.jit
 def _store_pair(q, r_c, r_r, margin_ptr, loss_ptr, pair_grad_ptr, P, K, label_smoothing, center_coef,
                 HAS_MARGIN: tl.constexpr, BLOCK_K: tl.constexpr):
     """loss[q, :] and pair_grad[:, q, :] of pair q from its chosen and rejected rewards [BLOCK_K]."""
@@ -184,10 +225,8 @@ def _bt_default_pairs_kernel(
     k_mask = offs_k < K
     c = p
     r = p + P
-    pos_c, r_c = _pool_row(c, hidden_ptr, weight_ptr, bias_ptr, mask_ptr, index_ptr, positions, D, K, stride_n,
-                           stride_t, POOL_MODE, HAS_BIAS, BLOCK_T, BLOCK_K, BLOCK_D)
-    pos_r, r_r = _pool_row(r, hidden_ptr, weight_ptr, bias_ptr, mask_ptr, index_ptr, positions, D, K, stride_n,
-                           stride_t, POOL_MODE, HAS_BIAS, BLOCK_T, BLOCK_K, BLOCK_D)
+    pos_c, r_c, pos_r, r_r = _pool_pair(c, r, hidden_ptr, weight_ptr, bias_ptr, mask_ptr, index_ptr, positions, D, K,
+                                        stride_n, stride_t, POOL_MODE, HAS_BIAS, BLOCK_T, BLOCK_K, BLOCK_D)
     tl.store(rewards_ptr + c * K + offs_k, r_c, mask=k_mask)
     tl.store(rewards_ptr + r * K + offs_k, r_r, mask=k_mask)
     tl.store(pooled_pos_ptr + c, pos_c)
@@ -206,7 +245,7 @@ def _pool_kernel(
 ):
     """Programs n < N: rewards[n, :] and pooled_pos[n] of row n. With pairs (PAIR_MODE 1: default
     (q, q + P); 2: chosen/rejected [P]) programs N + q also compute pair q: they pool its two rows
-    again (the same helper, the same operations) rather than wait for the row programs, so the
+    again (_pool_pair: the row programs' _row_rewards) rather than wait for the row programs, so the
     whole forward is one launch. A pair with an index outside [0, N) gets NaN loss and zero
     pair_grad."""
     pid = tl.program_id(0).to(tl.int64)
@@ -226,10 +265,8 @@ def _pool_kernel(
             c = tl.load(chosen_ptr + q)
             r = tl.load(rejected_ptr + q)
         if (c >= 0) & (c < N) & (r >= 0) & (r < N):
-            _, r_c = _pool_row(c, hidden_ptr, weight_ptr, bias_ptr, mask_ptr, index_ptr, positions, D, K, stride_n,
-                               stride_t, POOL_MODE, HAS_BIAS, BLOCK_T, BLOCK_K, BLOCK_D)
-            _, r_r = _pool_row(r, hidden_ptr, weight_ptr, bias_ptr, mask_ptr, index_ptr, positions, D, K, stride_n,
-                               stride_t, POOL_MODE, HAS_BIAS, BLOCK_T, BLOCK_K, BLOCK_D)
+            _, r_c, _, r_r = _pool_pair(c, r, hidden_ptr, weight_ptr, bias_ptr, mask_ptr, index_ptr, positions, D, K,
+                                        stride_n, stride_t, POOL_MODE, HAS_BIAS, BLOCK_T, BLOCK_K, BLOCK_D)
             _store_pair(q, r_c, r_r, margin_ptr, loss_ptr, pair_grad_ptr, P, K, label_smoothing, center_coef,
                         HAS_MARGIN, BLOCK_K)
         else:
