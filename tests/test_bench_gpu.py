@@ -2,6 +2,7 @@
 memory counters) replaced, so a GPU session never loses its run to an error in the script's
 own Python: key names, tables, JSON, plots, the profiler table, a method whose capture fails,
 a method that fails outright."""
+import functools
 import json
 import os
 import sys
@@ -38,7 +39,10 @@ def on_cpu(monkeypatch):
     monkeypatch.setattr(common, "methods", lambda kernels: {**methods(kernels), "broken": broken})
 
 
-def test_bench_gpu_runs_and_reports_on_cpu(on_cpu, tmp_path, capsys):
+def test_bench_gpu_runs_and_reports_on_cpu(on_cpu, monkeypatch, tmp_path, capsys):
+    # every op in the profile tables: which ones make a GPU run's top 20 by CPU time here is noise
+    # (prefkernels::rows_csr fell out of it in one run)
+    monkeypatch.setattr(bench_gpu, "profile_table", functools.partial(bench_gpu.profile_table, rows=1000))
     saved = []
 
     def save(rows):
