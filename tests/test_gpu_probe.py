@@ -41,7 +41,9 @@ def test_summary_tabulates_each_profiled_kernel_of_each_case(tmp_path):
     assert lines[4] == ["triton", "(no", "kernel", "profiled)"]  # ncu wrote nothing for it
 
 
-def test_run_case_profiles_one_step_after_the_warm_up(monkeypatch):
+@pytest.fixture
+def cuda_calls(monkeypatch):
+    """torch.cuda's synchronize and profiler start/stop replaced by recorders (no CUDA here)."""
     calls = []
 
     class Cudart:
@@ -51,25 +53,27 @@ def test_run_case_profiles_one_step_after_the_warm_up(monkeypatch):
         def cudaProfilerStop(self):
             calls.append("stop")
 
-    import bench_gpu
     monkeypatch.setattr(torch.cuda, "cudart", Cudart)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda: calls.append("sync"))
+    return calls
+
+
+def test_run_case_profiles_one_step_after_the_warm_up(monkeypatch, cuda_calls):
+    import bench_gpu
     step = bench_gpu.memset_step
-    monkeypatch.setattr(bench_gpu, "memset_step", lambda batch: (calls.append("step"), step(batch)))
+    monkeypatch.setattr(bench_gpu, "memset_step", lambda batch: (cuda_calls.append("step"), step(batch)))
     gpu_probe.run_case("memset", shape=(2, 8, 16, "fp32"), device="cpu", warmup=2)
-    assert calls == ["step", "step", "sync", "start", "step", "sync", "stop"]
+    assert cuda_calls == ["step", "step", "sync", "start", "step", "sync", "stop"]
 
 
 @pytest.mark.parametrize("name", list(gpu_probe.CASES))
-def test_every_case_runs_its_method_on_cpu(monkeypatch, name):
+def test_every_case_runs_its_method_on_cpu(cuda_calls, name):
     """Each case's method, pairing and grad fill resolve (on CPU: the native CPU kernel, and Triton
     under the interpreter where it runs)."""
     if gpu_probe.CASES[name][0] == "triton" and backends.triton_ops() is None:
         pytest.skip("no Triton backend on CPU tensors here")
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
-    monkeypatch.setattr(torch.cuda, "cudart", lambda: type("Cudart", (), {"cudaProfilerStart": lambda self: None,
-                                                                          "cudaProfilerStop": lambda self: None})())
     gpu_probe.run_case(name, shape=(2, 8, 16, "fp32"), device="cpu", warmup=1)
+    assert cuda_calls[-3:] == ["start", "sync", "stop"]
 
 
 def test_cases_and_script_syntax():
