@@ -143,27 +143,44 @@ def _pooled_positions(n_a, n_b, mask_ptr, index_ptr, positions, POOL_MODE: tl.co
 
 
 @triton.jit
-def _row_rewards(n, pos, valid, hidden_ptr, weight_ptr, bias_ptr, stride_n, stride_t, D, K,
-                 HAS_BIAS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
-    """rewards[k] = <hidden[n, pos, :], weight[k, :]> + bias[k] in fp32 ([BLOCK_K]); NaN if invalid."""
+def _rows_rewards(n_a, pos_a, valid_a, n_b, pos_b, valid_b, hidden_ptr, weight_ptr, bias_ptr, stride_n, stride_t, D,
+                  K, PAIR: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    """(rewards_a, rewards_b): rewards[k] = <hidden[n, pos, :], weight[k, :]> + bias[k] in fp32
+    ([BLOCK_K]) of row a and, with PAIR, row b (else rewards_b is rewards_a); NaN for an invalid
+    row. A pair's two hidden tiles are loaded together with the weight tile; each row's arithmetic
+    is a single row's, so a row's rewards have the same bits either way."""
     offs_k = tl.arange(0, BLOCK_K)
     offs_d = tl.arange(0, BLOCK_D)
     k_mask = offs_k < K
-    row = hidden_ptr + n * stride_n + tl.maximum(pos, 0) * stride_t
-    acc = tl.zeros([BLOCK_K], dtype=tl.float32)
+    row_a = hidden_ptr + n_a * stride_n + tl.maximum(pos_a, 0) * stride_t
+    row_b = hidden_ptr + n_b * stride_n + tl.maximum(pos_b, 0) * stride_t
+    acc_a = tl.zeros([BLOCK_K], dtype=tl.float32)
+    acc_b = tl.zeros([BLOCK_K], dtype=tl.float32)
     # Masks are built by comparing a block with a scalar bound (an invalid row reads nothing):
     # combining a block mask with a scalar bool breaks the Triton interpreter.
-    d_limit = tl.where(valid, D, 0)
+    d_limit_a = tl.where(valid_a, D, 0)
+    d_limit_b = tl.where(valid_b, D, 0)
     for d0 in range(0, D, BLOCK_D):
         d = d0 + offs_d
         d_mask = d < D
-        h = tl.load(row + d, mask=d < d_limit, other=0.0).to(tl.float32)
+        h_a = tl.load(row_a + d, mask=d < d_limit_a, other=0.0).to(tl.float32)
+        if PAIR:
+            h_b = tl.load(row_b + d, mask=d < d_limit_b, other=0.0).to(tl.float32)
         w = tl.load(weight_ptr + offs_k[:, None] * D + d[None, :], mask=k_mask[:, None] & d_mask[None, :],
                     other=0.0).to(tl.float32)
-        acc += tl.sum(w * h[None, :], axis=1)
+        acc_a += tl.sum(w * h_a[None, :], axis=1)
+        if PAIR:
+            acc_b += tl.sum(w * h_b[None, :], axis=1)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
-    return tl.where(valid, acc, float("nan"))
+        bias = tl.load(bias_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
+        acc_a += bias
+        acc_b += bias
+    rewards_a = tl.where(valid_a, acc_a, float("nan"))
+    if PAIR:
+        rewards_b = tl.where(valid_b, acc_b, float("nan"))
+    else:
+        rewards_b = rewards_a
+    return rewards_a, rewards_b
 
 
 @triton.jit
@@ -172,8 +189,8 @@ def _pool_row(n, hidden_ptr, weight_ptr, bias_ptr, mask_ptr, index_ptr, position
               BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
     """(pooled position int64, -1 for an invalid row; rewards [BLOCK_K] fp32) of row n."""
     pos, valid = _pooled_position(n, mask_ptr, index_ptr, positions, POOL_MODE, BLOCK_T)
-    rewards = _row_rewards(n, pos, valid, hidden_ptr, weight_ptr, bias_ptr, stride_n, stride_t, D, K,
-                           HAS_BIAS, BLOCK_K, BLOCK_D)
+    rewards, _ = _rows_rewards(n, pos, valid, n, pos, valid, hidden_ptr, weight_ptr, bias_ptr, stride_n, stride_t, D,
+                               K, False, HAS_BIAS, BLOCK_K, BLOCK_D)
     return pos, rewards
 
 
@@ -181,13 +198,11 @@ def _pool_row(n, hidden_ptr, weight_ptr, bias_ptr, mask_ptr, index_ptr, position
 def _pool_pair(c, r, hidden_ptr, weight_ptr, bias_ptr, mask_ptr, index_ptr, positions, D, K, stride_n, stride_t,
                POOL_MODE: tl.constexpr, HAS_BIAS: tl.constexpr,
                BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
-    """_pool_row of rows c and r, (pos_c, rewards_c, pos_r, rewards_r), their positions found
-    together (_pooled_positions); each row's rewards are _row_rewards', as _pool_row's."""
+    """_pool_row of rows c and r, (pos_c, rewards_c, pos_r, rewards_r), with their mask scans
+    (_pooled_positions) and their hidden loads (_rows_rewards) together."""
     pos_c, valid_c, pos_r, valid_r = _pooled_positions(c, r, mask_ptr, index_ptr, positions, POOL_MODE, BLOCK_T)
-    rewards_c = _row_rewards(c, pos_c, valid_c, hidden_ptr, weight_ptr, bias_ptr, stride_n, stride_t, D, K,
-                             HAS_BIAS, BLOCK_K, BLOCK_D)
-    rewards_r = _row_rewards(r, pos_r, valid_r, hidden_ptr, weight_ptr, bias_ptr, stride_n, stride_t, D, K,
-                             HAS_BIAS, BLOCK_K, BLOCK_D)
+    rewards_c, rewards_r = _rows_rewards(c, pos_c, valid_c, r, pos_r, valid_r, hidden_ptr, weight_ptr, bias_ptr,
+                                         stride_n, stride_t, D, K, True, HAS_BIAS, BLOCK_K, BLOCK_D)
     return pos_c, rewards_c, pos_r, rewards_r
 
 
@@ -245,7 +260,7 @@ def _pool_kernel(
 ):
     """Programs n < N: rewards[n, :] and pooled_pos[n] of row n. With pairs (PAIR_MODE 1: default
     (q, q + P); 2: chosen/rejected [P]) programs N + q also compute pair q: they pool its two rows
-    again (_pool_pair: the row programs' _row_rewards) rather than wait for the row programs, so the
+    again (_pool_pair: each row's arithmetic as in the row programs) rather than wait for them, so the
     whole forward is one launch. A pair with an index outside [0, N) gets NaN loss and zero
     pair_grad."""
     pid = tl.program_id(0).to(tl.int64)
