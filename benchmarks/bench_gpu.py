@@ -176,13 +176,18 @@ def with_grad_fill(step, fill: str):
     return run
 
 
+def shape_pairing(shape: tuple) -> str:
+    """A SHAPES entry's pairing: its fifth field, else "default"."""
+    return shape[4] if len(shape) > 4 else "default"
+
+
 def shape_label(shape: tuple, explicit_pairs: int = 0) -> str:
     """A SHAPES entry's name in the tables and JSON; a ranking pairing's name also gives its rows
     and ``explicit_pairs``, the pairs its rankings expand to."""
-    pairs, positions, dim, dtype, *pairing = shape
-    if not pairing:
+    pairs, positions, dim, dtype = shape[:4]
+    if shape_pairing(shape) == "default":
         return f"P={pairs} T={positions} D={dim} {dtype}"
-    return f"N={2 * pairs} P={explicit_pairs} T={positions} D={dim} {dtype} {pairing[0]}"
+    return f"N={2 * pairs} P={explicit_pairs} T={positions} D={dim} {dtype} {shape_pairing(shape)}"
 
 
 def add_ratios(row: dict, times: dict, kernels: list[str], nbytes: int, suffix: str) -> None:
@@ -212,11 +217,11 @@ def run(shapes, repeats: int, warmup: int, bandwidth: float, on_row, profile_pat
     # profiled: per pairing, the first shape of its smallest grad buffer (fixed costs weigh most there)
     profiled_shapes = {}
     for shape in sorted(shapes, key=lambda s: s[0] * 2 * s[1] * s[2] * common.DTYPES[s[3]].itemsize):
-        profiled_shapes.setdefault(shape[4] if len(shape) > 4 else "default", shape)
+        profiled_shapes.setdefault(shape_pairing(shape), shape)
     profiles = []
     for shape in shapes:
-        pairs, positions, dim, dtype, *pairing = shape
-        pairing = pairing[0] if pairing else "default"
+        pairs, positions, dim, dtype = shape[:4]
+        pairing = shape_pairing(shape)
         batch = common.make_batch(pairs, positions, dim, dtype, device, pairing=pairing)
         nbytes = batch["hidden"].numel() * batch["hidden"].element_size()
         label = shape_label(shape, len(batch["pairs"]["chosen_index"]) if pairing != "default" else 0)

@@ -107,8 +107,7 @@ def test_shipped_predictions_name_benchmarked_shapes_and_methods():
     predictions = json.loads(bench_gpu.PREDICTIONS.read_text())["graph us"]
     labels = set()
     for shape in bench_gpu.SHAPES:
-        pairing = shape[4] if len(shape) > 4 else "default"
-        explicit = common.make_batch(shape[0], 2, 8, "fp32", "cpu", pairing=pairing)["pairs"]
+        explicit = common.make_batch(shape[0], 2, 8, "fp32", "cpu", pairing=bench_gpu.shape_pairing(shape))["pairs"]
         labels.add(bench_gpu.shape_label(shape, len(explicit["chosen_index"]) if explicit else 0))
     assert set(predictions) <= labels, set(predictions) - labels
     timed = {*common.methods(["native", "triton"]), "native_memset", "triton_memset", "memset"}
