@@ -152,8 +152,7 @@ def register(ops: OpSet) -> None:
         hidden, pooled_pos, weight, pair_grad, chosen_index, rejected_index = ctx.saved_tensors
         pairs, heads = pair_grad.shape[1], pair_grad.shape[2]
         loss_scale = 1.0 / max(pairs * heads, 1) if ctx.mean else 1.0
-        row_ptr, row_entry = (None, None) if chosen_index is None else ops.rows_csr(chosen_index, rejected_index,
-                                                                                      ctx.rows)
+        row_ptr, row_entry = ops.rows_csr(chosen_index, rejected_index, ctx.rows)
         grads = backward_into_inputs(ctx, hidden, weight, pooled_pos, pair_grad.reshape(-1, heads), row_ptr, row_entry,
                                      grad_loss.float().contiguous(), loss_scale)
         return (*grads, None, None, None, None, None, None, None, None, None)

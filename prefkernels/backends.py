@@ -67,10 +67,13 @@ class OpSet:
 
     def rows_csr(self, chosen_index, rejected_index, rows: int):
         """(row_ptr [rows + 1], row_entry [2P]) int64, the explicit pairs' entries by row for
-        pool_backward: this namespace's rows_csr op (native, the emulated CUDA), else the native
-        op where it runs on the indices' device (Triton has none of its own), else the
-        reference's stable sort (six launches on a GPU). On CUDA the op's one warp places 32
-        entries a step: past CUDA_CSR_MAX_ENTRIES the reference's sort takes over."""
+        pool_backward, or (None, None) for the default pairing (chosen_index None), whose entry e
+        is row e: this namespace's rows_csr op (native, the emulated CUDA), else the native op
+        where it runs on the indices' device (Triton has none of its own), else the reference's
+        stable sort (six launches on a GPU). On CUDA the op's one warp places 32 entries a step:
+        past CUDA_CSR_MAX_ENTRIES the reference's sort takes over."""
+        if chosen_index is None:
+            return None, None
         op = self.own_rows_csr
         if op is None and (native := _native_for(chosen_index.device)) is not None:
             op = native.own_rows_csr

@@ -157,16 +157,6 @@ def public(backend):
     return fn
 
 
-def csr_of(chosen_index, rejected_index, rows, ops=None):
-    """pool_backward's (row_ptr, row_entry): (None, None) for the default pairing (chosen_index
-    None), else ``ops.rows_csr`` (an OpSet), or the reference's without ``ops``."""
-    if chosen_index is None:
-        return None, None
-    if ops is None:
-        return reference.rows_csr(chosen_index, rejected_index, rows)
-    return ops.rows_csr(chosen_index, rejected_index, rows)
-
-
 def opcheck_ops(ops, args):
     """torch.library.opcheck of the three ops of ``ops`` (an OpSet) on ``args``, bt_forward's tensor
     arguments (hidden, weight, bias requiring grad, then attention_mask, last_index, cu_seqlens,
@@ -183,7 +173,7 @@ def opcheck_ops(ops, args):
     torch.library.opcheck(ops.pool_backward, (torch.randn_like(rewards), None, 1.0, None, None, hidden, weight,
                                               pooled_pos, True))
     loss, _, pair_grad, _ = ops.bt_forward(*detached, 0.1, 0.01, REDUCTION_CODES["none"])
-    csr = csr_of(*detached[6:8], rewards.shape[0], ops)
+    csr = ops.rows_csr(*detached[6:8], rewards.shape[0])
     if ops.defines("rows_csr") and detached[6] is not None:
         torch.library.opcheck(ops.op("rows_csr"), (*detached[6:8], rewards.shape[0]))
     entries = pair_grad.reshape(-1, pair_grad.shape[-1])

@@ -20,8 +20,7 @@ import pytest
 import torch
 
 from prefkernels import autograd, backends
-from op_cases import (Case, assert_matches, csr_of, make_inputs, opcheck_ops, public, reference_float64,
-                      run_op)
+from op_cases import Case, assert_matches, make_inputs, opcheck_ops, public, reference_float64, run_op
 from test_cuda_compile import cuda_include_dir, find_nvcc
 from test_gpu import EDGE_OP_CASES, check_edge_ops, op_args
 from test_op_edge_cases import DIRECT_CALL_CHECKS, check_rows_csr
@@ -151,7 +150,7 @@ def test_emulated_cuda_forward_and_backward_are_one_launch_each(emulated_ops, gr
                       device="cpu")
     work, (_, _, pair_grad, pooled_pos) = device_work(lambda: emulated_ops.bt_forward(*args))
     assert work == [1, 0]
-    csr = csr_of(*args[6:8], args[0].shape[0], emulated_ops)
+    csr = emulated_ops.rows_csr(*args[6:8], args[0].shape[0])
     entries = pair_grad.reshape(-1, 2)
     work, _ = device_work(lambda: emulated_ops.pool_backward(entries, torch.tensor(0.5), 0.25, *csr, args[0], args[1],
                                                              pooled_pos, True))
@@ -176,7 +175,7 @@ def test_emulated_cuda_fill_kernel_equals_memset_path(emulated_ops, monkeypatch,
     pooled_pos = pooled_pos.clone()
     pooled_pos[[3, 17]] = torch.tensor([-1, case.positions])
     entries = pair_grad.reshape(-1, case.heads)
-    csr = csr_of(*args[6:8], hidden.shape[0], emulated_ops)
+    csr = emulated_ops.rows_csr(*args[6:8], hidden.shape[0])
     g = torch.Generator().manual_seed(5)
     for grad_loss, scale in ((torch.rand((), generator=g) + 0.5, 0.25),
                              (torch.rand(entries.shape[0] // 2, case.heads, generator=g) + 0.5, 1.0)):

@@ -7,8 +7,7 @@ import torch
 
 import prefkernels
 from prefkernels import backends, checks, reference
-from op_cases import (Case, assert_matches, csr_of, make_inputs, opcheck_ops, poison_allocator, public,
-                      reference_float64, run_op)
+from op_cases import Case, assert_matches, make_inputs, opcheck_ops, poison_allocator, public, reference_float64, run_op
 from test_op_edge_cases import DIRECT_CALL_CHECKS, check_extension_shares_the_process_libstdcxx, check_rows_csr
 from test_ops import VARIANTS
 
@@ -148,7 +147,7 @@ def test_cuda_forward_and_backward_are_one_launch_each(variant, pairs, monkeypat
     ops.bt_forward(*mean_args)
     assert len(device_activities(lambda: ops.bt_forward(*mean_args))) == 2
     entries = pair_grad.reshape(-1, heads)
-    csr = csr_of(*args[6:8], args[0].shape[0], ops)
+    csr = ops.rows_csr(*args[6:8], args[0].shape[0])
     grad_loss = torch.rand((), device="cuda")  # made here: the profiler would count its kernel
     for call in (lambda: ops.pool_backward(coef, None, 1.0, None, None, args[0], args[1], pooled_pos, True),
                  lambda: ops.pool_backward(entries, grad_loss, 0.5, *csr, args[0], args[1], pooled_pos, True)):
@@ -380,7 +379,7 @@ def test_cuda_fill_kernel_matches_memset_path(backend, pairs, monkeypatch):
     args, heads = op_args(Case(dtype=torch.bfloat16, heads=1, rows=128, positions=512, dim=2048, pairs=pairs),
                           reduction="mean")
     _, _, pair_grad, pooled_pos = ops.bt_forward(*args)
-    csr = csr_of(*args[6:8], args[0].shape[0], ops)
+    csr = ops.rows_csr(*args[6:8], args[0].shape[0])
     results = {}
     for fill in ("kernel", "memset"):
         monkeypatch.setenv("PREFKERNELS_GRAD_FILL", fill)

@@ -7,7 +7,6 @@ import torch
 
 import prefkernels
 from prefkernels import backends, reference
-from op_cases import csr_of
 
 BACKENDS = ["native", "triton", "reference"]
 
@@ -216,7 +215,7 @@ def check_pool_backward_scales_entries_by_the_loss_gradient(ops, device):
     explicit = (torch.tensor([0, 1, 2, 0], device=device), torch.tensor([3, 4, 5, 5], device=device))
     for pairs in (None, explicit):
         P = N // 2 if pairs is None else pairs[0].shape[0]
-        row_ptr, row_entry = csr_of(*(pairs or (None, None)), N, ops)
+        row_ptr, row_entry = ops.rows_csr(*(pairs or (None, None)), N)
         grad_coef = torch.randn(2 * P, K, generator=g).to(device)
         for grad_loss, scale in ((torch.randn((), generator=g), 1.0 / (P * K)), (torch.randn(P, K, generator=g), 1.0),
                                  (torch.randn(P, K, generator=g), 0.5)):
