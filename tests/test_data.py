@@ -187,6 +187,46 @@ def test_max_length_that_leaves_no_prompt_is_an_error_unless_responses_may_be_cu
     assert data.report.responses_truncated == 1 and data[0].response_truncated
 
 
+
+@pytest.mark.parametrize("max_length", [2, 3, 4])
+def test_cutting_responses_always_keeps_a_response_token(tokenizer, max_length):
+    """With truncate_responses, a max_length that leaves only special tokens (BOS, EOS) is an
+    error, not a row whose response is gone."""
+    record = {"prompt": "the river is", "chosen": " clear and kind", "rejected": " vague"}
+    if max_length == 2:
+        with pytest.raises(DataError, match=r"max_length=2 is too small for 2 of 2 texts: a row keeps its special "
+                                            r"tokens and at least one response token.*leaves no response token"):
+            load_preferences([record], tokenizer, max_length, truncate_responses=True)
+        return
+    data = load_preferences([record], tokenizer, max_length, truncate_responses=True)
+    for row, response_length, response_tokens in zip(data[0].input_ids, data[0].response_lengths, (3, 1)):
+        assert len(row) == max_length and row[0] == tokenizer.bos_token_id and row[-1] == tokenizer.eos_token_id
+        assert response_length == min(max_length - 2, response_tokens)  # the response's end is kept
+    assert data[0].input_ids[1][-2] == tokenizer.convert_tokens_to_ids("vague")
+
+
+def test_numpy_numbers_load_as_python_numbers(tokenizer):
+    """NumPy scalars (a pandas or datasets numpy-format table) are numbers and booleans like Python's."""
+    record = {"chosen": "the river", "rejected": "the forest", "margin": np.float32(0.5),
+              "chosen_rating": np.int64(7), "rejected_rating": np.float64(3.5), "tie": np.bool_(True)}
+    data = load_preferences([record], tokenizer, np.int64(32))
+    assert data[0].margin == 0.5 and data[0].ratings == [7.0, 3.5] and data[0].tie is True
+    assert isinstance(data[0].margin, float)
+    with pytest.raises(DataError, match=r"column 'margin': expected a finite number, got np.float32\(nan\)"):
+        load_preferences([{**record, "margin": np.float32("nan")}], tokenizer, 32)
+    with pytest.raises(DataError, match=r"column 'tie': expected true or false, got np.int64\(1\)"):
+        load_preferences([{**record, "tie": np.int64(1)}], tokenizer, 32)
+    with pytest.raises(ValueError, match=r"max_length: expected an integer >= 2, got np.float64\(32.0\)"):
+        load_preferences([record], tokenizer, np.float64(32))
+
+
+@pytest.mark.parametrize("bad", [None, "the river", 3])
+def test_a_list_of_records_names_its_row_that_is_not_a_record(tokenizer, bad):
+    with pytest.raises(DataError, match=rf"data row 1: expected a JSON object with preference columns, got "
+                                        rf"{type(bad).__name__}"):
+        load_preferences([{"chosen": "the river", "rejected": "the forest"}, bad], tokenizer, 32)
+
+
 # ----------------------------------------------------------------------------- bad input
 
 
@@ -328,6 +368,19 @@ def test_every_process_runs_as_many_batches_with_fewer_batches_than_processes(to
 
 
 # ----------------------------------------------------------------------------- generated and real data
+
+
+
+@pytest.mark.parametrize("arguments, message", [
+    ({"batch_size": 2.5}, r"batch_size: expected an integer >= 1, got 2.5"),
+    ({"batch_size": 0}, r"batch_size: expected an integer >= 1, got 0"),
+    ({"batch_size": 2, "num_replicas": 0}, r"num_replicas: expected an integer >= 1, got 0"),
+    ({"batch_size": 2, "num_replicas": 2, "rank": 2}, r"rank: expected an integer in \[0, 2\), got 2"),
+    ({"batch_size": 2, "num_replicas": 2, "rank": -1}, r"rank: expected an integer in \[0, 2\), got -1"),
+])
+def test_sampler_refuses_bad_batch_sizes_and_ranks(arguments, message):
+    with pytest.raises(ValueError, match=message):
+        LengthGroupedBatchSampler([[3, 4], [5, 2]], **arguments)
 
 
 def test_synthetic_data_is_deterministic_with_a_learnable_rule():

@@ -37,6 +37,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from prefkernels.checks import is_integer, is_real
+
 PAIR_RATING_COLUMNS = (("chosen_rating", "rejected_rating"), ("score_chosen", "score_rejected"),
                        ("chosen_score", "rejected_score"))
 RANKING_RATING_COLUMNS = ("ratings", "scores")
@@ -197,7 +199,7 @@ def _sources(sources, name: str) -> list:
     "train") names the argument in the error for an empty list."""
     if isinstance(sources, (str, os.PathLike)) or not isinstance(sources, (list, tuple)):
         return [sources]
-    if sources and all(isinstance(item, dict) for item in sources):
+    if any(isinstance(item, dict) for item in sources):  # records (a bad one is named by its row)
         return [sources]
     if not sources:
         raise DataError(f"{name}: expected a path, a dataset, records or a list of these, got an empty list")
@@ -249,7 +251,7 @@ def require_unicode(text: str, where: str, error: type[ValueError] = ValueError)
 
 def _number(location: str, column: str, value) -> float:
     try:  # float() first: an integer beyond float range (1e400 written out) overflows
-        number = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+        number = float(value) if is_real(value) else math.nan
     except OverflowError:
         number = math.inf
     if not math.isfinite(number):
@@ -330,9 +332,9 @@ def _tie(location: str, record: dict) -> bool:
     """Whether the record is a tie (``tie: true`` or ``label: 0.5``); null values count as absent."""
     tie = False
     if record.get("tie") is not None:
-        if not isinstance(record["tie"], bool):
+        if not isinstance(record["tie"], (bool, np.bool_)):
             raise DataError(f"{location}: column 'tie': expected true or false, got {record['tie']!r}")
-        tie = record["tie"]
+        tie = bool(record["tie"])
     if record.get("label") is not None:
         label = record["label"]
         if label is True or (not isinstance(label, bool) and label == 1):
@@ -484,8 +486,9 @@ def load_preferences(sources, tokenizer, max_length: int, *, use_margin: bool = 
     Returns a ``PreferenceDataset``; ``.report`` tells how many examples were truncated.
     Raises ``DataError`` (file and line, or row) for any bad record.
     """
-    if not isinstance(max_length, int) or max_length < 2:
+    if not is_integer(max_length) or max_length < 2:
         raise ValueError(f"max_length: expected an integer >= 2, got {max_length!r}")
+    max_length = int(max_length)
     parsed: list[_Parsed] = []
     for source in _sources(sources, name):
         for location, record in read_records(source, name=name):
@@ -527,11 +530,15 @@ def load_preferences(sources, tokenizer, max_length: int, *, use_margin: bool = 
             examples.append(PreferenceExample(index, rows, response_lengths, record.margin, record.tie,
                                               record.ratings, truncated, record.location, response_cut))
     if too_long:
+        keeps, remedy = (("its special tokens and at least one response token (prompt and response are cut "
+                          "from the left)", "")
+                         if truncate_responses else
+                         ("its whole response, its special tokens and at least one prompt token (only the "
+                          "prompt is cut, from the left)", ", or allow cutting such responses from the left "
+                          "(--truncate-responses, truncate_responses=True)"))
         raise DataError(f"{name}: max_length={max_length} is too small for {len(too_long)} of "
-                        f"{sum(len(t) for t, _ in rendered)} texts: a row keeps its whole response, its special "
-                        f"tokens and at least one prompt token (only the prompt is cut, from the left). "
-                        f"First: {too_long[0]}. Raise max_length (where the backbone has more positions), or allow "
-                        "cutting such responses from the left (--truncate-responses, truncate_responses=True).")
+                        f"{sum(len(t) for t, _ in rendered)} texts: a row keeps {keeps}. First: {too_long[0]}. "
+                        f"Raise max_length (where the backbone has more positions){remedy}.")
     formats = sorted({p.fmt for p in parsed})
     return PreferenceDataset(examples, _report(name, formats, examples, max_length))
 
@@ -555,8 +562,9 @@ def _fit_row(enc: _Encoded, record: _Parsed, column: int, end_id: int | None, ma
         need = len(ids) - max(prompt_tokens - 1, 0)
         return (f"{record.location} column {name!r}: {len(ids)} tokens ({prompt_tokens} prompt), "
                 f"needs max_length >= {need}")
-    if lead + excess >= len(ids):
-        return f"{record.location} column {name!r}: max_length={max_length} leaves no room after {lead} special tokens"
+    if excess >= text_tokens:
+        return (f"{record.location} column {name!r}: max_length={max_length} leaves no response token beside "
+                f"{len(ids) - text_tokens} special tokens")
     response_cut = excess > prompt_tokens
     return ids[:lead] + ids[lead + excess:], response_length - max(0, excess - prompt_tokens), True, response_cut
 
@@ -682,8 +690,12 @@ class LengthGroupedBatchSampler(torch.utils.data.Sampler):
                  rank: int = 0):
         if (batch_size is None) == (max_tokens is None):
             raise ValueError("batch_size/max_tokens: pass exactly one (batch by pairs or by a token budget)")
-        if batch_size is not None and batch_size < 1:
-            raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
+        if batch_size is not None and (not is_integer(batch_size) or batch_size < 1):
+            raise ValueError(f"batch_size: expected an integer >= 1, got {batch_size!r}")
+        if not is_integer(num_replicas) or num_replicas < 1:
+            raise ValueError(f"num_replicas: expected an integer >= 1, got {num_replicas!r}")
+        if not is_integer(rank) or not 0 <= rank < num_replicas:
+            raise ValueError(f"rank: expected an integer in [0, {num_replicas}), got {rank!r}")
         if not row_lengths:
             raise ValueError("row_lengths: no examples to batch")
         self.row_lengths = [list(r) for r in row_lengths]
