@@ -153,6 +153,19 @@ class DamagedCheckpointError(ValueError):
                          "checkpoint is damaged: use another one (best/, checkpoint/), or retrain")
 
 
+@contextlib.contextmanager
+def loading(path):
+    """Around a transformers load of ``path``: a missing file (OSError) or a refused value (ValueError)
+    propagate as they are; anything else (safetensors' error for a file cut short, a config field of
+    the wrong type) becomes a ``DamagedCheckpointError`` naming the path."""
+    try:
+        yield
+    except (OSError, ValueError):
+        raise
+    except Exception as err:
+        raise DamagedCheckpointError(path, err) from None
+
+
 def read_config(path: str | os.PathLike) -> dict:
     """The checkpoint's prefkernels.json (see ``locate``), with a clear error when files are missing."""
     path = locate(path)

@@ -109,12 +109,8 @@ class RewardModel(nn.Module):
 
         path = checkpoint.locate(path)
         config = checkpoint.read_config(path)
-        try:  # an unreadable file names itself; a missing one keeps transformers' own error
+        with checkpoint.loading(path / checkpoint.BACKBONE_DIR):  # a missing file keeps transformers' own error
             backbone = AutoModel.from_pretrained(path / checkpoint.BACKBONE_DIR, **backbone_kwargs)
-        except (OSError, ValueError):
-            raise
-        except Exception as err:  # e.g. safetensors' SafetensorError for a file cut short
-            raise checkpoint.DamagedCheckpointError(path / checkpoint.BACKBONE_DIR, err) from None
         model = cls(backbone, num_heads=config["num_heads"], max_length=config.get("max_length"))
         try:
             head = load_file(str(path / checkpoint.HEAD_NAME))

@@ -325,7 +325,12 @@ def run_score(args: argparse.Namespace) -> int:
         if value is not None and value < 1:
             print(f"error: {option}: expected >= 1, got {value}", file=sys.stderr)
             return 2
-    output_path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        output_path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        print(f"error: --output: cannot create its folder {output_path.parent} ({err.strerror}: {err.filename})",
+              file=sys.stderr)
+        return 2
     info_path = partial_path.with_name(partial_path.name + ".json")
     summary = RunSummary()
     try:
@@ -442,12 +447,11 @@ def add_score_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m prefkernels.score_cli --model ... --input ... --output ...``"""
-    parser = argparse.ArgumentParser(prog="prefkernels")
-    subparsers = parser.add_subparsers(dest="command", required=True)
-    add_score_parser(subparsers)
-    args = parser.parse_args(["score", *(sys.argv[1:] if argv is None else argv)])
-    return args.handler(args)
+    """``python -m prefkernels.score_cli --model ... --input ... --output ...``: ``prefkernels score ...``,
+    with its error handling."""
+    from prefkernels import cli
+
+    return cli.main(["score", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

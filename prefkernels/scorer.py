@@ -231,7 +231,15 @@ class Scorer:
         if getattr(self.tokenizer, "chat_template", None) is None:
             raise ValueError(f"{where}: a conversation needs a chat template and this tokenizer has none; "
                              "pass plain texts or (prompt, response) strings")
-        return self.tokenizer.apply_chat_template(messages, tokenize=False)
+        for index, message in enumerate(messages):
+            if not isinstance(message["content"], str):
+                raise TypeError(f"{where}: message {index}: expected a string 'content', got "
+                                f"{type(message['content']).__name__}")
+        try:
+            return self.tokenizer.apply_chat_template(messages, tokenize=False)
+        except Exception as err:  # a template's raise_exception (roles must alternate, ...) or a Jinja error
+            raise ValueError(f"{where}: the chat template refused the conversation ({type(err).__name__}: "
+                             f"{err})") from None
 
     def encode(self, rendered: list[tuple[str, bool]]) -> tuple[list[list[int]], list[bool]]:
         """Token ids per rendered text (see the module docstring) and whether each was truncated.
@@ -254,11 +262,13 @@ class Scorer:
                         and ids[-1] == ids[-2] == self.end_token_id):
                     ids.pop()  # the text ended with the end token already: training did not append another
                 lead, trail = added_lead, added_trail
-                if self.end_token_id is not None:  # rows as training builds them (else the tokenizer's, as HF)
-                    # the tokens the tokenizer adds, then any BOS/CLS written into the text, lead the row (a
-                    # cut keeps them); EOS/SEP ending it are no text
+                # the tokens the tokenizer adds, then any BOS/CLS written into the text, lead the row (a cut
+                # keeps them): in rows as training builds them, and in a conversation's, whose template writes
+                # its BOS (else plain texts keep the tokenizer's rows, as HF)
+                if self.end_token_id is not None or not add_special_tokens:
                     while lead < len(ids) and ids[lead] in self.prefix_token_ids:
                         lead += 1
+                if self.end_token_id is not None:  # EOS/SEP ending a training row are no text
                     while trail < len(ids) - lead and ids[-1 - trail] in self.suffix_token_ids:
                         trail += 1
                 if len(ids) <= lead + trail:
@@ -367,16 +377,21 @@ def _load_hf_sequence_classifier(path: Path, exported: bool = False) -> tuple[Re
     heads (a prefkernels export of an ensemble); a classifier of named classes is refused."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    architectures = json.loads((path / "config.json").read_text()).get("architectures") or []
+    try:
+        architectures = json.loads((path / "config.json").read_text()).get("architectures") or []
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as err:
+        raise checkpoint.DamagedCheckpointError(path / "config.json", err) from None
     if not any(name.endswith("ForSequenceClassification") for name in architectures):
         raise ValueError(f"path: {path}/config.json lists architectures {architectures}, not a "
                          "*ForSequenceClassification model; train a reward head with prefkernels first")
-    classifier_config = AutoConfig.from_pretrained(str(path))  # read once: checked, then given to the model
+    with checkpoint.loading(path):
+        classifier_config = AutoConfig.from_pretrained(str(path))  # read once: checked, then given to the model
     labels = [] if exported else _class_labels(classifier_config)
     if labels:
         raise ValueError(f"path: {path} is a classifier of {len(labels)} classes ({', '.join(labels[:5])}), not a "
                          "reward model (one score per text, K reward heads, or named regression outputs)")
-    classifier = AutoModelForSequenceClassification.from_pretrained(str(path), config=classifier_config)
+    with checkpoint.loading(path):
+        classifier = AutoModelForSequenceClassification.from_pretrained(str(path), config=classifier_config)
     score = getattr(classifier, "score", None)
     name = type(classifier).__name__
     if name not in LAST_TOKEN_POOLED_CLASSES or not isinstance(score, nn.Linear):

@@ -118,6 +118,8 @@ BAD_LINES = {
     "[" * 100_000: "invalid JSON: maximum recursion depth",
     b'{"text": "caf\xe9"}': "invalid UTF-8: invalid continuation byte at byte 14",
     '{"id": 12, "text": "the \\ud83d cat"}': "'text': invalid Unicode: lone surrogate '\\ud83d' at character 4",
+    '{"id": 13, "messages": [{"role": "user", "content": "the cat"}, {"role": "assistant", "content": null}]}':
+        "message 1: expected a string 'content', got NoneType",
 }
 
 
@@ -279,7 +281,9 @@ def test_output_that_would_replace_the_input_or_a_directory_is_refused_up_front(
     assert score_cli.main(base + ["--output", str(tmp_path / "." / "in.jsonl")]) == 2
     assert score_cli.main(["--model", str(reward_checkpoint), "--input", str(tmp_path / "out"),
                            "--output", str(tmp_path / "x.jsonl")]) == 2
+    assert score_cli.main(base + ["--output", str(source / "out.jsonl")]) == 2  # its folder would be a file
     err = capsys.readouterr().err
+    assert f"--output: cannot create its folder {source} (File exists: {source})" in err
     assert f"--output: {tmp_path / 'out'} is a directory" in err and "in.jsonl is the --input file" in err
     assert f"--input: {tmp_path / 'out'} is a directory, expected a JSONL file" in err
     assert source.read_bytes() == before
@@ -417,8 +421,7 @@ def test_a_run_killed_while_compressing_its_output_resumes_with_its_options_chec
 
     monkeypatch.setattr(score_cli.shutil, "copyfileobj", killed)
     output = tmp_path / "out.jsonl.gz"
-    with pytest.raises(KeyboardInterrupt):
-        score_cli.main(base + ["--output", str(output)])
+    assert score_cli.main(base + ["--output", str(output)]) == 130  # "prefkernels score: interrupted"
     monkeypatch.undo()
     assert not output.exists() and len(read_jsonl(tmp_path / ".out.jsonl.gz.partial")) == 6
     assert (tmp_path / ".out.jsonl.gz.partial.json").is_file()

@@ -1,6 +1,7 @@
 """Scorer: scores equal the model run one text at a time (any batching, input order), HF
 sequence-classification checkpoints score exactly like HF, input forms, truncation, ensembles,
 normalization and clear errors."""
+import copy
 import random
 import shutil
 
@@ -209,6 +210,39 @@ def test_a_long_conversation_is_cut_as_training_cuts_it(reward_checkpoint):
     assert ids[0][0] == scorer.tokenizer.bos_token_id and ids[0] == trained.input_ids[0]
 
 
+
+def test_a_long_conversation_keeps_its_template_bos_with_an_hf_checkpoint(tmp_path):
+    """HF checkpoints keep the tokenizer's rows (no EOS appended), but a conversation cut to
+    max_length still keeps the BOS its template writes, as a plain text keeps the tokenizer's."""
+    scorer = Scorer.from_pretrained(save_hf_classifier(tmp_path / "hf"), max_length=10)
+    assert scorer.end_token_id is None
+    words = " ".join(random_texts(6, random.Random(3)))
+    conversation = [{"role": "user", "content": words}, {"role": "assistant", "content": "yes"}]
+    (conversation_ids, text_ids), truncated = scorer.encode([scorer.render(conversation), scorer.render(words)])
+    assert truncated == [True, True]
+    bos = scorer.tokenizer.bos_token_id
+    assert conversation_ids[0] == text_ids[0] == bos and conversation_ids.count(bos) == 1
+    full = scorer.tokenizer(scorer.render(conversation)[0], add_special_tokens=False)["input_ids"]
+    assert len(conversation_ids) == 10 and conversation_ids[1:] == full[-9:]
+
+
+def test_a_conversation_the_template_refuses_or_with_non_text_content_is_named(reward_checkpoint):
+    scorer = Scorer.from_pretrained(reward_checkpoint)
+    strict = copy.deepcopy(scorer.tokenizer)
+    strict.chat_template = ("{% for m in messages %}{% if loop.index0 > 0 and m['role'] == messages[loop.index0 - 1]"
+                            "['role'] %}{{ raise_exception('roles must alternate') }}{% endif %}"
+                            "{{ m['role'] }} : {{ m['content'] }} {% endfor %}")
+    twice = [{"role": "user", "content": "the cat"}, {"role": "user", "content": "the dog"}]
+    with pytest.raises(ValueError, match=r"inputs\[1\]: the chat template refused the conversation "
+                                         r"\(TemplateError: roles must alternate\)"):
+        Scorer(scorer.model, strict).score(["the cat", twice])
+    for content in (None, 5, {"x": 1}):
+        conversation = [{"role": "user", "content": "the cat"}, {"role": "assistant", "content": content}]
+        with pytest.raises(TypeError, match=rf"inputs\[0\]: message 1: expected a string 'content', got "
+                                            rf"{type(content).__name__}"):
+            scorer.score([conversation])
+
+
 def test_ensemble_mean_std_and_normalization(ensemble_checkpoint):
     texts = random_texts(11, random.Random(2))
     raw = Scorer.from_pretrained(ensemble_checkpoint).score(texts)
@@ -267,6 +301,22 @@ def test_checkpoint_with_missing_file_names_it(reward_checkpoint, tmp_path, miss
     shutil.rmtree(target) if target.is_dir() else target.unlink()
     with pytest.raises(FileNotFoundError, match=f"missing {missing}"):
         Scorer.from_pretrained(broken)
+
+
+
+@pytest.mark.parametrize("damage", ["weights cut short", "config field of the wrong type", "config not JSON"])
+def test_a_damaged_hf_checkpoint_names_its_path(tmp_path, damage):
+    path = save_hf_classifier(tmp_path / "hf")
+    config = path / "config.json"
+    if damage == "weights cut short":
+        weights = path / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:100])
+    elif damage == "config field of the wrong type":
+        config.write_text(config.read_text().replace('"num_hidden_layers": 2', '"num_hidden_layers": "two"'))
+    else:
+        config.write_text(config.read_text()[:-10])
+    with pytest.raises(checkpoint.DamagedCheckpointError, match=f"checkpoint: {path}.* cannot be read"):
+        Scorer.from_pretrained(path)
 
 
 def test_path_that_is_no_checkpoint_is_rejected(tmp_path):
