@@ -194,7 +194,7 @@ def run_eval(args) -> int:
     from prefkernels.trainer import autocast_dtype
 
     config = checkpoint.read_config(args.model)
-    max_length = args.max_length or config.get("max_length")
+    max_length = args.max_length if args.max_length is not None else config.get("max_length")
     if max_length is None:
         raise ValueError(f"max_length: {args.model} does not record one; pass --max-length")
     if args.output and Path(args.output).exists() and not Path(args.output).is_dir():
@@ -243,6 +243,23 @@ DEMO_EXAMPLES = """examples:
 """
 
 
+DEMO_MARKER = ".prefkernels-demo"
+
+
+def _demo_made(out: Path, backbone_dir: Path) -> bool:
+    """Whether ``out``'s data/ and backbone/ are a demo's: its marker file, or (runs of versions before
+    the marker) a run.json that trained on ``backbone_dir``."""
+    from prefkernels.trainer import RUN_FILE
+
+    if (out / DEMO_MARKER).is_file():
+        return True
+    try:
+        recorded = json.loads((out / RUN_FILE).read_text())["config"]["backbone"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return Path(recorded).resolve() == backbone_dir.resolve()
+
+
 def add_demo_parser(subparsers) -> None:
     p = subparsers.add_parser("demo", help="offline end-to-end demo on generated data (about 15 s on 2 CPU cores)",
                               description="Build a tiny random-init Llama-style decoder and a word-level tokenizer "
@@ -281,9 +298,16 @@ def run_demo(args) -> int:
         lr=2e-3, warmup_ratio=0.1, eval_every=0, log_every=10, seed=args.seed, progress=args.progress)
     config.validate()
     check_output_dir(config, resumable=False)
-    if args.overwrite:
-        for stale in (data_dir, backbone_dir):
-            shutil.rmtree(stale, ignore_errors=True)
+    demo_made = _demo_made(out, backbone_dir)
+    for folder in (data_dir, backbone_dir):
+        if folder.exists() and not demo_made:
+            raise ValueError(f"output: {folder} exists and is not from a demo run; choose another --output, or "
+                             "move it away")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / DEMO_MARKER).write_text("written by prefkernels demo: the next demo run here replaces data/ and "
+                                   "backbone/\n")
+    for stale in (data_dir, backbone_dir):  # the demo's own, from a run replaced or stopped early
+        shutil.rmtree(stale, ignore_errors=True)
     synthetic.write_splits(data_dir, args.train_pairs, args.valid_pairs, seed=args.seed)
     tiny.write_tiny_backbone(backbone_dir, hidden_size=64, layers=2, heads=4, seed=args.seed)
     print(f"demo: {args.train_pairs} training and {args.valid_pairs} held-out pairs in {data_dir}; "

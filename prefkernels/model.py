@@ -169,6 +169,12 @@ def resolve_device(name=None, cuda_index: int = 0) -> torch.device:
         raise ValueError(f"device: {device} is not available on this machine (torch {torch.__version__})")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise ValueError(f"device: {device} does not exist ({torch.cuda.device_count()} CUDA device(s))")
+    if device.type == "meta":
+        raise ValueError("device: meta holds shapes, not values; expected a device that computes (cpu, cuda, ...)")
+    try:  # a type without is_available (xla, ...) that this torch cannot use
+        torch.empty(0, device=device)
+    except (RuntimeError, ImportError) as err:  # ImportError: a type whose torch module is absent (hpu)
+        raise ValueError(f"device: {device} is not usable here ({str(err).split('. ')[0]})") from None
     return device
 
 

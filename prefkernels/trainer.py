@@ -812,17 +812,23 @@ class Trainer:
         if sums[1] == 0:
             return
         loss = sums[0] / sums[1]
-        if not math.isfinite(loss):
-            advice = "lower lr or use precision fp32" if self.autocast_dtype is not None else "lower lr"
-            if not self.config.max_grad_norm:
-                advice += " or clip gradients (max_grad_norm)"
-            raise FloatingPointError(f"loss: not finite ({loss}) at step {self.state['step']}; {advice}")
+        self._require_finite("loss", loss)
+        self._require_finite("grad_norm", float(grad_norm))  # the step just taken: NaN weights from here on
         event = {"event": "train", "step": self.state["step"], "epoch": self.state["epoch"], "loss": loss,
                  "accuracy": sums[2] / sums[3] if sums[3] else None, "lr": self.step_lr,
                  "grad_norm": float(grad_norm), "comparisons": int(sums[1]),
                  "elapsed_s": round(time.perf_counter() - self.started, 3)}
         self._event(event)
         bar.set_postfix(loss=f"{loss:.4f}", acc=f"{event['accuracy'] or 0:.3f}", refresh=False)
+
+    def _require_finite(self, name: str, value: float) -> None:
+        """``FloatingPointError`` when a training quantity diverged, with what to change."""
+        if math.isfinite(value):
+            return
+        advice = "lower lr or use precision fp32" if self.autocast_dtype is not None else "lower lr"
+        if not self.config.max_grad_norm:
+            advice += " or clip gradients (max_grad_norm)"
+        raise FloatingPointError(f"{name}: not finite ({value}) at step {self.state['step']}; {advice}")
 
     def evaluate(self, dataset: PreferenceDataset) -> tuple[dict, dict]:
         """(metrics, rewards by example) of the current model on ``dataset``, sharded across processes."""
@@ -837,6 +843,7 @@ class Trainer:
     def _evaluate_and_keep_best(self, bar) -> None:
         config, state = self.config, self.state
         result, _ = self.evaluate(self.valid_data)
+        self._require_finite("validation loss", result["loss"])  # NaN rewards: the weights diverged
         value = result[config.early_stopping_metric]
         self._event({"event": "eval", "step": state["step"], "epoch": state["epoch"],
                      **metrics.scalar_metrics(result)})

@@ -4,6 +4,7 @@ import io
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -130,6 +131,28 @@ def test_a_diverging_run_ends_with_one_error_line(demo, tmp_path, capsys):
                         r"gradients \(max_grad_norm\)\n", err), err
 
 
+def test_a_run_diverging_at_its_last_step_keeps_no_model(demo, tmp_path, capsys):
+    """The last step's update (NaN gradient norm, finite loss) is caught before its evaluation
+    could save the NaN model as the best one."""
+    out, _, _ = demo
+    data = str(out / "data" / "valid.jsonl")
+    code = main(["train", "--backbone", str(out / "backbone"), "--train", data, "--valid", data, "--max-steps", "2",
+                 "--lr", "1e30", "--output", str(tmp_path / "run"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err, err
+    assert re.search(r"prefkernels train: error: (grad_norm|loss|validation loss): not finite", err), err
+    assert not (tmp_path / "run" / "best").exists()
+
+
+def test_train_refuses_a_device_it_cannot_compute_on_and_writes_nothing(demo, tmp_path, capsys):
+    out, _, _ = demo
+    code = main(["train", "--backbone", str(out / "backbone"), "--train", str(out / "data" / "valid.jsonl"),
+                 "--device", "meta", "--output", str(tmp_path / "run"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 1 and "prefkernels train: error: device: meta holds shapes, not values" in err, err
+    assert not (tmp_path / "run").exists()
+
+
 def test_eval_truncates_responses_as_the_checkpoint_was_trained(demo, tmp_path, capsys):
     """A model trained with --truncate-responses is evaluated on the same data without repeating
     the flag (best/ records it); --no-truncate-responses restores the refusal."""
@@ -167,7 +190,10 @@ def test_missing_backbone_and_occupied_output_are_refused(demo, tmp_path, capsys
 
 @pytest.mark.parametrize("option, message", [
     (["--max-length", "4096"], "max_length: 4096 exceeds the backbone's 128 positions"),
+    (["--max-length", "0"], "max_length: expected an integer >= 2, got 0"),
     (["--device", "gpu0"], "device: 'gpu0' is not a torch device"),
+    (["--device", "meta"], "device: meta holds shapes, not values"),
+    (["--device", "xla"], "device: xla is not usable here (Could not run"),
     (["--backend", "fastest"], "backend: expected one of"),
 ])
 def test_eval_refuses_bad_options_before_reading_data(tmp_path, capsys, option, message):
@@ -186,3 +212,26 @@ def test_demo_refuses_a_count_below_one_and_writes_nothing(tmp_path, capsys, opt
     err = capsys.readouterr().err
     assert f"prefkernels demo: error: {option[2:].replace('-', '_')}: expected >= 1, got 0" in err
     assert not (tmp_path / "demo").exists()
+
+
+def test_demo_replaces_only_folders_a_demo_wrote(demo, tmp_path, capsys):
+    """--overwrite replaces a demo run (also one written before the demo marked its folders), never
+    a data/ or backbone/ folder that some other tool or person put in --output."""
+    mine = tmp_path / "mine"
+    (mine / "data").mkdir(parents=True)
+    (mine / "data" / "labels.csv").write_text("kept\n")
+    small = ["--train-pairs", "64", "--valid-pairs", "32", "--epochs", "1", "--no-progress"]
+    for extra in ([], ["--overwrite"]):
+        assert main(["demo", "--output", str(mine), *small, *extra]) == 1
+        assert f"output: {mine / 'data'} exists and is not from a demo run" in capsys.readouterr().err
+    assert sorted(p.name for p in mine.rglob("*")) == ["data", "labels.csv"]
+    out, _, _ = demo
+    earlier = tmp_path / "earlier"
+    shutil.copytree(out, earlier)
+    (earlier / ".prefkernels-demo").unlink()
+    run = json.loads((earlier / "run.json").read_text())
+    run["config"]["backbone"] = str(earlier / "backbone")
+    (earlier / "run.json").write_text(json.dumps(run))
+    assert main(["demo", "--output", str(earlier), "--overwrite", *small]) == 0
+    assert len((earlier / "data" / "train.jsonl").read_text().splitlines()) == 64
+    assert (earlier / ".prefkernels-demo").is_file()
