@@ -134,6 +134,24 @@ def test_return_dict_false_gives_stock_tuple(with_labels):
         torch.testing.assert_close(g, e, atol=1e-6, rtol=1e-5)
 
 
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("num_labels", [1, 3])
+def test_arguments_given_by_position_reach_the_fused_forward(arch, num_labels):
+    """HF forwards take every argument by position too: labels given that way still give the loss."""
+    input_ids, attention_mask, pad_id = make_batch("right")
+    stock = make_decoder(arch, num_labels, pad_id).eval()
+    fused = fuse_sequence_classification(copy.deepcopy(stock))
+    labels = random_labels(num_labels, input_ids.shape[0])
+    names = list(inspect.signature(stock.forward).parameters)
+    positional = [dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels).get(name)
+                  for name in names[:names.index("labels") + 1]]
+    with torch.no_grad():
+        expected, got = stock(*positional, use_cache=False), fused(*positional, use_cache=False)
+    assert got.loss is not None
+    torch.testing.assert_close(got.loss, expected.loss, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(got.logits, expected.logits, atol=1e-6, rtol=1e-5)
+
 def test_unfuse_restores_full_sequence_head():
     input_ids, attention_mask, pad_id = make_batch("left")
     model = make_decoder("mistral", 1, pad_id).eval()

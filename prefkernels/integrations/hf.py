@@ -66,9 +66,10 @@ def why_no_score_head(model) -> str:
     if score is not None and not isinstance(score, nn.Linear):
         return (f"the score head of {type(model).__name__} is a {type(score).__name__}, not an nn.Linear (PEFT "
                 "wraps it with task_type='SEQ_CLS' or modules_to_save; fuse before PEFT wraps the model)")
-    supported = sorted(SCORE_HEAD_CLASSES | NATIVELY_POOLED_CLASSES)
-    return (f"{type(model).__name__} is not supported; expected one of {supported} or a subclass of "
-            "transformers' GenericForSequenceClassification")
+    if is_natively_pooled(model):
+        return f"{type(model).__name__} pools its [CLS] vector itself, so its head runs on the pooled rows only"
+    return (f"{type(model).__name__} is not supported; expected one of {sorted(SCORE_HEAD_CLASSES)} or a "
+            "subclass of transformers' GenericForSequenceClassification")
 
 
 def is_natively_pooled(model) -> bool:
@@ -143,8 +144,12 @@ INLINE_LOSS_CLASSES = frozenset({"GPT2ForSequenceClassification"})
 
 def fused_forward(model, *args, labels=None, return_dict=None, **kwargs):
     """``forward`` of a fused decoder classifier ``model``: same outputs, head on the pooled rows only."""
+    unfused = model.__dict__[UNFUSED_FORWARD]
+    if args:  # by name, so that ``labels`` or ``return_dict`` given by position are found too
+        kwargs = {**inspect.signature(unfused).bind_partial(*args).arguments, **kwargs}
+        labels, return_dict = kwargs.pop("labels", labels), kwargs.pop("return_dict", return_dict)
     with capture_head_input(model) as capture:
-        outputs = model.__dict__[UNFUSED_FORWARD](*args, return_dict=True, **kwargs)
+        outputs = unfused(return_dict=True, **kwargs)
     logits = model.score(gather_pooled(capture.hidden, last_index=capture.pooled_positions(outputs.logits)))
     loss = None
     if labels is not None:

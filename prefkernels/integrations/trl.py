@@ -81,6 +81,9 @@ class FusedRewardTrainer(RewardTrainer):
         reason = None
         if not has_score_head(classifier):
             reason = f"model: {why_no_score_head(classifier)}"
+        elif isinstance(model, torch.nn.DataParallel):
+            reason = ("nn.DataParallel (several GPUs without torchrun) replicates the model in each call, and "
+                      "its replicas would share the fused forward; launch with torchrun (DDP) for the fused loss")
         elif getattr(self, "is_fsdp_enabled", False):
             reason = "FSDP shards the score head's weight"
         elif getattr(self, "is_deepspeed_enabled", False) and \
