@@ -11,6 +11,7 @@ import functools
 import importlib
 import importlib.util
 import os
+import sys
 import warnings
 from dataclasses import dataclass
 from typing import Callable
@@ -95,7 +96,16 @@ def warn_once(message: str) -> None:
         return
     if message not in _warned:
         _warned.add(message)
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
+        warnings.warn(message, RuntimeWarning, stacklevel=_caller_stacklevel())
+
+
+def _caller_stacklevel() -> int:
+    """``warnings.warn``'s stacklevel, from ``warn_once``, of the first frame outside prefkernels: the
+    line of the caller's code that asked for the op, however deep in the package the fallback is found."""
+    frame, level = sys._getframe(2), 2  # warn_once's caller, as stacklevel=2 names it
+    while frame is not None and frame.f_globals.get("__name__", "").partition(".")[0] == "prefkernels":
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def native_ops() -> OpSet | None:
@@ -177,7 +187,7 @@ def triton_interpreter_problem() -> str | None:
 
 
 def requested(backend: str | None) -> str:
-    name = backend if backend is not None else os.environ.get(ENV_VAR, "auto")
+    name = backend if backend is not None else os.environ.get(ENV_VAR) or "auto"
     if name not in BACKENDS:
         source = "backend" if backend is not None else f"env {ENV_VAR}"
         raise ValueError(f"{source}: expected one of {BACKENDS}, got {name!r}")

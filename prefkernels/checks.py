@@ -27,6 +27,7 @@ INDEX_DTYPES = (torch.int32, torch.int64)
 # The public op's reductions, with their code in bt_forward's `reduction` argument (csrc/op_args.h).
 REDUCTION_CODES = {"mean": 1, "sum": 2, "none": 0}
 REDUCTIONS = tuple(REDUCTION_CODES)
+FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
 @dataclass
@@ -97,6 +98,13 @@ def value_checks_enabled() -> bool:
     read on the host: torch 2.6 fails there)."""
     return (not torch.compiler.is_compiling() and os.environ.get("PREFKERNELS_CHECK_VALUES", "1") != "0"
             and not _checked_by_caller.get() and torch._C._functorch.peek_interpreter_stack() is None)
+
+
+def holds_values(tensor: torch.Tensor) -> bool:
+    """False for tensors that carry shapes only (meta, fake): their values cannot be checked."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return tensor.device.type != "meta" and not is_fake(tensor)
 
 
 def _require_tensor(name, value):
@@ -225,8 +233,9 @@ def check_pairs(inputs: OpInputs, chosen_index, rejected_index, margin, label_sm
             raise TypeError(f"{name}: expected a float, got {type(value).__name__}")
     if not 0.0 <= label_smoothing <= 0.5:  # NaN fails it too
         raise ValueError(f"label_smoothing: expected a float in [0, 0.5], got {label_smoothing!r}")
-    if not is_finite_nonnegative(center_coef):
-        raise ValueError(f"center_coef: expected a finite float >= 0, got {center_coef!r}")
+    if not is_finite_nonnegative(center_coef) or not center_coef <= FLOAT32_MAX:  # the kernels' fp32
+        raise ValueError(f"center_coef: expected a float in [0, {FLOAT32_MAX:.4g}] (finite in float32), got "
+                         f"{center_coef!r:.40}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
     inputs.chosen_index, inputs.rejected_index, inputs.margin = chosen_index, rejected_index, margin
@@ -239,9 +248,9 @@ def check_values(inputs: OpInputs, pooled_pos: torch.Tensor | None = None) -> No
     ``pooled_pos`` [N] int64: a kernel's pooled position per row (-1: none valid). Given, the
     attention_mask / last_index checks read its minimum instead of the inputs (one reduction
     over N rather than over N*T); the inputs are examined only to word the error."""
-    if not value_checks_enabled():
-        return
     hidden = inputs.hidden
+    if not value_checks_enabled() or not holds_values(hidden):
+        return
     N = num_rows(hidden, inputs.cu_seqlens)
     names: list[str] = []
     values: list[torch.Tensor] = []  # 0-dim tensors, fetched together

@@ -71,6 +71,8 @@ BAD = {
     "label_smoothing_tensor": (with_(label_smoothing=torch.tensor(0.1)), TypeError, "label_smoothing: expected a float"),
     "center_coef_string": (with_(center_coef="0.1"), TypeError, "center_coef: expected a float"),
     "center_coef_bool": (with_(center_coef=True), TypeError, "center_coef: expected a float"),
+    "center_coef_past_float32": (with_(center_coef=1e39), ValueError, "center_coef: expected a float in [0, 3.403e+38]"),
+    "center_coef_huge_int": (with_(center_coef=10 ** 400), ValueError, "(finite in float32), got 1000000000"),
     "reduction": (with_(reduction="avg"), ValueError, "reduction"),
 }
 
@@ -111,6 +113,25 @@ def test_tensors_on_different_devices():
         call("native", args["hidden"], args["weight"].to("meta"), attention_mask=args["attention_mask"])
     with pytest.raises(ValueError, match="attention_mask: expected a tensor on"):
         call("native", args["hidden"], args["weight"], attention_mask=args["attention_mask"].to("meta"))
+
+
+def test_shape_only_tensors_skip_the_value_checks():
+    """meta and fake tensors hold no values to check: the ops give their shapes, as under torch.compile."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    args = {name: value.to("meta") for name, value in base().items()}
+    loss, rewards = call(None, **args, reduction="none")
+    assert loss.shape == (2, 2) and rewards.shape == (4, 2) and loss.device.type == "meta"
+    assert prefkernels.pool_score(args["hidden"], args["weight"], attention_mask=args["attention_mask"]).shape == (4, 2)
+    with FakeTensorMode() as mode:
+        fake = {name: mode.from_tensor(value) for name, value in base().items()}
+        loss, rewards = call("native", **fake, reduction="none")
+    assert loss.shape == (2, 2) and rewards.shape == (4, 2)
+
+
+def test_an_empty_backend_variable_means_auto(monkeypatch):
+    monkeypatch.setenv("PREFKERNELS_BACKEND", "")
+    assert backends.requested(None) == "auto"
 
 
 def test_pool_score_bad_inputs():

@@ -1,5 +1,6 @@
 """Every kernel backend against the float64 reference: forward and all gradients over a table of
 dtypes x heads x options, plus gradcheck, opcheck, torch.compile and numerics."""
+import inspect
 import os
 import subprocess
 import sys
@@ -300,6 +301,19 @@ def test_broken_triton_interpreter_degrades_to_native_with_the_reason(monkeypatc
     with pytest.warns(RuntimeWarning, match=r"backend 'triton' is unavailable for cpu tensors .*numpy<2\.4.*using 'native'"):
         ops = backends.select("triton", torch.device("cpu"))
     assert ops.name == "native"
+
+
+def test_a_fallback_warning_names_the_callers_line(monkeypatch):
+    """However deep in the package the fallback is found (here RewardHead.loss -> fused_bt_loss ->
+    select), the warning points at the line of the caller's code."""
+    if backends.native_ops() is None:
+        pytest.skip("prefkernels._C is not built")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(backends, "_warned", set())
+    head, hidden = prefkernels.RewardHead(8), torch.randn(4, 3, 8)
+    with pytest.warns(RuntimeWarning, match="backend 'triton' is unavailable") as caught:
+        head.loss(hidden, last_index=torch.tensor([2, 1, 0, 2]), backend="triton")
+    assert [(w.filename, w.lineno) for w in caught] == [(__file__, inspect.currentframe().f_lineno - 1)]
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
