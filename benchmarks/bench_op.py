@@ -40,21 +40,27 @@ def run(shapes, repeats: int, warmup: int) -> list[dict]:
         times = common.time_interleaved(steps, batch, repeats, warmup, common.cpu_timer)
         for name, seconds in times.items():
             row[f"{name} ms"] = seconds * 1e3
-            row[f"{name}/floor"] = seconds / times["floor"]
-        row["hf_style/native"] = times["hf_style"] / times["native"]
+        add_ratio(row, times, "floor", {name: f"{name}/floor" for name in times})
+        add_ratio(row, times, "native", {"hf_style": "hf_style/native"})
+        add_ratio(row, times, "floor+read", {"native+read": "(native+read)/(floor+read)",
+                                             "eager+read": "(eager+read)/(floor+read)"})
         for name, step in steps.items():
             row[f"{name} peak MB"] = common.cpu_peak_extra_bytes(step, batch) / 2**20
-        row["(native+read)/(floor+read)"] = times["native+read"] / times["floor+read"]
-        row["(eager+read)/(floor+read)"] = times["eager+read"] / times["floor+read"]
-        alone_methods = [name for name in ALONE_METHODS if name in steps]
-        for name in alone_methods:
-            alone = common.time_alone(steps[name], batch, repeats, warmup, common.cpu_timer)
-            row[f"{name} alone ms"] = alone * 1e3
-        for name in alone_methods[1:]:
-            row[f"{name}/floor alone"] = row[f"{name} alone ms"] / row["floor alone ms"]
+        alone = {name: common.time_alone(steps[name], batch, repeats, warmup, common.cpu_timer)
+                 for name in ALONE_METHODS if name in steps}
+        for name, seconds in alone.items():
+            row[f"{name} alone ms"] = seconds * 1e3
+        add_ratio(row, alone, "floor", {name: f"{name}/floor alone" for name in alone if name != "floor"})
         rows.append(row)
         print(f"done {row['shape']}", flush=True)
     return rows
+
+
+def add_ratio(row: dict, times: dict, base: str, names: dict) -> None:
+    """row[names[m]] = times[m] / times[base] for each method m that ran, when ``base`` ran too (a
+    method that failed on the shape is left out, not divided by)."""
+    if base in times:
+        row.update({column: times[name] / times[base] for name, column in names.items() if name in times})
 
 
 def fixed_cost(repeats: int) -> dict:
@@ -62,11 +68,11 @@ def fixed_cost(repeats: int) -> dict:
     per-step cost (Python, autograd, dispatch, small allocations) remains: interleaved (caches
     cold for each method) and each method alone in a loop (warm)."""
     batch = common.make_batch(*FIXED_COST_SHAPE, "cpu")
-    steps = common.working_steps(common.methods(["native"]), batch)
+    row = {"shape": "P={} T={} D={} {}".format(*FIXED_COST_SHAPE)}
+    steps = common.working_steps(common.methods(["native"]), batch, row)
     times = common.time_interleaved(steps, batch, repeats, 20, common.cpu_timer)
     alone = {name: common.time_alone(step, batch, repeats, 20, common.cpu_timer) for name, step in steps.items()}
-    return {"shape": "P={} T={} D={} {}".format(*FIXED_COST_SHAPE),
-            **{f"{name} us": seconds * 1e6 for name, seconds in times.items()},
+    return {**row, **{f"{name} us": seconds * 1e6 for name, seconds in times.items()},
             **{f"{name} alone us": seconds * 1e6 for name, seconds in alone.items()}}
 
 

@@ -570,8 +570,8 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench_train-") as tmp:
         pk, pk_log = prefkernels_trainer(args, backbone, train_pairs, valid_pairs, Path(tmp) / "prefkernels",
                                          clocks["prefkernels"])
-        trl_run = trl_trainer(args, backbone, train_pairs, Path(tmp) / "trl", clocks["trl"],
-                              warmup_steps=math.ceil(WARMUP_RATIO * pk.total_steps))  # as prefkernels' trainer
+        warmup_steps = math.ceil(WARMUP_RATIO * pk.total_steps)  # as prefkernels' trainer counts them
+        trl_run = trl_trainer(args, backbone, train_pairs, Path(tmp) / "trl", clocks["trl"], warmup_steps)
         mode = "back to back (TRL first)" if args.sequential else "interleaved step by step"
         print(f"training {args.epochs} epoch(s), batch {args.batch_size} pairs, lr {args.lr:g}, seed {args.seed}, "
               f"{args.threads} threads, {mode} ...", flush=True)
@@ -600,7 +600,8 @@ def main(argv: list[str] | None = None) -> dict:
                        "(stock, random batches, AutoModelForSequenceClassification) on hh-harmless, MiniLM-L6 backbone",
         "config": {"pairs": len(train_pairs), "valid_pairs": len(valid_pairs), "epochs": args.epochs,
                    "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed, "threads": args.threads,
-                   "weight_decay": WEIGHT_DECAY, "warmup_ratio": WARMUP_RATIO, "schedule": "linear",
+                   "weight_decay": WEIGHT_DECAY, "warmup_ratio": WARMUP_RATIO, "warmup_steps": warmup_steps,
+                   "schedule": "linear",
                    "max_grad_norm": MAX_GRAD_NORM, "precision": "fp32", "dropout": False,
                    "max_positions": max_positions, "timing": "sequential" if args.sequential else "interleaved",
                    "quick": args.quick},
@@ -619,7 +620,8 @@ def main(argv: list[str] | None = None) -> dict:
             "HF BertForSequenceClassification scores [CLS] through BERT's pooler (dense+tanh) and a classifier",
             "TRL appends eos_token ([SEP], BERT has no EOS) to every text: its rows end in [SEP][SEP], one token "
             "longer than prefkernels'",
-            "optimizers: prefkernels torch.optim.AdamW (default implementation), TRL/transformers adamw_torch_fused",
+            f"optimizers: prefkernels {evaluated['prefkernels']['setup']['optimizer']}, TRL/transformers "
+            f"{evaluated['trl']['setup']['optimizer']}",
             "train time: sum of each trainer's own intervals (loop start or baton return to end of optimizer step); "
             "excludes tokenization, model loading, evaluation and checkpoint writing",
             "validation accuracy of one run with one seed on a few hundred pairs: its standard error is ~2-3 points",
