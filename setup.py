@@ -19,39 +19,56 @@ from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, C
 
 import torch
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+# PREFKERNELS_BUILD_CUDA: build the CUDA kernels (True), not (False), or when they can be (None).
+BUILD_CUDA_CHOICES = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False,
+                      "off": False, "auto": None, "": None}
 
 
-def nvcc_major() -> int | None:
-    """CUDA major version of $CUDA_HOME/bin/nvcc, None when it cannot be run."""
+def nvcc_path() -> str | None:
+    """$CUDA_HOME/bin/nvcc (torch's CUDA_HOME: the env variable, else where nvcc is on PATH), None when absent."""
+    path = os.path.join(CUDA_HOME, "bin", "nvcc") if CUDA_HOME is not None else None
+    return path if path is not None and os.path.isfile(path) else None
+
+
+def nvcc_major(nvcc: str) -> int | None:
+    """CUDA major version of ``nvcc``, None when it cannot be run."""
     try:
-        out = subprocess.run([os.path.join(CUDA_HOME, "bin", "nvcc"), "--version"], capture_output=True, text=True,
-                             check=True).stdout
+        out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError):
         return None
     found = re.search(r"release (\d+)\.", out)
     return int(found.group(1)) if found else None
 
 
-def want_cuda() -> bool:
-    choice = os.environ.get("PREFKERNELS_BUILD_CUDA", "auto").lower()
-    available = torch.version.cuda is not None and CUDA_HOME is not None
-    if choice in ("0", "false", "no"):
+def cuda_wanted(choice: str, torch_cuda: str | None, nvcc: str | None, major) -> bool:
+    """Whether to build the CUDA kernels, for PREFKERNELS_BUILD_CUDA=``choice``, torch's CUDA version
+    ``torch_cuda`` (None: a CPU torch), the path of ``nvcc`` (None: not found) and ``major()``, nvcc's CUDA
+    major version (called only when needed). torch refuses to build with an nvcc of another major
+    version. ``auto`` then builds the CPU kernels only and says why; ``1`` stops with the reason, as
+    does an unknown choice."""
+    if choice.strip().lower() not in BUILD_CUDA_CHOICES:
+        raise SystemExit(f"PREFKERNELS_BUILD_CUDA={choice!r}: expected 0, 1 or auto")
+    wanted = BUILD_CUDA_CHOICES[choice.strip().lower()]
+    if wanted is False:
         return False
-    if choice in ("1", "true", "yes"):
-        if not available:
-            raise RuntimeError("PREFKERNELS_BUILD_CUDA=1 but torch has no CUDA or nvcc was not found")
+    problem = None
+    if torch_cuda is None:
+        problem = f"torch {torch.__version__} has no CUDA"
+    elif nvcc is None:
+        problem = "nvcc was not found (set CUDA_HOME to a CUDA toolkit)"
+    else:
+        found = major()
+        if found != int(torch_cuda.split(".")[0]):
+            problem = (f"torch was built with CUDA {torch_cuda} but {nvcc} is CUDA "
+                       f"{found if found is not None else '(unreadable)'}; install a matching CUDA toolkit "
+                       "(set CUDA_HOME)")
+    if problem is None:
         return True
-    if not available:
-        return False
-    torch_major, nvcc = int(torch.version.cuda.split(".")[0]), nvcc_major()
-    if nvcc != torch_major:
-        print(f"prefkernels: building the CPU kernels only: torch was built with CUDA {torch.version.cuda} but "
-              f"{os.path.join(CUDA_HOME, 'bin', 'nvcc')} is CUDA {nvcc if nvcc is not None else '(unreadable)'}; "
-              "install a matching CUDA toolkit (set CUDA_HOME) or PREFKERNELS_BUILD_CUDA=1 to insist",
-              file=sys.stderr)
-        return False
-    return True
+    if wanted:
+        raise SystemExit(f"PREFKERNELS_BUILD_CUDA={choice}: cannot build the CUDA kernels: {problem}")
+    if torch_cuda is not None:
+        print(f"prefkernels: building the CPU kernels only: {problem}", file=sys.stderr)
+    return False
 
 
 def link_args() -> list[str]:
@@ -67,10 +84,13 @@ def link_args() -> list[str]:
 def extension():
     cpp_sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
     cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
-    if not want_cuda():
+    nvcc = nvcc_path()
+    if not cuda_wanted(os.environ.get("PREFKERNELS_BUILD_CUDA", "auto"), torch.version.cuda, nvcc,
+                       lambda: nvcc_major(nvcc)):
         return CppExtension("prefkernels._C", cpp_sources, extra_compile_args={"cxx": cxx_flags},
                             extra_link_args=link_args())
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST"):  # unset or empty
+        os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
     sources = cpp_sources + sorted(glob.glob("csrc/cuda/*.cpp")) + sorted(glob.glob("csrc/cuda/*.cu"))
     return CUDAExtension(
         "prefkernels._C", sources,
