@@ -1,6 +1,7 @@
 """setup.py: which kernels PREFKERNELS_BUILD_CUDA builds for each torch and nvcc, and an sdist that
 carries every source and header the extension needs."""
 import runpy
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -72,7 +73,15 @@ def test_build_cuda_choice_that_cannot_be_met_stops(setup_script, choice, torch_
 
 
 def test_the_sdist_carries_every_source_and_header(tmp_path):
-    subprocess.run([sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp_path)], cwd=REPO_ROOT, check=True,
+    """Made from a copy without a previous build's egg-info (whose file list setuptools would reuse)."""
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in ("setup.py", "pyproject.toml", "README.md", "MANIFEST.in"):
+        shutil.copy(REPO_ROOT / name, source)
+    shutil.copytree(REPO_ROOT / "csrc", source / "csrc")
+    shutil.copytree(REPO_ROOT / "prefkernels", source / "prefkernels",
+                    ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+    subprocess.run([sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp_path)], cwd=source, check=True,
                    capture_output=True)
     (sdist,) = tmp_path.glob("prefkernels-*.tar.gz")
     with tarfile.open(sdist) as archive:
