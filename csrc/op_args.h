@@ -91,8 +91,6 @@ inline int64_t csr_pairs(const at::Tensor& chosen_index, const at::Tensor& rejec
               "rejected_index: expected contiguous int64 [P] with P = ", chosen_index.size(0), " (chosen_index), got ",
               rejected_index.scalar_type(), " ", rejected_index.sizes());
   TORCH_CHECK(rows >= 0, "rows: expected >= 0, got ", rows);
-  TORCH_CHECK(chosen_index.size(0) <= (int64_t(1) << 30), "chosen_index: expected at most 2^30 pairs, got ",
-              chosen_index.size(0));
   return chosen_index.size(0);
 }
 

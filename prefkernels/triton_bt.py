@@ -220,7 +220,7 @@ def _store_pair(q, r_c, r_r, margin_ptr, loss_ptr, pair_grad_ptr, P, K, label_sm
     out = q * K + offs_k
     tl.store(loss_ptr + out, loss, mask=k_mask)
     tl.store(pair_grad_ptr + out, g_c, mask=k_mask)
-    tl.store(pair_grad_ptr + P * K + out, g_r, mask=k_mask)
+    tl.store(pair_grad_ptr + (q + P) * K + offs_k, g_r, mask=k_mask)  # q int64: no int32 P * K
 
 
 # ---------------------------------------------------------------------------------------------
@@ -288,7 +288,7 @@ def _pool_kernel(
             out = q * K + offs_k
             tl.store(loss_ptr + out, tl.full([BLOCK_K], float("nan"), tl.float32), mask=k_mask)
             tl.store(pair_grad_ptr + out, tl.zeros([BLOCK_K], tl.float32), mask=k_mask)
-            tl.store(pair_grad_ptr + P * K + out, tl.zeros([BLOCK_K], tl.float32), mask=k_mask)
+            tl.store(pair_grad_ptr + (q + P) * K + offs_k, tl.zeros([BLOCK_K], tl.float32), mask=k_mask)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -103,3 +103,44 @@ def test_grad_buffer_and_hidden_rows_move_in_16_byte_vectors(report):
         assert r["ld_v4"] > 0, what
         if "backward" in r["kernel"]:
             assert r["st_v4"] > 0, what
+
+
+INT32_PRODUCT_CHECK = """
+import json, re, sys, torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+sys.path.insert(0, "tests")
+import triton_compile_check as tcc
+from prefkernels import triton_bt
+meta = torch.device("meta")
+heads, dim, rows = 64, 64, 1024
+weight = torch.empty(heads, dim, device=meta)
+def index(n):
+    return torch.empty(n, dtype=torch.int64, device=meta)
+def explicit():  # 2^25 pairs x 64 heads = 2^31 floats before the rejected half of pair_grad
+    hidden = torch.empty(rows, 16, dim, dtype=torch.bfloat16, device=meta)
+    triton_bt.bt_forward(hidden, weight, None, None, index(rows), None, index(2**25), index(2**25), None, 0.0, 0.0, 0)
+def default():  # 2^26 rows: 2^25 default pairs
+    hidden = torch.empty(2**26, 1, dim, dtype=torch.bfloat16, device=meta)
+    triton_bt.bt_forward(hidden, weight, None, None, index(2**26), None, None, None, None, 0.0, 0.0, 0)
+found = {}
+for call in (explicit, default):
+    for name, kernel, args, kwargs in tcc.capture(call):
+        sig, consts, attrs, opts = tcc.specialize(kernel, args, kwargs)
+        ttir = triton.compile(ASTSource(kernel, sig, constexprs=consts, attrs=attrs), target=GPUTarget("cuda", 90, 32),
+                              options=opts).asm["ttir"]
+        found[f"{call.__name__} {name}"] = re.findall(r"arith.muli %(?:P, %K|K, %P) : i32", ttir)
+print(json.dumps(found))
+"""
+
+
+def test_no_int32_product_of_pairs_and_heads_in_the_forward():
+    """The rejected half of pair_grad starts P * K floats in. P and K are int32 kernel arguments
+    below 2^31 each, so P * K in int32 wraps at 2^31 (2^25 pairs x 64 heads) and the stores land
+    8 GiB before the buffer: the kernels index it from the int64 pair instead."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", INT32_PRODUCT_CHECK], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    found = json.loads(done.stdout.splitlines()[-1])
+    assert len(found) == 2 and not any(found.values()), found

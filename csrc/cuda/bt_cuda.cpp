@@ -188,6 +188,8 @@ std::tuple<at::Tensor, at::Tensor> rows_csr_cuda(const at::Tensor& chosen_index,
   TORCH_CHECK(chosen_index.is_cuda(), "chosen_index: expected a CUDA tensor");
   check_device("rejected_index", rejected_index, chosen_index);
   const int64_t pairs = csr_pairs(chosen_index, rejected_index, rows);
+  TORCH_CHECK(pairs < gpu::kCsrMaxPairs, "chosen_index: the CUDA rows_csr takes fewer than 2^30 pairs (its 2P slots "
+              "are int32), got ", pairs);
   const c10::cuda::CUDAGuard guard(chosen_index.device());
   auto row_ptr = at::empty({rows + 1}, chosen_index.options());
   auto row_entry = at::empty({2 * pairs}, chosen_index.options());

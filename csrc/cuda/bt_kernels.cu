@@ -1182,7 +1182,7 @@ int64_t rows_csr_scratch_ints(int64_t rows) { return rows + 2 > kCsrSharedBucket
 
 cudaError_t launch_rows_csr(const int64_t* chosen, const int64_t* rejected, int64_t pairs, int64_t rows, int* counters,
                             int64_t* row_ptr, int64_t* row_entry, cudaStream_t stream) {
-  if (pairs > (int64_t(1) << 30)) return cudaErrorInvalidValue;  // slots are int32
+  if (pairs >= kCsrMaxPairs) return cudaErrorInvalidValue;  // 2P slots must fit int32
   const CsrParams p{chosen, rejected, pairs, rows, counters, row_ptr, row_entry};
   PK_LAUNCH(rows_csr_kernel, 1, kCsrThreads, stream)(p);
   return cudaGetLastError();

@@ -100,7 +100,8 @@ cudaError_t launch_pool_backward(const PoolBackwardPlan& plan, const CoefArgs& c
 
 // rows_csr (csrc/ops.cpp): row_ptr [rows + 1] and row_entry [2P] int64 from chosen/rejected
 // int64 [P] (null when P = 0), ONE launch of one block. `counters`: rows_csr_scratch_ints(rows)
-// int32 scratch (any contents; null when 0). P <= 2^30.
+// int32 scratch (any contents; null when 0). P < kCsrMaxPairs: the 2P slots are int32.
+constexpr int64_t kCsrMaxPairs = int64_t(1) << 30;
 int64_t rows_csr_scratch_ints(int64_t rows);
 cudaError_t launch_rows_csr(const int64_t* chosen, const int64_t* rejected, int64_t pairs, int64_t rows, int* counters,
                             int64_t* row_ptr, int64_t* row_entry, cudaStream_t stream);
