@@ -283,7 +283,7 @@ def run_demo(args) -> int:
 
     from prefkernels import tiny
     from prefkernels.data import synthetic
-    from prefkernels.trainer import TrainConfig, check_output_dir, train
+    from prefkernels.trainer import TrainConfig, check_output_dir, holds_run, train
 
     for name in ("threads", "train_pairs", "valid_pairs"):
         if getattr(args, name) < 1:
@@ -299,9 +299,9 @@ def run_demo(args) -> int:
     config.validate()
     check_output_dir(config, resumable=False)
     demo_made = _demo_made(out, backbone_dir)
-    for folder in (data_dir, backbone_dir):
-        if folder.exists() and not demo_made:
-            raise ValueError(f"output: {folder} exists and is not from a demo run; choose another --output, or "
+    for found in [*(out / name for name in holds_run(out)), data_dir, backbone_dir]:
+        if found.exists() and not demo_made:
+            raise ValueError(f"output: {found} exists and is not from a demo run; choose another --output, or "
                              "move it away")
     out.mkdir(parents=True, exist_ok=True)
     (out / DEMO_MARKER).write_text("written by prefkernels demo: the next demo run here replaces data/ and "

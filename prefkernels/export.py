@@ -58,7 +58,9 @@ def to_sequence_classification(model: RewardModel, tokenizer, allow_bias_drop: b
     config.num_labels = model.num_heads
     config.problem_type = "regression"
     if tokenizer.pad_token_id is None:
-        raise ExportError("tokenizer: has no pad token; HF sequence classifiers need pad_token_id to find the last token")
+        raise ExportError("tokenizer: has no pad token; HF sequence classifiers need pad_token_id to find the last "
+                          "token: add one distinct from EOS to the backbone's tokenizer (tokenizer.add_special_tokens"
+                          "({'pad_token': '<pad>'}) and save it) and train with it")
     if tokenizer.pad_token_id == tokenizer.eos_token_id:
         raise ExportError("tokenizer: pad token equals the EOS token, so HF would pool the token before the "
                           "appended EOS; train with a distinct pad token to export")
@@ -426,6 +428,8 @@ def run_export(args) -> int:
     import sys
 
     out = Path(args.hf)
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"--hf: {out} is a file; expected the path of a directory to write")
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise ExportError(f"--hf: {out} already exists and is not empty; pass --overwrite to replace it")
     with warnings.catch_warnings(record=True) as caught:

@@ -207,6 +207,10 @@ def check_max_length(max_length: int, config) -> None:
         raise ValueError(f"max_length: {max_length} exceeds the backbone's {limit} positions")
 
 
+# What AutoTokenizer reads a tokenizer from (one of them is enough).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.*", "*.model", "merges.txt", "*.tiktoken")
+
+
 def load_tokenizer(path: str):
     """The tokenizer stored in a checkpoint (``tokenizer/``) or at a backbone path."""
     from transformers import AutoTokenizer
@@ -217,4 +221,7 @@ def load_tokenizer(path: str):
     if checkpoint.is_checkpoint(path):
         raise FileNotFoundError(f"tokenizer: checkpoint {path} has no {checkpoint.TOKENIZER_DIR}/ directory "
                                 "(it was saved without a tokenizer); save one there with tokenizer.save_pretrained")
+    if path.is_dir() and not any(next(path.glob(pattern), None) for pattern in TOKENIZER_FILES):
+        raise FileNotFoundError(f"tokenizer: {path} has no tokenizer files ({', '.join(TOKENIZER_FILES)}); save "
+                                "the model's tokenizer there with tokenizer.save_pretrained")
     return AutoTokenizer.from_pretrained(path)

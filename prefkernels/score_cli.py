@@ -36,6 +36,7 @@ import gzip
 import itertools
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -364,12 +365,13 @@ def _score_locked(args, input_path, output_path, partial_path, info_path, sink, 
         return 2
     if not done:
         info_path.write_text(json.dumps(info, indent=2) + "\n")
-    try:  # the errors name their argument (path: the --model directory)
+    try:  # the errors name their argument, as Scorer.from_pretrained's (path, normalize) or as the options
         scorer = Scorer.from_pretrained(args.model, device=args.device, max_length=args.max_length,
                                         token_budget=args.batch_tokens, normalize=args.normalize, bf16=args.bf16,
                                         append_eos=args.append_eos)
     except (FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        message = re.sub(r"^path: ", "--model: ", re.sub(r"^normalize: ", "--normalize: ", str(err)))
+        print(f"error: {message}", file=sys.stderr)
         return 2
     start = time.perf_counter()
     try:

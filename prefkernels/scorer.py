@@ -177,10 +177,7 @@ class Scorer:
             model = RewardModel.from_pretrained(str(path))  # clear error when one of the files is missing
             pad_pooling_token_id, trained_with_eos, tokenizer_appends_end = None, True, False
             if tokenizer is None:
-                if not (path / checkpoint.TOKENIZER_DIR).is_dir():
-                    raise FileNotFoundError(f"path: {path} has no {checkpoint.TOKENIZER_DIR}/ directory; "
-                                            "pass tokenizer=")
-                tokenizer = load_tokenizer(str(path))
+                tokenizer = load_tokenizer(str(path))  # names the missing tokenizer/ directory
             max_length = model.max_length if max_length is None else max_length
         elif (path / "config.json").is_file():
             info = read_export_info(path)

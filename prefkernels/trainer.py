@@ -503,8 +503,9 @@ class Trainer:
         saved = checkpoint.locate(self.output_dir / CHECKPOINT_DIR)
         # resume: the tokenizer the run trained with, kept in checkpoint/ (older checkpoints: the backbone's)
         source = saved if config.resume and (saved / checkpoint.TOKENIZER_DIR).is_dir() else backbone
-        if not source.exists():
-            raise FileNotFoundError(f"backbone: {backbone} does not exist (a local transformers model directory)")
+        if not source.is_dir():
+            problem = "is a file" if source.exists() else "does not exist"
+            raise FileNotFoundError(f"backbone: {backbone} {problem}; expected a local transformers model directory")
         try:
             tokenizer = load_tokenizer(str(source))
         except (OSError, ValueError, TypeError) as err:

@@ -170,6 +170,31 @@ def test_eval_truncates_responses_as_the_checkpoint_was_trained(demo, tmp_path, 
     assert "--truncate-responses" in capsys.readouterr().err
 
 
+def test_a_backbone_that_is_a_file_or_has_no_tokenizer_is_one_line(demo, tmp_path, capsys):
+    out, _, _ = demo
+    data = write(tmp_path / "train.jsonl", GOOD)
+    config = out / "backbone" / "config.json"
+    assert main(["train", "--backbone", str(config), "--train", data, "--output", str(tmp_path / "run"),
+                 "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert f"backbone: {config} is a file; expected a local transformers model directory" in err, err
+    weights_only = tmp_path / "weights-only"
+    shutil.copytree(out / "backbone", weights_only, ignore=shutil.ignore_patterns("tokenizer*", "special_tokens*"))
+    assert main(["train", "--backbone", str(weights_only), "--train", data, "--output", str(tmp_path / "run"),
+                 "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"tokenizer: {weights_only} has no tokenizer files" in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_export_to_a_file_is_refused(demo, tmp_path, capsys):
+    out, _, _ = demo
+    target = write(tmp_path / "notes.txt", "kept\n")
+    assert main(["export", str(out / "best"), "--hf", target, "--overwrite"]) == 1
+    assert f"--hf: {target} is a file; expected the path of a directory" in capsys.readouterr().err
+    assert (tmp_path / "notes.txt").read_text() == "kept\n"
+
+
 def test_missing_backbone_and_occupied_output_are_refused(demo, tmp_path, capsys):
     out, _, _ = demo
     data = write(tmp_path / "train.jsonl", GOOD)
@@ -232,6 +257,14 @@ def test_demo_replaces_only_folders_a_demo_wrote(demo, tmp_path, capsys):
     run = json.loads((earlier / "run.json").read_text())
     run["config"]["backbone"] = str(earlier / "backbone")
     (earlier / "run.json").write_text(json.dumps(run))
+    trained = tmp_path / "trained"  # a train run in --output, on a backbone elsewhere
+    shutil.copytree(earlier, trained, ignore=shutil.ignore_patterns("data", "backbone"))
+    run["config"]["backbone"] = str(out / "backbone")
+    (trained / "run.json").write_text(json.dumps(run))
+    before = sorted(p.name for p in trained.iterdir())
+    assert main(["demo", "--output", str(trained), "--overwrite", *small]) == 1
+    assert f"output: {trained / 'run.json'} exists and is not from a demo run" in capsys.readouterr().err
+    assert sorted(p.name for p in trained.iterdir()) == before
     assert main(["demo", "--output", str(earlier), "--overwrite", *small]) == 0
     assert len((earlier / "data" / "train.jsonl").read_text().splitlines()) == 64
     assert (earlier / ".prefkernels-demo").is_file()

@@ -5,6 +5,7 @@ import gzip
 import json
 import os
 import random
+import shutil
 import re
 
 import pytest
@@ -269,7 +270,12 @@ def test_normalize_and_bad_options(reward_checkpoint, tmp_path, capsys):
     not_a_model = ["--model", str(tmp_path), "--input", str(source), "--output", str(tmp_path / "y.jsonl")]
     assert score_cli.main(not_a_model) == 2
     err = capsys.readouterr().err
-    assert "--batch-tokens: expected >= 1" in err and "neither a prefkernels checkpoint" in err
+    assert "--batch-tokens: expected >= 1" in err and f"--model: {tmp_path} is neither a prefkernels checkpoint" in err
+    tokenizer_gone = tmp_path / "no-tokenizer"
+    shutil.copytree(reward_checkpoint, tokenizer_gone, ignore=shutil.ignore_patterns("tokenizer"))
+    assert score_cli.main(["--model", str(tokenizer_gone), "--input", str(source), "--output",
+                           str(tmp_path / "z.jsonl")]) == 2
+    assert f"error: tokenizer: checkpoint {tokenizer_gone} has no tokenizer/ directory" in capsys.readouterr().err
 
 
 def test_output_that_would_replace_the_input_or_a_directory_is_refused_up_front(reward_checkpoint, tmp_path, capsys):
