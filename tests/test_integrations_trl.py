@@ -275,36 +275,25 @@ def test_predict_returns_stock_rewards():
     assert fused_prediction.metrics["test_loss"] == pytest.approx(stock_prediction.metrics["test_loss"], abs=1e-6)
 
 
-def test_unsupported_model_falls_back_to_stock_with_one_warning(fused_calls):
+@pytest.mark.parametrize("arch, data_parallel, reason", [
+    ("bert", False, "BertForSequenceClassification pools its [CLS] vector itself"),
+    # HF Trainer on several GPUs without torchrun: replicas made per call would share a fused forward
+    ("llama", True, "nn.DataParallel"),
+])
+def test_unsupported_setups_fall_back_to_stock_with_one_warning(fused_calls, arch, data_parallel, reason):
     dataset = token_dataset(with_margin=True)
-    model = make_model("bert")
+    model = make_model(arch)
     stock = make_trainer(RewardTrainer, copy.deepcopy(model), dataset)
     fused = make_trainer(FusedRewardTrainer, model, dataset)
+    wrapped = torch.nn.DataParallel(fused.model) if data_parallel else None
     batch = stock.data_collator([dataset[i] for i in range(8)])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        fused_step = loss_grads_metrics(fused, batch)
-        loss_grads_metrics(fused, batch)
+        fused_step = loss_grads_metrics(fused, batch, wrapped_model=wrapped)
+        loss_grads_metrics(fused, batch, wrapped_model=wrapped)
     fallback = [w for w in caught if "FusedRewardTrainer" in str(w.message)]
-    assert len(fallback) == 1 and "BertForSequenceClassification pools its [CLS] vector itself" in str(
-        fallback[0].message)
+    assert len(fallback) == 1 and reason in str(fallback[0].message)
     assert fused_calls == []
-    assert_same_step(loss_grads_metrics(stock, batch), fused_step)
-
-
-def test_data_parallel_model_falls_back_to_stock_with_one_warning(fused_calls):
-    """nn.DataParallel (HF Trainer on several GPUs without torchrun) replicates the model per call;
-    the replicas would share a fused forward bound to the original, so the stock loss runs."""
-    dataset = token_dataset()
-    model = make_model("llama")
-    stock = make_trainer(RewardTrainer, copy.deepcopy(model), dataset)
-    fused = make_trainer(FusedRewardTrainer, model, dataset)
-    batch = stock.data_collator([dataset[i] for i in range(8)])
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        fused_step = loss_grads_metrics(fused, batch, wrapped_model=torch.nn.DataParallel(fused.model))
-    fallback = [w for w in caught if "FusedRewardTrainer" in str(w.message)]
-    assert len(fallback) == 1 and "nn.DataParallel" in str(fallback[0].message) and fused_calls == []
     assert_same_step(loss_grads_metrics(stock, batch), fused_step)
 
 
