@@ -231,8 +231,9 @@ class Distributed:
     owns_group: bool = False
 
     @classmethod
-    def from_env(cls) -> "Distributed":
-        """Join the torchrun process group (NCCL with CUDA, gloo otherwise) when WORLD_SIZE > 1."""
+    def from_env(cls, device: str | None = None) -> "Distributed":
+        """Join the torchrun process group when WORLD_SIZE > 1: NCCL when the run trains on CUDA (``device``
+        None or cuda, and CUDA available), gloo otherwise (a ``--device cpu`` run on a GPU host too)."""
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         if world_size <= 1:
             return cls()
@@ -240,9 +241,10 @@ class Distributed:
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         owns = False
         if not dist.is_initialized():
-            if torch.cuda.is_available():
+            on_cuda = torch.cuda.is_available() and (device is None or str(device).partition(":")[0] == "cuda")
+            if on_cuda:
                 torch.cuda.set_device(local_rank)
-            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+            dist.init_process_group("nccl" if on_cuda else "gloo")
             owns = True
         return cls(dist.get_rank(), dist.get_world_size(), local_rank, owns)
 
@@ -385,7 +387,7 @@ class Trainer:
         self.loss_config = config.loss_config()
         self._log = log
         self._lock = None  # rank 0's lock on the output directory, from its first write on
-        self.dist = Distributed.from_env()
+        self.dist = Distributed.from_env(config.device)
         try:
             self._setup()
         except BaseException:

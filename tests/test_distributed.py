@@ -114,3 +114,26 @@ def test_two_process_run_on_a_locked_output_dir_stops_every_rank_with_the_reason
     assert "rank 0 stopped the run" in text
     assert "barrier" not in text.lower() and "gloo" not in text.lower(), text[-4000:]
     assert sorted(p.name for p in output.iterdir()) == [".lock"]  # nothing written
+
+
+@pytest.mark.parametrize("device, backend", [(None, "nccl"), ("cuda", "nccl"), ("cuda:1", "nccl"), ("cpu", "gloo")])
+def test_process_group_backend_follows_the_training_device_on_a_gpu_host(monkeypatch, device, backend):
+    """Under torchrun on a machine with CUDA, NCCL for a CUDA run but gloo for a --device cpu one,
+    whose collectives run on CPU tensors (NCCL refuses them)."""
+    import torch
+    import torch.distributed as dist
+
+    from prefkernels.trainer import Distributed
+
+    chosen = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: chosen.append(("set_device", index)))
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda name: chosen.append(("backend", name)))
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    joined = Distributed.from_env(device)
+    assert (joined.rank, joined.world_size, joined.local_rank, joined.owns_group) == (1, 2, 1, True)
+    assert chosen == ([("set_device", 1)] if backend == "nccl" else []) + [("backend", backend)]
