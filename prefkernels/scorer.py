@@ -31,8 +31,8 @@ import torch
 from torch import nn
 
 from prefkernels import checkpoint, checks
-from prefkernels.data import (end_token_id, is_messages, pad_rows, pad_token_id, prefix_token_ids, require_unicode,
-                              suffix_token_ids)
+from prefkernels.data import (end_token_id, is_messages, pad_rows, pad_token_id, prefix_token_ids, render_messages,
+                              require_unicode, suffix_token_ids)
 from prefkernels.model import (RewardModel, check_max_length, default_max_length, eval_mode, load_tokenizer,
                                resolve_device)
 
@@ -232,11 +232,7 @@ class Scorer:
             if not isinstance(message["content"], str):
                 raise TypeError(f"{where}: message {index}: expected a string 'content', got "
                                 f"{type(message['content']).__name__}")
-        try:
-            return self.tokenizer.apply_chat_template(messages, tokenize=False)
-        except Exception as err:  # a template's raise_exception (roles must alternate, ...) or a Jinja error
-            raise ValueError(f"{where}: the chat template refused the conversation ({type(err).__name__}: "
-                             f"{err})") from None
+        return render_messages(self.tokenizer, messages, where)
 
     def encode(self, rendered: list[tuple[str, bool]]) -> tuple[list[list[int]], list[bool]]:
         """Token ids per rendered text (see the module docstring) and whether each was truncated.

@@ -239,6 +239,15 @@ def _check_text(location: str, column: str, value, conversational: bool):
         require_unicode(value, f"{location}: column {column!r}", DataError)
 
 
+def render_messages(tokenizer, messages: list[dict], where: str, error: type[ValueError] = ValueError, **kwargs) -> str:
+    """The text of ``messages`` by ``tokenizer``'s chat template (kwargs: apply_chat_template's), or
+    ``error`` naming ``where`` when the template refuses them."""
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
+    except Exception as err:  # noqa: BLE001 - templates raise anything (jinja's TemplateError, raise_exception, ...)
+        raise error(f"{where}: the chat template refused the conversation ({type(err).__name__}: {err})") from None
+
+
 def require_unicode(text: str, where: str, error: type[ValueError] = ValueError) -> str:
     """``text``, or ``error`` naming ``where`` when it holds a lone surrogate (e.g. from a JSON escape
     "\\ud83d" cut from its pair): not valid Unicode, so no tokenizer can encode it."""
@@ -356,15 +365,11 @@ def render(parsed: _Parsed, tokenizer) -> tuple[list[str], int]:
                             f"{type(tokenizer).__name__} has none")
         conversations = [(parsed.prompt or []) + response for response in parsed.responses]
         shared = len(parsed.prompt) if parsed.prompt else _shared_messages(conversations)
-        try:
-            texts = [tokenizer.apply_chat_template(conversation, tokenize=False) for conversation in conversations]
-            # The prompt ends where its own rendering (with the assistant header) stops matching: texts that
-            # merely start alike ("the river is ...") must not move response words into the prompt
-            prompt = tokenizer.apply_chat_template(conversations[0][:shared], tokenize=False,
-                                                   add_generation_prompt=True) if shared else ""
-        except Exception as err:  # noqa: BLE001 - templates raise anything (jinja's TemplateError, ...)
-            raise DataError(f"{parsed.location}: the chat template refused the conversation "
-                            f"({type(err).__name__}: {err})") from None
+        texts = [render_messages(tokenizer, conversation, parsed.location, DataError) for conversation in conversations]
+        # The prompt ends where its own rendering (with the assistant header) stops matching: texts that
+        # merely start alike ("the river is ...") must not move response words into the prompt
+        prompt = render_messages(tokenizer, conversations[0][:shared], parsed.location, DataError,
+                                 add_generation_prompt=True) if shared else ""
         return texts, len(os.path.commonprefix([*texts, prompt]))
     if parsed.prompt is not None:
         return [parsed.prompt + response for response in parsed.responses], len(parsed.prompt)
