@@ -19,7 +19,7 @@ Also the host time of the eager step (the Python call alone, device synchronized
 timer) and, for the smallest grad buffer of each pairing, torch.profiler tables per method (host time,
 kernels).
 Prints a table (us, effective GB/s of the grad buffer, ratios, peak extra memory), then each
-prediction of benchmarks/gpu_predictions.json (written before the run) beside what was measured,
+prediction for this card in benchmarks/gpu_predictions.json (written before the run) beside what was measured,
 and writes JSON + PNG + bench_gpu_profile.txt under $OUT when set, else benchmarks/results/.
 
     python benchmarks/bench_gpu.py [--repeats 20]
@@ -273,6 +273,12 @@ def main(argv=None):
     report(rows, kernels, env["device"], save)
 
 
+def predictions_for(device: str, shipped: dict) -> dict | None:
+    """The prediction set of ``shipped["predictions"]`` whose card (e.g. "H100") is in the device
+    name, or None: each card's times were predicted for it alone."""
+    return next((p for p in shipped["predictions"] if p["card"].lower() in device.lower()), None)
+
+
 def against_predictions(rows: list[dict], predictions: dict) -> list[dict]:
     """One line per predicted (shape, method) of ``predictions["graph us"]``: the range, the
     measured graph time and whether it fell in, under or over the range (also stored in the row as
@@ -305,9 +311,13 @@ def report(rows: list[dict], kernels: list[str], device: str, save) -> None:
         common.print_table(rows, columns)
     print("\npeak extra MB:")
     common.print_table(rows, ["shape", "grad_buffer_MB"] + [f"{m} peak MB" for m in methods + ["floor"]])
-    print(f"\n== predicted before the run ({PREDICTIONS.name}) vs measured, CUDA graph replay (us)")
-    common.print_table(against_predictions(rows, json.loads(PREDICTIONS.read_text())),
-                       ["shape", "method", "predicted", "measured", "verdict"])
+    predictions = predictions_for(device, json.loads(PREDICTIONS.read_text()))
+    if predictions is None:
+        print(f"\n== no prediction for {device} in {PREDICTIONS.name}")
+    else:
+        print(f"\n== predicted before the run ({PREDICTIONS.name}, {predictions['card']}) vs measured, "
+              "CUDA graph replay (us)")
+        common.print_table(against_predictions(rows, predictions), ["shape", "method", "predicted", "measured", "verdict"])
     path = save(rows)
     for suffix, tag in (("", "eager"), (" (graph)", "graph")):
         common.plot_ratios(rows, [m for m in methods if f"{m}/floor{suffix}" in rows[0]],

@@ -84,7 +84,7 @@ def test_bench_gpu_runs_and_reports_on_cpu(on_cpu, monkeypatch, tmp_path, capsys
     assert "prefkernels::rows_csr" in ranked and "rows_csr" not in default  # the explicit pairs grouped by row
     out = capsys.readouterr().out
     assert "not captured in a CUDA graph" in out and "native/memset" in out and "wrote" in out
-    assert "predicted before the run (gpu_predictions.json) vs measured" in out and "not measured" in out
+    assert "no prediction for cpu (test) in gpu_predictions.json" in out and "vs measured" not in out
     assert "broken failed, left out: RuntimeError: broken method (test)" in out
 
 
@@ -101,19 +101,31 @@ def test_against_predictions_sets_each_measured_time_beside_its_range():
     assert rows[0]["native predicted us (graph)"] == [74, 83] and rows[1]["native predicted us (graph)"] == [85, 90]
 
 
+def test_predictions_are_chosen_by_the_card_in_the_device_name():
+    shipped = {"predictions": [{"card": "H200", "graph us": {}}, {"card": "H100", "graph us": {}}]}
+    assert bench_gpu.predictions_for("NVIDIA H100 80GB HBM3", shipped)["card"] == "H100"
+    assert bench_gpu.predictions_for("NVIDIA H200", shipped)["card"] == "H200"
+    assert bench_gpu.predictions_for("NVIDIA A100-SXM4-80GB", shipped) is None
+
+
 def test_shipped_predictions_name_benchmarked_shapes_and_methods():
-    """benchmarks/gpu_predictions.json names shapes as bench_gpu labels SHAPES (a typo would only
-    ever print "not measured") and methods it times, each with a range low < high."""
-    predictions = json.loads(bench_gpu.PREDICTIONS.read_text())["graph us"]
+    """benchmarks/gpu_predictions.json holds one set per card, each naming shapes as bench_gpu
+    labels SHAPES (a typo would only ever print "not measured") and methods it times, each with a
+    range low < high, and saying when and how it was written."""
+    shipped = json.loads(bench_gpu.PREDICTIONS.read_text())["predictions"]
+    cards = [p["card"] for p in shipped]
+    assert len(set(cards)) == len(cards) and {"H100", "H200"} <= set(cards)
     labels = set()
     for shape in bench_gpu.SHAPES:
         explicit = common.make_batch(shape[0], 2, 8, "fp32", "cpu", pairing=bench_gpu.shape_pairing(shape))["pairs"]
         labels.add(bench_gpu.shape_label(shape, len(explicit["chosen_index"]) if explicit else 0))
-    assert set(predictions) <= labels, set(predictions) - labels
     timed = {*common.methods(["native", "triton"]), "native_memset", "triton_memset", "memset"}
-    for shape, methods in predictions.items():
-        for method, (low, high) in methods.items():
-            assert method in timed and 0 < low < high, (shape, method)
+    for card in shipped:
+        assert card["written"]
+        assert set(card["graph us"]) <= labels, set(card["graph us"]) - labels
+        for shape, methods in card["graph us"].items():
+            for method, (low, high) in methods.items():
+                assert method in timed and 0 < low < high, (card["card"], shape, method)
 
 
 def test_with_grad_fill_sets_the_variable_only_while_the_step_runs(monkeypatch):
