@@ -32,12 +32,13 @@ CASES = {
     "native_ranked4": ("native", "ranked4", "auto"),
     "triton_ranked4": ("triton", "ranked4", "auto"),
 }
-# (column, ncu metric name): what the summary shows of each kernel, in this order
-COLUMNS = [("us", "Duration"), ("DRAM %", "DRAM Throughput"), ("mem %", "Memory Throughput"),
-           ("occupancy %", "Achieved Occupancy"), ("regs", "Registers Per Thread"), ("grid", "Grid Size"),
-           ("block", "Block Size"), ("cycles/issue", "Warp Cycles Per Issued Instruction"),
-           ("no eligible %", "No Eligible")]
-TO_US = {"nsecond": 1e-3, "usecond": 1.0, "msecond": 1e3, "second": 1e6}
+# (column, ncu metric name, its unit): what the summary shows of each kernel, in this order. The
+# unit tells apart the metrics two sections share a name for ("Memory Throughput": % and byte/s).
+COLUMNS = [("us", "Duration", "time"), ("DRAM %", "DRAM Throughput", "%"), ("mem %", "Memory Throughput", "%"),
+           ("mem GB/s", "Memory Throughput", "byte/s"), ("occupancy %", "Achieved Occupancy", "%"),
+           ("regs", "Registers Per Thread", "register/thread"), ("grid", "Grid Size", ""), ("block", "Block Size", ""),
+           ("cycles/issue", "Warp Cycles Per Issued Instruction", "cycle"), ("no eligible %", "No Eligible", "%")]
+TO_US = {"ns": 1e-3, "nsecond": 1e-3, "us": 1.0, "usecond": 1.0, "ms": 1e3, "msecond": 1e3, "s": 1e6, "second": 1e6}
 
 
 def run_case(name: str, shape: tuple = SHAPE, device: str = "cuda", warmup: int = 3) -> None:
@@ -63,34 +64,42 @@ def run_case(name: str, shape: tuple = SHAPE, device: str = "cuda", warmup: int 
 
 
 def kernels_of(path: Path) -> list[dict]:
-    """The kernels of one ncu ``--csv`` details log, in launch order: {"case", "kernel", metric
-    name: (value, unit)}. Lines that are not CSV (ncu's ==PROF== messages) are skipped."""
+    """The kernels of one ncu ``--csv`` details log, in launch order: {"case", "kernel", "metrics":
+    {(metric name, unit): value}}. Lines that are not CSV (ncu's ==PROF== messages) are skipped."""
     lines = [line for line in path.read_text().splitlines() if line.startswith('"')]
     kernels = defaultdict(dict)
     for row in csv.DictReader(lines):
         kernel = kernels[row["ID"]]
         kernel.setdefault("case", path.stem.removeprefix("ncu_"))
         kernel.setdefault("kernel", row["Kernel Name"])
-        kernel[row["Metric Name"]] = (row["Metric Value"], row.get("Metric Unit", ""))
+        kernel.setdefault("metrics", {})[(row["Metric Name"], row.get("Metric Unit", ""))] = row["Metric Value"]
     return [kernels[key] for key in sorted(kernels, key=int)]
 
 
-def cell(kernel: dict, metric: str) -> str:
-    if metric not in kernel:
+def number(value: str) -> float:
+    return float(value.replace(",", ""))
+
+
+def cell(kernel: dict, metric: str, unit: str) -> str:
+    """``metric`` in ``unit`` as the summary shows it: a duration (any time unit) in us, a byte
+    rate in GB/s, anything else as ncu wrote it; "" where the log lacks it."""
+    if unit == "time":
+        found = [(number(v), TO_US[u]) for (name, u), v in kernel["metrics"].items() if name == metric and u in TO_US]
+        return f"{found[0][0] * found[0][1]:.1f}" if found else ""
+    value = kernel["metrics"].get((metric, unit))
+    if value is None:
         return ""
-    value, unit = kernel[metric]
-    if metric == "Duration" and unit in TO_US:
-        return f"{float(value.replace(',', '')) * TO_US[unit]:.1f}"
-    return value
+    return f"{number(value) / 1e9:.0f}" if unit == "byte/s" else value
 
 
 def summary(paths: list[Path]) -> str:
     """One line per profiled kernel of every case: its short name and COLUMNS."""
-    header = ["case", "kernel"] + [column for column, _ in COLUMNS]
+    header = ["case", "kernel"] + [column for column, _, _ in COLUMNS]
     rows = []
     for path in paths:
         kernels = kernels_of(path) if path.is_file() else []
-        rows += [[k["case"], short_name(k["kernel"])] + [cell(k, metric) for _, metric in COLUMNS] for k in kernels]
+        rows += [[k["case"], short_name(k["kernel"])] + [cell(k, metric, unit) for _, metric, unit in COLUMNS]
+                 for k in kernels]
         if not kernels:  # ncu failed or profiled nothing: its log says why
             rows.append([path.stem.removeprefix("ncu_"), "(no kernel profiled)"] + [""] * len(COLUMNS))
     widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
@@ -98,8 +107,9 @@ def summary(paths: list[Path]) -> str:
 
 
 def short_name(kernel: str) -> str:
-    """A kernel's name without namespaces, template arguments and parameters, at most 40 chars."""
-    name = kernel.removeprefix("void ").replace("(anonymous namespace)::", "")
+    """A kernel's name without namespaces, template arguments and parameters, at most 40 chars
+    (ncu writes an anonymous namespace as ``<unnamed>``, c++filt as ``(anonymous namespace)``)."""
+    name = kernel.removeprefix("void ").replace("(anonymous namespace)::", "").replace("<unnamed>::", "")
     return name.split("(")[0].split("<")[0].split("::")[-1][:40]
 
 

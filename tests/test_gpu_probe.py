@@ -17,28 +17,41 @@ HEADER = ('"ID","Process ID","Process Name","Host Name","Kernel Name","Context",
           '"Grid Size","Device","CC","Section Name","Metric Name","Metric Unit","Metric Value"')
 
 
-def ncu_row(kernel_id, kernel, metric, unit, value):
+def ncu_row(kernel_id, kernel, metric, unit, value, section="SpeedOfLight"):
     return (f'"{kernel_id}","7","python3","host","{kernel}","1","7","(256, 1, 1)","(4104, 1, 1)","0","9.0",'
-            f'"SpeedOfLight","{metric}","{unit}","{value}"')
+            f'"{section}","{metric}","{unit}","{value}"')
 
 
 def test_summary_tabulates_each_profiled_kernel_of_each_case(tmp_path):
-    fill = "void prefkernels::gpu::(anonymous namespace)::pool_backward_fill_kernel<__nv_bfloat16, float>(BackwardParams)"
+    # names and units as ncu 2025.3 wrote them on the H200 (benchmarks/results/gpu-h200/ncu_*.csv)
+    fill = "void prefkernels::<unnamed>::pool_backward_fill_kernel<__nv_bfloat16, float>(prefkernels::<unnamed>::BackwardParams)"
     memset = "void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<int>, std::array<char *, 1>>(int, T2, T3)"
     (tmp_path / "ncu_native.csv").write_text("\n".join([
         "==PROF== Connected to process 7 (python3)", HEADER,
-        ncu_row(0, fill, "Duration", "usecond", "63.23"), ncu_row(0, fill, "DRAM Throughput", "%", "88.1"),
-        ncu_row(0, fill, "Registers Per Thread", "register/thread", "106"),
-        ncu_row(1, "_bt_default_pairs_kernel", "Duration", "nsecond", "5,696.00"),
+        ncu_row(0, fill, "Duration", "ns", "64,704"), ncu_row(0, fill, "DRAM Throughput", "%", "77.92"),
+        ncu_row(0, fill, "Memory Throughput", "%", "81.15"),
+        ncu_row(0, fill, "Memory Throughput", "byte/s", "3,747,940,652,818.99", "MemoryWorkloadAnalysis"),
+        ncu_row(0, fill, "Registers Per Thread", "register/thread", "106", "LaunchStats"),
+        ncu_row(1, "_bt_default_pairs_kernel", "Duration", "usecond", "5.06"),
         "==PROF== Disconnected from process 7"]))
-    (tmp_path / "ncu_memset.csv").write_text("\n".join([HEADER, ncu_row(0, memset, "Duration", "msecond", "0.0581")]))
+    (tmp_path / "ncu_memset.csv").write_text("\n".join([HEADER, ncu_row(0, memset, "Duration", "ms", "0.0584")]))
     table = gpu_probe.summary([tmp_path / "ncu_native.csv", tmp_path / "ncu_memset.csv", tmp_path / "ncu_triton.csv"])
     lines = [line.split() for line in table.splitlines()]
-    assert lines[0][:4] == ["case", "kernel", "us", "DRAM"]
-    assert lines[1] == ["native", "pool_backward_fill_kernel", "63.2", "88.1", "106"]
-    assert lines[2] == ["native", "_bt_default_pairs_kernel", "5.7"]
-    assert lines[3] == ["memset", "vectorized_elementwise_kernel", "58.1"]
+    assert lines[0][:6] == ["case", "kernel", "us", "DRAM", "%", "mem"]
+    assert lines[1] == ["native", "pool_backward_fill_kernel", "64.7", "77.92", "81.15", "3748", "106"]
+    assert lines[2] == ["native", "_bt_default_pairs_kernel", "5.1"]
+    assert lines[3] == ["memset", "vectorized_elementwise_kernel", "58.4"]
     assert lines[4] == ["triton", "(no", "kernel", "profiled)"]  # ncu wrote nothing for it
+
+
+def test_summary_reads_the_h200_run():
+    """The committed logs of the session-15 H200 run: every kernel named, durations in us."""
+    logs = sorted((ROOT / "benchmarks" / "results" / "gpu-h200").glob("ncu_*.csv"))
+    assert len(logs) == 7
+    lines = [line.split() for line in gpu_probe.summary(logs).splitlines()[1:]]
+    fills = [line for line in lines if line[1] == "pool_backward_fill_kernel"]
+    assert len(lines) == 28 and len(fills) == 2 and all(line[1] and not line[1][0].isdigit() for line in lines)
+    assert 60 < float(fills[0][2]) < 70 and 3000 < float(fills[0][5]) < 4500  # 64.7 us, 3748 GB/s
 
 
 @pytest.fixture
