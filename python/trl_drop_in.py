@@ -23,8 +23,6 @@ from __future__ import annotations
 import argparse
 import collections
 import copy
-import gzip
-import json
 import re
 import tempfile
 import time
@@ -36,11 +34,6 @@ HH_HARMLESS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "
 WORD = re.compile(r"\w+|[^\w\s]+")  # what the tokenizer's Whitespace pre-tokenizer splits into
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    with gzip.open(path, "rt", encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def load_pairs(data_dir: Path | None, train_pairs: int, valid_pairs: int) -> tuple[list[dict], list[dict], str]:
     """(train, valid, description): hh-harmless from ``data_dir``, or generated pairs when it is None."""
     if data_dir is None:
@@ -49,8 +42,10 @@ def load_pairs(data_dir: Path | None, train_pairs: int, valid_pairs: int) -> tup
         keep = ("prompt", "chosen", "rejected")
         train, valid = ([{k: r[k] for k in keep} for r in split[name]] for name in ("train", "valid"))
         return train, valid, "prefkernels' generated pairs (explicit prompt)"
-    train = read_jsonl(data_dir / "train.jsonl.gz")[:train_pairs]
-    valid = read_jsonl(data_dir / "valid.jsonl.gz")[:valid_pairs]
+    from prefkernels.data import read_records  # names the file and line of a bad record
+
+    train = [record for _, record in read_records(data_dir / "train.jsonl.gz")][:train_pairs]
+    valid = [record for _, record in read_records(data_dir / "valid.jsonl.gz")][:valid_pairs]
     return train, valid, f"hh-harmless from {data_dir} (implicit prompt)"
 
 
