@@ -210,16 +210,21 @@ def _pool_pair(c, r, hidden_ptr, weight_ptr, bias_ptr, mask_ptr, index_ptr, posi
 def _store_pair(q, r_c, r_r, margin_ptr, loss_ptr, pair_grad_ptr, P, K, label_smoothing, center_coef,
                 HAS_MARGIN: tl.constexpr, BLOCK_K: tl.constexpr):
     """loss[q, :] and pair_grad[:, q, :] of pair q from its chosen and rejected rewards [BLOCK_K]."""
-    offs_k = tl.arange(0, BLOCK_K)
-    k_mask = offs_k < K
     if HAS_MARGIN:
         margin = tl.load(margin_ptr + q)
     else:
         margin = 0.0
     loss, g_c, g_r = _bt_pair(r_c, r_r, margin, label_smoothing, center_coef)
-    out = q * K + offs_k
-    tl.store(loss_ptr + out, loss, mask=k_mask)
-    tl.store(pair_grad_ptr + out, g_c, mask=k_mask)
+    _write_pair(q, loss, g_c, g_r, loss_ptr, pair_grad_ptr, P, K, BLOCK_K)
+
+
+@triton.jit
+def _write_pair(q, loss, g_c, g_r, loss_ptr, pair_grad_ptr, P, K, BLOCK_K: tl.constexpr):
+    """loss[q, :] = loss, pair_grad[0, q, :] = g_c and pair_grad[1, q, :] = g_r ([BLOCK_K] each)."""
+    offs_k = tl.arange(0, BLOCK_K)
+    k_mask = offs_k < K
+    tl.store(loss_ptr + q * K + offs_k, loss, mask=k_mask)
+    tl.store(pair_grad_ptr + q * K + offs_k, g_c, mask=k_mask)
     tl.store(pair_grad_ptr + (q + P) * K + offs_k, g_r, mask=k_mask)  # q int64: no int32 P * K
 
 
@@ -285,10 +290,9 @@ def _pool_kernel(
             _store_pair(q, r_c, r_r, margin_ptr, loss_ptr, pair_grad_ptr, P, K, label_smoothing, center_coef,
                         HAS_MARGIN, BLOCK_K)
         else:
-            out = q * K + offs_k
-            tl.store(loss_ptr + out, tl.full([BLOCK_K], float("nan"), tl.float32), mask=k_mask)
-            tl.store(pair_grad_ptr + out, tl.zeros([BLOCK_K], tl.float32), mask=k_mask)
-            tl.store(pair_grad_ptr + (q + P) * K + offs_k, tl.zeros([BLOCK_K], tl.float32), mask=k_mask)
+            zeros = tl.zeros([BLOCK_K], tl.float32)
+            _write_pair(q, tl.full([BLOCK_K], float("nan"), tl.float32), zeros, zeros, loss_ptr, pair_grad_ptr,
+                        P, K, BLOCK_K)
 
 
 # ---------------------------------------------------------------------------------------------
